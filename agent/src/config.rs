@@ -1,0 +1,691 @@
+//! The policy file: TOML, typed with serde, validated into a [`Policy`].
+//!
+//! Every error names the file, the line and column, and the field, so that
+//! `cordon policy check` and a failed SIGHUP reload point at the mistake.
+//! Validation never touches the running state: a bad file leaves the previous
+//! policy in force.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    ops::Range,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::protocol::Protocol;
+
+/// A policy error located in its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    /// Dotted path of the offending field, e.g. `intercept[1].port`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file.display(), self.line, self.column)?;
+        if !self.field.is_empty() {
+            write!(f, "`{}`: ", self.field)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for PolicyError {}
+
+/// All the errors found in one file (validation does not stop at the first).
+#[derive(Debug, Clone)]
+pub struct PolicyErrors(pub Vec<PolicyError>);
+
+impl fmt::Display for PolicyErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PolicyErrors {}
+
+// ---------------------------------------------------------------------------
+// Raw, as written in the file.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default)]
+    agent: Option<Spanned<RawAgent>>,
+    #[serde(default)]
+    intercept: Vec<Spanned<RawIntercept>>,
+    #[serde(default)]
+    profiles: BTreeMap<String, Spanned<RawProfile>>,
+    #[serde(default)]
+    tag: Vec<Spanned<RawTag>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    listen: Option<Spanned<String>>,
+    listen6: Option<Spanned<String>>,
+    state_dir: Option<Spanned<String>>,
+    audit_log: Option<Spanned<String>>,
+    control_socket: Option<Spanned<String>>,
+    bpffs_dir: Option<Spanned<String>>,
+    socket_mark: Option<Spanned<i64>>,
+    agent_cgroup: Option<Spanned<String>>,
+    idle_timeout_secs: Option<Spanned<i64>>,
+    connect_timeout_secs: Option<Spanned<i64>>,
+    rescan_interval_ms: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIntercept {
+    name: Spanned<String>,
+    protocol: Spanned<String>,
+    port: Spanned<i64>,
+    #[serde(default)]
+    destinations: Vec<Spanned<String>>,
+    upstream: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawProfile {
+    #[serde(default)]
+    description: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTag {
+    cgroup: Option<Spanned<String>>,
+    unit: Option<Spanned<String>>,
+    profile: Spanned<String>,
+}
+
+// ---------------------------------------------------------------------------
+// Validated.
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// Where it was read from, for messages.
+    pub source: PathBuf,
+    pub agent: AgentSettings,
+    pub intercepts: Vec<Intercept>,
+    /// Profile names; a profile's id is its index here.
+    pub profiles: Vec<Profile>,
+    pub tags: Vec<TagRule>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentSettings {
+    pub listen: SocketAddr,
+    pub listen6: Option<SocketAddr>,
+    pub state_dir: PathBuf,
+    pub audit_log: PathBuf,
+    pub control_socket: PathBuf,
+    /// Parent of the versioned pin directory.
+    pub bpffs_dir: PathBuf,
+    pub socket_mark: u32,
+    /// cgroup (relative to the cgroup2 root) the agent moves itself into;
+    /// None = stay where started (systemd already gives it its own).
+    pub agent_cgroup: Option<String>,
+    pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub rescan_interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Intercept {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    /// Empty = any destination on that port.
+    pub destinations: Vec<Cidr>,
+    /// Fixed upstream; None = the original destination.
+    pub upstream: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix_len: u8,
+}
+
+impl Cidr {
+    /// The prefix in IPv6 form: IPv4 as IPv4-mapped with the length + 96,
+    /// which is how the kernel side compares addresses.
+    pub fn to_v6_form(self) -> ([u8; 16], u8) {
+        match self.addr {
+            IpAddr::V4(a) => (a.to_ipv6_mapped().octets(), self.prefix_len.saturating_add(96)),
+            IpAddr::V6(a) => (a.octets(), self.prefix_len),
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Profile {
+    pub name: String,
+    pub description: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TagTarget {
+    /// Glob over cgroup paths relative to the cgroup2 root (`ci/*`, `**/x.scope`).
+    CgroupGlob(String),
+    /// A systemd unit name, found anywhere in the tree.
+    Unit(String),
+}
+
+impl fmt::Display for TagTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::CgroupGlob(g) => write!(f, "cgroup {g}"),
+            Self::Unit(u) => write!(f, "unit {u}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagRule {
+    pub target: TagTarget,
+    pub profile: String,
+}
+
+impl Policy {
+    pub fn profile_id(&self, name: &str) -> Option<u32> {
+        self.profiles
+            .iter()
+            .position(|p| p.name == name)
+            .and_then(|i| u32::try_from(i).ok())
+    }
+
+    pub fn profile_name(&self, id: u32) -> Option<&str> {
+        self.profiles.get(id as usize).map(|p| p.name.as_str())
+    }
+
+    /// Kernel rule count: one per (intercept, destination) pair.
+    pub fn kernel_rule_count(&self) -> usize {
+        self.intercepts.iter().map(|i| i.destinations.len().max(1)).sum()
+    }
+}
+
+pub fn load(path: &Path) -> Result<Policy, PolicyErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        PolicyErrors(vec![PolicyError {
+            file: path.to_owned(),
+            line: 0,
+            column: 0,
+            field: String::new(),
+            message: format!("cannot read the policy file: {e}"),
+        }])
+    })?;
+    parse(path, &text)
+}
+
+pub fn parse(path: &Path, text: &str) -> Result<Policy, PolicyErrors> {
+    let mut v = Validator {
+        file: path.to_owned(),
+        text,
+        errors: Vec::new(),
+    };
+    let raw: RawPolicy = match toml::from_str(text) {
+        Ok(r) => r,
+        Err(e) => {
+            let span = e.span().unwrap_or(0..0);
+            v.error(span, "", e.message().trim().to_string());
+            return Err(PolicyErrors(v.errors));
+        }
+    };
+    let policy = v.policy(raw);
+    if v.errors.is_empty() {
+        Ok(policy)
+    } else {
+        Err(PolicyErrors(v.errors))
+    }
+}
+
+pub const MAX_KERNEL_RULES: usize = agent_common::MAX_RULES as usize;
+
+struct Validator<'a> {
+    file: PathBuf,
+    text: &'a str,
+    errors: Vec<PolicyError>,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, span: Range<usize>, field: &str, message: impl Into<String>) {
+        let (line, column) = line_col(self.text, span.start);
+        self.errors.push(PolicyError {
+            file: self.file.clone(),
+            line,
+            column,
+            field: field.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn policy(&mut self, raw: RawPolicy) -> Policy {
+        let agent = self.agent(raw.agent);
+        let mut intercepts = Vec::new();
+        for (i, ic) in raw.intercept.into_iter().enumerate() {
+            if let Some(ic) = self.intercept(i, ic, &intercepts) {
+                intercepts.push(ic);
+            }
+        }
+        let mut profiles = Vec::new();
+        for (name, p) in raw.profiles {
+            if !valid_name(&name) {
+                self.error(p.span(), &format!("profiles.{name}"), "a profile name uses letters, digits, '-' and '_'");
+            }
+            profiles.push(Profile {
+                name,
+                description: p.into_inner().description.unwrap_or_default(),
+            });
+        }
+        let mut tags = Vec::new();
+        for (i, t) in raw.tag.into_iter().enumerate() {
+            if let Some(t) = self.tag(i, t, &profiles) {
+                tags.push(t);
+            }
+        }
+        let policy = Policy {
+            source: self.file.clone(),
+            agent,
+            intercepts,
+            profiles,
+            tags,
+        };
+        if policy.kernel_rule_count() > MAX_KERNEL_RULES {
+            self.error(
+                0..0,
+                "intercept",
+                format!(
+                    "{} (intercept, destination) pairs; the kernel side holds at most {MAX_KERNEL_RULES}",
+                    policy.kernel_rule_count()
+                ),
+            );
+        }
+        policy
+    }
+
+    fn agent(&mut self, raw: Option<Spanned<RawAgent>>) -> AgentSettings {
+        let raw = raw.map(Spanned::into_inner).unwrap_or_default();
+        let state_dir = raw
+            .state_dir
+            .as_ref()
+            .map(|s| PathBuf::from(s.get_ref()))
+            .unwrap_or_else(|| PathBuf::from("/var/lib/cordon"));
+        let path = |v: &Option<Spanned<String>>, default: PathBuf| {
+            v.as_ref().map(|s| PathBuf::from(s.get_ref())).unwrap_or(default)
+        };
+        let listen = match &raw.listen {
+            Some(s) => match s.get_ref().parse::<SocketAddr>() {
+                Ok(a) if a.is_ipv4() && a.ip().is_loopback() => a,
+                Ok(_) => {
+                    self.error(s.span(), "agent.listen", "the proxy listens on an IPv4 loopback address, e.g. \"127.0.0.1:7431\"");
+                    default_listen()
+                }
+                Err(e) => {
+                    self.error(s.span(), "agent.listen", format!("not an address:port: {e}"));
+                    default_listen()
+                }
+            },
+            None => default_listen(),
+        };
+        let listen6 = match &raw.listen6 {
+            Some(s) if s.get_ref().is_empty() => None,
+            Some(s) => match s.get_ref().parse::<SocketAddr>() {
+                Ok(a) if a.is_ipv6() && a.ip().is_loopback() => Some(a),
+                Ok(_) => {
+                    self.error(s.span(), "agent.listen6", "the IPv6 listener is on ::1, e.g. \"[::1]:7431\"");
+                    None
+                }
+                Err(e) => {
+                    self.error(s.span(), "agent.listen6", format!("not an address:port: {e}"));
+                    None
+                }
+            },
+            None => Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), listen.port())),
+        };
+        if let Some(l6) = listen6 {
+            if l6.port() != listen.port() {
+                let span = raw.listen6.as_ref().map(Spanned::span).unwrap_or(0..0);
+                self.error(span, "agent.listen6", "must use the same port as agent.listen (the kernel rewrites to one port)");
+            }
+        }
+        let socket_mark = match &raw.socket_mark {
+            Some(m) => match u32::try_from(*m.get_ref()) {
+                Ok(0) | Err(_) => {
+                    self.error(m.span(), "agent.socket_mark", "a non-zero 32-bit value");
+                    DEFAULT_MARK
+                }
+                Ok(v) => v,
+            },
+            None => DEFAULT_MARK,
+        };
+        let agent_cgroup = match &raw.agent_cgroup {
+            Some(s) if s.get_ref().is_empty() => None,
+            Some(s) => {
+                let v = s.get_ref().trim_matches('/').to_string();
+                if v.split('/').any(|c| c == ".." || c == "." || c.is_empty()) {
+                    self.error(s.span(), "agent.agent_cgroup", "a relative cgroup path without '.' or '..' components");
+                }
+                Some(v)
+            }
+            None => Some("cordon.agent".to_string()),
+        };
+        let idle_timeout = self.seconds(&raw.idle_timeout_secs, "agent.idle_timeout_secs", 900);
+        let connect_timeout = self.seconds(&raw.connect_timeout_secs, "agent.connect_timeout_secs", 10);
+        let rescan_interval = match &raw.rescan_interval_ms {
+            Some(v) if (50..=600_000).contains(v.get_ref()) => Duration::from_millis(*v.get_ref() as u64),
+            Some(v) => {
+                self.error(v.span(), "agent.rescan_interval_ms", "between 50 and 600000");
+                Duration::from_secs(1)
+            }
+            None => Duration::from_secs(1),
+        };
+        AgentSettings {
+            listen,
+            listen6,
+            audit_log: path(&raw.audit_log, state_dir.join("audit.jsonl")),
+            control_socket: path(&raw.control_socket, PathBuf::from("/run/cordon/control.sock")),
+            bpffs_dir: path(&raw.bpffs_dir, PathBuf::from("/sys/fs/bpf/cordon")),
+            state_dir,
+            socket_mark,
+            agent_cgroup,
+            idle_timeout,
+            connect_timeout,
+            rescan_interval,
+        }
+    }
+
+    fn seconds(&mut self, v: &Option<Spanned<i64>>, field: &str, default: u64) -> Duration {
+        match v {
+            Some(s) if (1..=86_400 * 7).contains(s.get_ref()) => Duration::from_secs(*s.get_ref() as u64),
+            Some(s) => {
+                self.error(s.span(), field, "between 1 and 604800 seconds");
+                Duration::from_secs(default)
+            }
+            None => Duration::from_secs(default),
+        }
+    }
+
+    fn intercept(&mut self, i: usize, raw: Spanned<RawIntercept>, seen: &[Intercept]) -> Option<Intercept> {
+        let raw = raw.into_inner();
+        let field = |f: &str| format!("intercept[{i}].{f}");
+        let mut ok = true;
+        let name = raw.name.get_ref().clone();
+        if !valid_name(&name) {
+            self.error(raw.name.span(), &field("name"), "letters, digits, '-' and '_'");
+            ok = false;
+        } else if seen.iter().any(|s| s.name == name) {
+            self.error(raw.name.span(), &field("name"), format!("duplicate intercept name {name:?}"));
+            ok = false;
+        }
+        let protocol = match raw.protocol.get_ref().parse::<Protocol>() {
+            Ok(p) => Some(p),
+            Err(msg) => {
+                self.error(raw.protocol.span(), &field("protocol"), msg);
+                ok = false;
+                None
+            }
+        };
+        let port = match u16::try_from(*raw.port.get_ref()) {
+            Ok(p) if p != 0 => p,
+            _ => {
+                self.error(raw.port.span(), &field("port"), "a TCP port from 1 to 65535");
+                ok = false;
+                0
+            }
+        };
+        let mut destinations = Vec::new();
+        for (j, d) in raw.destinations.iter().enumerate() {
+            match parse_cidr(d.get_ref()) {
+                Ok(c) => destinations.push(c),
+                Err(msg) => {
+                    self.error(d.span(), &format!("intercept[{i}].destinations[{j}]"), msg);
+                    ok = false;
+                }
+            }
+        }
+        let upstream = match &raw.upstream {
+            Some(u) => match u.get_ref().parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    self.error(u.span(), &field("upstream"), format!("not an address:port ({e}), e.g. \"10.1.2.3:5432\""));
+                    ok = false;
+                    None
+                }
+            },
+            None => None,
+        };
+        for other in seen {
+            if other.port == port && (other.destinations.is_empty() || destinations.is_empty()) {
+                self.error(raw.port.span(), &field("port"), format!("overlaps intercept {:?} on port {port}; the first matching rule would always win", other.name));
+                ok = false;
+            }
+        }
+        if !ok {
+            return None;
+        }
+        Some(Intercept {
+            name,
+            protocol: protocol?,
+            port,
+            destinations,
+            upstream,
+        })
+    }
+
+    fn tag(&mut self, i: usize, raw: Spanned<RawTag>, profiles: &[Profile]) -> Option<TagRule> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let target = match (&raw.cgroup, &raw.unit) {
+            (Some(c), None) => {
+                let g = c.get_ref().trim_matches('/').to_string();
+                if let Err(e) = globset::Glob::new(&g) {
+                    self.error(c.span(), &format!("tag[{i}].cgroup"), format!("bad glob: {e}"));
+                    return None;
+                }
+                if g.split('/').any(|c| c == ".." || c == ".") {
+                    self.error(c.span(), &format!("tag[{i}].cgroup"), "no '.' or '..' components");
+                    return None;
+                }
+                TagTarget::CgroupGlob(g)
+            }
+            (None, Some(u)) => {
+                let u = u.get_ref();
+                if u.contains('/') || !UNIT_SUFFIXES.iter().any(|s| u.ends_with(s)) {
+                    let span = raw.unit.as_ref().map(Spanned::span).unwrap_or(span.clone());
+                    self.error(span, &format!("tag[{i}].unit"), "a systemd unit name such as \"backup.service\" (.service, .scope or .slice)");
+                    return None;
+                }
+                TagTarget::Unit(u.clone())
+            }
+            _ => {
+                self.error(span, &format!("tag[{i}]"), "give exactly one of `cgroup` or `unit`");
+                return None;
+            }
+        };
+        let profile = raw.profile.get_ref();
+        if !profiles.iter().any(|p| &p.name == profile) {
+            let known: Vec<&str> = profiles.iter().map(|p| p.name.as_str()).collect();
+            self.error(
+                raw.profile.span(),
+                &format!("tag[{i}].profile"),
+                format!("unknown profile {profile:?}; defined: [{}]", known.join(", ")),
+            );
+            return None;
+        }
+        Some(TagRule {
+            target,
+            profile: profile.clone(),
+        })
+    }
+}
+
+impl AgentSettings {
+    /// What an empty `[agent]` table means.
+    pub fn defaults() -> Self {
+        let mut v = Validator {
+            file: PathBuf::new(),
+            text: "",
+            errors: Vec::new(),
+        };
+        v.agent(None)
+    }
+}
+
+pub const UNIT_SUFFIXES: [&str; 3] = [".service", ".scope", ".slice"];
+pub const DEFAULT_MARK: u32 = 0x0c0d_0a01;
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7431)
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+pub fn parse_cidr(s: &str) -> Result<Cidr, String> {
+    let (addr, len) = match s.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (s, None),
+    };
+    let addr: IpAddr = addr
+        .parse()
+        .map_err(|e| format!("{s:?} is not an IP address or CIDR ({e})"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix_len = match len {
+        Some(l) => l
+            .parse::<u8>()
+            .ok()
+            .filter(|l| *l <= max)
+            .ok_or_else(|| format!("{s:?}: prefix length must be 0..={max}"))?,
+        None => max,
+    };
+    Ok(Cidr { addr, prefix_len })
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or("");
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Result<Policy, PolicyErrors> {
+        parse(Path::new("t.toml"), text)
+    }
+
+    const GOOD: &str = r#"
+[agent]
+listen = "127.0.0.1:7431"
+
+[[intercept]]
+name = "pg"
+protocol = "tcp"
+port = 5432
+destinations = ["127.0.0.2/32", "::1"]
+
+[profiles.ci]
+description = "CI"
+
+[[tag]]
+cgroup = "ci/*"
+profile = "ci"
+
+[[tag]]
+unit = "nightly.service"
+profile = "ci"
+"#;
+
+    #[test]
+    fn good_policy_parses() {
+        let pol = p(GOOD).expect("valid");
+        assert_eq!(pol.intercepts.len(), 1);
+        assert_eq!(pol.intercepts[0].destinations.len(), 2);
+        assert_eq!(pol.kernel_rule_count(), 2);
+        assert_eq!(pol.profile_id("ci"), Some(0));
+        assert_eq!(pol.agent.listen6, Some("[::1]:7431".parse().unwrap()));
+        assert_eq!(pol.tags[1].target, TagTarget::Unit("nightly.service".into()));
+    }
+
+    #[test]
+    fn unknown_profile_names_line_and_field() {
+        let bad = GOOD.replace("profile = \"ci\"\n\n[[tag]]\nunit", "profile = \"cj\"\n\n[[tag]]\nunit");
+        let errs = p(&bad).expect_err("must fail").0;
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].field, "tag[0].profile");
+        assert_eq!(errs[0].line, 16);
+        assert!(errs[0].message.contains("unknown profile \"cj\""));
+        assert!(errs[0].to_string().starts_with("t.toml:16:"));
+    }
+
+    #[test]
+    fn bad_port_and_protocol_are_both_reported() {
+        let bad = GOOD.replace("port = 5432", "port = 70000").replace("protocol = \"tcp\"", "protocol = \"gopher\"");
+        let errs = p(&bad).expect_err("must fail").0;
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert!(fields.contains(&"intercept[0].port"), "{fields:?}");
+        assert!(fields.contains(&"intercept[0].protocol"), "{fields:?}");
+        let port = errs.iter().find(|e| e.field == "intercept[0].port").unwrap();
+        assert_eq!((port.line, port.column), (8, 8));
+    }
+
+    #[test]
+    fn syntax_error_has_position() {
+        let errs = p("[agent]\nlisten = \n").expect_err("must fail").0;
+        assert_eq!(errs[0].line, 2);
+    }
+
+    #[test]
+    fn unknown_field_is_an_error() {
+        let errs = p("[agent]\nlisten_addr = \"x\"\n").expect_err("must fail").0;
+        assert!(errs[0].message.contains("listen_addr"), "{}", errs[0]);
+        assert_eq!(errs[0].line, 2);
+    }
+
+    #[test]
+    fn cidr_forms() {
+        let c = parse_cidr("10.0.0.0/8").unwrap();
+        assert_eq!(c.to_v6_form().1, 104);
+        assert!(parse_cidr("10.0.0.0/33").is_err());
+        assert!(parse_cidr("nope").is_err());
+        assert_eq!(parse_cidr("::1").unwrap().prefix_len, 128);
+    }
+
+    #[test]
+    fn non_loopback_listener_rejected() {
+        let errs = p("[agent]\nlisten = \"0.0.0.0:7431\"\n").expect_err("must fail").0;
+        assert_eq!(errs[0].field, "agent.listen");
+    }
+}

@@ -1,0 +1,15 @@
+//! cordon: a host agent that governs what workloads in tagged cgroups do with
+//! production data. See ARCHITECTURE.md for the flow and where each part is.
+pub mod audit;
+pub mod cgroup;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod identity;
+pub mod kernel;
+pub mod protocol;
+pub mod proxy;
+pub mod relay;
+pub mod sessions;
+pub mod state;
+pub mod tagging;

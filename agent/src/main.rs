@@ -1,0 +1,209 @@
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use cordon::{config, control, daemon, kernel, sessions};
+use serde_json::Value;
+
+const DEFAULT_CONFIG: &str = "/etc/cordon/policy.toml";
+
+#[derive(Parser)]
+#[command(name = "cordon", version, about = "Governs what workloads in tagged cgroups do with production data")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load and attach the kernel programs, apply tags, run the proxy.
+    Run {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Remove cordon's kernel programs and maps (and stop a running agent).
+    Detach {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Tag a cgroup (path under the cgroup2 root) or systemd unit at runtime.
+    Tag {
+        target: String,
+        #[arg(long)]
+        profile: String,
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Remove a runtime tag.
+    Untag {
+        target: String,
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Show tagged cgroups.
+    Tags {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Policy file commands.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+    /// Recorded sessions.
+    Sessions {
+        #[command(subcommand)]
+        cmd: SessionsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Validate a policy file; errors name file:line:column and the field.
+    Check { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum SessionsCmd {
+    List {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Read this audit log instead of the one the policy names.
+        #[arg(long)]
+        audit: Option<PathBuf>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("cordon: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CORDON_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Settings for client commands: from the policy if it reads, else the
+/// defaults, so `cordon tags` still works while the file has an error.
+fn agent_settings(config: &Path) -> config::AgentSettings {
+    config::load(config).map(|p| p.agent).unwrap_or_else(|_| config::AgentSettings::defaults())
+}
+
+fn dispatch(cli: Cli) -> Result<i32> {
+    match cli.cmd {
+        Cmd::Run { config } => {
+            init_tracing();
+            let prepared = daemon::prepare(&config)?;
+            runtime()?.block_on(daemon::run(prepared))?;
+            Ok(0)
+        }
+        Cmd::Detach { config } => {
+            let agent = agent_settings(&config);
+            // Stop a running agent first, or it would keep serving without
+            // enforcement and re-attach on its next start.
+            let stopped = runtime()?
+                .block_on(control::request(&agent.control_socket, &control::Request::Shutdown))
+                .is_ok();
+            if stopped {
+                println!("asked the running agent to stop");
+                std::thread::sleep(std::time::Duration::from_millis(300));
+            }
+            let removed = kernel::detach(&agent.bpffs_dir)?;
+            if removed.is_empty() {
+                println!("nothing to detach under {}", agent.bpffs_dir.display());
+            } else {
+                for r in &removed {
+                    println!("removed {r}");
+                }
+                println!("cordon's programs are detached; connections go direct again");
+            }
+            Ok(0)
+        }
+        Cmd::Tag { target, profile, config } => {
+            let agent = agent_settings(&config);
+            let req = control::Request::Tag { target, profile };
+            let v = runtime()?.block_on(control::request(&agent.control_socket, &req))?;
+            for t in v.get("tagged").and_then(Value::as_array).into_iter().flatten() {
+                println!(
+                    "tagged {} (id {}) with profile {}",
+                    t.get("cgroup").and_then(Value::as_str).unwrap_or("?"),
+                    t.get("cgroup_id").unwrap_or(&Value::Null),
+                    t.get("profile").and_then(Value::as_str).unwrap_or("?")
+                );
+            }
+            Ok(0)
+        }
+        Cmd::Untag { target, config } => {
+            let agent = agent_settings(&config);
+            runtime()?.block_on(control::request(&agent.control_socket, &control::Request::Untag { target: target.clone() }))?;
+            println!("untagged {target}");
+            Ok(0)
+        }
+        Cmd::Tags { json, config } => {
+            let agent = agent_settings(&config);
+            let v = runtime()?.block_on(control::request(&agent.control_socket, &control::Request::Tags))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{:<40} {:>10} {:<12} SOURCE", "CGROUP", "ID", "PROFILE");
+                for t in v.get("tags").and_then(Value::as_array).into_iter().flatten() {
+                    let s = |k: &str| t.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
+                    println!(
+                        "{:<40} {:>10} {:<12} {}",
+                        s("cgroup"),
+                        t.get("cgroup_id").unwrap_or(&Value::Null),
+                        s("profile"),
+                        s("source")
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Policy { cmd: PolicyCmd::Check { file } } => match config::load(&file) {
+            Ok(p) => {
+                println!(
+                    "{}: ok ({} intercept rules, {} profiles, {} tag rules)",
+                    file.display(),
+                    p.intercepts.len(),
+                    p.profiles.len(),
+                    p.tags.len()
+                );
+                Ok(0)
+            }
+            Err(errs) => {
+                eprintln!("{errs}");
+                Ok(1)
+            }
+        },
+        Cmd::Sessions { cmd: SessionsCmd::List { json, config, audit } } => {
+            let path = audit.unwrap_or_else(|| agent_settings(&config).audit_log);
+            let list = sessions::list(&path)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print!("{}", sessions::render_table(&list));
+            }
+            Ok(0)
+        }
+    }
+}

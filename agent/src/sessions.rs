@@ -1,0 +1,129 @@
+//! `cordon sessions list`: sessions reassembled from the audit log.
+
+use std::path::Path;
+
+use anyhow::Result;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::audit::{self, Record};
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Session {
+    pub id: String,
+    pub started: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended: Option<String>,
+    /// "open" while no close record exists; else the close outcome, or
+    /// "rejected: <reason>".
+    pub outcome: String,
+    pub workload: Value,
+    pub destination: Value,
+    pub rule: Value,
+    pub bytes_up: Value,
+    pub bytes_down: Value,
+    pub duration_ms: Value,
+}
+
+pub fn list(audit_path: &Path) -> Result<Vec<Session>> {
+    Ok(assemble(&audit::read_all(audit_path)?))
+}
+
+pub fn assemble(records: &[Record]) -> Vec<Session> {
+    let mut out: Vec<Session> = Vec::new();
+    let get = |r: &Record, k: &str| r.fields.get(k).cloned().unwrap_or(Value::Null);
+    for r in records {
+        match r.event.as_str() {
+            "open" => out.push(Session {
+                id: r.session.clone().unwrap_or_default(),
+                started: r.ts.clone(),
+                ended: None,
+                outcome: "open".into(),
+                workload: get(r, "workload"),
+                destination: get(r, "destination"),
+                rule: get(r, "rule"),
+                bytes_up: Value::Null,
+                bytes_down: Value::Null,
+                duration_ms: Value::Null,
+            }),
+            "close" => {
+                if let Some(s) = out.iter_mut().rev().find(|s| Some(&s.id) == r.session.as_ref()) {
+                    s.ended = Some(r.ts.clone());
+                    s.outcome = get(r, "outcome").as_str().unwrap_or("closed").to_string();
+                    s.bytes_up = get(r, "bytes_up");
+                    s.bytes_down = get(r, "bytes_down");
+                    s.duration_ms = get(r, "duration_ms");
+                }
+            }
+            "reject" => out.push(Session {
+                id: r.session.clone().unwrap_or_else(|| "-".into()),
+                started: r.ts.clone(),
+                ended: Some(r.ts.clone()),
+                outcome: format!("rejected: {}", get(r, "reason").as_str().unwrap_or("?")),
+                workload: r.fields.get("workload").cloned().unwrap_or_else(|| get(r, "peer")),
+                destination: get(r, "destination"),
+                rule: Value::Null,
+                bytes_up: Value::Null,
+                bytes_down: Value::Null,
+                duration_ms: Value::Null,
+            }),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// One line per session, for people.
+pub fn render_table(sessions: &[Session]) -> String {
+    let mut s = format!(
+        "{:<18} {:<27} {:<24} {:<30} {:>7} {:<8} {:<22} {:>9} {:>9}  {}\n",
+        "SESSION", "STARTED", "CGROUP", "UNIT/COMM", "PID", "USER", "DESTINATION", "UP", "DOWN", "OUTCOME"
+    );
+    for x in sessions {
+        let w = &x.workload;
+        let field = |k: &str| w.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+        let cgroup = if w.is_string() { "(unidentified)".to_string() } else { field("cgroup") };
+        let unit = w.get("unit").and_then(Value::as_str).map_or_else(|| field("comm"), str::to_string);
+        let user = w.get("user").and_then(Value::as_str).map_or_else(
+            || w.get("uid").map_or("-".to_string(), ToString::to_string),
+            str::to_string,
+        );
+        let pid = w.get("pid").map_or("-".to_string(), ToString::to_string);
+        let num = |v: &Value| if v.is_null() { "-".to_string() } else { v.to_string() };
+        s.push_str(&format!(
+            "{:<18} {:<27} {:<24} {:<30} {:>7} {:<8} {:<22} {:>9} {:>9}  {}\n",
+            x.id,
+            x.started,
+            cgroup,
+            unit,
+            pid,
+            user,
+            x.destination.as_str().unwrap_or("-"),
+            num(&x.bytes_up),
+            num(&x.bytes_down),
+            x.outcome
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_open_and_close() {
+        let recs = vec![
+            Record::new("open", Some("a-1")).with("workload", serde_json::json!({"cgroup": "ci/x", "pid": 5})),
+            Record::new("reject", None).with("reason", "unidentified").with("peer", "127.0.0.1:5"),
+            Record::new("close", Some("a-1")).with("outcome", "closed").with("bytes_up", 10),
+        ];
+        let s = assemble(&recs);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].outcome, "closed");
+        assert_eq!(s[0].bytes_up, 10);
+        assert_eq!(s[1].outcome, "rejected: unidentified");
+        let table = render_table(&s);
+        assert!(table.contains("ci/x") && table.contains("(unidentified)"), "{table}");
+    }
+}
