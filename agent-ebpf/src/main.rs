@@ -97,9 +97,10 @@ fn try_connect(ctx: &SockAddrContext, family: u16) -> Result<i32, ()> {
     }
 
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    let Some((tagged_cgroup_id, tag)) = find_tag(cgroup_id) else {
+    let (tagged_cgroup_id, profile_id) = find_tag(cgroup_id);
+    if tagged_cgroup_id == 0 {
         return Ok(ALLOW);
-    };
+    }
 
     let Some(cfg) = CONFIG.get(0) else {
         return Err(());
@@ -144,7 +145,7 @@ fn try_connect(ctx: &SockAddrContext, family: u16) -> Result<i32, ()> {
         rule_id,
         cgroup_id,
         tagged_cgroup_id,
-        profile_id: tag.profile_id,
+        profile_id,
         tgid: (pid_tgid >> 32) as u32,
         pid: pid_tgid as u32,
         uid: uid_gid as u32,
@@ -178,13 +179,18 @@ fn try_connect(ctx: &SockAddrContext, family: u16) -> Result<i32, ()> {
     Ok(ALLOW)
 }
 
-/// The deepest tagged cgroup among the task's own cgroup and its ancestors.
+/// The deepest tagged cgroup among the task's own cgroup and its ancestors,
+/// as (tagged cgroup id, profile id); id 0 = not tagged.
+///
+/// Plain integers rather than an Option of a struct: LLVM may spill the
+/// uninitialised payload of a `None`, which the verifier rejects.
 #[inline(always)]
-fn find_tag(cgroup_id: u64) -> Option<(u64, TagValue)> {
+fn find_tag(cgroup_id: u64) -> (u64, u32) {
     if let Some(tag) = unsafe { TAGS.get(&cgroup_id) } {
-        return Some((cgroup_id, *tag));
+        return (cgroup_id, tag.profile_id);
     }
-    let mut found = None;
+    let mut found_id: u64 = 0;
+    let mut found_profile: u32 = 0;
     // Level 0 is the root; a level deeper than the task's returns 0.
     let mut level = 1;
     while level < MAX_CGROUP_LEVELS {
@@ -193,11 +199,12 @@ fn find_tag(cgroup_id: u64) -> Option<(u64, TagValue)> {
             break;
         }
         if let Some(tag) = unsafe { TAGS.get(&id) } {
-            found = Some((id, *tag));
+            found_id = id;
+            found_profile = tag.profile_id;
         }
         level += 1;
     }
-    found
+    (found_id, found_profile)
 }
 
 #[inline(always)]
@@ -370,41 +377,45 @@ pub fn cordon_sockops(ctx: SockOpsContext) -> u32 {
 
 #[inline(always)]
 fn sock_tuple(ctx: &SockOpsContext) -> SockTuple {
+    // Every field is loaded unconditionally, volatile, before any branch.
+    // Loads inside the v4/v6 branches were merged by LLVM into one load
+    // through a phi of `ctx + offset` pointers, which the verifier refuses
+    // ("dereference of modified ctx ptr"); volatile loads on every path
+    // cannot be sunk or merged.
     let ops = ctx.ops;
-    let family = unsafe { read_volatile(addr_of!((*ops).family)) };
-    let (src_addr, dst_addr) = if family == u32::from(AF_INET) {
-        let l = unsafe { read_volatile(addr_of!((*ops).local_ip4)) };
-        let r = unsafe { read_volatile(addr_of!((*ops).remote_ip4)) };
-        (v4_mapped(l.to_ne_bytes()), v4_mapped(r.to_ne_bytes()))
-    } else {
-        let l = unsafe {
+    let (family, l4, r4, l6, r6, lport, rport) = unsafe {
+        (
+            read_volatile(addr_of!((*ops).family)),
+            read_volatile(addr_of!((*ops).local_ip4)),
+            read_volatile(addr_of!((*ops).remote_ip4)),
             [
                 read_volatile(addr_of!((*ops).local_ip6[0])),
                 read_volatile(addr_of!((*ops).local_ip6[1])),
                 read_volatile(addr_of!((*ops).local_ip6[2])),
                 read_volatile(addr_of!((*ops).local_ip6[3])),
-            ]
-        };
-        let r = unsafe {
+            ],
             [
                 read_volatile(addr_of!((*ops).remote_ip6[0])),
                 read_volatile(addr_of!((*ops).remote_ip6[1])),
                 read_volatile(addr_of!((*ops).remote_ip6[2])),
                 read_volatile(addr_of!((*ops).remote_ip6[3])),
-            ]
-        };
-        (words_to_bytes(l), words_to_bytes(r))
+            ],
+            read_volatile(addr_of!((*ops).local_port)),
+            read_volatile(addr_of!((*ops).remote_port)),
+        )
     };
-    // local_port is host order; remote_port is network order in the upper
-    // 16 bits on little-endian kernels.
-    let local_port = unsafe { read_volatile(addr_of!((*ops).local_port)) } as u16;
-    let remote_raw = unsafe { read_volatile(addr_of!((*ops).remote_port)) };
-    let remote_port = u16::from_be((remote_raw >> 16) as u16);
+    let (src_addr, dst_addr) = if family == u32::from(AF_INET) {
+        (v4_mapped(l4.to_ne_bytes()), v4_mapped(r4.to_ne_bytes()))
+    } else {
+        (words_to_bytes(l6), words_to_bytes(r6))
+    };
     SockTuple {
         src_addr,
         dst_addr,
-        src_port: local_port,
-        dst_port: remote_port,
+        // local_port is host order; remote_port is network order in the
+        // upper 16 bits on little-endian kernels.
+        src_port: lport as u16,
+        dst_port: u16::from_be((rport >> 16) as u16),
         _pad: 0,
     }
 }

@@ -1,7 +1,7 @@
 //! Loading, attaching, pinning and re-adopting the kernel programs, and
 //! typed access to their maps.
 //!
-//! Programs are attached at the cgroup v2 root with `AllowMultiple` (so other
+//! Programs are attached at the cgroup v2 root as multi-attach bpf_links (so other
 //! tools' programs keep working) through bpf_links pinned under
 //! `<bpffs_dir>/v<ABI>-<object hash>/`. The pins keep enforcement in place
 //! when the agent crashes or restarts: a tagged workload then gets
@@ -64,7 +64,7 @@ fn link_pin(dir: &Path, prog: &str) -> PathBuf {
 impl Kernel {
     /// Attach (or re-adopt) the programs at the cgroup v2 root.
     pub fn attach_or_adopt(bpffs_dir: &Path, cgroup_root: &Path) -> Result<(Self, Attachment)> {
-        check_bpffs(bpffs_dir)?;
+        ensure_bpffs(bpffs_dir)?;
         let pin_dir = bpffs_dir.join(version_dir_name());
         fs::create_dir_all(&pin_dir)
             .with_context(|| format!("creating the pin directory {}", pin_dir.display()))?;
@@ -158,6 +158,11 @@ fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
         .ok_or_else(|| anyhow!("the eBPF object has no map {name}; rebuild the agent"))
 }
 
+/// bpf_link cgroup attachments are always multi-attach (the kernel passes
+/// BPF_F_ALLOW_MULTI itself) and refuse any flag with EINVAL, so the mode
+/// that maps to flags = 0 is the one that coexists with other tools.
+const LINK_ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
 fn attach_all(ebpf: &mut Ebpf, cgroup_root: &Path, pin_dir: &Path) -> Result<()> {
     let root = fs::File::open(cgroup_root)
         .with_context(|| format!("opening the cgroup v2 root {}", cgroup_root.display()))?;
@@ -173,7 +178,7 @@ fn attach_all(ebpf: &mut Ebpf, cgroup_root: &Path, pin_dir: &Path) -> Result<()>
             .try_into()?;
         prog.load().with_context(|| format!("loading {name} (the verifier rejected it?)"))?;
         let id = prog
-            .attach(&root, CgroupAttachMode::AllowMultiple)
+            .attach(&root, LINK_ATTACH_MODE)
             .with_context(|| format!("attaching {name} to {}", cgroup_root.display()))?;
         let link = FdLink::try_from(prog.take_link(id)?)?;
         link.pin(link_pin(pin_dir, name))
@@ -186,7 +191,7 @@ fn attach_all(ebpf: &mut Ebpf, cgroup_root: &Path, pin_dir: &Path) -> Result<()>
         .try_into()?;
     prog.load().with_context(|| format!("loading {name}"))?;
     let id = prog
-        .attach(&root, CgroupAttachMode::AllowMultiple)
+        .attach(&root, LINK_ATTACH_MODE)
         .with_context(|| format!("attaching {name} to {}", cgroup_root.display()))?;
     let link = FdLink::try_from(prog.take_link(id)?)?;
     link.pin(link_pin(pin_dir, name))
@@ -194,19 +199,30 @@ fn attach_all(ebpf: &mut Ebpf, cgroup_root: &Path, pin_dir: &Path) -> Result<()>
     Ok(())
 }
 
-fn check_bpffs(bpffs_dir: &Path) -> Result<()> {
-    let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
-    let on_bpffs = mounts.lines().any(|l| {
-        let mut it = l.split_whitespace();
-        let (_, dir, ty) = (it.next(), it.next(), it.next());
-        ty == Some("bpf") && dir.is_some_and(|d| bpffs_dir.starts_with(d))
-    });
-    if !on_bpffs {
+/// The pin directory must be on bpffs. Where none is mounted at
+/// /sys/fs/bpf (minimal hosts, containers), mount it, as systemd would.
+fn ensure_bpffs(bpffs_dir: &Path) -> Result<()> {
+    let on_bpffs = |mounts: &str| {
+        mounts.lines().any(|l| {
+            let mut it = l.split_whitespace();
+            let (_, dir, ty) = (it.next(), it.next(), it.next());
+            ty == Some("bpf") && dir.is_some_and(|d| bpffs_dir.starts_with(d))
+        })
+    };
+    if on_bpffs(&fs::read_to_string("/proc/mounts").unwrap_or_default()) {
+        return Ok(());
+    }
+    let default = Path::new("/sys/fs/bpf");
+    if !bpffs_dir.starts_with(default) {
         bail!(
-            "{} is not on a bpf filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf`",
+            "{} is not on a bpf filesystem; mount one there (`mount -t bpf bpf DIR`) or use a bpffs_dir under /sys/fs/bpf",
             bpffs_dir.display()
         );
     }
+    fs::create_dir_all(default).with_context(|| format!("creating {}", default.display()))?;
+    nix::mount::mount(Some("bpf"), default, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .context("mounting bpffs at /sys/fs/bpf (needs root)")?;
+    tracing::info!("mounted bpffs at /sys/fs/bpf");
     Ok(())
 }
 
