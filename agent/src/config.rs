@@ -394,6 +394,10 @@ impl Validator<'_> {
                 }
                 Some(v)
             }
+            // Under systemd (INVOCATION_ID is set for services) the unit's
+            // own cgroup in cordon.slice is already the agent's; leaving it
+            // would hide the process from systemd. Elsewhere, make one.
+            None if std::env::var_os("INVOCATION_ID").is_some() => None,
             None => Some("cordon.agent".to_string()),
         };
         let idle_timeout = self.seconds(&raw.idle_timeout_secs, "agent.idle_timeout_secs", 900);

@@ -1,1 +1,62 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | build | test | demo`.
+//!
+//! `setup` installs every prerequisite idempotently and says what it does;
+//! `test` and `demo` run it first, so a fresh machine needs nothing else.
+
+mod demo;
+mod setup;
+mod util;
+
+use anyhow::{bail, Result};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("setup") => setup::run(),
+        Some("build") => setup::run().and_then(|()| build(false)),
+        Some("test") => test(&args[1..]),
+        Some("demo") => demo::run(),
+        _ => usage(),
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn usage() -> Result<()> {
+    bail!(
+        "usage: cargo xtask <command>\n  setup  install prerequisites (idempotent)\n  build  build the agent (and its eBPF programs)\n  \
+         test   unit tests and end-to-end tests (root for the e2e part)\n  demo   the end-to-end demo"
+    )
+}
+
+pub fn build(release: bool) -> Result<()> {
+    let mut args = vec!["build", "--package", "cordon"];
+    if release {
+        args.push("--release");
+    }
+    util::run("cargo", &args)
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    setup::run()?;
+    build(false)?;
+    let root = util::is_root();
+    let mut args: Vec<String> = ["test", "--workspace", "--no-fail-fast"].map(String::from).to_vec();
+    args.extend(extra.iter().cloned());
+    // End-to-end tests share the kernel hooks and the cgroup tree: one at a time.
+    args.extend(["--", "--test-threads=1"].map(String::from));
+    let mut cmd = std::process::Command::new("cargo");
+    cmd.args(&args);
+    if root {
+        // As root every e2e prerequisite is there (setup installed it), so a
+        // test that would skip is a failure instead.
+        cmd.env("CORDON_E2E_REQUIRED", "1");
+    } else {
+        eprintln!(
+            "xtask: NOT ROOT: the end-to-end tests (eBPF, cgroups) will SKIP; run `sudo -E cargo xtask test` to run them"
+        );
+    }
+    util::run_cmd(&mut cmd)
+}

@@ -1,0 +1,132 @@
+//! `cargo xtask demo`: a throwaway PostgreSQL on 127.0.0.2:5432, cordon with
+//! policies/demo.toml, and psql run by an unprivileged user in a freshly
+//! created CI cgroup. It shows that the query went through cordon (the audit
+//! record carries the workload's identity) and that an untagged psql went
+//! direct, then cleans everything up.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::{bail, Context, Result};
+use cordon_tests::{psql, stderr, stdout, Agent, Cgroup, Postgres};
+
+use crate::util::{is_root, say};
+
+const PG_HOST: &str = "127.0.0.2";
+const PG_PORT: u16 = 5432;
+
+pub fn run() -> Result<()> {
+    if !is_root() {
+        bail!("the demo loads eBPF programs and creates cgroups: run it as root (`sudo -E cargo xtask demo`)");
+    }
+    crate::setup::run()?;
+    crate::build(false)?;
+    let root = cordon_tests::workspace_root();
+    let policy = root.join("policies/demo.toml").canonicalize()?;
+
+    if std::net::TcpStream::connect_timeout(&(PG_HOST, PG_PORT).try_into_addr()?, Duration::from_millis(200)).is_ok() {
+        bail!("something already listens on {PG_HOST}:{PG_PORT}; stop it and run the demo again");
+    }
+    say(&format!("starting a throwaway PostgreSQL on {PG_HOST}:{PG_PORT}"));
+    let pg = Postgres::start(&[PG_HOST], PG_PORT)?;
+    pg.admin_sql("create table orders(id int primary key, customer text, total numeric); \
+                  insert into orders values (1, 'ada', 42.50), (2, 'grace', 17.00)")?;
+
+    say(&format!("starting cordon with {}", policy.display()));
+    let mut agent = Agent::with_config(
+        &policy,
+        Path::new("/run/cordon-demo/state/audit.jsonl"),
+        Path::new("/sys/fs/bpf/cordon-demo"),
+        7431,
+    )?;
+    let _ = std::fs::remove_dir_all("/run/cordon-demo");
+    agent.start()?;
+    print_section("cordon log", &agent.log_text());
+
+    let ci = Cgroup::create("cordon-demo/ci-job-1")?;
+    wait_tagged(&agent, &ci.rel)?;
+    print_section("cordon tags", &stdout(&agent.cli(&["tags"])));
+
+    say("running psql as user `nobody` in the tagged cgroup cordon-demo/ci-job-1, against the database's normal address");
+    let cmdline = format!("psql -h {PG_HOST} -p {PG_PORT} -U postgres -c 'select * from orders'");
+    let out = psql(Some(&ci), PG_HOST, PG_PORT, "select id, customer, total from orders order by id");
+    if !out.status.success() {
+        bail!("psql failed: {}\n{}", stderr(&out), agent.log_text());
+    }
+    print_section(&format!("$ {cmdline}   (in cordon-demo/ci-job-1, as nobody)"), &stdout(&out));
+
+    let untagged = Cgroup::create("cordon-demo/adhoc")?;
+    let out = psql(Some(&untagged), PG_HOST, PG_PORT, "select count(*) from orders");
+    if !out.status.success() {
+        bail!("untagged psql failed: {}", stderr(&out));
+    }
+    say("the same psql from the untagged cgroup cordon-demo/adhoc went direct (no audit record)");
+
+    agent.wait_audit("close", 1);
+    let Some(open) = agent.audit_events("open").into_iter().next() else {
+        bail!("no audit record: the query did not go through cordon\n{}", agent.log_text());
+    };
+    if agent.audit_events("open").len() != 1 {
+        bail!("expected exactly one intercepted session, got {:?}", agent.audit_events("open"));
+    }
+    print_section("cordon sessions list", &stdout(&agent.cli(&["sessions", "list"])));
+    print_section(
+        "the audit record of the session (JSON Lines, fsync'd)",
+        &serde_json::to_string_pretty(&open).context("formatting")?,
+    );
+
+    say("cleaning up: stopping cordon, detaching its programs, stopping PostgreSQL");
+    agent.stop();
+    let out = agent.cli(&["detach"]);
+    print_section("cordon detach", &stdout(&out));
+    drop(agent);
+    drop(untagged);
+    drop(ci);
+    let _ = std::fs::remove_dir(cordon_tests::cgroup_root().unwrap_or_default().join("cordon-demo"));
+    let _ = std::fs::remove_dir(cordon_tests::cgroup_root().unwrap_or_default().join("cordon-demo.agent"));
+    drop(pg);
+    let _ = std::fs::remove_dir_all("/run/cordon-demo");
+    say("demo done");
+    Ok(())
+}
+
+fn wait_tagged(agent: &Agent, rel: &str) -> Result<()> {
+    for _ in 0..100 {
+        if agent.tagged().iter().any(|t| t == rel) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("cordon did not tag the new cgroup {rel}")
+}
+
+fn print_section(title: &str, body: &str) {
+    println!("\n\x1b[1m── {title}\x1b[0m");
+    for line in body.trim_end().lines() {
+        // Drop the ANSI colours of the agent's log.
+        println!("   {}", strip_ansi(line));
+    }
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut in_esc = false;
+    for c in s.chars() {
+        match (in_esc, c) {
+            (false, '\x1b') => in_esc = true,
+            (true, 'm') => in_esc = false,
+            (true, _) => {}
+            (false, c) => out.push(c),
+        }
+    }
+    out
+}
+
+trait IntoAddr {
+    fn try_into_addr(self) -> Result<std::net::SocketAddr>;
+}
+
+impl IntoAddr for (&str, u16) {
+    fn try_into_addr(self) -> Result<std::net::SocketAddr> {
+        Ok(std::net::SocketAddr::new(self.0.parse()?, self.1))
+    }
+}

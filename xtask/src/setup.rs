@@ -1,0 +1,82 @@
+//! Idempotent prerequisite installation. Each step checks first and says
+//! what it does; nothing is downloaded from outside the package registries.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{bail, Result};
+
+use crate::util::{self, is_root, output, run_cmd, say};
+
+/// Debian packages: the eBPF toolchain's LLVM, and the real servers and
+/// clients the end-to-end tests and the demo drive.
+const APT_PACKAGES: &[(&str, &str)] = &[
+    ("llvm-22-dev", "LLVM 22 for bpf-linker (nightly rustc uses LLVM 22)"),
+    ("postgresql-15", "PostgreSQL server binaries for throwaway test servers"),
+    ("postgresql-client-15", "psql"),
+    ("python3", "workload scripts in the tests"),
+    ("iproute2", "network tools"),
+    ("systemd", "systemd-analyze, to verify the unit file"),
+];
+
+pub fn run() -> Result<()> {
+    rust_nightly()?;
+    apt()?;
+    bpf_linker()?;
+    Ok(())
+}
+
+fn rust_nightly() -> Result<()> {
+    let toolchains = output("rustup", &["toolchain", "list"]).unwrap_or_default();
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        say("installing the nightly toolchain (builds the eBPF programs)");
+        util::run("rustup", &["toolchain", "install", "nightly", "--profile", "minimal"])?;
+    }
+    let comps = output("rustup", &["component", "list", "--installed", "--toolchain", "nightly"]).unwrap_or_default();
+    if !comps.lines().any(|l| l.starts_with("rust-src")) {
+        say("adding rust-src to nightly (-Z build-std=core for bpfel-unknown-none)");
+        util::run("rustup", &["component", "add", "rust-src", "--toolchain", "nightly"])?;
+    }
+    Ok(())
+}
+
+fn installed(pkg: &str) -> bool {
+    output("dpkg-query", &["-W", "-f=${Status}", pkg]).is_some_and(|s| s.contains("install ok installed"))
+}
+
+fn apt() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES.iter().filter(|(p, _)| !installed(p)).map(|(p, _)| *p).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    for (p, why) in APT_PACKAGES.iter().filter(|(p, _)| missing.contains(p)) {
+        say(&format!("will install {p}: {why}"));
+    }
+    if !is_root() {
+        bail!("missing Debian packages {missing:?}; run `sudo -E cargo xtask setup`");
+    }
+    util::run("apt-get", &["update", "-qq"])?;
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(missing.iter());
+    run_cmd(Command::new("apt-get").args(&args).env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn bpf_linker() -> Result<()> {
+    if output("bpf-linker", &["--version"]).is_some() {
+        return Ok(());
+    }
+    say("installing bpf-linker (links the eBPF programs) against LLVM 22 from /usr/lib/llvm-22");
+    let llvm = Path::new("/usr/lib/llvm-22");
+    if !llvm.exists() {
+        bail!("{} is missing: llvm-22-dev did not install", llvm.display());
+    }
+    let path = format!("{}/bin:{}", llvm.display(), std::env::var("PATH").unwrap_or_default());
+    run_cmd(
+        Command::new("cargo")
+            // 0.13.0 is the version checked against nightly's LLVM 22 here.
+            .args(["install", "bpf-linker", "--version", "0.13.0", "--no-default-features", "--features", "llvm-22"])
+            .env("PATH", path)
+            // Without these, bpf-linker's build looks for libLLVM under /usr.
+            .env("LLVM_PREFIX", llvm)
+            .env("LLVM_SYS_221_PREFIX", llvm),
+    )
+}
