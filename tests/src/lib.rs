@@ -190,18 +190,9 @@ fn postgres_user() -> Result<(u32, u32)> {
     Ok((u.uid.as_raw(), u.gid.as_raw()))
 }
 
+/// std drops supplementary groups (setgroups(0)) itself when uid is set.
 fn as_user(cmd: &mut Command, uid: u32, gid: u32) -> &mut Command {
-    cmd.uid(uid).gid(gid);
-    // SAFETY: setgroups is async-signal-safe; runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setgroups(0, std::ptr::null()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd
+    cmd.uid(uid).gid(gid)
 }
 
 // ---------------------------------------------------------------------------
@@ -381,6 +372,8 @@ impl Agent {
     }
 
     pub fn start(&mut self) -> Result<()> {
+        // The log is appended to across restarts: only look at this run's.
+        let from = self.log_text().len();
         let log = fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let child = Command::new(cordon_bin())
             .arg("run")
@@ -395,7 +388,7 @@ impl Agent {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if self.log_text().contains(" ready") {
+            if self.log_text().get(from..).is_some_and(|t| t.contains(" ready")) {
                 return Ok(());
             }
             if let Some(c) = self.child.as_mut() {
