@@ -693,3 +693,23 @@ profile = "ci"
         assert_eq!(errs[0].field, "agent.listen");
     }
 }
+
+#[cfg(test)]
+mod example_policies {
+    /// Every policy shipped in policies/ must validate.
+    #[test]
+    fn shipped_policies_are_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).expect("policies/ exists") {
+            let path = e.expect("dir entry").path();
+            if path.extension().is_some_and(|x| x == "toml") {
+                if let Err(errs) = super::load(&path) {
+                    panic!("{errs}");
+                }
+                n += 1;
+            }
+        }
+        assert!(n >= 4, "expected the example policies, found {n}");
+    }
+}

@@ -47,8 +47,9 @@ pub fn run() -> Result<()> {
     print_section("cordon tags", &stdout(&agent.cli(&["tags"])));
 
     say("running psql as user `nobody` in the tagged cgroup cordon-demo/ci-job-1, against the database's normal address");
-    let cmdline = format!("psql -h {PG_HOST} -p {PG_PORT} -U postgres -c 'select * from orders'");
-    let out = psql(Some(&ci), PG_HOST, PG_PORT, "select id, customer, total from orders order by id");
+    let query = "select id, customer, total from orders order by id";
+    let cmdline = format!("psql -h {PG_HOST} -p {PG_PORT} -U postgres -c '{query}'");
+    let out = psql(Some(&ci), PG_HOST, PG_PORT, query);
     if !out.status.success() {
         bail!("psql failed: {}\n{}", stderr(&out), agent.log_text());
     }
@@ -59,8 +60,6 @@ pub fn run() -> Result<()> {
     if !out.status.success() {
         bail!("untagged psql failed: {}", stderr(&out));
     }
-    say("the same psql from the untagged cgroup cordon-demo/adhoc went direct (no audit record)");
-
     agent.wait_audit("close", 1);
     let Some(open) = agent.audit_events("open").into_iter().next() else {
         bail!("no audit record: the query did not go through cordon\n{}", agent.log_text());
@@ -68,6 +67,7 @@ pub fn run() -> Result<()> {
     if agent.audit_events("open").len() != 1 {
         bail!("expected exactly one intercepted session, got {:?}", agent.audit_events("open"));
     }
+    say("the same psql from the untagged cgroup cordon-demo/adhoc went direct: it left no audit record");
     print_section("cordon sessions list", &stdout(&agent.cli(&["sessions", "list"])));
     print_section(
         "the audit record of the session (JSON Lines, fsync'd)",
