@@ -16,6 +16,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("python3", "workload scripts in the tests"),
     ("iproute2", "network tools"),
     ("systemd", "systemd-analyze, to verify the unit file"),
+    ("vagrant", "`vagrant validate`, to check vagrant/Vagrantfile (no VM is started)"),
 ];
 
 pub fn run() -> Result<()> {
