@@ -43,10 +43,7 @@ fn main() {
     if !status.success() {
         fail("building agent-ebpf failed (see the errors above)");
     }
-    copy(
-        &target_dir.join("bpfel-unknown-none/release/cordon"),
-        &out_dir.join("cordon.bpf.o"),
-    );
+    copy(&target_dir.join("bpfel-unknown-none/release/cordon"), &out_dir.join("cordon.bpf.o"));
 }
 
 fn copy(from: &Path, to: &Path) {

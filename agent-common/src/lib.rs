@@ -38,13 +38,7 @@ pub struct InterceptRule {
 }
 
 impl InterceptRule {
-    pub const EMPTY: Self = Self {
-        addr: [0; 16],
-        prefix_len: 0,
-        enabled: 0,
-        port: 0,
-        rule_id: 0,
-    };
+    pub const EMPTY: Self = Self { addr: [0; 16], prefix_len: 0, enabled: 0, port: 0, rule_id: 0 };
 }
 
 /// Agent-wide settings the programs read from a one-element array.
@@ -152,9 +146,7 @@ pub mod programs {
 
 /// Map an IPv4 address (network byte order bytes) into IPv6 form.
 pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
-    ]
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3]]
 }
 
 #[cfg(feature = "user")]

@@ -19,15 +19,14 @@
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use agent_common::{
-    v4_mapped, ConnMeta, InterceptRule, ProxyConfig, SockTuple, TagValue, AF_INET, AF_INET6,
-    MAX_CGROUP_LEVELS, MAX_RULES,
+    v4_mapped, ConnMeta, InterceptRule, ProxyConfig, SockTuple, TagValue, AF_INET, AF_INET6, MAX_CGROUP_LEVELS,
+    MAX_RULES,
 };
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_TCP_CONNECT_CB},
+    bindings::{bpf_sock_addr, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB},
     helpers::generated::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
-        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_getsockopt,
-        bpf_ktime_get_ns,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns,
     },
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap},
@@ -211,13 +210,7 @@ fn find_tag(cgroup_id: u64) -> (u64, u32) {
 fn socket_mark(sa: *mut bpf_sock_addr) -> u32 {
     let mut mark: u32 = 0;
     let ret = unsafe {
-        bpf_getsockopt(
-            sa.cast(),
-            SOL_SOCKET,
-            SO_MARK,
-            addr_of_mut!(mark).cast(),
-            core::mem::size_of::<u32>() as i32,
-        )
+        bpf_getsockopt(sa.cast(), SOL_SOCKET, SO_MARK, addr_of_mut!(mark).cast(), core::mem::size_of::<u32>() as i32)
     };
     if ret == 0 {
         mark
@@ -253,10 +246,7 @@ fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
     let b = w[1].to_ne_bytes();
     let c = w[2].to_ne_bytes();
     let d = w[3].to_ne_bytes();
-    [
-        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
-        d[3],
-    ]
+    [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]]
 }
 
 #[inline(always)]
@@ -333,10 +323,7 @@ fn restore_peer(ctx: &SockAddrContext, family: u16) {
     let a = meta.orig_addr;
     unsafe {
         if family == AF_INET {
-            write_volatile(
-                addr_of_mut!((*sa).user_ip4),
-                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-            );
+            write_volatile(addr_of_mut!((*sa).user_ip4), u32::from_ne_bytes([a[12], a[13], a[14], a[15]]));
         } else {
             write_volatile(addr_of_mut!((*sa).user_ip6[0]), u32::from_ne_bytes([a[0], a[1], a[2], a[3]]));
             write_volatile(addr_of_mut!((*sa).user_ip6[1]), u32::from_ne_bytes([a[4], a[5], a[6], a[7]]));

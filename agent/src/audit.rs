@@ -76,9 +76,7 @@ impl AuditLog {
     /// Write and wait until the record is on disk.
     pub async fn write(&self, record: Record) -> Result<()> {
         let (done, wait) = oneshot::channel();
-        self.tx
-            .send((record, Some(done)))
-            .map_err(|_| anyhow::anyhow!("the audit writer has stopped"))?;
+        self.tx.send((record, Some(done))).map_err(|_| anyhow::anyhow!("the audit writer has stopped"))?;
         match wait.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(anyhow::anyhow!(e)),
@@ -155,13 +153,7 @@ pub fn format_rfc3339(t: std::time::SystemTime) -> String {
     let secs = d.as_secs() as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (y, m, dd) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{dd:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60,
-        d.subsec_micros()
-    )
+    format!("{y:04}-{m:02}-{dd:02}T{:02}:{:02}:{:02}.{:06}Z", rem / 3600, (rem / 60) % 60, rem % 60, d.subsec_micros())
 }
 
 /// Howard Hinnant's days-to-civil algorithm.
@@ -179,30 +171,5 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::{Duration, UNIX_EPOCH};
-
-    #[test]
-    fn rfc3339() {
-        let t = UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
-        assert_eq!(format_rfc3339(t), "2023-11-14T22:13:20.123456Z");
-        assert_eq!(format_rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000000Z");
-    }
-
-    #[tokio::test]
-    async fn writes_are_durable_lines() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("a/audit.jsonl");
-        let log = AuditLog::open(&path).unwrap();
-        log.write(Record::new("open", Some("s1")).with("bytes", 3)).await.unwrap();
-        log.write(Record::new("close", Some("s1"))).await.unwrap();
-        let recs = read_all(&path).unwrap();
-        assert_eq!(recs.len(), 2);
-        assert_eq!(recs[0].fields["bytes"], 3);
-        assert_eq!(recs[1].event, "close");
-        std::fs::write(&path, "{not json}\n").unwrap();
-        let err = read_all(&path).unwrap_err().to_string();
-        assert!(err.contains(":1: not an audit record"), "{err}");
-    }
-}
+#[path = "tests/audit.rs"]
+mod tests;

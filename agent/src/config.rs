@@ -215,10 +215,7 @@ pub struct TagRule {
 
 impl Policy {
     pub fn profile_id(&self, name: &str) -> Option<u32> {
-        self.profiles
-            .iter()
-            .position(|p| p.name == name)
-            .and_then(|i| u32::try_from(i).ok())
+        self.profiles.iter().position(|p| p.name == name).and_then(|i| u32::try_from(i).ok())
     }
 
     pub fn profile_name(&self, id: u32) -> Option<&str> {
@@ -245,11 +242,7 @@ pub fn load(path: &Path) -> Result<Policy, PolicyErrors> {
 }
 
 pub fn parse(path: &Path, text: &str) -> Result<Policy, PolicyErrors> {
-    let mut v = Validator {
-        file: path.to_owned(),
-        text,
-        errors: Vec::new(),
-    };
+    let mut v = Validator { file: path.to_owned(), text, errors: Vec::new() };
     let raw: RawPolicy = match toml::from_str(text) {
         Ok(r) => r,
         Err(e) => {
@@ -299,10 +292,7 @@ impl Validator<'_> {
             if !valid_name(&name) {
                 self.error(p.span(), &format!("profiles.{name}"), "a profile name uses letters, digits, '-' and '_'");
             }
-            profiles.push(Profile {
-                name,
-                description: p.into_inner().description.unwrap_or_default(),
-            });
+            profiles.push(Profile { name, description: p.into_inner().description.unwrap_or_default() });
         }
         let mut tags = Vec::new();
         for (i, t) in raw.tag.into_iter().enumerate() {
@@ -310,13 +300,7 @@ impl Validator<'_> {
                 tags.push(t);
             }
         }
-        let policy = Policy {
-            source: self.file.clone(),
-            agent,
-            intercepts,
-            profiles,
-            tags,
-        };
+        let policy = Policy { source: self.file.clone(), agent, intercepts, profiles, tags };
         if policy.kernel_rule_count() > MAX_KERNEL_RULES {
             self.error(
                 0..0,
@@ -344,7 +328,11 @@ impl Validator<'_> {
             Some(s) => match s.get_ref().parse::<SocketAddr>() {
                 Ok(a) if a.is_ipv4() && a.ip().is_loopback() => a,
                 Ok(_) => {
-                    self.error(s.span(), "agent.listen", "the proxy listens on an IPv4 loopback address, e.g. \"127.0.0.1:7431\"");
+                    self.error(
+                        s.span(),
+                        "agent.listen",
+                        "the proxy listens on an IPv4 loopback address, e.g. \"127.0.0.1:7431\"",
+                    );
                     default_listen()
                 }
                 Err(e) => {
@@ -372,7 +360,11 @@ impl Validator<'_> {
         if let Some(l6) = listen6 {
             if l6.port() != listen.port() {
                 let span = raw.listen6.as_ref().map(Spanned::span).unwrap_or(0..0);
-                self.error(span, "agent.listen6", "must use the same port as agent.listen (the kernel rewrites to one port)");
+                self.error(
+                    span,
+                    "agent.listen6",
+                    "must use the same port as agent.listen (the kernel rewrites to one port)",
+                );
             }
         }
         let socket_mark = match &raw.socket_mark {
@@ -478,7 +470,11 @@ impl Validator<'_> {
             Some(u) => match u.get_ref().parse::<SocketAddr>() {
                 Ok(a) => Some(a),
                 Err(e) => {
-                    self.error(u.span(), &field("upstream"), format!("not an address:port ({e}), e.g. \"10.1.2.3:5432\""));
+                    self.error(
+                        u.span(),
+                        &field("upstream"),
+                        format!("not an address:port ({e}), e.g. \"10.1.2.3:5432\""),
+                    );
                     ok = false;
                     None
                 }
@@ -487,20 +483,21 @@ impl Validator<'_> {
         };
         for other in seen {
             if other.port == port && (other.destinations.is_empty() || destinations.is_empty()) {
-                self.error(raw.port.span(), &field("port"), format!("overlaps intercept {:?} on port {port}; the first matching rule would always win", other.name));
+                self.error(
+                    raw.port.span(),
+                    &field("port"),
+                    format!(
+                        "overlaps intercept {:?} on port {port}; the first matching rule would always win",
+                        other.name
+                    ),
+                );
                 ok = false;
             }
         }
         if !ok {
             return None;
         }
-        Some(Intercept {
-            name,
-            protocol: protocol?,
-            port,
-            destinations,
-            upstream,
-        })
+        Some(Intercept { name, protocol: protocol?, port, destinations, upstream })
     }
 
     fn tag(&mut self, i: usize, raw: Spanned<RawTag>, profiles: &[Profile]) -> Option<TagRule> {
@@ -523,7 +520,11 @@ impl Validator<'_> {
                 let u = u.get_ref();
                 if u.contains('/') || !UNIT_SUFFIXES.iter().any(|s| u.ends_with(s)) {
                     let span = raw.unit.as_ref().map(Spanned::span).unwrap_or(span.clone());
-                    self.error(span, &format!("tag[{i}].unit"), "a systemd unit name such as \"backup.service\" (.service, .scope or .slice)");
+                    self.error(
+                        span,
+                        &format!("tag[{i}].unit"),
+                        "a systemd unit name such as \"backup.service\" (.service, .scope or .slice)",
+                    );
                     return None;
                 }
                 TagTarget::Unit(u.clone())
@@ -543,21 +544,14 @@ impl Validator<'_> {
             );
             return None;
         }
-        Some(TagRule {
-            target,
-            profile: profile.clone(),
-        })
+        Some(TagRule { target, profile: profile.clone() })
     }
 }
 
 impl AgentSettings {
     /// What an empty `[agent]` table means.
     pub fn defaults() -> Self {
-        let mut v = Validator {
-            file: PathBuf::new(),
-            text: "",
-            errors: Vec::new(),
-        };
+        let mut v = Validator { file: PathBuf::new(), text: "", errors: Vec::new() };
         v.agent(None)
     }
 }
@@ -578,9 +572,7 @@ pub fn parse_cidr(s: &str) -> Result<Cidr, String> {
         Some((a, l)) => (a, Some(l)),
         None => (s, None),
     };
-    let addr: IpAddr = addr
-        .parse()
-        .map_err(|e| format!("{s:?} is not an IP address or CIDR ({e})"))?;
+    let addr: IpAddr = addr.parse().map_err(|e| format!("{s:?} is not an IP address or CIDR ({e})"))?;
     let max = if addr.is_ipv4() { 32 } else { 128 };
     let prefix_len = match len {
         Some(l) => l
@@ -603,113 +595,5 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn p(text: &str) -> Result<Policy, PolicyErrors> {
-        parse(Path::new("t.toml"), text)
-    }
-
-    const GOOD: &str = r#"
-[agent]
-listen = "127.0.0.1:7431"
-
-[[intercept]]
-name = "pg"
-protocol = "tcp"
-port = 5432
-destinations = ["127.0.0.2/32", "::1"]
-
-[profiles.ci]
-description = "CI"
-
-[[tag]]
-cgroup = "ci/*"
-profile = "ci"
-
-[[tag]]
-unit = "nightly.service"
-profile = "ci"
-"#;
-
-    #[test]
-    fn good_policy_parses() {
-        let pol = p(GOOD).expect("valid");
-        assert_eq!(pol.intercepts.len(), 1);
-        assert_eq!(pol.intercepts[0].destinations.len(), 2);
-        assert_eq!(pol.kernel_rule_count(), 2);
-        assert_eq!(pol.profile_id("ci"), Some(0));
-        assert_eq!(pol.agent.listen6, Some("[::1]:7431".parse().unwrap()));
-        assert_eq!(pol.tags[1].target, TagTarget::Unit("nightly.service".into()));
-    }
-
-    #[test]
-    fn unknown_profile_names_line_and_field() {
-        let bad = GOOD.replace("profile = \"ci\"\n\n[[tag]]\nunit", "profile = \"cj\"\n\n[[tag]]\nunit");
-        let errs = p(&bad).expect_err("must fail").0;
-        assert_eq!(errs.len(), 1, "{errs:?}");
-        assert_eq!(errs[0].field, "tag[0].profile");
-        assert_eq!(errs[0].line, 16);
-        assert!(errs[0].message.contains("unknown profile \"cj\""));
-        assert!(errs[0].to_string().starts_with("t.toml:16:"));
-    }
-
-    #[test]
-    fn bad_port_and_protocol_are_both_reported() {
-        let bad = GOOD.replace("port = 5432", "port = 70000").replace("protocol = \"tcp\"", "protocol = \"gopher\"");
-        let errs = p(&bad).expect_err("must fail").0;
-        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
-        assert!(fields.contains(&"intercept[0].port"), "{fields:?}");
-        assert!(fields.contains(&"intercept[0].protocol"), "{fields:?}");
-        let port = errs.iter().find(|e| e.field == "intercept[0].port").unwrap();
-        assert_eq!((port.line, port.column), (8, 8));
-    }
-
-    #[test]
-    fn syntax_error_has_position() {
-        let errs = p("[agent]\nlisten = \n").expect_err("must fail").0;
-        assert_eq!(errs[0].line, 2);
-    }
-
-    #[test]
-    fn unknown_field_is_an_error() {
-        let errs = p("[agent]\nlisten_addr = \"x\"\n").expect_err("must fail").0;
-        assert!(errs[0].message.contains("listen_addr"), "{}", errs[0]);
-        assert_eq!(errs[0].line, 2);
-    }
-
-    #[test]
-    fn cidr_forms() {
-        let c = parse_cidr("10.0.0.0/8").unwrap();
-        assert_eq!(c.to_v6_form().1, 104);
-        assert!(parse_cidr("10.0.0.0/33").is_err());
-        assert!(parse_cidr("nope").is_err());
-        assert_eq!(parse_cidr("::1").unwrap().prefix_len, 128);
-    }
-
-    #[test]
-    fn non_loopback_listener_rejected() {
-        let errs = p("[agent]\nlisten = \"0.0.0.0:7431\"\n").expect_err("must fail").0;
-        assert_eq!(errs[0].field, "agent.listen");
-    }
-}
-
-#[cfg(test)]
-mod example_policies {
-    /// Every policy shipped in policies/ must validate.
-    #[test]
-    fn shipped_policies_are_valid() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
-        let mut n = 0;
-        for e in std::fs::read_dir(&dir).expect("policies/ exists") {
-            let path = e.expect("dir entry").path();
-            if path.extension().is_some_and(|x| x == "toml") {
-                if let Err(errs) = super::load(&path) {
-                    panic!("{errs}");
-                }
-                n += 1;
-            }
-        }
-        assert!(n >= 4, "expected the example policies, found {n}");
-    }
-}
+#[path = "tests/config.rs"]
+mod tests;

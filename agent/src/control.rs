@@ -41,7 +41,8 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("removing the stale socket {}", path.display())),
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("binding the control socket {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding the control socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", path.display()))?;
     Ok(listener)

@@ -50,7 +50,8 @@ pub fn prepare(config_path: &Path) -> Result<Prepared> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!("cordon run needs root (it loads eBPF programs and sets SO_MARK)");
     }
-    let policy = config::load(config_path).map_err(|e| anyhow::anyhow!("{e}\nthe policy has errors; nothing was started"))?;
+    let policy =
+        config::load(config_path).map_err(|e| anyhow::anyhow!("{e}\nthe policy has errors; nothing was started"))?;
     let cgroup_root = cgroup::find_v2_root()?;
     let agent_cgroup = match &policy.agent.agent_cgroup {
         Some(rel) => {
@@ -59,21 +60,11 @@ pub fn prepare(config_path: &Path) -> Result<Prepared> {
         }
         None => cgroup::of_pid("self")?,
     };
-    Ok(Prepared {
-        policy,
-        config_path: config_path.to_owned(),
-        cgroup_root,
-        agent_cgroup,
-    })
+    Ok(Prepared { policy, config_path: config_path.to_owned(), cgroup_root, agent_cgroup })
 }
 
 pub async fn run(p: Prepared) -> Result<()> {
-    let Prepared {
-        policy,
-        config_path,
-        cgroup_root,
-        agent_cgroup,
-    } = p;
+    let Prepared { policy, config_path, cgroup_root, agent_cgroup } = p;
     let agent_cgroup_id = cgroup::id_of(&cgroup_root.join(&agent_cgroup))
         .with_context(|| format!("reading the id of the agent's cgroup {agent_cgroup:?}"))?;
     info!(cgroup_root = %cgroup_root.display(), agent_cgroup = %agent_cgroup, "starting");
@@ -163,23 +154,11 @@ pub fn kernel_rules(policy: &Policy) -> Vec<InterceptRule> {
     for (i, ic) in policy.intercepts.iter().enumerate() {
         let rule_id = i as u32;
         if ic.destinations.is_empty() {
-            out.push(InterceptRule {
-                addr: [0; 16],
-                prefix_len: 0,
-                enabled: 1,
-                port: ic.port,
-                rule_id,
-            });
+            out.push(InterceptRule { addr: [0; 16], prefix_len: 0, enabled: 1, port: ic.port, rule_id });
         }
         for d in &ic.destinations {
             let (addr, prefix_len) = d.to_v6_form();
-            out.push(InterceptRule {
-                addr,
-                prefix_len,
-                enabled: 1,
-                port: ic.port,
-                rule_id,
-            });
+            out.push(InterceptRule { addr, prefix_len, enabled: 1, port: ic.port, rule_id });
         }
     }
     out
@@ -244,9 +223,7 @@ async fn reload(shared: &Arc<Shared>, path: &Path) {
 fn spawn_watcher(shared: Arc<Shared>) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let root = shared.cgroup_root.clone();
-    let spawned = std::thread::Builder::new()
-        .name("cordon-cgwatch".into())
-        .spawn(move || inotify_loop(&root, &tx));
+    let spawned = std::thread::Builder::new().name("cordon-cgwatch".into()).spawn(move || inotify_loop(&root, &tx));
     if let Err(e) = spawned {
         warn!("cgroup watcher thread not started ({e}); relying on the periodic rescan");
     }

@@ -4,7 +4,11 @@
 //! tgid/pid and uid/gid of the calling task, and `comm` (informational; a
 //! process can change it). Paths, unit and user names are resolved here.
 
-use std::{collections::HashMap, net::{IpAddr, Ipv6Addr, SocketAddr}, path::Path};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    path::Path,
+};
 
 use agent_common::{ConnMeta, AF_INET};
 use serde::Serialize;
@@ -51,10 +55,7 @@ impl Resolver {
             .users
             .entry(meta.uid)
             .or_insert_with(|| {
-                nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(meta.uid))
-                    .ok()
-                    .flatten()
-                    .map(|u| u.name)
+                nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(meta.uid)).ok().flatten().map(|u| u.name)
             })
             .clone();
         let comm_len = meta.comm.iter().position(|b| *b == 0).unwrap_or(meta.comm.len());

@@ -10,16 +10,12 @@
 //! map); one with a different object attaches its own, then removes the old.
 
 use std::{
-    fs,
-    io,
+    fs, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
 };
 
-use agent_common::{
-    maps, programs, ConnMeta, InterceptRule, ProxyConfig, SockTuple, TagValue, ABI_VERSION,
-    MAX_RULES,
-};
+use agent_common::{maps, programs, ConnMeta, InterceptRule, ProxyConfig, SockTuple, TagValue, ABI_VERSION, MAX_RULES};
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{Array, HashMap, MapData},
@@ -66,8 +62,7 @@ impl Kernel {
     pub fn attach_or_adopt(bpffs_dir: &Path, cgroup_root: &Path) -> Result<(Self, Attachment)> {
         ensure_bpffs(bpffs_dir)?;
         let pin_dir = bpffs_dir.join(version_dir_name());
-        fs::create_dir_all(&pin_dir)
-            .with_context(|| format!("creating the pin directory {}", pin_dir.display()))?;
+        fs::create_dir_all(&pin_dir).with_context(|| format!("creating the pin directory {}", pin_dir.display()))?;
 
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
@@ -131,9 +126,7 @@ impl Kernel {
 
     pub fn set_tag(&mut self, cgroup_id: u64, profile_id: u32) -> Result<()> {
         let v = TagValue { profile_id, _pad: 0 };
-        self.tags
-            .insert(cgroup_id, v, 0)
-            .with_context(|| format!("tagging cgroup id {cgroup_id}"))
+        self.tags.insert(cgroup_id, v, 0).with_context(|| format!("tagging cgroup id {cgroup_id}"))
     }
 
     pub fn remove_tag(&mut self, cgroup_id: u64) -> Result<()> {
@@ -154,8 +147,7 @@ impl Kernel {
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
-    ebpf.take_map(name)
-        .ok_or_else(|| anyhow!("the eBPF object has no map {name}; rebuild the agent"))
+    ebpf.take_map(name).ok_or_else(|| anyhow!("the eBPF object has no map {name}; rebuild the agent"))
 }
 
 /// bpf_link cgroup attachments are always multi-attach (the kernel passes
@@ -164,38 +156,27 @@ fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
 const LINK_ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 
 fn attach_all(ebpf: &mut Ebpf, cgroup_root: &Path, pin_dir: &Path) -> Result<()> {
-    let root = fs::File::open(cgroup_root)
-        .with_context(|| format!("opening the cgroup v2 root {}", cgroup_root.display()))?;
-    for name in [
-        programs::CONNECT4,
-        programs::CONNECT6,
-        programs::GETPEERNAME4,
-        programs::GETPEERNAME6,
-    ] {
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?
-            .try_into()?;
+    let root =
+        fs::File::open(cgroup_root).with_context(|| format!("opening the cgroup v2 root {}", cgroup_root.display()))?;
+    for name in [programs::CONNECT4, programs::CONNECT6, programs::GETPEERNAME4, programs::GETPEERNAME6] {
+        let prog: &mut CgroupSockAddr =
+            ebpf.program_mut(name).ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?.try_into()?;
         prog.load().with_context(|| format!("loading {name} (the verifier rejected it?)"))?;
         let id = prog
             .attach(&root, LINK_ATTACH_MODE)
             .with_context(|| format!("attaching {name} to {}", cgroup_root.display()))?;
         let link = FdLink::try_from(prog.take_link(id)?)?;
-        link.pin(link_pin(pin_dir, name))
-            .with_context(|| format!("pinning the {name} link"))?;
+        link.pin(link_pin(pin_dir, name)).with_context(|| format!("pinning the {name} link"))?;
     }
     let name = programs::SOCKOPS;
-    let prog: &mut SockOps = ebpf
-        .program_mut(name)
-        .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?
-        .try_into()?;
+    let prog: &mut SockOps =
+        ebpf.program_mut(name).ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?.try_into()?;
     prog.load().with_context(|| format!("loading {name}"))?;
     let id = prog
         .attach(&root, LINK_ATTACH_MODE)
         .with_context(|| format!("attaching {name} to {}", cgroup_root.display()))?;
     let link = FdLink::try_from(prog.take_link(id)?)?;
-    link.pin(link_pin(pin_dir, name))
-        .with_context(|| format!("pinning the {name} link"))?;
+    link.pin(link_pin(pin_dir, name)).with_context(|| format!("pinning the {name} link"))?;
     Ok(())
 }
 
@@ -265,9 +246,7 @@ pub fn detach(bpffs_dir: &Path) -> Result<Vec<String>> {
     for e in entries.flatten() {
         let p = e.path();
         if p.is_dir() {
-            removed.extend(
-                remove_version_dir(&p).with_context(|| format!("removing {}", p.display()))?,
-            );
+            removed.extend(remove_version_dir(&p).with_context(|| format!("removing {}", p.display()))?);
         }
     }
     fs::remove_dir(bpffs_dir).with_context(|| format!("removing {}", bpffs_dir.display()))?;
@@ -317,25 +296,5 @@ fn v6_form(ip: IpAddr) -> [u8; 16] {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tuple_normalises_v4_to_mapped() {
-        let t = tuple_for("127.0.0.1:40000".parse().unwrap(), "127.0.0.1:7431".parse().unwrap());
-        assert_eq!(&t.src_addr[..12], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
-        assert_eq!(&t.src_addr[12..], &[127, 0, 0, 1]);
-        assert_eq!((t.src_port, t.dst_port), (40000, 7431));
-        let t6 = tuple_for("[::ffff:127.0.0.1]:40000".parse().unwrap(), "[::ffff:127.0.0.1]:7431".parse().unwrap());
-        assert_eq!(t, t6);
-    }
-
-    #[test]
-    fn proxy_config_byte_orders() {
-        let c = proxy_config("127.0.0.1:7431".parse().unwrap(), Some("[::1]:7431".parse().unwrap()), 7, 9);
-        // user_ip4 holds network order: the first byte in memory is 127.
-        assert_eq!(c.proxy_ip4.to_ne_bytes(), [127, 0, 0, 1]);
-        assert_eq!(c.proxy_ip6[3].to_ne_bytes(), [0, 0, 0, 1]);
-        assert_eq!(c.proxy_port, 7431);
-    }
-}
+#[path = "tests/kernel.rs"]
+mod tests;

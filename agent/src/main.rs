@@ -97,10 +97,7 @@ fn init_tracing() {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
 }
 
 /// Settings for client commands: from the policy if it reads, else the
@@ -121,9 +118,8 @@ fn dispatch(cli: Cli) -> Result<i32> {
             let agent = agent_settings(&config);
             // Stop a running agent first, or it would keep serving without
             // enforcement and re-attach on its next start.
-            let stopped = runtime()?
-                .block_on(control::request(&agent.control_socket, &control::Request::Shutdown))
-                .is_ok();
+            let stopped =
+                runtime()?.block_on(control::request(&agent.control_socket, &control::Request::Shutdown)).is_ok();
             if stopped {
                 println!("asked the running agent to stop");
                 std::thread::sleep(std::time::Duration::from_millis(300));
@@ -155,7 +151,10 @@ fn dispatch(cli: Cli) -> Result<i32> {
         }
         Cmd::Untag { target, config } => {
             let agent = agent_settings(&config);
-            runtime()?.block_on(control::request(&agent.control_socket, &control::Request::Untag { target: target.clone() }))?;
+            runtime()?.block_on(control::request(
+                &agent.control_socket,
+                &control::Request::Untag { target: target.clone() },
+            ))?;
             println!("untagged {target}");
             Ok(0)
         }

@@ -82,25 +82,23 @@ async fn accept_one(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         uid = workload.uid,
         dest = %orig,
     );
-    session(stream, id, workload, orig, meta.rule_id, shared)
-        .instrument(span)
-        .await;
+    session(stream, id, workload, orig, meta.rule_id, shared).instrument(span).await;
 }
 
-async fn session(client: TcpStream, id: String, workload: Workload, orig: SocketAddr, rule_id: u32, shared: Arc<Shared>) {
+async fn session(
+    client: TcpStream,
+    id: String,
+    workload: Workload,
+    orig: SocketAddr,
+    rule_id: u32,
+    shared: Arc<Shared>,
+) {
     let started = Instant::now();
     let policy = shared.policy();
     // The rule the kernel matched, if the policy still has it for this port.
-    let rule: Option<Intercept> = policy
-        .intercepts
-        .get(rule_id as usize)
-        .filter(|r| r.port == orig.port())
-        .cloned();
-    let base = |event: &str| {
-        Record::new(event, Some(&id))
-            .with("workload", &workload)
-            .with("destination", orig.to_string())
-    };
+    let rule: Option<Intercept> = policy.intercepts.get(rule_id as usize).filter(|r| r.port == orig.port()).cloned();
+    let base =
+        |event: &str| Record::new(event, Some(&id)).with("workload", &workload).with("destination", orig.to_string());
     let Some(rule) = rule else {
         let rec = base("reject")
             .with("reason", "no_rule")

@@ -94,20 +94,9 @@ enum Stop {
 
 /// Relay until both sides are done, an error, or `idle` without traffic.
 pub async fn relay(client: &mut TcpStream, upstream: &mut TcpStream, idle: Duration) -> RelayEnd {
-    let activity = Arc::new(Activity {
-        start: Instant::now(),
-        last_ms: AtomicU64::new(0),
-    });
-    let mut a = Watched {
-        inner: client,
-        activity: activity.clone(),
-        read: 0,
-    };
-    let mut b = Watched {
-        inner: upstream,
-        activity: activity.clone(),
-        read: 0,
-    };
+    let activity = Arc::new(Activity { start: Instant::now(), last_ms: AtomicU64::new(0) });
+    let mut a = Watched { inner: client, activity: activity.clone(), read: 0 };
+    let mut b = Watched { inner: upstream, activity: activity.clone(), read: 0 };
     let check = (idle / 4).max(Duration::from_millis(100));
     let end = {
         // 64 KiB buffers each way: large enough to batch, bounded per connection.
@@ -124,10 +113,7 @@ pub async fn relay(client: &mut TcpStream, upstream: &mut TcpStream, idle: Durat
             }
         }
     };
-    let counts = Counts {
-        bytes_up: a.read,
-        bytes_down: b.read,
-    };
+    let counts = Counts { bytes_up: a.read, bytes_down: b.read };
     match end {
         None => RelayEnd::Closed(counts),
         Some(Stop::Idle) => RelayEnd::Idle(counts),

@@ -84,10 +84,10 @@ pub fn render_table(sessions: &[Session]) -> String {
         let field = |k: &str| w.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
         let cgroup = if w.is_string() { "(unidentified)".to_string() } else { field("cgroup") };
         let unit = w.get("unit").and_then(Value::as_str).map_or_else(|| field("comm"), str::to_string);
-        let user = w.get("user").and_then(Value::as_str).map_or_else(
-            || w.get("uid").map_or("-".to_string(), ToString::to_string),
-            str::to_string,
-        );
+        let user = w
+            .get("user")
+            .and_then(Value::as_str)
+            .map_or_else(|| w.get("uid").map_or("-".to_string(), ToString::to_string), str::to_string);
         let pid = w.get("pid").map_or("-".to_string(), ToString::to_string);
         let num = |v: &Value| if v.is_null() { "-".to_string() } else { v.to_string() };
         s.push_str(&format!(
@@ -108,22 +108,5 @@ pub fn render_table(sessions: &[Session]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pairs_open_and_close() {
-        let recs = vec![
-            Record::new("open", Some("a-1")).with("workload", serde_json::json!({"cgroup": "ci/x", "pid": 5})),
-            Record::new("reject", None).with("reason", "unidentified").with("peer", "127.0.0.1:5"),
-            Record::new("close", Some("a-1")).with("outcome", "closed").with("bytes_up", 10),
-        ];
-        let s = assemble(&recs);
-        assert_eq!(s.len(), 2);
-        assert_eq!(s[0].outcome, "closed");
-        assert_eq!(s[0].bytes_up, 10);
-        assert_eq!(s[1].outcome, "rejected: unidentified");
-        let table = render_table(&s);
-        assert!(table.contains("ci/x") && table.contains("(unidentified)"), "{table}");
-    }
-}
+#[path = "tests/sessions.rs"]
+mod tests;

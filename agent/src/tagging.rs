@@ -118,12 +118,7 @@ impl Tagger {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e).with_context(|| format!("reading {}", state_file.display())),
         };
-        Ok(Self {
-            root: root.to_owned(),
-            state_file,
-            runtime,
-            resolved: Vec::new(),
-        })
+        Ok(Self { root: root.to_owned(), state_file, runtime, resolved: Vec::new() })
     }
 
     pub fn root(&self) -> &Path {
@@ -142,8 +137,7 @@ impl Tagger {
         let tmp = self.state_file.with_extension("json.tmp");
         let body = serde_json::to_vec_pretty(&self.runtime)?;
         std::fs::write(&tmp, body).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &self.state_file)
-            .with_context(|| format!("replacing {}", self.state_file.display()))
+        std::fs::rename(&tmp, &self.state_file).with_context(|| format!("replacing {}", self.state_file.display()))
     }
 
     /// Add a runtime tag. The target must exist now and the profile must be
@@ -155,10 +149,8 @@ impl Tagger {
         }
         let parsed = parse_target(&self.root, target);
         let m = TargetMatcher::new(&parsed)?;
-        let matched: Vec<(String, u64)> = cgroup::walk(&self.root)?
-            .into_iter()
-            .filter(|(rel, _)| m.matches(rel))
-            .collect();
+        let matched: Vec<(String, u64)> =
+            cgroup::walk(&self.root)?.into_iter().filter(|(rel, _)| m.matches(rel)).collect();
         if matched.is_empty() {
             bail!("no cgroup matches {target:?} under {}", self.root.display());
         }
@@ -170,18 +162,10 @@ impl Tagger {
             bail!("refusing to tag the cgroup root: that would govern every process, the agent's own included");
         }
         self.runtime.retain(|t| t.target != canonical);
-        self.runtime.push(RuntimeTag {
-            target: canonical,
-            profile: profile.to_string(),
-        });
+        self.runtime.push(RuntimeTag { target: canonical, profile: profile.to_string() });
         self.save()?;
         self.reconcile(policy, kernel)?;
-        Ok(self
-            .resolved
-            .iter()
-            .filter(|r| matched.iter().any(|(_, id)| *id == r.cgroup_id))
-            .cloned()
-            .collect())
+        Ok(self.resolved.iter().filter(|r| matched.iter().any(|(_, id)| *id == r.cgroup_id)).cloned().collect())
     }
 
     /// Remove a runtime tag. Policy tags are changed in the policy file.
@@ -195,7 +179,10 @@ impl Tagger {
         if self.runtime.len() == before {
             let from_policy = self.resolved.iter().any(|r| r.cgroup == canonical && r.source.starts_with("policy"));
             if from_policy {
-                bail!("{target:?} is tagged by the policy file {}; change it there and reload", policy.source.display());
+                bail!(
+                    "{target:?} is tagged by the policy file {}; change it there and reload",
+                    policy.source.display()
+                );
             }
             bail!("{target:?} has no runtime tag (see `cordon tags`)");
         }
@@ -240,12 +227,7 @@ impl Tagger {
                 ids.insert(id, m.profile_id);
                 want.insert(
                     id,
-                    Resolved {
-                        cgroup: rel,
-                        cgroup_id: id,
-                        profile: m.profile.clone(),
-                        source: m.source.clone(),
-                    },
+                    Resolved { cgroup: rel, cgroup_id: id, profile: m.profile.clone(), source: m.source.clone() },
                 );
             }
         }
@@ -275,27 +257,5 @@ impl Tagger {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn targets() {
-        let root = Path::new("/sys/fs/cgroup/unified");
-        assert_eq!(parse_target(root, "x.service"), TagTarget::Unit("x.service".into()));
-        assert_eq!(parse_target(root, "/sys/fs/cgroup/unified/ci/a"), TagTarget::CgroupGlob("ci/a".into()));
-        assert_eq!(parse_target(root, "ci/a*b"), TagTarget::CgroupGlob("ci/a[*]b".into()));
-    }
-
-    #[test]
-    fn glob_does_not_cross_separators() {
-        let m = TargetMatcher::new(&TagTarget::CgroupGlob("ci/*".into())).unwrap();
-        assert!(m.matches("ci/job1"));
-        assert!(!m.matches("ci/job1/step"));
-        assert!(!m.matches("ci"));
-        let m = TargetMatcher::new(&TagTarget::CgroupGlob("**/batch-*.scope".into())).unwrap();
-        assert!(m.matches("a/b/batch-1.scope"));
-        let u = TargetMatcher::new(&TagTarget::Unit("etl.service".into())).unwrap();
-        assert!(u.matches("system.slice/etl.service"));
-        assert!(!u.matches("system.slice/etl.service.d"));
-    }
-}
+#[path = "tests/tagging.rs"]
+mod tests;

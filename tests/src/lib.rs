@@ -66,9 +66,7 @@ pub fn workspace_root() -> PathBuf {
 }
 
 pub fn cordon_bin() -> PathBuf {
-    std::env::var_os("CORDON_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target/debug/cordon"))
+    std::env::var_os("CORDON_BIN").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target/debug/cordon"))
 }
 
 pub fn cgroup_root() -> Option<PathBuf> {
@@ -101,7 +99,9 @@ pub fn free_port() -> u16 {
     let base = 20000 + (std::process::id() % 2000) as u16 * 10;
     loop {
         let p = base + NEXT_PORT.fetch_add(1, Ordering::Relaxed);
-        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() && std::net::TcpListener::bind(("127.0.0.2", p)).is_ok() {
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.2", p)).is_ok()
+        {
             return p;
         }
     }
@@ -128,8 +128,12 @@ impl Postgres {
         nix::unistd::chown(dir.path(), Some(uid.into()), Some(gid.into()))?;
         let data = dir.path().join("data");
         let initdb = pg_bin("initdb").context("initdb not found")?;
-        let out = as_user(Command::new(initdb).args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync", "-D"]).arg(&data), uid, gid)
-            .output()?;
+        let out = as_user(
+            Command::new(initdb).args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync", "-D"]).arg(&data),
+            uid,
+            gid,
+        )
+        .output()?;
         if !out.status.success() {
             bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         }
@@ -144,8 +148,12 @@ impl Postgres {
             .and_then(|mut f| std::io::Write::write_all(&mut f, conf.as_bytes()))?;
         let pg_ctl = pg_bin("pg_ctl").context("pg_ctl not found")?;
         let log = dir.path().join("log");
-        let out = as_user(Command::new(pg_ctl).args(["-w", "-t", "60", "-D"]).arg(&data).arg("-l").arg(&log).arg("start"), uid, gid)
-            .output()?;
+        let out = as_user(
+            Command::new(pg_ctl).args(["-w", "-t", "60", "-D"]).arg(&data).arg("-l").arg(&log).arg("start"),
+            uid,
+            gid,
+        )
+        .output()?;
         if !out.status.success() {
             bail!(
                 "pg_ctl start failed: {}\n{}",
@@ -153,11 +161,7 @@ impl Postgres {
                 fs::read_to_string(&log).unwrap_or_default()
             );
         }
-        Ok(Self {
-            dir,
-            port,
-            hosts: hosts.iter().map(|h| h.to_string()).collect(),
-        })
+        Ok(Self { dir, port, hosts: hosts.iter().map(|h| h.to_string()).collect() })
     }
 
     /// Run SQL as the superuser over the unix socket (never intercepted).
@@ -177,10 +181,14 @@ impl Postgres {
 impl Drop for Postgres {
     fn drop(&mut self) {
         if let (Some(pg_ctl), Ok((uid, gid))) = (pg_bin("pg_ctl"), postgres_user()) {
-            let _ = as_user(Command::new(pg_ctl).args(["-m", "immediate", "-D"]).arg(self.dir.path().join("data")).arg("stop"), uid, gid)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+            let _ = as_user(
+                Command::new(pg_ctl).args(["-m", "immediate", "-D"]).arg(self.dir.path().join("data")).arg("stop"),
+                uid,
+                gid,
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
         }
     }
 }

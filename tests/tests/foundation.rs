@@ -61,11 +61,7 @@ fn peer_probe(cg: Option<&Cgroup>, host: &str, port: u16) -> Value {
 }
 
 fn open_records_for(agent: &Agent, cgroup: &str) -> Vec<Value> {
-    agent
-        .audit_events("open")
-        .into_iter()
-        .filter(|r| r["workload"]["cgroup"] == cgroup)
-        .collect()
+    agent.audit_events("open").into_iter().filter(|r| r["workload"]["cgroup"] == cgroup).collect()
 }
 
 #[test]
@@ -404,11 +400,8 @@ fn systemd_unit_verifies() {
     std::fs::write(&copy, unit.replace("/usr/local/bin/cordon", bin.to_str().unwrap())).unwrap();
     let out = Command::new("systemd-analyze").arg("verify").arg(&copy).output().unwrap();
     assert!(out.status.success(), "systemd-analyze verify failed: {}", stderr(&out));
-    let complaints: Vec<&str> = std::str::from_utf8(&out.stderr)
-        .unwrap_or("")
-        .lines()
-        .filter(|l| l.contains("cordon.service"))
-        .collect();
+    let complaints: Vec<&str> =
+        std::str::from_utf8(&out.stderr).unwrap_or("").lines().filter(|l| l.contains("cordon.service")).collect();
     assert!(complaints.is_empty(), "systemd-analyze verify: {complaints:?}");
 }
 

@@ -28,8 +28,10 @@ pub fn run() -> Result<()> {
     }
     say(&format!("starting a throwaway PostgreSQL on {PG_HOST}:{PG_PORT}"));
     let pg = Postgres::start(&[PG_HOST], PG_PORT)?;
-    pg.admin_sql("create table orders(id int primary key, customer text, total numeric); \
-                  insert into orders values (1, 'ada', 42.50), (2, 'grace', 17.00)")?;
+    pg.admin_sql(
+        "create table orders(id int primary key, customer text, total numeric); \
+                  insert into orders values (1, 'ada', 42.50), (2, 'grace', 17.00)",
+    )?;
 
     say(&format!("starting cordon with {}", policy.display()));
     let mut agent = Agent::with_config(
