@@ -82,7 +82,9 @@ struct RawAgent {
     listen: Option<Spanned<String>>,
     listen6: Option<Spanned<String>>,
     state_dir: Option<Spanned<String>>,
-    audit_log: Option<Spanned<String>>,
+    audit_dir: Option<Spanned<String>>,
+    audit_segment_max_bytes: Option<Spanned<i64>>,
+    audit_retention_days: Option<Spanned<i64>>,
     control_socket: Option<Spanned<String>>,
     bpffs_dir: Option<Spanned<String>>,
     socket_mark: Option<Spanned<i64>>,
@@ -137,7 +139,9 @@ pub struct AgentSettings {
     pub listen: SocketAddr,
     pub listen6: Option<SocketAddr>,
     pub state_dir: PathBuf,
-    pub audit_log: PathBuf,
+    /// Hash-chained audit segments (see audit.rs).
+    pub audit_dir: PathBuf,
+    pub audit: crate::audit::Settings,
     pub control_socket: PathBuf,
     /// Parent of the versioned pin directory.
     pub bpffs_dir: PathBuf,
@@ -402,10 +406,24 @@ impl Validator<'_> {
             }
             None => Duration::from_secs(1),
         };
+        let mut audit = crate::audit::Settings::default();
+        if let Some(v) = &raw.audit_segment_max_bytes {
+            match u64::try_from(*v.get_ref()) {
+                Ok(n) if n >= 256 => audit.segment_max_bytes = n,
+                _ => self.error(v.span(), "agent.audit_segment_max_bytes", "at least 256 bytes"),
+            }
+        }
+        if let Some(v) = &raw.audit_retention_days {
+            match u64::try_from(*v.get_ref()) {
+                Ok(n) if n >= 1 => audit.retention = Some(Duration::from_secs(n * 86_400)),
+                _ => self.error(v.span(), "agent.audit_retention_days", "a whole number of days, at least 1"),
+            }
+        }
         AgentSettings {
             listen,
             listen6,
-            audit_log: path(&raw.audit_log, state_dir.join("audit.jsonl")),
+            audit_dir: path(&raw.audit_dir, state_dir.join("audit")),
+            audit,
             control_socket: path(&raw.control_socket, PathBuf::from("/run/cordon/control.sock")),
             bpffs_dir: path(&raw.bpffs_dir, PathBuf::from("/sys/fs/bpf/cordon")),
             state_dir,

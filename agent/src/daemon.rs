@@ -71,7 +71,7 @@ pub async fn run(p: Prepared) -> Result<()> {
 
     std::fs::create_dir_all(&policy.agent.state_dir)
         .with_context(|| format!("creating the state directory {}", policy.agent.state_dir.display()))?;
-    let audit = AuditLog::open(&policy.agent.audit_log)?;
+    let audit = AuditLog::open(&policy.agent.audit_dir, policy.agent.audit)?;
 
     let (mut kern, attachment) = Kernel::attach_or_adopt(&policy.agent.bpffs_dir, &cgroup_root)?;
     match attachment {
@@ -121,6 +121,16 @@ pub async fn run(p: Prepared) -> Result<()> {
     }
     tokio::spawn(control::serve(control_listener, shared.clone()));
     spawn_watcher(shared.clone());
+    // Retention also runs at each segment rotation; hourly covers quiet hosts.
+    let pruner = shared.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            if let Err(e) = pruner.audit.prune().await {
+                warn!("audit retention failed: {e:#}");
+            }
+        }
+    });
     info!(listen = %shared.policy().agent.listen, "ready");
 
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;

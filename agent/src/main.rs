@@ -57,6 +57,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: SessionsCmd,
     },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
 }
 
 #[derive(Subcommand)]
@@ -72,9 +77,20 @@ enum SessionsCmd {
         json: bool,
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
-        /// Read this audit log instead of the one the policy names.
+        /// Read this audit directory instead of the one the policy names.
         #[arg(long)]
-        audit: Option<PathBuf>,
+        audit_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Check the hash chain: a modified, removed or truncated record fails.
+    Verify {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long)]
+        audit_dir: Option<PathBuf>,
     },
 }
 
@@ -194,8 +210,28 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 Ok(1)
             }
         },
-        Cmd::Sessions { cmd: SessionsCmd::List { json, config, audit } } => {
-            let path = audit.unwrap_or_else(|| agent_settings(&config).audit_log);
+        Cmd::Audit { cmd: AuditCmd::Verify { config, audit_dir } } => {
+            let dir = audit_dir.unwrap_or_else(|| agent_settings(&config).audit_dir);
+            match cordon::audit::verify(&dir) {
+                Ok(v) => {
+                    println!(
+                        "{}: ok: {} records (seq {}..={}) in {} segments, chain intact",
+                        dir.display(),
+                        v.records,
+                        v.first_seq,
+                        v.last_seq,
+                        v.segments
+                    );
+                    Ok(0)
+                }
+                Err(e) => {
+                    eprintln!("{}: FAILED: {e:#}", dir.display());
+                    Ok(1)
+                }
+            }
+        }
+        Cmd::Sessions { cmd: SessionsCmd::List { json, config, audit_dir } } => {
+            let path = audit_dir.unwrap_or_else(|| agent_settings(&config).audit_dir);
             let list = sessions::list(&path)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);

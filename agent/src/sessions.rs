@@ -25,8 +25,8 @@ pub struct Session {
     pub duration_ms: Value,
 }
 
-pub fn list(audit_path: &Path) -> Result<Vec<Session>> {
-    Ok(assemble(&audit::read_all(audit_path)?))
+pub fn list(audit_dir: &Path) -> Result<Vec<Session>> {
+    Ok(assemble(&audit::read_all(audit_dir)?))
 }
 
 pub fn assemble(records: &[Record]) -> Vec<Session> {

@@ -329,7 +329,7 @@ impl Agent {
             config,
             port,
             bpffs_dir,
-            audit: dir.path().join("state/audit.jsonl"),
+            audit: dir.path().join("state/audit"),
             child: None,
             log: dir.path().join("agent.log"),
             dir,
@@ -463,10 +463,16 @@ impl Agent {
         cmd.output().unwrap_or_else(|e| panic!("cannot run cordon: {e}"))
     }
 
-    /// Audit records so far.
+    /// Audit records so far, across segments, in chain order.
     pub fn audit(&self) -> Vec<Value> {
-        let text = fs::read_to_string(self.audit_path()).unwrap_or_default();
-        text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+        let mut segs: Vec<PathBuf> = fs::read_dir(self.audit_path())
+            .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "jsonl")).collect())
+            .unwrap_or_default();
+        segs.sort();
+        segs.iter()
+            .flat_map(|s| fs::read_to_string(s).unwrap_or_default().lines().map(str::to_string).collect::<Vec<_>>())
+            .filter_map(|l| serde_json::from_str(&l).ok())
+            .collect()
     }
 
     pub fn audit_events(&self, event: &str) -> Vec<Value> {

@@ -36,7 +36,7 @@ pub fn run() -> Result<()> {
     say(&format!("starting cordon with {}", policy.display()));
     let mut agent = Agent::with_config(
         &policy,
-        Path::new("/run/cordon-demo/state/audit.jsonl"),
+        Path::new("/run/cordon-demo/state/audit"),
         Path::new("/sys/fs/bpf/cordon-demo"),
         7431,
     )?;
