@@ -92,6 +92,10 @@ struct RawAgent {
     idle_timeout_secs: Option<Spanned<i64>>,
     connect_timeout_secs: Option<Spanned<i64>>,
     rescan_interval_ms: Option<Spanned<i64>>,
+    secrets_file: Option<Spanned<String>>,
+    tls_cert: Option<Spanned<String>>,
+    tls_key: Option<Spanned<String>>,
+    max_message_bytes: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -103,6 +107,11 @@ struct RawIntercept {
     #[serde(default)]
     destinations: Vec<Spanned<String>>,
     upstream: Option<Spanned<String>>,
+    auth: Option<Spanned<String>>,
+    credentials: Option<Spanned<String>>,
+    upstream_tls: Option<Spanned<String>>,
+    upstream_ca: Option<Spanned<String>>,
+    upstream_server_name: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -110,6 +119,9 @@ struct RawIntercept {
 struct RawProfile {
     #[serde(default)]
     description: Option<String>,
+    record_results: Option<bool>,
+    record_params: Option<Spanned<String>>,
+    params_max_bytes: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -152,6 +164,13 @@ pub struct AgentSettings {
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
     pub rescan_interval: Duration,
+    /// Root-only file with upstream credentials (see secrets.rs).
+    pub secrets_file: PathBuf,
+    /// Client-facing TLS; None = generated into `<state_dir>/tls/`.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Largest protocol message accepted from either side.
+    pub max_message_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -163,6 +182,30 @@ pub struct Intercept {
     pub destinations: Vec<Cidr>,
     /// Fixed upstream; None = the original destination.
     pub upstream: Option<SocketAddr>,
+    /// Set when protocol = "postgres".
+    pub postgres: Option<PgSettings>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgSettings {
+    pub auth: PgAuth,
+    pub tls: UpstreamTls,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PgAuth {
+    /// cordon authenticates upstream with these credentials (secrets file).
+    Inject { credentials: String },
+    /// The client's own authentication is relayed.
+    Passthrough,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamTls {
+    Disable,
+    /// Chain verified against `ca_file` (pinned) or the system roots, and
+    /// the name against `server_name` (default: the upstream IP).
+    VerifyFull { ca_file: Option<PathBuf>, server_name: Option<String> },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,6 +235,7 @@ impl fmt::Display for Cidr {
 pub struct Profile {
     pub name: String,
     pub description: String,
+    pub record: crate::pipeline::RecordPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -296,7 +340,22 @@ impl Validator<'_> {
             if !valid_name(&name) {
                 self.error(p.span(), &format!("profiles.{name}"), "a profile name uses letters, digits, '-' and '_'");
             }
-            profiles.push(Profile { name, description: p.into_inner().description.unwrap_or_default() });
+            let p = p.into_inner();
+            let mut record =
+                crate::pipeline::RecordPolicy { results: p.record_results.unwrap_or(false), ..Default::default() };
+            if let Some(m) = &p.record_params {
+                match m.get_ref().parse() {
+                    Ok(mode) => record.params.mode = mode,
+                    Err(e) => self.error(m.span(), &format!("profiles.{name}.record_params"), e),
+                }
+            }
+            if let Some(n) = &p.params_max_bytes {
+                match usize::try_from(*n.get_ref()) {
+                    Ok(v) if (1..=4096).contains(&v) => record.params.max_bytes = v,
+                    _ => self.error(n.span(), &format!("profiles.{name}.params_max_bytes"), "between 1 and 4096"),
+                }
+            }
+            profiles.push(Profile { name, description: p.description.unwrap_or_default(), record });
         }
         let mut tags = Vec::new();
         for (i, t) in raw.tag.into_iter().enumerate() {
@@ -419,7 +478,25 @@ impl Validator<'_> {
                 _ => self.error(v.span(), "agent.audit_retention_days", "a whole number of days, at least 1"),
             }
         }
+        let max_message_bytes = match &raw.max_message_bytes {
+            Some(v) => match usize::try_from(*v.get_ref()) {
+                Ok(n) if (64 * 1024..=1 << 30).contains(&n) => n,
+                _ => {
+                    self.error(v.span(), "agent.max_message_bytes", "between 65536 and 1073741824");
+                    DEFAULT_MAX_MESSAGE
+                }
+            },
+            None => DEFAULT_MAX_MESSAGE,
+        };
+        if raw.tls_cert.is_some() != raw.tls_key.is_some() {
+            let span = raw.tls_cert.as_ref().or(raw.tls_key.as_ref()).map_or(0..0, Spanned::span);
+            self.error(span, "agent.tls_cert", "tls_cert and tls_key go together");
+        }
         AgentSettings {
+            secrets_file: path(&raw.secrets_file, PathBuf::from("/etc/cordon/secrets.toml")),
+            tls_cert: raw.tls_cert.as_ref().map(|s| PathBuf::from(s.get_ref())),
+            tls_key: raw.tls_key.as_ref().map(|s| PathBuf::from(s.get_ref())),
+            max_message_bytes,
             listen,
             listen6,
             audit_dir: path(&raw.audit_dir, state_dir.join("audit")),
@@ -499,6 +576,10 @@ impl Validator<'_> {
             },
             None => None,
         };
+        let postgres = self.postgres_settings(i, &raw, protocol);
+        if protocol == Some(Protocol::Postgres) && postgres.is_none() {
+            ok = false;
+        }
         for other in seen {
             if other.port == port && (other.destinations.is_empty() || destinations.is_empty()) {
                 self.error(
@@ -515,7 +596,75 @@ impl Validator<'_> {
         if !ok {
             return None;
         }
-        Some(Intercept { name, protocol: protocol?, port, destinations, upstream })
+        Some(Intercept { name, protocol: protocol?, port, destinations, upstream, postgres })
+    }
+
+    /// `auth`, `credentials` and `upstream_*` apply to protocol "postgres".
+    fn postgres_settings(&mut self, i: usize, raw: &RawIntercept, protocol: Option<Protocol>) -> Option<PgSettings> {
+        let field = |f: &str| format!("intercept[{i}].{f}");
+        if protocol != Some(Protocol::Postgres) {
+            for (name, v) in [
+                ("auth", &raw.auth),
+                ("credentials", &raw.credentials),
+                ("upstream_tls", &raw.upstream_tls),
+                ("upstream_ca", &raw.upstream_ca),
+                ("upstream_server_name", &raw.upstream_server_name),
+            ] {
+                if let Some(v) = v {
+                    self.error(v.span(), &field(name), "only applies to protocol = \"postgres\"");
+                }
+            }
+            return None;
+        }
+        let auth = match (raw.auth.as_ref().map(|a| a.get_ref().as_str()), &raw.credentials) {
+            (None | Some("inject"), Some(c)) => PgAuth::Inject { credentials: c.get_ref().clone() },
+            (None | Some("inject"), None) => {
+                let span = raw.auth.as_ref().map_or(raw.protocol.span(), Spanned::span);
+                self.error(
+                    span,
+                    &field("credentials"),
+                    "auth = \"inject\" (the default) needs `credentials`, a name in the secrets file",
+                );
+                return None;
+            }
+            (Some("passthrough"), None) => PgAuth::Passthrough,
+            (Some("passthrough"), Some(c)) => {
+                self.error(
+                    c.span(),
+                    &field("credentials"),
+                    "auth = \"passthrough\" relays the client's own login; remove `credentials`",
+                );
+                return None;
+            }
+            (Some(other), _) => {
+                let span = raw.auth.as_ref().map_or(0..0, Spanned::span);
+                self.error(span, &field("auth"), format!("unknown auth mode {other:?}; use \"inject\" or \"passthrough\""));
+                return None;
+            }
+        };
+        let tls = match raw.upstream_tls.as_ref().map(|t| t.get_ref().as_str()) {
+            Some("disable") => {
+                if let Some(ca) = &raw.upstream_ca {
+                    self.error(ca.span(), &field("upstream_ca"), "upstream_tls = \"disable\" uses no CA");
+                    return None;
+                }
+                UpstreamTls::Disable
+            }
+            None | Some("verify-full") => UpstreamTls::VerifyFull {
+                ca_file: raw.upstream_ca.as_ref().map(|c| PathBuf::from(c.get_ref())),
+                server_name: raw.upstream_server_name.as_ref().map(|n| n.get_ref().clone()),
+            },
+            Some(other) => {
+                let span = raw.upstream_tls.as_ref().map_or(0..0, Spanned::span);
+                self.error(
+                    span,
+                    &field("upstream_tls"),
+                    format!("unknown mode {other:?}; use \"verify-full\" (default) or \"disable\""),
+                );
+                return None;
+            }
+        };
+        Some(PgSettings { auth, tls })
     }
 
     fn tag(&mut self, i: usize, raw: Spanned<RawTag>, profiles: &[Profile]) -> Option<TagRule> {
@@ -576,6 +725,8 @@ impl AgentSettings {
 
 pub const UNIT_SUFFIXES: [&str; 3] = [".service", ".scope", ".slice"];
 pub const DEFAULT_MARK: u32 = 0x0c0d_0a01;
+/// 64 MiB: above any realistic query or row, far below PostgreSQL's 1 GiB.
+pub const DEFAULT_MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
 fn default_listen() -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7431)

@@ -107,7 +107,17 @@ pub async fn run(p: Prepared) -> Result<()> {
     tagger.reconcile(&policy, &mut kern)?;
     let control_listener = control::bind(&policy.agent.control_socket)?;
 
-    let shared = Arc::new(Shared::new(cgroup_root.clone(), policy, kern, tagger, audit));
+    let secrets = load_secrets(&policy)?;
+    let client_tls = if policy.intercepts.iter().any(|i| i.protocol == crate::protocol::Protocol::Postgres) {
+        Some(crate::net::server_config(
+            policy.agent.tls_cert.as_deref(),
+            policy.agent.tls_key.as_deref(),
+            &policy.agent.state_dir,
+        )?)
+    } else {
+        None
+    };
+    let shared = Arc::new(Shared::new(cgroup_root.clone(), policy, kern, tagger, audit, secrets, client_tls));
     let start = Record::new("agent", None)
         .with("action", "start")
         .with("pid", std::process::id())
@@ -174,6 +184,30 @@ pub fn kernel_rules(policy: &Policy) -> Vec<InterceptRule> {
     out
 }
 
+/// The secrets file, checked against the policy: every `credentials` an
+/// inject-mode intercept names must be there. Absent and unneeded is fine.
+fn load_secrets(policy: &Policy) -> Result<crate::secrets::Secrets> {
+    let needed: Vec<(&str, &str)> = policy
+        .intercepts
+        .iter()
+        .filter_map(|i| match i.postgres.as_ref().map(|p| &p.auth) {
+            Some(crate::config::PgAuth::Inject { credentials }) => Some((i.name.as_str(), credentials.as_str())),
+            _ => None,
+        })
+        .collect();
+    let path = &policy.agent.secrets_file;
+    if needed.is_empty() && !path.exists() {
+        return Ok(crate::secrets::Secrets::default());
+    }
+    let secrets = crate::secrets::Secrets::load(path)?;
+    for (intercept, cred) in needed {
+        if secrets.get(cred).is_none() {
+            bail!("intercept {intercept:?} injects credentials {cred:?}, which {} does not define", path.display());
+        }
+    }
+    Ok(secrets)
+}
+
 /// SIGHUP: validate the file; only a valid policy replaces the one in force.
 async fn reload(shared: &Arc<Shared>, path: &Path) {
     let old = shared.policy();
@@ -202,6 +236,15 @@ async fn reload(shared: &Arc<Shared>, path: &Path) {
     }
     new.agent = fixed;
 
+    let secrets = match load_secrets(&new) {
+        Ok(s) => s,
+        Err(e) => {
+            error!("policy reload rejected: {e:#}; the previous policy stays in force");
+            let rec = Record::new("agent", None).with("action", "reload_rejected").with("errors", vec![format!("{e:#}")]);
+            let _ = shared.audit.write(rec).await;
+            return;
+        }
+    };
     let applied = (|| -> Result<()> {
         let mut kernel = shared.kernel.lock().map_err(|_| anyhow::anyhow!("kernel state lock poisoned"))?;
         let mut tagger = shared.tagger.lock().map_err(|_| anyhow::anyhow!("tagger lock poisoned"))?;
@@ -213,6 +256,9 @@ async fn reload(shared: &Arc<Shared>, path: &Path) {
         Ok(()) => {
             if let Ok(mut p) = shared.policy.write() {
                 *p = Arc::new(new);
+            }
+            if let Ok(mut s) = shared.secrets.write() {
+                *s = Arc::new(secrets);
             }
             info!(policy = %path.display(), "policy reloaded");
             let rec = Record::new("agent", None).with("action", "reload").with("policy", path);

@@ -57,6 +57,14 @@ enum Cmd {
         #[command(subcommand)]
         cmd: SessionsCmd,
     },
+    /// Print a session as the client saw it.
+    Replay {
+        session: String,
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long)]
+        audit_dir: Option<PathBuf>,
+    },
     /// The audit log.
     Audit {
         #[command(subcommand)]
@@ -75,6 +83,12 @@ enum SessionsCmd {
     List {
         #[arg(long)]
         json: bool,
+        /// Only sessions whose workload matches (cgroup, unit, user, comm, pid or uid contains it).
+        #[arg(long)]
+        identity: Option<String>,
+        /// Only sessions started since: an RFC 3339 time or an age such as 30m, 2h, 7d.
+        #[arg(long)]
+        since: Option<String>,
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Read this audit directory instead of the one the policy names.
@@ -230,9 +244,15 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 }
             }
         }
-        Cmd::Sessions { cmd: SessionsCmd::List { json, config, audit_dir } } => {
+        Cmd::Replay { session, config, audit_dir } => {
+            let dir = audit_dir.unwrap_or_else(|| agent_settings(&config).audit_dir);
+            print!("{}", cordon::replay::replay(&dir, &session)?);
+            Ok(0)
+        }
+        Cmd::Sessions { cmd: SessionsCmd::List { json, identity, since, config, audit_dir } } => {
             let path = audit_dir.unwrap_or_else(|| agent_settings(&config).audit_dir);
-            let list = sessions::list(&path)?;
+            let since = since.as_deref().map(sessions::parse_since).transpose()?;
+            let list = sessions::filter(sessions::list(&path)?, identity.as_deref(), since);
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {

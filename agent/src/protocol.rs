@@ -14,12 +14,14 @@ use serde::Serialize;
 pub enum Protocol {
     /// Byte relay, audited per connection (bytes each way, duration).
     Tcp,
+    /// PostgreSQL wire protocol: statements through the pipeline.
+    Postgres,
 }
 
 /// Protocols that are planned but not built yet. Naming one is an error, not
 /// a silent fallback to a byte relay: a policy that asks for statement-level
 /// governance must not get less without saying so.
-const PLANNED: [&str; 3] = ["postgres", "mysql", "ssh"];
+const PLANNED: [&str; 2] = ["mysql", "ssh"];
 
 impl FromStr for Protocol {
     type Err = String;
@@ -27,10 +29,11 @@ impl FromStr for Protocol {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "tcp" => Ok(Self::Tcp),
+            "postgres" => Ok(Self::Postgres),
             p if PLANNED.contains(&p) => Err(format!(
                 "protocol {p:?} is not available in this build yet; use \"tcp\" (byte relay, audited per connection)"
             )),
-            other => Err(format!("unknown protocol {other:?}; known: \"tcp\"")),
+            other => Err(format!("unknown protocol {other:?}; known: \"tcp\", \"postgres\"")),
         }
     }
 }
@@ -39,6 +42,7 @@ impl fmt::Display for Protocol {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::Tcp => "tcp",
+            Self::Postgres => "postgres",
         })
     }
 }

@@ -82,7 +82,7 @@ async fn accept_one(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         uid = workload.uid,
         dest = %orig,
     );
-    session(stream, id, workload, orig, meta.rule_id, shared).instrument(span).await;
+    session(stream, id, workload, orig, meta.rule_id, meta.profile_id, shared).instrument(span).await;
 }
 
 async fn session(
@@ -91,6 +91,7 @@ async fn session(
     workload: Workload,
     orig: SocketAddr,
     rule_id: u32,
+    profile_id: u32,
     shared: Arc<Shared>,
 ) {
     let started = Instant::now();
@@ -119,21 +120,53 @@ async fn session(
     info!(rule = %rule.name, upstream = %upstream_addr, "session open");
     shared.sessions_open.fetch_add(1, Ordering::Relaxed);
 
-    let (outcome, counts, error) = match connect_upstream(upstream_addr, &shared).await {
-        Err(e) => ("upstream_connect_failed", relay::Counts::default(), Some(format!("{e:#}"))),
-        Ok(mut upstream) => {
-            let mut client = client;
-            match rule.protocol {
-                Protocol::Tcp => match relay::relay(&mut client, &mut upstream, shared.idle_timeout()).await {
+    let mut close = base("close");
+    let (outcome, counts, error) = match rule.protocol {
+        Protocol::Tcp => match connect_upstream(upstream_addr, &shared).await {
+            Err(e) => ("upstream_connect_failed", relay::Counts::default(), Some(format!("{e:#}"))),
+            Ok(mut upstream) => {
+                let mut client = client;
+                match relay::relay(&mut client, &mut upstream, shared.idle_timeout()).await {
                     RelayEnd::Closed(c) => ("closed", c, None),
                     RelayEnd::Idle(c) => ("idle_timeout", c, None),
                     RelayEnd::Error(c, e) => ("error", c, Some(e.to_string())),
-                },
+                }
             }
+        },
+        Protocol::Postgres => {
+            let Some(profile) = policy.profiles.get(profile_id as usize).cloned() else {
+                let rec = base("reject").with("reason", "no_profile").with("detail", "the tag's profile is no longer in the policy");
+                audit(&shared, rec).await;
+                shared.sessions_open.fetch_sub(1, Ordering::Relaxed);
+                return;
+            };
+            let ctx = crate::postgres::Ctx {
+                shared: shared.clone(),
+                session: id.clone(),
+                rule: rule.clone(),
+                profile,
+                upstream: upstream_addr,
+                base: base("statement"),
+            };
+            let end = crate::postgres::serve(client, ctx).await;
+            close = close
+                .with("statements", end.statements)
+                .with("client_tls", end.client_tls)
+                .with("upstream_tls", end.upstream_tls);
+            if let Some(u) = &end.upstream_user {
+                close = close.with("upstream_user", u);
+            }
+            if let Some(d) = &end.database {
+                close = close.with("database", d);
+            }
+            if let Some(r) = &end.recording {
+                close = close.with("recording", r);
+            }
+            (end.outcome, relay::Counts { bytes_up: end.bytes_up, bytes_down: end.bytes_down }, end.error)
         }
     };
     shared.sessions_open.fetch_sub(1, Ordering::Relaxed);
-    let mut close = base("close")
+    close = close
         .with("outcome", outcome)
         .with("bytes_up", counts.bytes_up)
         .with("bytes_down", counts.bytes_down)
@@ -155,7 +188,7 @@ async fn audit(shared: &Shared, rec: Record) {
 
 /// Connect from the agent's own (untagged) cgroup, with SO_MARK set, so the
 /// kernel programs let the connection through unchanged.
-async fn connect_upstream(addr: SocketAddr, shared: &Shared) -> Result<TcpStream> {
+pub async fn connect_upstream(addr: SocketAddr, shared: &Shared) -> Result<TcpStream> {
     let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }
         .context("creating the upstream socket")?;
     nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &shared.socket_mark())

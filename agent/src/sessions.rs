@@ -23,6 +23,8 @@ pub struct Session {
     pub bytes_up: Value,
     pub bytes_down: Value,
     pub duration_ms: Value,
+    /// Statements seen (PostgreSQL sessions).
+    pub statements: Value,
 }
 
 pub fn list(audit_dir: &Path) -> Result<Vec<Session>> {
@@ -45,6 +47,7 @@ pub fn assemble(records: &[Record]) -> Vec<Session> {
                 bytes_up: Value::Null,
                 bytes_down: Value::Null,
                 duration_ms: Value::Null,
+                statements: Value::Null,
             }),
             "close" => {
                 if let Some(s) = out.iter_mut().rev().find(|s| Some(&s.id) == r.session.as_ref()) {
@@ -53,6 +56,7 @@ pub fn assemble(records: &[Record]) -> Vec<Session> {
                     s.bytes_up = get(r, "bytes_up");
                     s.bytes_down = get(r, "bytes_down");
                     s.duration_ms = get(r, "duration_ms");
+                    s.statements = get(r, "statements");
                 }
             }
             "reject" => out.push(Session {
@@ -66,11 +70,45 @@ pub fn assemble(records: &[Record]) -> Vec<Session> {
                 bytes_up: Value::Null,
                 bytes_down: Value::Null,
                 duration_ms: Value::Null,
+                statements: Value::Null,
             }),
             _ => {}
         }
     }
     out
+}
+
+/// `--since`: an RFC 3339 time, or an age ("90s", "30m", "2h", "7d").
+pub fn parse_since(s: &str) -> Result<std::time::SystemTime> {
+    if let Some(t) = audit::parse_rfc3339(s) {
+        return Ok(t);
+    }
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| anyhow::anyhow!("--since {s:?}: use an RFC 3339 time or an age like 30m, 2h, 7d"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => anyhow::bail!("--since {s:?}: the unit is s, m, h or d"),
+    };
+    Ok(std::time::SystemTime::now() - std::time::Duration::from_secs(secs))
+}
+
+pub fn filter(list: Vec<Session>, identity: Option<&str>, since: Option<std::time::SystemTime>) -> Vec<Session> {
+    list.into_iter()
+        .filter(|s| {
+            since.is_none_or(|t| audit::parse_rfc3339(&s.started).is_some_and(|st| st >= t))
+        })
+        .filter(|s| {
+            identity.is_none_or(|needle| {
+                ["cgroup", "tagged_cgroup", "unit", "slice", "container", "user", "comm", "pid", "uid", "profile"]
+                    .iter()
+                    .filter_map(|k| s.workload.get(*k))
+                    .any(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string).contains(needle))
+            })
+        })
+        .collect()
 }
 
 /// One line per session, for people.

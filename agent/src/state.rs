@@ -9,7 +9,10 @@ use std::{
     time::Duration,
 };
 
-use crate::{audit::AuditLog, config::Policy, identity::Resolver, kernel::Kernel, tagging::Tagger};
+use crate::{
+    audit::AuditLog, config::Policy, identity::Resolver, kernel::Kernel, postgres::CancelTarget, secrets::Secrets,
+    tagging::Tagger,
+};
 
 pub struct Shared {
     pub cgroup_root: PathBuf,
@@ -23,10 +26,22 @@ pub struct Shared {
     /// Start time of this agent, so session ids stay unique across restarts.
     epoch: u64,
     pub shutdown: tokio::sync::Notify,
+    pub secrets: RwLock<Arc<Secrets>>,
+    client_tls: Option<Arc<rustls::ServerConfig>>,
+    upstream_tls: Mutex<std::collections::HashMap<Option<PathBuf>, Arc<rustls::ClientConfig>>>,
+    cancel: Mutex<std::collections::HashMap<(i32, Vec<u8>), CancelTarget>>,
 }
 
 impl Shared {
-    pub fn new(cgroup_root: PathBuf, policy: Policy, kernel: Kernel, tagger: Tagger, audit: AuditLog) -> Self {
+    pub fn new(
+        cgroup_root: PathBuf,
+        policy: Policy,
+        kernel: Kernel,
+        tagger: Tagger,
+        audit: AuditLog,
+        secrets: Secrets,
+        client_tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Self {
         let epoch = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -42,6 +57,69 @@ impl Shared {
             session_seq: AtomicU64::new(0),
             epoch,
             shutdown: tokio::sync::Notify::new(),
+            secrets: RwLock::new(Arc::new(secrets)),
+            client_tls,
+            upstream_tls: Mutex::new(std::collections::HashMap::new()),
+            cancel: Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    pub fn secrets(&self) -> Arc<Secrets> {
+        match self.secrets.read() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn client_tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.client_tls.clone()
+    }
+
+    /// Upstream TLS configuration for a CA file (None = system roots),
+    /// built once and cached.
+    pub fn upstream_tls(&self, ca_file: Option<&std::path::Path>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+        let key = ca_file.map(std::path::Path::to_path_buf);
+        let mut cache = self.upstream_tls.lock().map_err(|_| anyhow::anyhow!("TLS cache poisoned"))?;
+        if let Some(c) = cache.get(&key) {
+            return Ok(c.clone());
+        }
+        let c = crate::net::client_config(ca_file)?;
+        cache.insert(key, c.clone());
+        Ok(c)
+    }
+
+    pub fn max_message_bytes(&self) -> usize {
+        self.policy().agent.max_message_bytes
+    }
+
+    pub fn recordings_dir(&self) -> PathBuf {
+        self.policy().agent.state_dir.join("recordings")
+    }
+
+    /// Issue a cancel key for a backend: random, of the backend key's length
+    /// (4 bytes under protocol 3.0, longer under 3.2).
+    pub fn register_cancel(&self, target: CancelTarget, key_len: usize) -> (i32, Vec<u8>) {
+        use rand::Rng;
+        let mut rng = rand::rng();
+        let len = key_len.clamp(4, 256);
+        let Ok(mut map) = self.cancel.lock() else { return (0, vec![0; len]) };
+        loop {
+            let pid: i32 = rng.random_range(1..i32::MAX);
+            let key: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            if let std::collections::hash_map::Entry::Vacant(v) = map.entry((pid, key.clone())) {
+                v.insert(target);
+                return (pid, key);
+            }
+        }
+    }
+
+    pub fn cancel_target(&self, pid: i32, key: &[u8]) -> Option<CancelTarget> {
+        self.cancel.lock().ok()?.get(&(pid, key.to_vec())).cloned()
+    }
+
+    pub fn forget_cancel(&self, pid: i32, key: &[u8]) {
+        if let Ok(mut m) = self.cancel.lock() {
+            m.remove(&(pid, key.to_vec()));
         }
     }
 

@@ -1,0 +1,185 @@
+//! The protocol-agnostic pipeline every governed session runs through.
+//!
+//! A protocol adapter (PostgreSQL today; MySQL and SSH next) turns its wire
+//! traffic into these calls and never writes audit records itself:
+//!
+//! - [`SessionPipeline::statement`]: a statement is about to go upstream.
+//!   The pipeline returns a [`Verdict`] and queues the durable `statement`
+//!   audit record. The adapter must await the returned [`Pending`] before
+//!   the client sees any result of it, so a statement whose result reached
+//!   the client is in the audit even after `kill -9`. The fsync overlaps the
+//!   server's execution, so it rarely adds latency.
+//! - [`SessionPipeline::columns`] / [`SessionPipeline::row`]: the result, for
+//!   the session recording (when the profile records results) and, in the
+//!   next step, for classification and masking.
+//! - [`SessionPipeline::finish`]: rows, timing, error → `statement_end`.
+//! - [`SessionPipeline::notice`]: notices and notifications, for replay.
+
+pub mod fingerprint;
+pub mod params;
+pub mod recorder;
+
+use std::time::Instant;
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::audit::{AuditLog, Pending, Record};
+pub use params::{Param, ParamMode, ParamPolicy};
+pub use recorder::Recorder;
+
+/// What a profile asks the pipeline to keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RecordPolicy {
+    pub params: ParamPolicy,
+    /// Keep result rows, notices and errors as the client received them.
+    pub results: bool,
+}
+
+/// Why a statement reached the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StatementKind {
+    /// A simple-protocol query (possibly several statements).
+    Simple,
+    /// An Execute of a bound portal.
+    Execute,
+    /// A fast-path function call.
+    FunctionCall,
+}
+
+pub struct Statement<'a> {
+    pub text: &'a str,
+    pub kind: StatementKind,
+    pub params: &'a [Param<'a>],
+    /// Prepared-statement name, when named.
+    pub prepared: Option<&'a str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    /// Refused, with the rule that refused it and a message for the client.
+    Deny { rule: String, message: String },
+}
+
+/// A statement that was let through.
+pub struct Admitted {
+    pub id: u64,
+    pub started: Instant,
+}
+
+/// How a statement ended, as the server reported it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Outcome {
+    /// Command tags, e.g. ["SELECT 3"] (several for a multi-statement query).
+    pub tags: Vec<String>,
+    pub rows: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ServerError>,
+    /// Not executed: an earlier error in the same pipeline aborted it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
+    /// Suspended by a row limit (portal still open).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub suspended: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServerError {
+    pub severity: String,
+    pub code: String,
+    pub message: String,
+}
+
+pub struct SessionPipeline {
+    audit: AuditLog,
+    session: String,
+    policy: RecordPolicy,
+    recorder: Option<Recorder>,
+    next_id: u64,
+    statements: u64,
+}
+
+impl SessionPipeline {
+    pub fn new(audit: AuditLog, session: &str, policy: RecordPolicy, recorder: Option<Recorder>) -> Self {
+        Self { audit, session: session.to_string(), policy, recorder, next_id: 0, statements: 0 }
+    }
+
+    pub fn session(&self) -> &str {
+        &self.session
+    }
+
+    pub fn statements(&self) -> u64 {
+        self.statements
+    }
+
+    /// A statement is about to go upstream.
+    pub fn statement(&mut self, s: &Statement<'_>) -> (Verdict, Admitted, Pending) {
+        self.next_id += 1;
+        self.statements += 1;
+        let id = self.next_id;
+        let normalized = fingerprint::normalize(s.text);
+        let mut rec = Record::new("statement", Some(&self.session))
+            .with("stmt", id)
+            .with("kind", s.kind)
+            .with("text", s.text)
+            .with("fingerprint", fingerprint::fingerprint(&normalized))
+            .with("normalized", &normalized);
+        if let Some(p) = s.prepared {
+            rec = rec.with("prepared", p);
+        }
+        if !s.params.is_empty() {
+            rec = rec.with("param_count", s.params.len());
+            if let Some(rendered) = self.policy.params.render(s.params) {
+                rec = rec.with("params", rendered);
+            }
+        }
+        if let Some(r) = &mut self.recorder {
+            r.event(id, "query", json!({"text": s.text}));
+        }
+        let durable = self.audit.submit(rec);
+        (Verdict::Allow, Admitted { id, started: Instant::now() }, durable)
+    }
+
+    pub fn columns(&mut self, id: u64, names: &[String]) {
+        if let Some(r) = &mut self.recorder {
+            r.event(id, "columns", json!({"names": names}));
+        }
+    }
+
+    pub fn wants_rows(&self) -> bool {
+        self.recorder.is_some()
+    }
+
+    pub fn row(&mut self, id: u64, values: &[Option<String>]) {
+        if let Some(r) = &mut self.recorder {
+            r.event(id, "row", json!({"values": values}));
+        }
+    }
+
+    pub fn notice(&mut self, id: u64, kind: &str, body: serde_json::Value) {
+        if let Some(r) = &mut self.recorder {
+            r.event(id, kind, body);
+        }
+    }
+
+    /// The statement ended; its `statement_end` record is queued (durable
+    /// with the next batch; nothing waits for it).
+    pub fn finish(&mut self, admitted: &Admitted, outcome: &Outcome) {
+        let duration_us = admitted.started.elapsed().as_micros() as u64;
+        if let Some(r) = &mut self.recorder {
+            r.event(admitted.id, "end", json!({"outcome": outcome}));
+        }
+        let rec = Record::new("statement_end", Some(&self.session))
+            .with("stmt", admitted.id)
+            .with("duration_us", duration_us)
+            .with("outcome", outcome);
+        drop(self.audit.submit(rec));
+    }
+
+    /// Close the recording; its hash goes into the session's close record.
+    pub fn close(&mut self) -> Option<serde_json::Value> {
+        self.recorder.take().and_then(Recorder::finish)
+    }
+}

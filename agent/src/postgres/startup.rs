@@ -1,0 +1,137 @@
+//! The client's startup phase: SSLRequest (TLS from cordon's certificate),
+//! GSSENCRequest (refused with 'N'; the client falls back), CancelRequest
+//! (routed to the right backend), and the StartupMessage (3.0 or 3.2).
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+
+use super::{frame::Body, frame::FrameReader, wire, Ctx, End};
+use crate::{audit::Record, net::Stream};
+
+/// A client past negotiation, ready to be started upstream.
+pub struct ClientHello {
+    pub stream: Stream,
+    pub reader: FrameReader,
+    pub version: i32,
+    pub params: Vec<(String, String)>,
+}
+
+pub enum Hello {
+    Startup(ClientHello),
+    Cancel { pid: i32, key: Bytes },
+}
+
+/// A client gets this long to finish its startup packets.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub async fn negotiate(stream: Stream, ctx: &Ctx) -> Result<Hello> {
+    tokio::time::timeout(STARTUP_TIMEOUT, negotiate_inner(stream, ctx))
+        .await
+        .context("the client did not complete its startup in 30 s")?
+}
+
+async fn negotiate_inner(mut stream: Stream, ctx: &Ctx) -> Result<Hello> {
+    let mut reader = FrameReader::new(ctx.shared.max_message_bytes());
+    loop {
+        let packet = loop {
+            if let Some(p) = reader.next_startup()? {
+                break p;
+            }
+            if reader.fill(&mut stream).await? == 0 {
+                bail!("the client closed the connection during startup");
+            }
+        };
+        let mut body = Body::new(packet.get(4..).unwrap_or_default());
+        let code = body.i32().context("startup packet without a code")?;
+        match code {
+            wire::SSL_REQUEST => {
+                if stream.is_tls() {
+                    bail!("SSLRequest inside TLS");
+                }
+                if reader.buffered() > 0 {
+                    // Bytes sent before the TLS handshake would be read as if
+                    // they came over TLS (CVE-2021-23222): refuse.
+                    bail!("the client sent data after SSLRequest before the TLS handshake");
+                }
+                let Stream::Plain(tcp) = stream else { bail!("SSLRequest inside TLS") };
+                let Some(tls) = ctx.shared.client_tls() else {
+                    let mut tcp = tcp;
+                    tcp.write_all(b"N").await?;
+                    stream = Stream::Plain(tcp);
+                    continue;
+                };
+                let mut tcp = tcp;
+                tcp.write_all(b"S").await?;
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+                let tls = acceptor.accept(tcp).await.context("TLS handshake with the client")?;
+                stream = Stream::Server(Box::new(tls));
+            }
+            wire::GSSENC_REQUEST => {
+                // No GSSAPI encryption: 'N' makes libpq fall back to TLS or
+                // plain, as with a server built without GSSAPI.
+                stream.write_all(b"N").await?;
+            }
+            wire::CANCEL_REQUEST => {
+                let pid = body.i32().context("CancelRequest without a process id")?;
+                let key = Bytes::copy_from_slice(body.rest());
+                if key.is_empty() || key.len() > 256 {
+                    bail!("CancelRequest with a {}-byte key", key.len());
+                }
+                return Ok(Hello::Cancel { pid, key });
+            }
+            v if v >> 16 == 3 => {
+                let mut params = Vec::new();
+                while let Some(k) = body.cstr() {
+                    if k.is_empty() {
+                        break;
+                    }
+                    let v = body.cstr().context("startup parameter without a value")?;
+                    let (Ok(k), Ok(v)) = (std::str::from_utf8(k), std::str::from_utf8(v)) else {
+                        bail!("startup parameters are not UTF-8");
+                    };
+                    params.push((k.to_string(), v.to_string()));
+                }
+                if !params.iter().any(|(k, _)| k == "user") {
+                    bail!("the startup message names no user");
+                }
+                return Ok(Hello::Startup(ClientHello { stream, reader, version: v, params }));
+            }
+            other => bail!("unsupported protocol version or request code {other}"),
+        }
+    }
+}
+
+/// A CancelRequest arrived (on its own connection, redirected like any
+/// other): map cordon's key back to the backend's and send it upstream.
+pub async fn forward_cancel(pid: i32, key: &[u8], ctx: &Ctx) -> End {
+    let target = ctx.shared.cancel_target(pid, key);
+    let rec = |outcome: &str| ctx.base.clone().with_event("cancel").with("outcome", outcome);
+    let Some(target) = target else {
+        let _ = ctx.shared.audit.write(rec("unknown_key")).await;
+        return End { outcome: "cancel_unknown_key", ..End::default() };
+    };
+    let result = async {
+        let mut up = crate::proxy::connect_upstream(target.upstream, &ctx.shared).await?;
+        let mut buf = BytesMut::new();
+        wire::cancel_request(&mut buf, target.pid, &target.key);
+        up.write_all(&buf).await.context("sending the cancel request upstream")?;
+        up.shutdown().await.ok();
+        anyhow::Ok(())
+    }
+    .await;
+    let outcome = if result.is_ok() { "forwarded" } else { "upstream_failed" };
+    let _ = ctx.shared.audit.write(rec(outcome).with("target_session", &target.session)).await;
+    End { outcome: "cancel", error: result.err().map(|e| format!("{e:#}")), ..End::default() }
+}
+
+impl Record {
+    /// A copy of a base record under another event name, stamped now.
+    pub fn with_event(mut self, event: &str) -> Self {
+        event.clone_into(&mut self.event);
+        self.ts = crate::audit::now_rfc3339();
+        self
+    }
+}

@@ -1,0 +1,190 @@
+//! cordon as a PostgreSQL client: connect from outside every tagged cgroup,
+//! TLS per policy, the startup message, and authentication.
+//!
+//! - `inject` (default): the workload's password is never asked for. cordon
+//!   answers the server's challenge (SCRAM-SHA-256, md5 or cleartext) with
+//!   the credential from the secrets file, and the client sees only
+//!   AuthenticationOk. The secret never crosses to the workload.
+//! - `passthrough`: challenges and answers are relayed. SCRAM channel binding
+//!   cannot cross a proxy, so `-PLUS` mechanisms are not offered.
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{
+    frame::{Body, Frame, FrameReader},
+    scram,
+    startup::ClientHello,
+    wire, Ctx,
+};
+use crate::{
+    config::{PgAuth, UpstreamTls},
+    net::Stream,
+};
+
+pub struct Upstream {
+    pub stream: Stream,
+    pub reader: FrameReader,
+    pub user: String,
+}
+
+pub async fn connect(ctx: &Ctx) -> Result<Stream> {
+    let tcp = crate::proxy::connect_upstream(ctx.upstream, &ctx.shared).await?;
+    let pg = ctx.rule.postgres.as_ref().ok_or_else(|| anyhow!("intercept {} has no postgres settings", ctx.rule.name))?;
+    match &pg.tls {
+        UpstreamTls::Disable => Ok(Stream::Plain(tcp)),
+        UpstreamTls::VerifyFull { ca_file, server_name } => {
+            let mut tcp = tcp;
+            let mut req = BytesMut::new();
+            bytes::BufMut::put_i32(&mut req, 8);
+            bytes::BufMut::put_i32(&mut req, wire::SSL_REQUEST);
+            tcp.write_all(&req).await.context("sending SSLRequest upstream")?;
+            let answer = tcp.read_u8().await.context("reading the server's SSLRequest answer")?;
+            if answer != b'S' {
+                bail!("the server at {} refused TLS, which the policy requires (upstream_tls = \"verify-full\")", ctx.upstream);
+            }
+            let name = server_name.clone().unwrap_or_else(|| ctx.upstream.ip().to_string());
+            let config = ctx.shared.upstream_tls(ca_file.as_deref())?;
+            let connector = tokio_rustls::TlsConnector::from(config);
+            let tls = connector
+                .connect(crate::net::server_name(&name)?, tcp)
+                .await
+                .with_context(|| format!("TLS with {} (verify-full as {name:?})", ctx.upstream))?;
+            Ok(Stream::Client(Box::new(tls)))
+        }
+    }
+}
+
+/// Start the session upstream and authenticate. Returns once the client has
+/// been sent AuthenticationOk; anything the server sent after it stays in
+/// the returned reader for the relay.
+pub async fn start(hello: &mut ClientHello, ctx: &Ctx) -> Result<Upstream> {
+    let pg = ctx.rule.postgres.as_ref().ok_or_else(|| anyhow!("intercept {} has no postgres settings", ctx.rule.name))?;
+    let mut stream = connect(ctx).await?;
+    let mut reader = FrameReader::new(ctx.shared.max_message_bytes());
+    let (user, credential) = match &pg.auth {
+        PgAuth::Inject { credentials } => {
+            let secrets = ctx.shared.secrets();
+            let c = secrets.get(credentials).cloned().ok_or_else(|| {
+                anyhow!("credentials {credentials:?} (intercept {}) are not in the secrets file", ctx.rule.name)
+            })?;
+            (c.user.clone(), Some(c))
+        }
+        PgAuth::Passthrough => {
+            let u = hello.params.iter().find(|(k, _)| k == "user").map(|(_, v)| v.clone()).unwrap_or_default();
+            (u, None)
+        }
+    };
+    let params: Vec<(String, String)> = hello
+        .params
+        .iter()
+        .map(|(k, v)| if k == "user" { (k.clone(), user.clone()) } else { (k.clone(), v.clone()) })
+        .collect();
+    let mut out = BytesMut::new();
+    wire::startup(&mut out, hello.version, &params);
+    stream.write_all(&out).await.context("sending the startup message upstream")?;
+
+    let mut scram: Option<scram::Client> = None;
+    loop {
+        let frame = next(&mut reader, &mut stream).await?;
+        match frame.tag {
+            b'R' => {
+                let mut b = Body::new(frame.body());
+                let code = b.i32().context("authentication message without a code")?;
+                if code == 0 {
+                    hello.stream.write_all(&frame.bytes).await?;
+                    return Ok(Upstream { stream, reader, user });
+                }
+                match &credential {
+                    Some(c) => {
+                        let mut out = BytesMut::new();
+                        let pw = c.password.expose();
+                        match code {
+                            3 => wire::password(&mut out, pw.to_string()),
+                            5 => {
+                                let salt = b.bytes(4).context("md5 request without a salt")?;
+                                wire::password(&mut out, scram::md5_password(&c.user, pw, salt));
+                            }
+                            10 => {
+                                let mut mechs = Vec::new();
+                                while let Some(m) = b.cstr() {
+                                    if m.is_empty() {
+                                        break;
+                                    }
+                                    mechs.push(String::from_utf8_lossy(m).into_owned());
+                                }
+                                if !mechs.iter().any(|m| m == "SCRAM-SHA-256") {
+                                    bail!("the server offers SASL {mechs:?}; cordon speaks SCRAM-SHA-256");
+                                }
+                                let client = scram::Client::new(pw);
+                                wire::sasl_initial(&mut out, "SCRAM-SHA-256", client.client_first().as_bytes());
+                                scram = Some(client);
+                            }
+                            11 => {
+                                let s = scram.as_mut().context("SASLContinue before SASL")?;
+                                let fin = s.client_final(b.rest())?;
+                                wire::sasl_response(&mut out, fin.as_bytes());
+                            }
+                            12 => {
+                                let s = scram.as_ref().context("SASLFinal before SASL")?;
+                                s.verify_server_final(b.rest())?;
+                            }
+                            other => bail!("the server asks for authentication method {other}, which inject mode does not speak"),
+                        }
+                        if !out.is_empty() {
+                            stream.write_all(&out).await.context("answering the server's authentication")?;
+                        }
+                    }
+                    None => {
+                        // Passthrough: relay the challenge; wait for the answer
+                        // unless it is SASLFinal (followed by Ok or an error).
+                        if code == 10 {
+                            let mut mechs = Vec::new();
+                            while let Some(m) = b.cstr() {
+                                if m.is_empty() {
+                                    break;
+                                }
+                                let m = String::from_utf8_lossy(m).into_owned();
+                                if !m.ends_with("-PLUS") {
+                                    mechs.push(m);
+                                }
+                            }
+                            let mut out = BytesMut::new();
+                            wire::auth_sasl(&mut out, mechs);
+                            hello.stream.write_all(&out).await?;
+                        } else {
+                            hello.stream.write_all(&frame.bytes).await?;
+                        }
+                        if code != 12 {
+                            let answer = next(&mut hello.reader, &mut hello.stream).await?;
+                            if answer.tag != b'p' {
+                                bail!("expected the client's authentication answer, got message {:?}", answer.tag as char);
+                            }
+                            stream.write_all(&answer.bytes).await?;
+                        }
+                    }
+                }
+            }
+            b'E' => {
+                hello.stream.write_all(&frame.bytes).await.ok();
+                let e = wire::server_error(frame.body());
+                bail!("the server refused the session: {} {}: {}", e.severity, e.code, e.message);
+            }
+            // NegotiateProtocolVersion and notices go to the client as they are.
+            b'v' | b'N' => hello.stream.write_all(&frame.bytes).await?,
+            other => bail!("unexpected message {:?} from the server during authentication", other as char),
+        }
+    }
+}
+
+async fn next(reader: &mut FrameReader, stream: &mut Stream) -> Result<Frame> {
+    loop {
+        if let Some(f) = reader.next_frame()? {
+            return Ok(f);
+        }
+        if reader.fill(stream).await? == 0 {
+            bail!("the connection closed during authentication");
+        }
+    }
+}

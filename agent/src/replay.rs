@@ -1,0 +1,162 @@
+//! `cordon replay SESSION`: a session as the client saw it.
+//!
+//! With a recording (the profile had `record_results = true`) the output is
+//! the statements with their columns, rows, notices, errors and command tags,
+//! rows printed as psql's unaligned format prints them (`a|b`, NULL empty).
+//! The recording's SHA-256 is checked against the hash-chained close record
+//! first. Without a recording it is the statements, row counts and errors
+//! from the audit log.
+
+use std::{
+    fmt::Write as _,
+    fs::File,
+    io::{BufRead, BufReader, Read},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::audit::{self, Record};
+
+pub fn replay(audit_dir: &Path, session: &str) -> Result<String> {
+    let records: Vec<Record> =
+        audit::read_all(audit_dir)?.into_iter().filter(|r| r.session.as_deref() == Some(session)).collect();
+    let Some(open) = records.iter().find(|r| r.event == "open") else {
+        bail!("no session {session:?} in {} (see `cordon sessions list`)", audit_dir.display());
+    };
+    let mut out = String::new();
+    header(&mut out, session, open, records.iter().find(|r| r.event == "close"));
+    let recording = records
+        .iter()
+        .find(|r| r.event == "close")
+        .and_then(|c| c.fields.get("recording"))
+        .and_then(|r| Some((r.get("path")?.as_str()?.to_string(), r.get("sha256")?.as_str()?.to_string())));
+    match recording {
+        Some((path, sha)) => from_recording(&mut out, Path::new(&path), &sha)?,
+        None => from_audit(&mut out, &records),
+    }
+    Ok(out)
+}
+
+fn header(out: &mut String, session: &str, open: &Record, close: Option<&Record>) {
+    let w = open.fields.get("workload").cloned().unwrap_or(Value::Null);
+    let s = |k: &str| w.get(k).map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string)).unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "-- session {session} at {}: cgroup {} pid {} uid {} ({}) comm {} -> {}",
+        open.ts,
+        s("cgroup"),
+        s("pid"),
+        s("uid"),
+        s("user"),
+        s("comm"),
+        open.fields.get("destination").and_then(Value::as_str).unwrap_or("?"),
+    );
+    if let Some(c) = close {
+        let f = |k: &str| c.fields.get(k).map(ToString::to_string).unwrap_or_default();
+        let _ = writeln!(out, "-- ended {}: {} ({} statements, {} ms)", c.ts, f("outcome"), f("statements"), f("duration_ms"));
+    }
+}
+
+fn from_recording(out: &mut String, path: &Path, sha: &str) -> Result<()> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .with_context(|| format!("opening the recording {}", path.display()))?
+        .read_to_end(&mut bytes)?;
+    let got = hex::encode(Sha256::digest(&bytes));
+    if got != sha {
+        bail!("the recording {} does not match the hash in the audit log: it was altered", path.display());
+    }
+    for line in BufReader::new(bytes.as_slice()).lines() {
+        let ev: Value = serde_json::from_str(&line?).context("a recording line does not parse")?;
+        let get = |k: &str| ev.get(k).cloned().unwrap_or(Value::Null);
+        match ev.get("ev").and_then(Value::as_str).unwrap_or("") {
+            "query" => {
+                let _ = writeln!(out, "=> {}", get("text").as_str().unwrap_or(""));
+            }
+            "columns" => {
+                let names: Vec<String> = get("names")
+                    .as_array()
+                    .map(|a| a.iter().map(|n| n.as_str().unwrap_or("").to_string()).collect())
+                    .unwrap_or_default();
+                let _ = writeln!(out, "{}", names.join("|"));
+            }
+            "row" => {
+                let values: Vec<String> = get("values")
+                    .as_array()
+                    .map(|a| a.iter().map(|v| v.as_str().unwrap_or("").to_string()).collect())
+                    .unwrap_or_default();
+                let _ = writeln!(out, "{}", values.join("|"));
+            }
+            "end" => {
+                let o = get("outcome");
+                let tags: Vec<String> = o
+                    .get("tags")
+                    .and_then(Value::as_array)
+                    .map(|a| a.iter().filter_map(|t| t.as_str()).filter(|t| !t.is_empty()).map(str::to_string).collect())
+                    .unwrap_or_default();
+                let mut line = format!("-- {}", if tags.is_empty() { "(no result)".to_string() } else { tags.join(", ") });
+                if o.get("skipped").and_then(Value::as_bool) == Some(true) {
+                    line.push_str(" (skipped: an earlier error aborted the pipeline)");
+                }
+                let _ = writeln!(out, "{line}");
+            }
+            "error" | "notice" => {
+                let _ = writeln!(
+                    out,
+                    "{}:  {}: {}",
+                    get("severity").as_str().unwrap_or("?"),
+                    get("code").as_str().unwrap_or(""),
+                    get("message").as_str().unwrap_or("")
+                );
+            }
+            "notification" => {
+                let _ = writeln!(
+                    out,
+                    "Asynchronous notification \"{}\" with payload \"{}\" received from server process with PID {}.",
+                    get("channel").as_str().unwrap_or(""),
+                    get("payload").as_str().unwrap_or(""),
+                    get("pid")
+                );
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn from_audit(out: &mut String, records: &[Record]) {
+    let _ = writeln!(out, "-- (no result recording for this session: statements and outcomes from the audit log)");
+    for r in records {
+        match r.event.as_str() {
+            "statement" => {
+                let _ = writeln!(out, "=> {}", r.fields.get("text").and_then(Value::as_str).unwrap_or(""));
+                if let Some(p) = r.fields.get("params") {
+                    let _ = writeln!(out, "-- params: {p}");
+                }
+            }
+            "statement_end" => {
+                let o = r.fields.get("outcome").cloned().unwrap_or(Value::Null);
+                if let Some(e) = o.get("error") {
+                    let _ = writeln!(
+                        out,
+                        "{}:  {}: {}",
+                        e.get("severity").and_then(Value::as_str).unwrap_or("ERROR"),
+                        e.get("code").and_then(Value::as_str).unwrap_or(""),
+                        e.get("message").and_then(Value::as_str).unwrap_or("")
+                    );
+                }
+                let tags = o.get("tags").map(ToString::to_string).unwrap_or_default();
+                let _ = writeln!(out, "-- {tags} rows={}", o.get("rows").map(ToString::to_string).unwrap_or_default());
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The recordings directory for a state directory.
+pub fn recordings_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("recordings")
+}

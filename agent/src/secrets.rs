@@ -1,0 +1,128 @@
+//! Upstream credentials, from a root-only secrets file.
+//!
+//! ```toml
+//! [credentials.orders-app]
+//! user = "app"
+//! password = "…"            # or password_file = "/etc/cordon/orders.pw"
+//!                           # or password_env = "ORDERS_PW"
+//! ```
+//!
+//! The file must belong to root (or the agent's user) and be unreadable by
+//! group and others. Passwords live in [`Secret`], whose Debug and Display
+//! never show the value, so they cannot reach a log or an audit record.
+
+use std::{collections::BTreeMap, fmt, os::unix::fs::MetadataExt, path::Path};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub user: String,
+    pub password: Secret,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Secrets {
+    pub credentials: BTreeMap<String, Credential>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    credentials: BTreeMap<String, RawCredential>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredential {
+    user: String,
+    password: Option<String>,
+    password_file: Option<String>,
+    password_env: Option<String>,
+}
+
+impl Secrets {
+    pub fn load(path: &Path) -> Result<Self> {
+        let meta = std::fs::metadata(path).with_context(|| format!("reading the secrets file {}", path.display()))?;
+        check_private(path, &meta)?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let raw: RawFile = toml::from_str(&text).map_err(|e| {
+            let line = e.span().map(|s| text.get(..s.start).unwrap_or("").matches('\n').count() + 1).unwrap_or(0);
+            // toml's message can quote the offending value: keep only its
+            // first line, which names the problem, not the secret.
+            let msg = e.message().lines().next().unwrap_or("syntax error").to_string();
+            anyhow::anyhow!("{}:{line}: {msg}", path.display())
+        })?;
+        let mut credentials = BTreeMap::new();
+        for (name, c) in raw.credentials {
+            let password = match (c.password, c.password_file, c.password_env) {
+                (Some(p), None, None) => p,
+                (None, Some(f), None) => {
+                    let fp = Path::new(&f);
+                    let m = std::fs::metadata(fp).with_context(|| format!("credentials.{name}.password_file {f}"))?;
+                    check_private(fp, &m)?;
+                    std::fs::read_to_string(fp)
+                        .with_context(|| format!("reading credentials.{name}.password_file {f}"))?
+                        .trim_end_matches(['\n', '\r'])
+                        .to_string()
+                }
+                (None, None, Some(v)) => std::env::var(&v)
+                    .with_context(|| format!("credentials.{name}.password_env: ${v} is not set in the agent's environment"))?,
+                _ => bail!(
+                    "{}: credentials.{name}: give exactly one of password, password_file, password_env",
+                    path.display()
+                ),
+            };
+            credentials.insert(name, Credential { user: c.user, password: Secret(password) });
+        }
+        Ok(Self { credentials })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Credential> {
+        self.credentials.get(name)
+    }
+}
+
+fn check_private(path: &Path, meta: &std::fs::Metadata) -> Result<()> {
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != 0 && meta.uid() != me {
+        bail!("{} must be owned by root (it holds credentials); it is owned by uid {}", path.display(), meta.uid());
+    }
+    if meta.mode() & 0o077 != 0 {
+        bail!(
+            "{} is readable by group or others (mode {:o}); run `chmod 600 {}`",
+            path.display(),
+            meta.mode() & 0o777,
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[path = "tests/secrets.rs"]
+mod tests;
