@@ -107,22 +107,62 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// The Python with psycopg that `cargo xtask setup` installs.
+pub const TEST_PYTHON: &str = "/opt/cordon-test-venv/bin/python3";
+
+/// A copy of a file in a world-readable temporary directory, so a workload
+/// running as `nobody` can execute it wherever the checkout lives.
+pub fn workload_copy(path: &Path) -> Result<(tempfile::TempDir, PathBuf)> {
+    let dir = tempfile::Builder::new().prefix("cordon-bin-").tempdir()?;
+    fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let to = dir.path().join(path.file_name().context("no file name")?);
+    fs::copy(path, &to)?;
+    fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    Ok((dir, to))
+}
+
+/// Write a script into a world-readable temporary file.
+pub fn workload_script(name: &str, body: &str) -> Result<(tempfile::TempDir, PathBuf)> {
+    let dir = tempfile::Builder::new().prefix("cordon-script-").tempdir()?;
+    fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let to = dir.path().join(name);
+    fs::write(&to, body)?;
+    fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    Ok((dir, to))
+}
+
 /// The unprivileged user workloads run as.
 pub const WORKLOAD_UID: u32 = 65534;
 pub const WORKLOAD_GID: u32 = 65534;
 
 // ---------------------------------------------------------------------------
 
-/// A throwaway PostgreSQL server (trust auth) on loopback addresses.
+/// A throwaway PostgreSQL server on loopback addresses.
 pub struct Postgres {
     pub dir: tempfile::TempDir,
     pub port: u16,
     pub hosts: Vec<String>,
+    /// CA that signed the server certificate (secure servers).
+    pub ca_file: Option<PathBuf>,
 }
 
+/// Passwords of the roles a secure server has; tests grep for them.
+pub const APP_PASSWORD: &str = "app-Secret-7f3e91c2";
+pub const LEGACY_PASSWORD: &str = "legacy-Secret-0b8d4a6e";
+
 impl Postgres {
-    /// `hosts` such as ["127.0.0.2"] or ["127.0.0.2", "::1"].
+    /// Trust authentication: for tests of the transport, not of auth.
     pub fn start(hosts: &[&str], port: u16) -> Result<Self> {
+        Self::start_with(hosts, port, false)
+    }
+
+    /// TLS required and SCRAM-SHA-256 (role `app`) or md5 (role `legacy`)
+    /// for every TCP connection; trust only on the unix socket (admin).
+    pub fn start_secure(hosts: &[&str], port: u16) -> Result<Self> {
+        Self::start_with(hosts, port, true)
+    }
+
+    fn start_with(hosts: &[&str], port: u16, secure: bool) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("cordon-pg-").tempdir()?;
         let (uid, gid) = postgres_user()?;
         nix::unistd::chown(dir.path(), Some(uid.into()), Some(gid.into()))?;
@@ -137,11 +177,35 @@ impl Postgres {
         if !out.status.success() {
             bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         }
-        let conf = format!(
+        let mut conf = format!(
             "listen_addresses = '{}'\nport = {port}\nunix_socket_directories = '{}'\nfsync = off\nmax_connections = 100\n",
             hosts.join(","),
             dir.path().display()
         );
+        let mut ca_file = None;
+        if secure {
+            let (ca_pem, cert_pem, key_pem) = server_certificates(hosts)?;
+            let ca = dir.path().join("ca.crt");
+            fs::write(&ca, ca_pem)?;
+            fs::write(data.join("server.crt"), cert_pem)?;
+            fs::write(data.join("server.key"), key_pem)?;
+            for f in ["server.crt", "server.key"] {
+                nix::unistd::chown(&data.join(f), Some(uid.into()), Some(gid.into()))?;
+                fs::set_permissions(data.join(f), std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            }
+            conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+            fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\n\
+                 hostssl all legacy 127.0.0.0/8 md5\n\
+                 hostssl all legacy ::1/128 md5\n\
+                 hostssl all all 127.0.0.0/8 scram-sha-256\n\
+                 hostssl all all ::1/128 scram-sha-256\n\
+                 host all all 0.0.0.0/0 reject\n\
+                 host all all ::/0 reject\n",
+            )?;
+            ca_file = Some(ca);
+        }
         fs::OpenOptions::new()
             .append(true)
             .open(data.join("postgresql.conf"))
@@ -161,7 +225,15 @@ impl Postgres {
                 fs::read_to_string(&log).unwrap_or_default()
             );
         }
-        Ok(Self { dir, port, hosts: hosts.iter().map(|h| h.to_string()).collect() })
+        let pg = Self { dir, port, hosts: hosts.iter().map(|h| h.to_string()).collect(), ca_file };
+        if secure {
+            pg.admin_sql(&format!(
+                "create role app login password '{APP_PASSWORD}'; \
+                 set password_encryption = 'md5'; create role legacy login password '{LEGACY_PASSWORD}'; \
+                 grant all on schema public to app, legacy"
+            ))?;
+        }
+        Ok(pg)
     }
 
     /// Run SQL as the superuser over the unix socket (never intercepted).
@@ -191,6 +263,25 @@ impl Drop for Postgres {
             .status();
         }
     }
+}
+
+/// A CA and a server certificate for the given IP addresses, as PEM.
+fn server_certificates(hosts: &[&str]) -> Result<(String, String, String)> {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "cordon test CA");
+    let ca_key = rcgen::KeyPair::generate()?;
+    let ca = ca_params.self_signed(&ca_key)?;
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()])?;
+    for h in hosts {
+        if let Ok(ip) = h.parse::<std::net::IpAddr>() {
+            params.subject_alt_names.push(rcgen::SanType::IpAddress(ip));
+        }
+    }
+    let key = rcgen::KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok((ca.pem(), cert.pem(), key.serialize_pem()))
 }
 
 fn postgres_user() -> Result<(u32, u32)> {
@@ -335,6 +426,7 @@ impl Agent {
             dir,
         };
         agent.write_policy(body)?;
+        agent.write_secrets()?;
         Ok(agent)
     }
 
@@ -358,10 +450,24 @@ impl Agent {
         format!(
             "[agent]\nlisten = \"127.0.0.1:{port}\"\nlisten6 = \"[::1]:{port}\"\nstate_dir = \"{d}/state\"\n\
              control_socket = \"{d}/run/control.sock\"\nbpffs_dir = \"{}\"\nagent_cgroup = \"cordon-test.agent\"\n\
-             rescan_interval_ms = 200\n\n",
+             rescan_interval_ms = 200\nsecrets_file = \"{d}/secrets.toml\"\n\n",
             self.bpffs_dir.display(),
             port = self.port,
         )
+    }
+
+    /// Root-only secrets file with the secure server's roles.
+    fn write_secrets(&self) -> Result<()> {
+        let path = self.dir.path().join("secrets.toml");
+        fs::write(
+            &path,
+            format!(
+                "[credentials.app]\nuser = \"app\"\npassword = \"{APP_PASSWORD}\"\n\n\
+                 [credentials.legacy]\nuser = \"legacy\"\npassword = \"{LEGACY_PASSWORD}\"\n"
+            ),
+        )?;
+        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        Ok(())
     }
 
     pub fn write_policy(&self, body: &str) -> Result<()> {

@@ -14,16 +14,44 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("postgresql-15", "PostgreSQL server binaries for throwaway test servers"),
     ("postgresql-client-15", "psql"),
     ("python3", "workload scripts in the tests"),
+    ("python3-venv", "a venv for psycopg that unprivileged workloads can run"),
     ("iproute2", "network tools"),
     ("systemd", "systemd-analyze, to verify the unit file"),
     ("vagrant", "`vagrant validate`, to check vagrant/Vagrantfile (no VM is started)"),
 ];
 
+/// Python clients the end-to-end tests drive, in a venv every user can
+/// read (workloads run as `nobody`).
+pub const TEST_VENV: &str = "/opt/cordon-test-venv";
+const PIP_PACKAGES: &[&str] = &["psycopg[binary]>=3.1,<3.4"];
+
 pub fn run() -> Result<()> {
     rust_nightly()?;
     apt()?;
     bpf_linker()?;
+    if is_root() {
+        python_clients()?;
+    }
     Ok(())
+}
+
+fn python_clients() -> Result<()> {
+    let py = format!("{TEST_VENV}/bin/python3");
+    let usable = Command::new("runuser")
+        .args(["-u", "nobody", "--", &py, "-c", "import psycopg"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if usable {
+        return Ok(());
+    }
+    say(&format!("creating {TEST_VENV} with psycopg from PyPI (a real client for the end-to-end tests)"));
+    // Debian's interpreter, not one under /root: workloads run as nobody.
+    let _ = std::fs::remove_dir_all(TEST_VENV);
+    util::run("/usr/bin/python3", &["-m", "venv", TEST_VENV])?;
+    let mut args = vec!["-m", "pip", "install", "--quiet", "--disable-pip-version-check"];
+    args.extend(PIP_PACKAGES);
+    util::run(&py, &args)?;
+    util::run("chmod", &["-R", "a+rX", TEST_VENV])
 }
 
 fn rust_nightly() -> Result<()> {
