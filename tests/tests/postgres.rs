@@ -25,7 +25,8 @@ struct Setup {
     agent: Agent,
 }
 
-/// A secure server, a tagged cgroup, and cordon injecting `credentials`.
+/// A secure server, a tagged cgroup, and cordon injecting `credentials`
+/// ("" = passthrough: the client's own login is relayed).
 fn setup(test: &str, credentials: &str, extra_profile: &str) -> Setup {
     let pg = Postgres::start_secure(&["127.0.0.2"], cordon_tests::free_port()).expect("postgres");
     let name = cg_name(test);
@@ -37,7 +38,7 @@ fn setup(test: &str, credentials: &str, extra_profile: &str) -> Setup {
 name = "orders"
 protocol = "postgres"
 port = {port}
-credentials = "{credentials}"
+{auth}
 upstream_ca = "{ca}"
 
 [profiles.ci]
@@ -50,6 +51,11 @@ profile = "ci"
 "#,
         port = pg.port,
         ca = ca.display(),
+        auth = if credentials.is_empty() {
+            "auth = \"passthrough\"".to_string()
+        } else {
+            format!("credentials = \"{credentials}\"")
+        },
     );
     let mut agent = Agent::new(&body).expect("agent");
     agent.start().expect("agent start");
@@ -389,4 +395,81 @@ except OSError as e:
     assert_eq!(errors.len(), 3, "each bad session closed with a reason: {closes:?}");
     assert!(errors.iter().any(|c| c["error"].as_str().is_some_and(|e| e.contains("limit"))), "{errors:?}");
     assert!(closes.iter().any(|c| c["outcome"] == "closed"), "the steady session closed normally");
+}
+
+#[test]
+fn tokio_postgres_text_and_binary_results() {
+    require_e2e!();
+    let s = setup("tokio", "app", "");
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_cordon-pgclient"));
+    let (_d, bin) = cordon_tests::workload_copy(bin).unwrap();
+    let conninfo = format!("host=127.0.0.2 port={} user=anyone dbname=postgres", s.pg.port);
+    let out = s.cg.command(bin.to_str().unwrap()).arg(&conninfo).output().unwrap();
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    let v: Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert_eq!(v["binary"], serde_json::json!([42, "héllo", 2.5, true, null]));
+    assert_eq!(v["text"], serde_json::json!([["1", "x"], ["2", null]]));
+    assert_eq!(v["counts"], serde_json::json!([3, 5]));
+    assert_eq!(v["inserted"], 10);
+    let ends = s.agent.audit_events("statement_end");
+    assert!(ends.iter().any(|e| e["outcome"]["tags"] == serde_json::json!(["SELECT 1", "SELECT 1"])), "multi-statement simple query: {ends:?}");
+    assert!(ends.iter().any(|e| e["outcome"]["tags"][0] == "ROLLBACK"));
+}
+
+#[test]
+fn protocol_3_2_startup_is_negotiated_and_kill_9_keeps_answered_statements() {
+    require_e2e!();
+    let mut s = setup("v32", "app", "");
+    // A 3.2 client against a 3.0 server: NegotiateProtocolVersion is
+    // forwarded, then authentication completes as usual.
+    let (_d, script) = workload_script(
+        "v32.py",
+        r#"
+import socket, struct, sys
+s = socket.create_connection(("127.0.0.2", int(sys.argv[1])), timeout=10)
+params = b"user\x00x\x00database\x00postgres\x00\x00"
+s.sendall(struct.pack("!ii", 8 + len(params), 196610) + params)
+buf = b""
+while b"Z\x00\x00\x00\x05" not in buf:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    buf += chunk
+tags = []
+i = 0
+while i + 5 <= len(buf):
+    tags.append(chr(buf[i]))
+    i += 1 + struct.unpack("!i", buf[i+1:i+5])[0]
+print("".join(t for t in tags if t in "vRKZ"))
+"#,
+    )
+    .unwrap();
+    let out = s.cg.command("python3").arg(&script).arg(s.pg.port.to_string()).output().unwrap();
+    assert_eq!(stdout(&out), "vRKZ", "{}", stderr(&out));
+
+    // A statement whose result the client received survives kill -9.
+    let conn = format!("host=127.0.0.2 port={} dbname=postgres", s.pg.port);
+    let out = psql_env(&s.cg, &conn, "select 'durable-marker-42'", &[]);
+    assert_eq!(stdout(&out), "durable-marker-42");
+    s.agent.kill();
+    let found = statements(&s.agent).iter().any(|r| r["text"] == "select 'durable-marker-42'");
+    assert!(found, "the answered statement is not in the audit after kill -9");
+    let verify = s.agent.cli(&["audit", "verify"]);
+    assert!(verify.status.success(), "{}", stderr(&verify));
+}
+
+#[test]
+fn passthrough_relays_the_clients_own_scram_login() {
+    require_e2e!();
+    let s = setup("passthrough", "", "");
+    // Plain to cordon (SCRAM channel binding cannot cross a proxy; see README).
+    let conn = format!("host=127.0.0.2 port={} user=app dbname=postgres sslmode=disable", s.pg.port);
+    let out = psql_env(&s.cg, &conn, "select current_user", &[("PGPASSWORD", APP_PASSWORD)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "app");
+    let out = psql_env(&s.cg, &conn, "select 1", &[("PGPASSWORD", "wrong")]);
+    assert!(!out.status.success(), "a wrong password must fail in passthrough mode");
+    assert!(stderr(&out).contains("password authentication failed"), "{}", stderr(&out));
+    let closes = s.agent.wait_audit("close", 2);
+    assert!(closes.iter().any(|c| c["outcome"] == "upstream_failed"), "{closes:?}");
 }
