@@ -55,7 +55,9 @@ fn header(out: &mut String, session: &str, open: &Record, close: Option<&Record>
         open.fields.get("destination").and_then(Value::as_str).unwrap_or("?"),
     );
     if let Some(c) = close {
-        let f = |k: &str| c.fields.get(k).map(ToString::to_string).unwrap_or_default();
+        let f = |k: &str| {
+            c.fields.get(k).map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string)).unwrap_or_default()
+        };
         let _ = writeln!(out, "-- ended {}: {} ({} statements, {} ms)", c.ts, f("outcome"), f("statements"), f("duration_ms"));
     }
 }

@@ -26,12 +26,24 @@ pub fn run() -> Result<()> {
     if std::net::TcpStream::connect_timeout(&(PG_HOST, PG_PORT).try_into_addr()?, Duration::from_millis(200)).is_ok() {
         bail!("something already listens on {PG_HOST}:{PG_PORT}; stop it and run the demo again");
     }
-    say(&format!("starting a throwaway PostgreSQL on {PG_HOST}:{PG_PORT}"));
-    let pg = Postgres::start(&[PG_HOST], PG_PORT)?;
+    say(&format!("starting a throwaway PostgreSQL on {PG_HOST}:{PG_PORT} that requires TLS and SCRAM-SHA-256"));
+    let pg = Postgres::start_secure(&[PG_HOST], PG_PORT)?;
     pg.admin_sql(
         "create table orders(id int primary key, customer text, total numeric); \
-                  insert into orders values (1, 'ada', 42.50), (2, 'grace', 17.00)",
+         insert into orders values (1, 'ada', 42.50), (2, 'grace', 17.00); grant select on orders to app",
     )?;
+    // The secrets file and the server's CA, where policies/demo.toml expects them.
+    let _ = std::fs::remove_dir_all("/run/cordon-demo");
+    std::fs::create_dir_all("/run/cordon-demo")?;
+    if let Some(ca) = &pg.ca_file {
+        std::fs::copy(ca, "/run/cordon-demo/ca.crt")?;
+    }
+    let secrets = Path::new("/run/cordon-demo/secrets.toml");
+    std::fs::write(
+        secrets,
+        format!("[credentials.orders-app]\nuser = \"app\"\npassword = \"{}\"\n", cordon_tests::APP_PASSWORD),
+    )?;
+    std::fs::set_permissions(secrets, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
 
     say(&format!("starting cordon with {}", policy.display()));
     let mut agent = Agent::with_config(
@@ -40,7 +52,6 @@ pub fn run() -> Result<()> {
         Path::new("/sys/fs/bpf/cordon-demo"),
         7431,
     )?;
-    let _ = std::fs::remove_dir_all("/run/cordon-demo");
     agent.start()?;
     print_section("cordon log", &agent.log_text());
 
@@ -48,9 +59,9 @@ pub fn run() -> Result<()> {
     wait_tagged(&agent, &ci.rel)?;
     print_section("cordon tags", &stdout(&agent.cli(&["tags"])));
 
-    say("running psql as user `nobody` in the tagged cgroup cordon-demo/ci-job-1, against the database's normal address");
+    say("running psql as user `nobody`, with no password, in the tagged cgroup cordon-demo/ci-job-1, against the database's normal address");
     let query = "select id, customer, total from orders order by id";
-    let cmdline = format!("psql -h {PG_HOST} -p {PG_PORT} -U postgres -c '{query}'");
+    let cmdline = format!("psql -h {PG_HOST} -p {PG_PORT} -U postgres -c '{query}'   # no password");
     let out = psql(Some(&ci), PG_HOST, PG_PORT, query);
     if !out.status.success() {
         bail!("psql failed: {}\n{}", stderr(&out), agent.log_text());
@@ -59,9 +70,13 @@ pub fn run() -> Result<()> {
 
     let untagged = Cgroup::create("cordon-demo/adhoc")?;
     let out = psql(Some(&untagged), PG_HOST, PG_PORT, "select count(*) from orders");
-    if !out.status.success() {
-        bail!("untagged psql failed: {}", stderr(&out));
+    if out.status.success() {
+        bail!("the untagged psql got in without a password: the server is not requiring one");
     }
+    print_section(
+        "$ the same psql from the untagged cgroup cordon-demo/adhoc (direct to the server)",
+        &stderr(&out),
+    );
     agent.wait_audit("close", 1);
     let Some(open) = agent.audit_events("open").into_iter().next() else {
         bail!("no audit record: the query did not go through cordon\n{}", agent.log_text());
@@ -69,12 +84,18 @@ pub fn run() -> Result<()> {
     if agent.audit_events("open").len() != 1 {
         bail!("expected exactly one intercepted session, got {:?}", agent.audit_events("open"));
     }
-    say("the same psql from the untagged cgroup cordon-demo/adhoc went direct: it left no audit record");
+    say("the untagged psql went direct: the server wanted a password the job does not have, and cordon recorded nothing");
     print_section("cordon sessions list", &stdout(&agent.cli(&["sessions", "list"])));
+    let session = open["session"].as_str().unwrap_or_default().to_string();
+    print_section(&format!("cordon replay {session}"), &stdout(&agent.cli(&["replay", &session])));
+    print_section("cordon audit verify", &stdout(&agent.cli(&["audit", "verify"])));
     print_section(
-        "the audit record of the session (JSON Lines, fsync'd)",
+        "the session's open record (hash-chained JSON Lines, fsync'd)",
         &serde_json::to_string_pretty(&open).context("formatting")?,
     );
+    if let Some(stmt) = agent.audit_events("statement").into_iter().next() {
+        print_section("its statement record", &serde_json::to_string_pretty(&stmt).context("formatting")?);
+    }
 
     say("cleaning up: stopping cordon, detaching its programs, stopping PostgreSQL");
     agent.stop();
