@@ -15,6 +15,7 @@
 //! - [`SessionPipeline::finish`]: rows, timing, error → `statement_end`.
 //! - [`SessionPipeline::notice`]: notices and notifications, for replay.
 
+pub mod detect;
 pub mod fingerprint;
 pub mod params;
 pub mod recorder;

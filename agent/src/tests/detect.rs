@@ -1,0 +1,99 @@
+//! Unit tests for `pipeline/detect.rs`, with the hard negatives of
+//! shared/anchors/pii.md: ids that pass Luhn, UUIDs, hashes, invalid SSNs,
+//! bad-checksum IBANs, AKIA…EXAMPLE, public keys.
+use super::*;
+
+fn kinds(s: &str) -> Vec<Kind> {
+    scan(s, Context::default()).into_iter().map(|f| f.kind).collect()
+}
+
+fn spans(s: &str) -> Vec<(Kind, &str)> {
+    scan(s, Context::default()).into_iter().map(|f| (f.kind, &s[f.start..f.end])).collect()
+}
+
+#[test]
+fn cards() {
+    assert_eq!(kinds("4111111111111111"), [Kind::Card]);
+    assert_eq!(spans("paid with 4111 1111 1111 1111 today"), [(Kind::Card, "4111 1111 1111 1111")]);
+    assert_eq!(kinds("5500-0000-0000-0004"), [Kind::Card]);
+    assert_eq!(kinds("378282246310005"), [Kind::Card]); // Amex
+    // Luhn fails.
+    assert!(kinds("4111111111111112").is_empty());
+    // Passes Luhn, but no card brand starts with 9 or 1.
+    assert!(kinds("9000000000000007").is_empty());
+    assert!(kinds("1000000000000008").is_empty());
+    // A 16-digit id that passes Luhn and looks like a Visa, in an id column.
+    let id_ctx = Context::from_column("order_id");
+    assert!(scan("4111111111111111", id_ctx).is_empty());
+    // …but grouped like a card it is one anywhere.
+    assert_eq!(scan("4111 1111 1111 1111", id_ctx).len(), 1);
+    assert!(Context::from_column("card_number").card_like);
+}
+
+#[test]
+fn ssns() {
+    assert_eq!(spans("ssn 123-45-6789."), [(Kind::Ssn, "123-45-6789")]);
+    for bad in ["000-12-3456", "666-12-3456", "900-12-3456", "123-00-4567", "123-45-0000", "123456789"] {
+        assert!(kinds(bad).is_empty(), "{bad} is not an SSN");
+    }
+}
+
+#[test]
+fn ibans() {
+    assert_eq!(kinds("DE89370400440532013000"), [Kind::Iban]);
+    assert_eq!(spans("pay GB82 WEST 1234 5698 7654 32 now"), [(Kind::Iban, "GB82 WEST 1234 5698 7654 32")]);
+    assert!(kinds("DE89370400440532013001").is_empty(), "bad checksum");
+    assert!(kinds("XX89370400440532013000").is_empty(), "unknown country");
+}
+
+#[test]
+fn emails_phones_ips() {
+    assert_eq!(spans("mail ada@example.com."), [(Kind::Email, "ada@example.com")]);
+    assert!(kinds("user@localhost").is_empty());
+    assert!(kinds("@handle").is_empty());
+    assert_eq!(spans("call +44 20 7946 0958"), [(Kind::Phone, "+44 20 7946 0958")]);
+    assert_eq!(kinds("(415) 555-0132"), [Kind::Phone]);
+    assert!(kinds("2024-01-15").is_empty(), "a date is not a phone");
+    assert_eq!(spans("from 10.1.2.3 ok"), [(Kind::Ipv4, "10.1.2.3")]);
+    assert!(kinds("version 1.2.3.4.5").is_empty());
+    assert!(kinds("999.1.1.1").is_empty());
+    assert_eq!(spans("host fe80::1ff:fe23:4567:890a up"), [(Kind::Ipv6, "fe80::1ff:fe23:4567:890a")]);
+    assert!(kinds("at 12:30:00").is_empty());
+}
+
+#[test]
+fn secrets() {
+    assert_eq!(kinds("key AKIAZ7VRSQ5TQ2LJ4X3B"), [Kind::AwsKey]);
+    assert!(kinds("AKIAIOSFODNN7EXAMPLE").is_empty(), "AWS's documentation key");
+    assert_eq!(kinds("ghp_1234567890abcdefghijklmnopqrstuvwxyz"), [Kind::GithubToken]);
+    let jwt = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0In0.c2lnbmF0dXJl";
+    assert_eq!(kinds(&format!("Bearer {jwt}")), [Kind::Jwt]);
+    assert!(kinds("eyJub3QiOiJqd3QifQ.eyJ4IjoxfQ.c2ln").is_empty(), "header without alg");
+    let key = "-----BEGIN RSA PRIVATE KEY-----\nMIIEow\n-----END RSA PRIVATE KEY-----";
+    assert_eq!(spans(&format!("x {key} y")), [(Kind::PrivateKey, key)]);
+    assert!(kinds("-----BEGIN PUBLIC KEY-----\nMIIB\n-----END PUBLIC KEY-----").is_empty());
+    assert!(kinds("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----").is_empty());
+}
+
+#[test]
+fn hard_negatives_stay_quiet() {
+    for s in [
+        "550e8400-e29b-41d4-a716-446655440000",
+        "d41d8cd98f00b204e9800998ecf8427e",
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+        "order 12345 shipped",
+        "3.14159265358979",
+        "2026-11-21T23:35:46.123456Z",
+        "",
+        "plain words only",
+    ] {
+        assert!(kinds(s).is_empty(), "{s:?} → {:?}", kinds(s));
+    }
+}
+
+#[test]
+fn never_panics_on_odd_input() {
+    for s in ["+", "(", "4", "@", "eyJ", "-----BEGIN ", "AKIA", "::", "1.", "+(", "é@é.é", "DE89 ", "ghp_"] {
+        let _ = scan(s, Context::default());
+    }
+}
