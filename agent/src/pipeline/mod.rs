@@ -15,8 +15,11 @@
 //! - [`SessionPipeline::finish`]: rows, timing, error → `statement_end`.
 //! - [`SessionPipeline::notice`]: notices and notifications, for replay.
 
+pub mod classify;
 pub mod detect;
 pub mod fingerprint;
+pub mod guard;
+pub mod mask;
 pub mod params;
 pub mod recorder;
 

@@ -1,0 +1,309 @@
+//! Guardrails: rules on what a statement does, decided from facts a
+//! protocol's parser extracted (the PostgreSQL grammar today, via
+//! libpg_query). A parse failure is a deny: what cordon cannot read, it
+//! does not let through.
+
+use serde::Serialize;
+
+use super::Verdict;
+
+/// A table a statement touches.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct TableRef {
+    pub schema: Option<String>,
+    pub name: String,
+}
+
+impl std::fmt::Display for TableRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.schema {
+            Some(s) => write!(f, "{s}.{}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyTarget {
+    Client,
+    Program,
+    File,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StmtKind {
+    Read,
+    Write,
+    /// Schema changes and other utility commands that alter the database
+    /// (CREATE, ALTER, DROP, TRUNCATE, GRANT, …), named by command.
+    Ddl { command: String },
+    /// COPY … TO: data leaving the database.
+    CopyOut { to: CopyTarget },
+    /// COPY … FROM.
+    CopyIn { from: CopyTarget },
+    /// An anonymous code block: statements inside are invisible to the parser.
+    Do,
+    /// Session and transaction control, LISTEN/NOTIFY, SET, SHOW…
+    Control,
+}
+
+/// What one statement does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StmtFacts {
+    pub kind: StmtKind,
+    /// UPDATE or DELETE with no WHERE.
+    pub unbounded_write: bool,
+    /// Tables read.
+    pub reads: Vec<TableRef>,
+    /// Tables written, with the columns named (None = every column).
+    pub writes: Vec<(TableRef, Option<Vec<String>>)>,
+    /// Functions called anywhere in it (lower case, schema dropped).
+    pub functions: Vec<String>,
+}
+
+/// What a profile does when a rule fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Allow,
+    Deny,
+    /// Needs a human's approval (not wired yet: behaves as deny, and says so).
+    Approve,
+}
+
+impl std::str::FromStr for Outcome {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "allow" => Ok(Self::Allow),
+            "deny" => Ok(Self::Deny),
+            "approve" => Ok(Self::Approve),
+            o => Err(format!("unknown outcome {o:?}; use \"allow\", \"deny\" or \"approve\"")),
+        }
+    }
+}
+
+pub const DEFAULT_DANGEROUS_FUNCTIONS: &[&str] = &[
+    "pg_read_file",
+    "pg_read_binary_file",
+    "pg_ls_dir",
+    "pg_stat_file",
+    "lo_import",
+    "lo_export",
+    "lo_from_bytea",
+    "dblink",
+    "dblink_exec",
+    "dblink_connect",
+    "pg_terminate_backend",
+    "pg_cancel_backend",
+    "pg_reload_conf",
+    "pg_rotate_logfile",
+    "set_config",
+    "pg_file_write",
+    "pg_execute_server_program",
+    "query_to_xml",
+    "pg_logical_emit_message",
+];
+
+/// A profile's guardrails. Every rule defaults to deny.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Guardrails {
+    pub ddl: Outcome,
+    pub unbounded_write: Outcome,
+    pub copy_out: Outcome,
+    /// COPY out of tables whose label (or a column's) is at least this.
+    pub copy_out_min_label: usize,
+    pub restricted_read: Outcome,
+    pub restricted_read_min_label: usize,
+    pub labeled_write: Outcome,
+    /// Writes to columns labeled at least this.
+    pub labeled_write_min_label: usize,
+    pub dangerous_functions: Outcome,
+    pub functions: Vec<String>,
+    pub do_block: Outcome,
+}
+
+impl Guardrails {
+    /// The defaults for a label scale with `highest` as its top rank.
+    pub fn defaults(highest: usize) -> Self {
+        Self {
+            ddl: Outcome::Deny,
+            unbounded_write: Outcome::Deny,
+            copy_out: Outcome::Deny,
+            copy_out_min_label: highest.saturating_sub(1).max(1).min(highest),
+            restricted_read: Outcome::Deny,
+            restricted_read_min_label: highest,
+            labeled_write: Outcome::Deny,
+            labeled_write_min_label: 1.min(highest),
+            dangerous_functions: Outcome::Deny,
+            functions: DEFAULT_DANGEROUS_FUNCTIONS.iter().map(|s| s.to_string()).collect(),
+            do_block: Outcome::Deny,
+        }
+    }
+}
+
+/// Labels the guardrails need, looked up by the adapter (from the policy
+/// catalog and the database's own).
+pub trait LabelLookup {
+    /// The table's own label.
+    fn table_label(&self, t: &TableRef) -> Option<usize>;
+    /// (column, label) for the labeled columns of a table.
+    fn column_labels(&self, t: &TableRef) -> Vec<(String, usize)>;
+    fn label_name(&self, rank: usize) -> String;
+}
+
+fn fire(outcome: Outcome, rule: &str, message: String) -> Option<Verdict> {
+    match outcome {
+        Outcome::Allow => None,
+        Outcome::Deny => Some(Verdict::Deny { rule: rule.to_string(), message }),
+        Outcome::Approve => Some(Verdict::Deny {
+            rule: rule.to_string(),
+            message: format!("{message}; it needs a human's approval, and approvals are not available yet, so it is denied"),
+        }),
+    }
+}
+
+/// The first rule a statement breaks, over every statement of the query.
+pub fn check(g: &Guardrails, stmts: &[StmtFacts], labels: &dyn LabelLookup) -> Verdict {
+    for s in stmts {
+        if let Some(v) = check_one(g, s, labels) {
+            return v;
+        }
+    }
+    Verdict::Allow
+}
+
+fn check_one(g: &Guardrails, s: &StmtFacts, labels: &dyn LabelLookup) -> Option<Verdict> {
+    match &s.kind {
+        StmtKind::Ddl { command } => {
+            if let Some(v) = fire(g.ddl, "ddl", format!("{command} changes the schema, which this profile does not allow")) {
+                return Some(v);
+            }
+        }
+        StmtKind::Do => {
+            if let Some(v) = fire(g.do_block, "do_block", "DO blocks run code the guardrails cannot inspect".into()) {
+                return Some(v);
+            }
+        }
+        StmtKind::CopyOut { to } => {
+            if *to != CopyTarget::Client {
+                let what = if *to == CopyTarget::Program { "a program" } else { "a server file" };
+                if let Some(v) = fire(g.copy_out, "copy_out", format!("COPY to {what} is not allowed")) {
+                    return Some(v);
+                }
+            }
+            for t in &s.reads {
+                let top = labels
+                    .table_label(t)
+                    .into_iter()
+                    .chain(labels.column_labels(t).into_iter().map(|(_, l)| l))
+                    .max();
+                if let Some(l) = top.filter(|l| *l >= g.copy_out_min_label) {
+                    let msg = format!("COPY of {t}, which holds {} data, out of the database", labels.label_name(l));
+                    if let Some(v) = fire(g.copy_out, "copy_out", msg) {
+                        return Some(v);
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    if s.unbounded_write {
+        let what = if matches!(s.kind, StmtKind::Write) { "UPDATE or DELETE" } else { "this statement" };
+        if let Some(v) = fire(g.unbounded_write, "unbounded_write", format!("{what} without WHERE would touch every row")) {
+            return Some(v);
+        }
+    }
+    for f in &s.functions {
+        if g.functions.iter().any(|d| d == f) {
+            if let Some(v) = fire(g.dangerous_functions, "dangerous_function", format!("function {f}() is not allowed")) {
+                return Some(v);
+            }
+        }
+    }
+    for t in &s.reads {
+        if let Some(l) = labels.table_label(t).filter(|l| *l >= g.restricted_read_min_label) {
+            let msg = format!("{t} is labeled {}; this profile may not read it", labels.label_name(l));
+            if let Some(v) = fire(g.restricted_read, "restricted_read", msg) {
+                return Some(v);
+            }
+        }
+    }
+    for (t, cols) in &s.writes {
+        for (col, l) in labels.column_labels(t) {
+            let named = cols.as_ref().is_none_or(|c| c.iter().any(|c| c.eq_ignore_ascii_case(&col)));
+            if named && l >= g.labeled_write_min_label {
+                let msg = format!("writing {t}.{col}, labeled {}, is not allowed", labels.label_name(l));
+                if let Some(v) = fire(g.labeled_write, "labeled_write", msg) {
+                    return Some(v);
+                }
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct L;
+    impl LabelLookup for L {
+        fn table_label(&self, t: &TableRef) -> Option<usize> {
+            (t.name == "salaries").then_some(3)
+        }
+        fn column_labels(&self, t: &TableRef) -> Vec<(String, usize)> {
+            if t.name == "customers" {
+                vec![("ssn".into(), 3), ("email".into(), 2)]
+            } else {
+                vec![]
+            }
+        }
+        fn label_name(&self, rank: usize) -> String {
+            ["public", "internal", "confidential", "restricted"].get(rank).unwrap_or(&"?").to_string()
+        }
+    }
+
+    fn facts(kind: StmtKind) -> StmtFacts {
+        StmtFacts { kind, unbounded_write: false, reads: vec![], writes: vec![], functions: vec![] }
+    }
+
+    fn t(name: &str) -> TableRef {
+        TableRef { schema: None, name: name.into() }
+    }
+
+    #[test]
+    fn rules_fire_and_approve_says_so() {
+        let mut g = Guardrails::defaults(3);
+        let drop = facts(StmtKind::Ddl { command: "DROP TABLE".into() });
+        assert!(matches!(check(&g, &[drop.clone()], &L), Verdict::Deny { rule, .. } if rule == "ddl"));
+        g.ddl = Outcome::Approve;
+        assert!(matches!(check(&g, &[drop.clone()], &L), Verdict::Deny { message, .. } if message.contains("approval")));
+        g.ddl = Outcome::Allow;
+        assert_eq!(check(&g, &[drop], &L), Verdict::Allow);
+
+        let mut del = facts(StmtKind::Write);
+        del.unbounded_write = true;
+        assert!(matches!(check(&g, &[del], &L), Verdict::Deny { rule, .. } if rule == "unbounded_write"));
+
+        let mut read = facts(StmtKind::Read);
+        read.reads = vec![t("salaries")];
+        assert!(matches!(check(&g, &[read], &L), Verdict::Deny { rule, .. } if rule == "restricted_read"));
+
+        let mut copy = facts(StmtKind::CopyOut { to: CopyTarget::Client });
+        copy.reads = vec![t("customers")];
+        assert!(matches!(check(&g, &[copy], &L), Verdict::Deny { rule, .. } if rule == "copy_out"));
+
+        let mut w = facts(StmtKind::Write);
+        w.writes = vec![(t("customers"), Some(vec!["name".into()]))];
+        assert_eq!(check(&g, &[w.clone()], &L), Verdict::Allow);
+        w.writes = vec![(t("customers"), Some(vec!["EMAIL".into()]))];
+        assert!(matches!(check(&g, &[w], &L), Verdict::Deny { rule, .. } if rule == "labeled_write"));
+
+        let mut f = facts(StmtKind::Read);
+        f.functions = vec!["pg_read_file".into()];
+        assert!(matches!(check(&g, &[facts(StmtKind::Read), f], &L), Verdict::Deny { rule, .. } if rule == "dangerous_function"));
+    }
+}
