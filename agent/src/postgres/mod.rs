@@ -8,6 +8,7 @@
 pub mod frame;
 pub mod scram;
 pub mod session;
+pub mod sql;
 pub mod startup;
 pub mod upstream;
 pub mod wire;

@@ -1,0 +1,243 @@
+//! PostgreSQL's own grammar (libpg_query, through pg_query) turned into the
+//! pipeline's protocol-agnostic statement facts. Every statement of a
+//! multi-statement query is analysed. A parse failure is an error, which
+//! the session turns into a deny. Results are cached by query text (bounded).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use pg_query::NodeEnum;
+
+use crate::pipeline::guard::{CopyTarget, StmtFacts, StmtKind, TableRef};
+
+/// Most distinct query texts kept; the cache is cleared when full (cheap,
+/// and a workload that never repeats a text gains nothing from keeping it).
+const CACHE_MAX: usize = 4096;
+/// Longer texts are parsed every time rather than kept.
+const CACHE_MAX_TEXT: usize = 8192;
+
+pub type Analysis = Result<Arc<Vec<StmtFacts>>, String>;
+
+#[derive(Default)]
+pub struct Cache {
+    map: Mutex<HashMap<String, Analysis>>,
+}
+
+impl Cache {
+    pub fn analyse(&self, sql: &str) -> Analysis {
+        if let Ok(m) = self.map.lock() {
+            if let Some(a) = m.get(sql) {
+                return a.clone();
+            }
+        }
+        let a = analyse(sql).map(Arc::new);
+        if sql.len() <= CACHE_MAX_TEXT {
+            if let Ok(mut m) = self.map.lock() {
+                if m.len() >= CACHE_MAX {
+                    m.clear();
+                }
+                m.insert(sql.to_string(), a.clone());
+            }
+        }
+        a
+    }
+}
+
+pub fn analyse(sql: &str) -> Result<Vec<StmtFacts>, String> {
+    if sql.contains('\0') {
+        return Err("the query contains a NUL byte".into());
+    }
+    let parsed = pg_query::parse(sql, 0).map_err(|e| format!("{e}"))?;
+    let mut out = Vec::new();
+    for raw in &parsed.protobuf.stmts {
+        let Some(node) = raw.stmt.as_ref().and_then(|n| n.node.as_ref()) else { continue };
+        // Parse the statement's own text again for its tables and functions.
+        let start = usize::try_from(raw.stmt_location).unwrap_or(0);
+        let end = match usize::try_from(raw.stmt_len) {
+            Ok(0) | Err(_) => sql.len(),
+            Ok(l) => start.saturating_add(l).min(sql.len()),
+        };
+        let text = sql.get(start..end).unwrap_or(sql);
+        let own = pg_query::parse(text, 0).map_err(|e| format!("{e}"))?;
+        let reads: Vec<TableRef> = own.select_tables().iter().map(|t| table_ref(t)).collect();
+        let functions: Vec<String> = own
+            .functions()
+            .iter()
+            .map(|f| f.rsplit('.').next().unwrap_or(f).to_ascii_lowercase())
+            .collect();
+        let mut facts = StmtFacts { kind: StmtKind::Control, unbounded_write: false, reads, writes: vec![], functions };
+        describe(node, &mut facts);
+        out.push(facts);
+    }
+    if out.is_empty() {
+        // An empty query (only comments): nothing to run.
+        out.push(StmtFacts { kind: StmtKind::Control, unbounded_write: false, reads: vec![], writes: vec![], functions: vec![] });
+    }
+    Ok(out)
+}
+
+fn table_ref(qualified: &str) -> TableRef {
+    match qualified.rsplit_once('.') {
+        Some((schema, name)) => TableRef { schema: Some(schema.to_string()), name: name.to_string() },
+        None => TableRef { schema: None, name: qualified.to_string() },
+    }
+}
+
+fn range_var(r: &pg_query::protobuf::RangeVar) -> TableRef {
+    TableRef { schema: (!r.schemaname.is_empty()).then(|| r.schemaname.clone()), name: r.relname.clone() }
+}
+
+fn target_names(list: &[pg_query::protobuf::Node]) -> Vec<String> {
+    list.iter()
+        .filter_map(|n| match n.node.as_ref() {
+            Some(NodeEnum::ResTarget(t)) => Some(t.name.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn describe(node: &NodeEnum, f: &mut StmtFacts) {
+    f.kind = match node {
+        NodeEnum::SelectStmt(s) => {
+            if s.into_clause.is_some() {
+                StmtKind::Ddl { command: "SELECT INTO".into() }
+            } else {
+                StmtKind::Read
+            }
+        }
+        NodeEnum::InsertStmt(s) => {
+            if let Some(r) = &s.relation {
+                let cols = target_names(&s.cols);
+                f.writes.push((range_var(r), (!cols.is_empty()).then_some(cols)));
+            }
+            StmtKind::Write
+        }
+        NodeEnum::UpdateStmt(s) => {
+            if let Some(r) = &s.relation {
+                f.writes.push((range_var(r), Some(target_names(&s.target_list))));
+            }
+            f.unbounded_write = s.where_clause.is_none();
+            StmtKind::Write
+        }
+        NodeEnum::DeleteStmt(s) => {
+            f.unbounded_write = s.where_clause.is_none();
+            StmtKind::Write
+        }
+        NodeEnum::MergeStmt(s) => {
+            if let Some(r) = &s.relation {
+                f.writes.push((range_var(r), None));
+            }
+            StmtKind::Write
+        }
+        NodeEnum::CopyStmt(s) => {
+            let target = if s.is_program {
+                CopyTarget::Program
+            } else if s.filename.is_empty() {
+                CopyTarget::Client
+            } else {
+                CopyTarget::File
+            };
+            if let Some(r) = &s.relation {
+                if !s.is_from {
+                    f.reads.push(range_var(r));
+                }
+            }
+            if s.is_from {
+                if let Some(r) = &s.relation {
+                    let cols: Vec<String> = s
+                        .attlist
+                        .iter()
+                        .filter_map(|n| match n.node.as_ref() {
+                            Some(NodeEnum::String(v)) => Some(v.sval.clone()),
+                            _ => None,
+                        })
+                        .collect();
+                    f.writes.push((range_var(r), (!cols.is_empty()).then_some(cols)));
+                }
+                StmtKind::CopyIn { from: target }
+            } else {
+                StmtKind::CopyOut { to: target }
+            }
+        }
+        NodeEnum::DoStmt(_) => StmtKind::Do,
+        NodeEnum::ExplainStmt(e) => {
+            // EXPLAIN ANALYZE runs its statement: judge what it would run.
+            match e.query.as_ref().and_then(|q| q.node.as_ref()) {
+                Some(inner) => {
+                    describe(inner, f);
+                    return;
+                }
+                None => StmtKind::Read,
+            }
+        }
+        NodeEnum::DeclareCursorStmt(d) => match d.query.as_ref().and_then(|q| q.node.as_ref()) {
+            Some(inner) => {
+                describe(inner, f);
+                return;
+            }
+            None => StmtKind::Read,
+        },
+        NodeEnum::PrepareStmt(p) => match p.query.as_ref().and_then(|q| q.node.as_ref()) {
+            Some(inner) => {
+                describe(inner, f);
+                return;
+            }
+            None => StmtKind::Control,
+        },
+        NodeEnum::CallStmt(_) => StmtKind::Write,
+        NodeEnum::TransactionStmt(_)
+        | NodeEnum::VariableSetStmt(_)
+        | NodeEnum::VariableShowStmt(_)
+        | NodeEnum::ListenStmt(_)
+        | NodeEnum::UnlistenStmt(_)
+        | NodeEnum::NotifyStmt(_)
+        | NodeEnum::DiscardStmt(_)
+        | NodeEnum::LockStmt(_)
+        | NodeEnum::DeallocateStmt(_)
+        | NodeEnum::ClosePortalStmt(_)
+        | NodeEnum::FetchStmt(_)
+        | NodeEnum::ExecuteStmt(_)
+        | NodeEnum::ConstraintsSetStmt(_)
+        | NodeEnum::CheckPointStmt(_) => StmtKind::Control,
+        other => StmtKind::Ddl { command: command_name(other) },
+    };
+}
+
+/// "DROP TABLE", "TRUNCATE", "ALTER TABLE", … for messages.
+fn command_name(node: &NodeEnum) -> String {
+    match node {
+        NodeEnum::DropStmt(d) => {
+            let t = pg_query::protobuf::ObjectType::try_from(d.remove_type)
+                .map(|o| format!("{o:?}"))
+                .unwrap_or_default();
+            let t = t.trim_start_matches("Object").to_ascii_uppercase();
+            if t.is_empty() {
+                "DROP".into()
+            } else {
+                format!("DROP {t}")
+            }
+        }
+        NodeEnum::TruncateStmt(_) => "TRUNCATE".into(),
+        NodeEnum::AlterTableStmt(_) => "ALTER TABLE".into(),
+        NodeEnum::CreateStmt(_) => "CREATE TABLE".into(),
+        NodeEnum::IndexStmt(_) => "CREATE INDEX".into(),
+        NodeEnum::CreateTableAsStmt(_) => "CREATE TABLE AS".into(),
+        NodeEnum::GrantStmt(_) => "GRANT".into(),
+        NodeEnum::RenameStmt(_) => "ALTER … RENAME".into(),
+        NodeEnum::CommentStmt(_) => "COMMENT".into(),
+        NodeEnum::SecLabelStmt(_) => "SECURITY LABEL".into(),
+        NodeEnum::CreateFunctionStmt(_) => "CREATE FUNCTION".into(),
+        NodeEnum::ViewStmt(_) => "CREATE VIEW".into(),
+        other => {
+            let name = format!("{other:?}");
+            let name = name.split('(').next().unwrap_or("utility statement");
+            name.trim_end_matches("Stmt").to_string()
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "../tests/pg_sql.rs"]
+mod tests;

@@ -1,0 +1,57 @@
+//! Unit tests for `postgres/sql.rs`, on the real PostgreSQL grammar.
+use super::*;
+
+fn kinds(sql: &str) -> Vec<StmtKind> {
+    analyse(sql).unwrap_or_else(|e| panic!("{sql}: {e}")).into_iter().map(|f| f.kind).collect()
+}
+
+#[test]
+fn statement_kinds() {
+    assert_eq!(kinds("select 1"), [StmtKind::Read]);
+    assert!(matches!(&kinds("drop table t")[0], StmtKind::Ddl { command } if command == "DROP TABLE"));
+    assert!(matches!(&kinds("truncate t")[0], StmtKind::Ddl { command } if command == "TRUNCATE"));
+    assert!(matches!(&kinds("alter table t add column x int")[0], StmtKind::Ddl { .. }));
+    assert_eq!(kinds("begin; select 1; commit"), [StmtKind::Control, StmtKind::Read, StmtKind::Control]);
+    assert_eq!(kinds("copy t to stdout"), [StmtKind::CopyOut { to: CopyTarget::Client }]);
+    assert_eq!(kinds("copy t to program 'gzip > /tmp/x'"), [StmtKind::CopyOut { to: CopyTarget::Program }]);
+    assert_eq!(kinds("copy (select * from t) to '/tmp/x'"), [StmtKind::CopyOut { to: CopyTarget::File }]);
+    assert_eq!(kinds("copy t from stdin"), [StmtKind::CopyIn { from: CopyTarget::Client }]);
+    assert_eq!(kinds("do $$ begin drop table t; end $$"), [StmtKind::Do]);
+    assert!(matches!(&kinds("explain analyze delete from t")[0], StmtKind::Write));
+    assert!(matches!(&kinds("select * into t2 from t")[0], StmtKind::Ddl { .. }));
+}
+
+#[test]
+fn a_hidden_drop_is_found_and_a_mentioned_one_is_not() {
+    let k = kinds("select 1; drop table users");
+    assert!(matches!(&k[1], StmtKind::Ddl { .. }), "{k:?}");
+    assert_eq!(kinds("select 'drop table users' /* drop table x */ -- drop"), [StmtKind::Read]);
+}
+
+#[test]
+fn writes_reads_functions() {
+    let f = analyse("delete from orders").unwrap();
+    assert!(f[0].unbounded_write);
+    assert!(!analyse("delete from orders where id = 1").unwrap()[0].unbounded_write);
+    assert!(analyse("update t set a = 1").unwrap()[0].unbounded_write);
+    let u = &analyse("update public.customers set email = 'x' where id = 1").unwrap()[0];
+    assert_eq!(u.writes[0].0.name, "customers");
+    assert_eq!(u.writes[0].1.as_deref(), Some(&["email".to_string()][..]));
+    let i = &analyse("insert into customers values (1)").unwrap()[0];
+    assert_eq!(i.writes[0].1, None, "no column list: every column");
+    let s = &analyse("select pg_catalog.pg_read_file('/etc/passwd'), name from hr.salaries s join x on true").unwrap()[0];
+    assert!(s.functions.contains(&"pg_read_file".to_string()));
+    assert!(s.reads.iter().any(|t| t.name == "salaries" && t.schema.as_deref() == Some("hr")));
+    assert!(analyse("copy customers to stdout").unwrap()[0].reads.iter().any(|t| t.name == "customers"));
+}
+
+#[test]
+fn parse_errors_are_errors() {
+    assert!(analyse("selec 1").is_err());
+    assert!(analyse("select 'unterminated").is_err());
+    assert!(analyse("select 1\0").is_err());
+    assert_eq!(analyse("-- nothing").unwrap().len(), 1);
+    let c = Cache::default();
+    assert!(c.analyse("selec 1").is_err());
+    assert!(c.analyse("select 1").is_ok());
+}
