@@ -74,6 +74,32 @@ struct RawPolicy {
     profiles: BTreeMap<String, Spanned<RawProfile>>,
     #[serde(default)]
     tag: Vec<Spanned<RawTag>>,
+    labels: Option<Spanned<RawLabels>>,
+    #[serde(default)]
+    classify: Vec<Spanned<RawClassify>>,
+    detectors: Option<Spanned<RawDetectors>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLabels {
+    order: Spanned<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClassify {
+    column: Option<Spanned<String>>,
+    table: Option<Spanned<String>>,
+    label: Spanned<String>,
+    mask: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawDetectors {
+    enabled: Option<bool>,
+    #[serde(flatten)]
+    labels: BTreeMap<String, Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -122,6 +148,26 @@ struct RawProfile {
     record_results: Option<bool>,
     record_params: Option<Spanned<String>>,
     params_max_bytes: Option<Spanned<i64>>,
+    /// label name → allow | mask | deny
+    #[serde(default)]
+    labels: BTreeMap<String, Spanned<String>>,
+    guardrails: Option<Spanned<RawGuardrails>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawGuardrails {
+    ddl: Option<Spanned<String>>,
+    unbounded_write: Option<Spanned<String>>,
+    copy_out: Option<Spanned<String>>,
+    copy_out_min_label: Option<Spanned<String>>,
+    restricted_read: Option<Spanned<String>>,
+    restricted_read_min_label: Option<Spanned<String>>,
+    labeled_write: Option<Spanned<String>>,
+    labeled_write_min_label: Option<Spanned<String>>,
+    dangerous_functions: Option<Spanned<String>>,
+    functions: Option<Vec<String>>,
+    do_block: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -144,6 +190,8 @@ pub struct Policy {
     /// Profile names; a profile's id is its index here.
     pub profiles: Vec<Profile>,
     pub tags: Vec<TagRule>,
+    /// Labels, the policy catalog and the detectors' labels.
+    pub classifier: std::sync::Arc<crate::pipeline::classify::Classifier>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -236,6 +284,16 @@ pub struct Profile {
     pub name: String,
     pub description: String,
     pub record: crate::pipeline::RecordPolicy,
+    /// What happens to values of each label (index = label rank).
+    pub actions: Vec<crate::pipeline::classify::Action>,
+    pub guardrails: crate::pipeline::guard::Guardrails,
+}
+
+impl Profile {
+    pub fn action(&self, rank: usize) -> crate::pipeline::classify::Action {
+        // Past the end cannot happen for a validated policy; fail closed.
+        self.actions.get(rank).copied().unwrap_or(crate::pipeline::classify::Action::Deny)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -335,6 +393,7 @@ impl Validator<'_> {
                 intercepts.push(ic);
             }
         }
+        let classifier = self.classifier(raw.labels, raw.classify, raw.detectors);
         let mut profiles = Vec::new();
         for (name, p) in raw.profiles {
             if !valid_name(&name) {
@@ -355,7 +414,9 @@ impl Validator<'_> {
                     _ => self.error(n.span(), &format!("profiles.{name}.params_max_bytes"), "between 1 and 4096"),
                 }
             }
-            profiles.push(Profile { name, description: p.description.unwrap_or_default(), record });
+            let actions = self.actions(&name, &p.labels, &classifier.labels);
+            let guardrails = self.guardrails(&name, p.guardrails, &classifier.labels);
+            profiles.push(Profile { name, description: p.description.unwrap_or_default(), record, actions, guardrails });
         }
         let mut tags = Vec::new();
         for (i, t) in raw.tag.into_iter().enumerate() {
@@ -363,7 +424,14 @@ impl Validator<'_> {
                 tags.push(t);
             }
         }
-        let policy = Policy { source: self.file.clone(), agent, intercepts, profiles, tags };
+        let policy = Policy {
+            source: self.file.clone(),
+            agent,
+            intercepts,
+            profiles,
+            tags,
+            classifier: std::sync::Arc::new(classifier),
+        };
         if policy.kernel_rule_count() > MAX_KERNEL_RULES {
             self.error(
                 0..0,
@@ -375,6 +443,155 @@ impl Validator<'_> {
             );
         }
         policy
+    }
+
+    fn classifier(
+        &mut self,
+        labels: Option<Spanned<RawLabels>>,
+        rules: Vec<Spanned<RawClassify>>,
+        detectors: Option<Spanned<RawDetectors>>,
+    ) -> crate::pipeline::classify::Classifier {
+        use crate::pipeline::{
+            classify::{Classifier, Labels, Rule, Strategy},
+            detect::Kind,
+        };
+        let mut c = Classifier::default();
+        if let Some(l) = labels {
+            let l = l.into_inner();
+            let names = l.order.get_ref().clone();
+            let mut seen = std::collections::BTreeSet::new();
+            if names.len() < 2 || names.iter().any(|n| !valid_name(n) || !seen.insert(n.to_ascii_lowercase())) {
+                self.error(l.order.span(), "labels.order", "at least two distinct names (letters, digits, '-', '_'), lowest first");
+            } else {
+                c.labels = Labels::new(names);
+                c.detector_labels = Kind::ALL.iter().map(|k| (*k, c.labels.scaled(k.default_rank()))).collect();
+            }
+        }
+        for (i, r) in rules.into_iter().enumerate() {
+            let span = r.span();
+            let r = r.into_inner();
+            let field = |f: &str| format!("classify[{i}].{f}");
+            let (pattern, pspan, parts) = match (&r.column, &r.table) {
+                (Some(c), None) => (c.get_ref().clone(), c.span(), 4),
+                (None, Some(t)) => (t.get_ref().clone(), t.span(), 3),
+                _ => {
+                    self.error(span, &format!("classify[{i}]"), "give exactly one of `column` (db.schema.table.column) or `table` (db.schema.table)");
+                    continue;
+                }
+            };
+            if pattern.split('.').count() != parts {
+                let what = if parts == 4 { "column = \"db.schema.table.column\"" } else { "table = \"db.schema.table\"" };
+                self.error(pspan, &field(if parts == 4 { "column" } else { "table" }), format!("use {what} (globs allowed, e.g. \"*.public.customers.ssn\")"));
+                continue;
+            }
+            let Some(label) = c.labels.rank(r.label.get_ref()) else {
+                let known: Vec<&str> = (0..c.labels.len()).map(|k| c.labels.name(k)).collect();
+                self.error(r.label.span(), &field("label"), format!("unknown label {:?}; labels are [{}]", r.label.get_ref(), known.join(", ")));
+                continue;
+            };
+            let strategy = match &r.mask {
+                Some(m) => match m.get_ref().parse::<Strategy>() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        self.error(m.span(), &field("mask"), e);
+                        continue;
+                    }
+                },
+                None => Strategy::Redact,
+            };
+            match Rule::new(&pattern, label, strategy) {
+                Ok(rule) => c.rules.push(rule),
+                Err(e) => self.error(pspan, &field("column"), e),
+            }
+        }
+        if let Some(d) = detectors {
+            let d = d.into_inner();
+            c.detectors = d.enabled.unwrap_or(true);
+            for (k, v) in d.labels {
+                let Some(kind) = Kind::from_name(&k) else {
+                    let known: Vec<&str> = Kind::ALL.iter().map(|k| k.name()).collect();
+                    self.error(v.span(), &format!("detectors.{k}"), format!("unknown detector; known: [{}]", known.join(", ")));
+                    continue;
+                };
+                match c.labels.rank(v.get_ref()) {
+                    Some(r) => {
+                        c.detector_labels.insert(kind, r);
+                    }
+                    None => self.error(v.span(), &format!("detectors.{k}"), format!("unknown label {:?}", v.get_ref())),
+                }
+            }
+        }
+        c
+    }
+
+    fn actions(
+        &mut self,
+        profile: &str,
+        raw: &BTreeMap<String, Spanned<String>>,
+        labels: &crate::pipeline::classify::Labels,
+    ) -> Vec<crate::pipeline::classify::Action> {
+        use crate::pipeline::classify::Action;
+        // Default: the lowest label is allowed, every other one masked.
+        let mut out: Vec<Action> = (0..labels.len()).map(|r| if r == 0 { Action::Allow } else { Action::Mask }).collect();
+        for (name, v) in raw {
+            let field = format!("profiles.{profile}.labels.{name}");
+            let Some(rank) = labels.rank(name) else {
+                self.error(v.span(), &field, format!("unknown label {name:?}"));
+                continue;
+            };
+            match v.get_ref().parse::<Action>() {
+                Ok(a) => {
+                    if let Some(slot) = out.get_mut(rank) {
+                        *slot = a;
+                    }
+                }
+                Err(e) => self.error(v.span(), &field, e),
+            }
+        }
+        out
+    }
+
+    fn guardrails(
+        &mut self,
+        profile: &str,
+        raw: Option<Spanned<RawGuardrails>>,
+        labels: &crate::pipeline::classify::Labels,
+    ) -> crate::pipeline::guard::Guardrails {
+        use crate::pipeline::guard::{Guardrails, Outcome};
+        let mut g = Guardrails::defaults(labels.highest());
+        let Some(raw) = raw else { return g };
+        let raw = raw.into_inner();
+        let mut outcome = |v: &Option<Spanned<String>>, name: &str, slot: &mut Outcome| {
+            if let Some(v) = v {
+                match v.get_ref().parse() {
+                    Ok(o) => *slot = o,
+                    Err(e) => self.error(v.span(), &format!("profiles.{profile}.guardrails.{name}"), e),
+                }
+            }
+        };
+        outcome(&raw.ddl, "ddl", &mut g.ddl);
+        outcome(&raw.unbounded_write, "unbounded_write", &mut g.unbounded_write);
+        outcome(&raw.copy_out, "copy_out", &mut g.copy_out);
+        outcome(&raw.restricted_read, "restricted_read", &mut g.restricted_read);
+        outcome(&raw.labeled_write, "labeled_write", &mut g.labeled_write);
+        outcome(&raw.dangerous_functions, "dangerous_functions", &mut g.dangerous_functions);
+        outcome(&raw.do_block, "do_block", &mut g.do_block);
+        for (v, name, slot) in [
+            (&raw.copy_out_min_label, "copy_out_min_label", &mut g.copy_out_min_label),
+            (&raw.restricted_read_min_label, "restricted_read_min_label", &mut g.restricted_read_min_label),
+            (&raw.labeled_write_min_label, "labeled_write_min_label", &mut g.labeled_write_min_label),
+        ] {
+            if let Some(v) = v {
+                match labels.rank(v.get_ref()) {
+                    Some(r) => *slot = r,
+                    None => self.error(v.span(), &format!("profiles.{profile}.guardrails.{name}"), format!("unknown label {:?}", v.get_ref())),
+                }
+            }
+        }
+        if let Some(f) = raw.functions {
+            g.functions = f.into_iter().map(|s| s.to_ascii_lowercase()).collect();
+        }
+        g
     }
 
     fn agent(&mut self, raw: Option<Spanned<RawAgent>>) -> AgentSettings {

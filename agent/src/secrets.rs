@@ -46,6 +46,8 @@ pub struct Credential {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Secrets {
     pub credentials: BTreeMap<String, Credential>,
+    /// HMAC key for the pseudonym masking strategy.
+    pub pseudonym_key: Option<Secret>,
 }
 
 #[derive(Deserialize)]
@@ -53,6 +55,13 @@ pub struct Secrets {
 struct RawFile {
     #[serde(default)]
     credentials: BTreeMap<String, RawCredential>,
+    masking: Option<RawMasking>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMasking {
+    pseudonym_key: String,
 }
 
 #[derive(Deserialize)]
@@ -98,7 +107,14 @@ impl Secrets {
             };
             credentials.insert(name, Credential { user: c.user, password: Secret(password) });
         }
-        Ok(Self { credentials })
+        let pseudonym_key = match raw.masking {
+            Some(m) if m.pseudonym_key.len() < 16 => {
+                bail!("{}: masking.pseudonym_key must be at least 16 characters", path.display())
+            }
+            Some(m) => Some(Secret(m.pseudonym_key)),
+            None => None,
+        };
+        Ok(Self { credentials, pseudonym_key })
     }
 
     pub fn get(&self, name: &str) -> Option<&Credential> {

@@ -30,6 +30,9 @@ pub struct Shared {
     client_tls: Option<Arc<rustls::ServerConfig>>,
     upstream_tls: Mutex<std::collections::HashMap<Option<PathBuf>, Arc<rustls::ClientConfig>>>,
     cancel: Mutex<std::collections::HashMap<(i32, Vec<u8>), CancelTarget>>,
+    /// Parsed statements, by text (shared by all sessions).
+    pub sql: crate::postgres::sql::Cache,
+    catalogs: Mutex<std::collections::HashMap<(std::net::SocketAddr, String), Arc<crate::postgres::catalog::Catalog>>>,
 }
 
 impl Shared {
@@ -61,6 +64,20 @@ impl Shared {
             client_tls,
             upstream_tls: Mutex::new(std::collections::HashMap::new()),
             cancel: Mutex::new(std::collections::HashMap::new()),
+            sql: crate::postgres::sql::Cache::default(),
+            catalogs: Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// The shared catalog of one database on one server.
+    pub fn catalog(&self, upstream: std::net::SocketAddr, database: &str) -> Arc<crate::postgres::catalog::Catalog> {
+        let key = (upstream, database.to_string());
+        match self.catalogs.lock() {
+            Ok(mut m) => m
+                .entry(key)
+                .or_insert_with(|| Arc::new(crate::postgres::catalog::Catalog::new(upstream, database)))
+                .clone(),
+            Err(_) => Arc::new(crate::postgres::catalog::Catalog::new(upstream, database)),
         }
     }
 

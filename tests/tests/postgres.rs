@@ -242,7 +242,7 @@ print(json.dumps(out))
 #[test]
 fn psycopg_binding_binary_copy_notify_and_cancel() {
     require_e2e!();
-    let s = setup("psycopg", "app", "");
+    let s = setup("psycopg", "app", "[profiles.ci.guardrails]\nddl = \"allow\"");
     let (_d, script) = workload_script("client.py", PSYCOPG).unwrap();
     let out = s.cg.command(TEST_PYTHON).arg(&script).arg(s.pg.port.to_string()).output().unwrap();
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
@@ -400,7 +400,7 @@ except OSError as e:
 #[test]
 fn tokio_postgres_text_and_binary_results() {
     require_e2e!();
-    let s = setup("tokio", "app", "");
+    let s = setup("tokio", "app", "[profiles.ci.guardrails]\nddl = \"allow\"");
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_cordon-pgclient"));
     let (_d, bin) = cordon_tests::workload_copy(bin).unwrap();
     let conninfo = format!("host=127.0.0.2 port={} user=anyone dbname=postgres", s.pg.port);

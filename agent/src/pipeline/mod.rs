@@ -20,6 +20,7 @@ pub mod detect;
 pub mod fingerprint;
 pub mod guard;
 pub mod mask;
+pub mod plan;
 pub mod params;
 pub mod recorder;
 
@@ -87,6 +88,18 @@ pub struct Outcome {
     /// Suspended by a row limit (portal still open).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub suspended: bool,
+    /// Refused by cordon (guardrail, label or classification failure).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub denied: Option<Denied>,
+    /// Values masked, by "column/strategy" or "column/detector:kind".
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub masked: std::collections::BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Denied {
+    pub rule: String,
+    pub message: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -118,8 +131,9 @@ impl SessionPipeline {
         self.statements
     }
 
-    /// A statement is about to go upstream.
-    pub fn statement(&mut self, s: &Statement<'_>) -> (Verdict, Admitted, Pending) {
+    /// A statement arrived, with the guardrails' verdict on it; if allowed
+    /// it is about to go upstream.
+    pub fn statement(&mut self, s: &Statement<'_>, verdict: &Verdict) -> (Admitted, Pending) {
         self.next_id += 1;
         self.statements += 1;
         let id = self.next_id;
@@ -139,11 +153,14 @@ impl SessionPipeline {
                 rec = rec.with("params", rendered);
             }
         }
+        if let Verdict::Deny { rule, message } = verdict {
+            rec = rec.with("verdict", "deny").with("rule", rule).with("reason", message);
+        }
         if let Some(r) = &mut self.recorder {
             r.event(id, "query", json!({"text": s.text}));
         }
         let durable = self.audit.submit(rec);
-        (Verdict::Allow, Admitted { id, started: Instant::now() }, durable)
+        (Admitted { id, started: Instant::now() }, durable)
     }
 
     pub fn columns(&mut self, id: u64, names: &[String]) {

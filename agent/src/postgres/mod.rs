@@ -5,11 +5,13 @@
 //! machine (`session`: statements into the pipeline, results back) → errors
 //! that close only this session, with an audited reason.
 
+pub mod catalog;
 pub mod frame;
 pub mod scram;
 pub mod session;
 pub mod sql;
 pub mod startup;
+pub mod types;
 pub mod upstream;
 pub mod wire;
 

@@ -1,66 +1,157 @@
 //! The PostgreSQL session after authentication: both directions relayed at
-//! once, statements fed to the pipeline, results followed back.
+//! once, statements judged and recorded by the pipeline, results masked on
+//! their way back.
 //!
-//! Two loops share one `Tracker` behind a mutex (held only while a batch of
-//! frames is examined, never across I/O): one reads the client, one the
-//! server, so neither side can stall the other, and each loop writes its
-//! whole batch in one call. Bytes are forwarded as received; only
-//! BackendKeyData is rewritten (cordon hands out its own cancel keys).
+//! Two loops share one `Tracker` behind a mutex, held only while a batch of
+//! frames is examined and never across I/O. One loop reads the client and
+//! one the server, so neither side can stall the other, and each loop writes
+//! its whole batch in one call. Lookups that need I/O (the catalog) are done
+//! for a whole batch before the lock is taken.
+//!
+//! The tracker keeps a FIFO of the client's requests in order (Parse, Bind,
+//! Describe, Execute, Sync, Query…). Each server message is matched to the
+//! request at the head, so a DataRow always meets the mask plan of the
+//! statement that produced it. A denied statement never reaches the server:
+//! its ErrorResponse (SQLSTATE 42501, naming the rule) waits in the FIFO for
+//! its turn. Extended-protocol messages are then skipped until Sync, and the
+//! server's ReadyForQuery carries the real transaction status.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 
 use super::{
+    catalog::Catalog,
     frame::{Body, Frame, FrameReader},
     startup::ClientHello,
-    upstream, wire, CancelTarget, Ctx, End,
+    types, upstream, wire, CancelTarget, Ctx, End,
 };
 use crate::{
+    config::{PgAuth, Profile},
     net::Stream,
-    pipeline::{recorder, Admitted, Outcome, Param, SessionPipeline, Statement, StatementKind},
+    pipeline::{
+        classify::{Action, Classifier},
+        guard::{self, CopyTarget, LabelLookup, StmtFacts, StmtKind, TableRef},
+        mask::ValueType,
+        plan::{self, ColAction, ColumnDesc, Plan, Source},
+        recorder, Admitted, Denied, Outcome, Param, SessionPipeline, Statement, StatementKind, Verdict,
+    },
+    secrets::Credential,
 };
 
 /// Most prepared statements / portals one session may hold.
 const MAX_NAMED: usize = 100_000;
 
+/// One column of a RowDescription.
+#[derive(Debug, Clone)]
+struct Field {
+    name: String,
+    table_oid: u32,
+    attnum: i16,
+    type_oid: u32,
+    typmod: i32,
+    binary: bool,
+}
+
+/// A result description with its mask plan.
+#[derive(Debug, Clone)]
+struct Described {
+    fields: Vec<Field>,
+    plan: Arc<Plan>,
+}
+
+struct Prepared {
+    text: Arc<str>,
+    label: Option<String>,
+    described: Option<Arc<Described>>,
+}
+
 struct Portal {
     text: Arc<str>,
     prepared: Option<String>,
+    statement: Bytes,
     params: Vec<(Option<Bytes>, bool)>,
+    result_formats: Vec<i16>,
+    described: Option<Arc<Described>>,
 }
 
-enum Entry {
-    Stmt { admitted: Admitted, simple: bool, outcome: Outcome },
+/// A statement whose results are on their way.
+struct Running {
+    admitted: Admitted,
+    outcome: Outcome,
+    /// The plan and per-column binary flags for DataRows (None: not yet known).
+    described: Option<Arc<Described>>,
+    binary: Vec<bool>,
+    /// Results refused after the fact (a denied label): swallow them and
+    /// answer with this error instead.
+    refused: Option<Denied>,
+    copy_out: bool,
+    /// The portal an Execute runs (its description may arrive after the
+    /// Execute was sent, from a Describe earlier in the same batch).
+    portal: Option<Bytes>,
+}
+
+enum Req {
+    Parse,
+    Bind,
+    Close,
+    DescribeStmt(Bytes),
+    DescribePortal(Bytes),
+    Exec(Box<Running>),
+    Simple(Box<Running>),
+    Func(Box<Running>),
     Sync,
+    /// Refused by cordon: the error to send when its turn comes, and for a
+    /// simple query the ReadyForQuery that follows it.
+    Denied { admitted: Admitted, denied: Denied, simple: bool },
+}
+
+struct Governance {
+    classifier: Arc<Classifier>,
+    profile: Profile,
+    catalog: Option<Arc<Catalog>>,
+    db: String,
+    key: Option<Vec<u8>>,
 }
 
 struct Tracker {
     pipeline: SessionPipeline,
-    prepared: HashMap<Bytes, (Arc<str>, Option<String>)>,
+    gov: Governance,
+    prepared: HashMap<Bytes, Prepared>,
     portals: HashMap<Bytes, Portal>,
-    queue: VecDeque<Entry>,
+    queue: VecDeque<Req>,
     unconfirmed: Vec<crate::audit::Pending>,
     cancel: Option<(i32, Vec<u8>)>,
     bytes_up: u64,
     bytes_down: u64,
     last_activity: Instant,
+    /// Transaction status from the server's last ReadyForQuery.
+    status: u8,
+    /// After a refused extended-protocol message: drop until Sync.
+    skipping: bool,
+    /// After an error replaced a result: drop server messages until the
+    /// next ReadyForQuery.
+    swallowing: bool,
 }
 
 pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
     let client_tls = hello.stream.is_tls();
-    let database = hello.params.iter().find(|(k, _)| k == "database").map(|(_, v)| v.clone());
-    let mut end = End { client_tls, database, ..End::default() };
+    let database = hello
+        .params
+        .iter()
+        .find(|(k, _)| k == "database")
+        .or_else(|| hello.params.iter().find(|(k, _)| k == "user"))
+        .map(|(_, v)| v.clone());
+    let mut end = End { client_tls, database: database.clone(), ..End::default() };
     let up = match upstream::start(&mut hello, ctx).await {
         Ok(u) => u,
         Err(e) => {
-            // Tell the client why, in its own protocol, then close.
             let mut buf = BytesMut::new();
             wire::error(&mut buf, "FATAL", "08006", &format!("cordon: cannot start the session upstream: {e:#}"));
             let _ = hello.stream.write_all(&buf).await;
@@ -83,9 +174,19 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
     } else {
         None
     };
+    let db = database.unwrap_or_default();
+    let credential = credential(ctx);
+    let gov = Governance {
+        classifier: ctx.shared.policy().classifier.clone(),
+        profile: ctx.profile.clone(),
+        catalog: credential.as_ref().map(|_| ctx.shared.catalog(ctx.upstream, &db)),
+        db,
+        key: ctx.shared.secrets().pseudonym_key.as_ref().map(|k| k.expose().as_bytes().to_vec()),
+    };
     let pipeline = SessionPipeline::new(ctx.shared.audit.clone(), &ctx.session, ctx.profile.record, recorder);
     let tracker = Arc::new(Mutex::new(Tracker {
         pipeline,
+        gov,
         prepared: HashMap::new(),
         portals: HashMap::new(),
         queue: VecDeque::new(),
@@ -94,20 +195,23 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
         bytes_up: 0,
         bytes_down: 0,
         last_activity: Instant::now(),
+        status: b'I',
+        skipping: false,
+        swallowing: false,
     }));
 
+    let wake = tokio::sync::Notify::new();
     let (cr, cw) = tokio::io::split(hello.stream);
     let (ur, uw) = tokio::io::split(up.stream);
-    let c2s = client_to_server(cr, hello.reader, uw, &tracker, ctx);
-    let s2c = server_to_client(ur, up.reader, cw, &tracker, ctx);
+    let c2s = client_to_server(cr, hello.reader, uw, &tracker, ctx, credential.as_ref(), &wake);
+    let s2c = server_to_client(ur, up.reader, cw, &tracker, ctx, credential.as_ref(), &wake);
     tokio::pin!(c2s, s2c);
     let idle = ctx.shared.idle_timeout();
     let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(100)));
     let result: Result<&'static str> = loop {
         tokio::select! {
             r = &mut c2s => match r {
-                // The client finished (Terminate or EOF): let the server's
-                // last words through, briefly.
+                // The client finished: let the server's last words through.
                 Ok(()) => match tokio::time::timeout(Duration::from_secs(5), &mut s2c).await {
                     Ok(Ok(())) | Err(_) => break Ok("closed"),
                     Ok(Err(e)) => break Err(e),
@@ -131,13 +235,19 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
         end.outcome = "internal_error";
         return end;
     };
-    // Statements still open when the session ends.
-    let open: Vec<Entry> = t.queue.drain(..).collect();
-    for e in open {
-        if let Entry::Stmt { admitted, outcome, .. } = e {
-            let mut o = outcome;
-            o.skipped = o.tags.is_empty() && o.error.is_none();
-            t.pipeline.finish(&admitted, &o);
+    let open: Vec<Req> = t.queue.drain(..).collect();
+    for r in open {
+        match r {
+            Req::Exec(run) | Req::Simple(run) | Req::Func(run) => {
+                let mut o = run.outcome;
+                o.skipped = o.tags.is_empty() && o.error.is_none();
+                t.pipeline.finish(&run.admitted, &o);
+            }
+            Req::Denied { admitted, denied, .. } => {
+                let o = Outcome { denied: Some(denied), ..Outcome::default() };
+                t.pipeline.finish(&admitted, &o);
+            }
+            _ => {}
         }
     }
     if let Some((pid, key)) = t.cancel.take() {
@@ -151,7 +261,7 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
         Ok(o) => end.outcome = o,
         Err(e) => {
             end.outcome = if e.downcast_ref::<super::frame::FrameError>().is_some()
-                || e.to_string().starts_with("protocol violation")
+                || format!("{e:#}").contains("protocol violation")
             {
                 "protocol_error"
             } else {
@@ -163,49 +273,64 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
     end
 }
 
+/// The credential cordon reads the catalog with: the injected one.
+fn credential(ctx: &Ctx) -> Option<Credential> {
+    match ctx.rule.postgres.as_ref().map(|p| &p.auth) {
+        Some(PgAuth::Inject { credentials }) => ctx.shared.secrets().get(credentials).cloned(),
+        _ => None,
+    }
+}
+
+fn take_frames(reader: &mut FrameReader) -> (Vec<Frame>, Option<anyhow::Error>) {
+    let mut frames = Vec::new();
+    loop {
+        match reader.next_frame() {
+            Ok(Some(f)) => frames.push(f),
+            Ok(None) => return (frames, None),
+            Err(e) => return (frames, Some(e.into())),
+        }
+    }
+}
+
 async fn client_to_server(
     mut cr: ReadHalf<Stream>,
     mut reader: FrameReader,
     mut uw: WriteHalf<Stream>,
     tracker: &Mutex<Tracker>,
     ctx: &Ctx,
+    cred: Option<&Credential>,
+    wake: &tokio::sync::Notify,
 ) -> Result<()> {
     let mut out = BytesMut::with_capacity(64 * 1024);
     loop {
+        let (frames, violation) = take_frames(&mut reader);
+        // Look up, before taking the lock, the tables these statements touch.
+        let lookup_error = resolve_statement_tables(&frames, tracker, ctx, cred).await.err();
         let mut terminate = false;
-        let mut violation = None;
+        let mut denied_any = false;
         {
             let mut t = tracker.lock().map_err(|_| anyhow::anyhow!("session state poisoned"))?;
-            loop {
-                let frame = match reader.next_frame() {
-                    Ok(Some(f)) => f,
-                    Ok(None) => break,
-                    Err(e) => {
-                        violation = Some(anyhow::Error::from(e));
-                        break;
-                    }
-                };
+            for frame in &frames {
                 t.bytes_up += frame.bytes.len() as u64;
-                match on_client_frame(&mut t, &frame) {
-                    Ok(()) => {}
-                    Err(e) => {
-                        violation = Some(e);
-                        break;
-                    }
+                if on_client_frame(&mut t, frame, ctx, lookup_error.as_ref())? {
+                    out.extend_from_slice(&frame.bytes);
+                } else {
+                    denied_any = true;
                 }
                 if frame.tag == b'X' {
                     terminate = true;
                 }
-                out.extend_from_slice(&frame.bytes);
             }
             t.last_activity = Instant::now();
+        }
+        if denied_any {
+            wake.notify_one();
         }
         if !out.is_empty() {
             uw.write_all(&out).await.context("writing to the server")?;
             out.clear();
         }
         if let Some(e) = violation {
-            // Tell the client, then close only this session.
             let _ = uw.shutdown().await;
             return Err(e.context("protocol violation from the client"));
         }
@@ -220,46 +345,198 @@ async fn client_to_server(
             let _ = uw.shutdown().await;
             return Ok(());
         }
-        let _ = ctx;
     }
 }
 
-fn on_client_frame(t: &mut Tracker, f: &Frame) -> Result<()> {
+/// The SQL text of a Query or Parse message.
+fn sql_of(f: &Frame) -> Option<String> {
     let mut b = Body::new(f.body());
     match f.tag {
+        b'Q' => Some(String::from_utf8_lossy(b.cstr()?).into_owned()),
+        b'P' => {
+            b.cstr()?;
+            Some(String::from_utf8_lossy(b.cstr()?).into_owned())
+        }
+        _ => None,
+    }
+}
+
+async fn resolve_statement_tables(
+    frames: &[Frame],
+    tracker: &Mutex<Tracker>,
+    ctx: &Ctx,
+    cred: Option<&Credential>,
+) -> Result<()> {
+    let (Some(cred), Some(catalog)) = (cred, tracker.lock().ok().and_then(|t| t.gov.catalog.clone())) else {
+        return Ok(());
+    };
+    let mut tables = Vec::new();
+    for f in frames {
+        let Some(sql) = sql_of(f) else { continue };
+        if let Ok(facts) = ctx.shared.sql.analyse(&sql) {
+            for s in facts.iter() {
+                tables.extend(s.reads.iter().cloned());
+                tables.extend(s.writes.iter().map(|(t, _)| t.clone()));
+            }
+        }
+    }
+    if tables.is_empty() {
+        return Ok(());
+    }
+    catalog.resolve_names(ctx, cred, &tables).await
+}
+
+/// Labels for the guardrails, from the catalog cache and the policy.
+struct Lookup<'a>(&'a Governance);
+
+impl Lookup<'_> {
+    fn info(&self, t: &TableRef) -> Option<Arc<super::catalog::TableInfo>> {
+        self.0.catalog.as_ref()?.by_name(t).flatten()
+    }
+}
+
+impl LabelLookup for Lookup<'_> {
+    fn table_label(&self, t: &TableRef) -> Option<usize> {
+        let c = &self.0.classifier;
+        match self.info(t) {
+            Some(i) => c.table(&i.db, &i.schema, &i.name, c.labels.from_comment(&i.labels_text)),
+            None => c.table(&self.0.db, t.schema.as_deref().unwrap_or("public"), &t.name, None),
+        }
+    }
+    fn column_labels(&self, t: &TableRef) -> Vec<(String, usize)> {
+        let c = &self.0.classifier;
+        let Some(i) = self.info(t) else { return Vec::new() };
+        i.columns
+            .iter()
+            .filter_map(|col| {
+                c.column(&i.db, &i.schema, &i.name, &col.name, c.labels.from_comment(&col.labels_text))
+                    .map(|l| (col.name.clone(), l.label))
+            })
+            .collect()
+    }
+    fn label_name(&self, rank: usize) -> String {
+        self.0.classifier.labels.name(rank).to_string()
+    }
+}
+
+/// The guardrails' verdict on a statement text.
+fn judge(t: &Tracker, ctx: &Ctx, sql: &str, lookup_error: Option<&anyhow::Error>) -> (Verdict, Option<Arc<Vec<StmtFacts>>>) {
+    let facts = match ctx.shared.sql.analyse(sql) {
+        Ok(f) => f,
+        Err(e) => {
+            let v = Verdict::Deny {
+                rule: "parse_error".into(),
+                message: format!("the statement does not parse ({e}); cordon lets through only what it can read"),
+            };
+            return (v, None);
+        }
+    };
+    if let Some(e) = lookup_error {
+        let v = Verdict::Deny { rule: "catalog".into(), message: format!("cannot read the database catalog to classify this statement: {e:#}") };
+        return (v, Some(facts));
+    }
+    let lookup = Lookup(&t.gov);
+    let mut verdict = guard::check(&t.gov.profile.guardrails, &facts, &lookup);
+    if verdict == Verdict::Allow {
+        // COPY out must not carry what a SELECT would have masked.
+        'copy: for s in facts.iter() {
+            if let StmtKind::CopyOut { to: CopyTarget::Client } = s.kind {
+                for tbl in &s.reads {
+                    for (col, l) in lookup.column_labels(tbl) {
+                        if t.gov.profile.action(l) != Action::Allow {
+                            verdict = Verdict::Deny {
+                                rule: "copy_out".into(),
+                                message: format!(
+                                    "COPY of {tbl} would bypass the masking of {col} ({}); use SELECT",
+                                    lookup.label_name(l)
+                                ),
+                            };
+                            break 'copy;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    (verdict, Some(facts))
+}
+
+fn changes_catalog(facts: &[StmtFacts]) -> bool {
+    facts.iter().any(|s| matches!(s.kind, StmtKind::Ddl { .. }))
+}
+
+/// Handle one client message; Ok(true) = forward it.
+fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&anyhow::Error>) -> Result<bool> {
+    let mut b = Body::new(f.body());
+    if t.skipping {
+        if f.tag == b'S' {
+            t.skipping = false;
+            t.queue.push_back(Req::Sync);
+            return Ok(true);
+        }
+        return Ok(f.tag == b'X');
+    }
+    match f.tag {
         b'Q' => {
-            let text = String::from_utf8_lossy(b.cstr().context("Query without a terminated string")?).into_owned();
-            let (_verdict, admitted, pending) = t.pipeline.statement(&Statement {
-                text: &text,
-                kind: StatementKind::Simple,
-                params: &[],
-                prepared: None,
-            });
+            let text = String::from_utf8_lossy(b.cstr().context("protocol violation: Query without a terminated string")?)
+                .into_owned();
+            let (verdict, facts) = judge(t, ctx, &text, lookup_error);
+            let stmt = Statement { text: &text, kind: StatementKind::Simple, params: &[], prepared: None };
+            let (admitted, pending) = t.pipeline.statement(&stmt, &verdict);
             t.unconfirmed.push(pending);
-            t.queue.push_back(Entry::Stmt { admitted, simple: true, outcome: Outcome::default() });
+            if let Verdict::Deny { rule, message } = verdict {
+                t.queue.push_back(Req::Denied { admitted, denied: Denied { rule, message }, simple: true });
+                return Ok(false);
+            }
+            if facts.as_deref().is_some_and(|f| changes_catalog(f)) {
+                if let Some(c) = &t.gov.catalog {
+                    c.invalidate();
+                }
+            }
+            t.queue.push_back(Req::Simple(Box::new(running(admitted))));
         }
         b'P' => {
-            let name = Bytes::copy_from_slice(b.cstr().context("Parse without a name")?);
-            let text: Arc<str> = String::from_utf8_lossy(b.cstr().context("Parse without a query")?).into();
+            let name = Bytes::copy_from_slice(b.cstr().context("protocol violation: Parse without a name")?);
+            let text: Arc<str> =
+                String::from_utf8_lossy(b.cstr().context("protocol violation: Parse without a query")?).into();
+            let (verdict, facts) = judge(t, ctx, &text, lookup_error);
+            if let Verdict::Deny { rule, message } = verdict.clone() {
+                let stmt = Statement { text: &text, kind: StatementKind::Execute, params: &[], prepared: None };
+                let (admitted, pending) = t.pipeline.statement(&stmt, &verdict);
+                t.unconfirmed.push(pending);
+                t.queue.push_back(Req::Denied { admitted, denied: Denied { rule, message }, simple: false });
+                t.skipping = true;
+                return Ok(false);
+            }
+            if facts.as_deref().is_some_and(|f| changes_catalog(f)) {
+                if let Some(c) = &t.gov.catalog {
+                    c.invalidate();
+                }
+            }
             if t.prepared.len() >= MAX_NAMED && !t.prepared.contains_key(&name) {
                 bail!("protocol violation: more than {MAX_NAMED} prepared statements in one session");
             }
             let label = (!name.is_empty()).then(|| String::from_utf8_lossy(&name).into_owned());
-            t.prepared.insert(name, (text, label));
+            t.prepared.insert(name, Prepared { text, label, described: None });
+            t.queue.push_back(Req::Parse);
         }
         b'B' => {
-            let portal = Bytes::copy_from_slice(b.cstr().context("Bind without a portal")?);
-            let stmt = b.cstr().context("Bind without a statement")?;
-            let nfmt = b.i16().context("Bind without format count")?.max(0) as usize;
+            let portal = Bytes::copy_from_slice(b.cstr().context("protocol violation: Bind without a portal")?);
+            let statement = Bytes::copy_from_slice(b.cstr().context("protocol violation: Bind without a statement")?);
+            let nfmt = b.i16().context("protocol violation: Bind without format count")?.max(0) as usize;
             let mut formats = Vec::with_capacity(nfmt.min(1024));
             for _ in 0..nfmt {
-                formats.push(b.i16().context("Bind format codes cut short")? == 1);
+                formats.push(b.i16().context("protocol violation: Bind format codes cut short")? == 1);
             }
-            let n = b.i16().context("Bind without parameter count")?.max(0) as usize;
+            let n = b.i16().context("protocol violation: Bind without parameter count")?.max(0) as usize;
             let mut params = Vec::with_capacity(n.min(1024));
             for i in 0..n {
-                let len = b.i32().context("Bind parameters cut short")?;
-                let v = if len < 0 { None } else { Some(Bytes::copy_from_slice(b.bytes(len as usize).context("Bind parameter cut short")?)) };
+                let len = b.i32().context("protocol violation: Bind parameters cut short")?;
+                let v = if len < 0 {
+                    None
+                } else {
+                    Some(Bytes::copy_from_slice(b.bytes(len as usize).context("protocol violation: Bind parameter cut short")?))
+                };
                 let binary = match formats.len() {
                     0 => false,
                     1 => formats.first().copied().unwrap_or(false),
@@ -267,56 +544,90 @@ fn on_client_frame(t: &mut Tracker, f: &Frame) -> Result<()> {
                 };
                 params.push((v, binary));
             }
-            let (text, prepared) =
-                t.prepared.get(stmt).cloned().unwrap_or_else(|| (Arc::from("<unknown prepared statement>"), None));
+            let nres = b.i16().unwrap_or(0).max(0) as usize;
+            let mut result_formats = Vec::with_capacity(nres.min(1600));
+            for _ in 0..nres {
+                result_formats.push(b.i16().unwrap_or(0));
+            }
+            let (text, prepared) = match t.prepared.get(&statement) {
+                Some(p) => (p.text.clone(), p.label.clone()),
+                None => (Arc::from("<unknown prepared statement>"), None),
+            };
             if t.portals.len() >= MAX_NAMED && !t.portals.contains_key(&portal) {
                 bail!("protocol violation: more than {MAX_NAMED} portals in one session");
             }
-            t.portals.insert(portal, Portal { text, prepared, params });
+            t.portals.insert(portal, Portal { text, prepared, statement, params, result_formats, described: None });
+            t.queue.push_back(Req::Bind);
+        }
+        b'D' => {
+            let kind = b.u8().context("protocol violation: Describe without a kind")?;
+            let name = Bytes::copy_from_slice(b.cstr().context("protocol violation: Describe without a name")?);
+            t.queue.push_back(if kind == b'S' { Req::DescribeStmt(name) } else { Req::DescribePortal(name) });
         }
         b'E' => {
-            let portal = b.cstr().context("Execute without a portal")?;
-            let (text, prepared, params) = match t.portals.get(portal) {
+            let portal = Bytes::copy_from_slice(b.cstr().context("protocol violation: Execute without a portal")?);
+            let (text, prepared, params) = match t.portals.get(&portal) {
                 Some(p) => (p.text.clone(), p.prepared.clone(), p.params.clone()),
                 None => (Arc::from("<unknown portal>"), None, Vec::new()),
             };
             let ps: Vec<Param<'_>> = params.iter().map(|(v, bin)| Param { value: v.as_deref(), binary: *bin }).collect();
-            let (_verdict, admitted, pending) = t.pipeline.statement(&Statement {
-                text: &text,
-                kind: StatementKind::Execute,
-                params: &ps,
-                prepared: prepared.as_deref(),
-            });
+            let stmt = Statement { text: &text, kind: StatementKind::Execute, params: &ps, prepared: prepared.as_deref() };
+            let (admitted, pending) = t.pipeline.statement(&stmt, &Verdict::Allow);
             t.unconfirmed.push(pending);
-            t.queue.push_back(Entry::Stmt { admitted, simple: false, outcome: Outcome::default() });
+            let mut run = running(admitted);
+            run.portal = Some(portal);
+            t.queue.push_back(Req::Exec(Box::new(run)));
         }
         b'F' => {
-            let oid = b.i32().context("FunctionCall without an oid")?;
-            let text = format!("<function call oid {oid}>");
-            let (_verdict, admitted, pending) = t.pipeline.statement(&Statement {
-                text: &text,
-                kind: StatementKind::FunctionCall,
-                params: &[],
-                prepared: None,
-            });
+            let oid = b.i32().context("protocol violation: FunctionCall without an oid")?;
+            let text = format!("<fast-path function call, oid {oid}>");
+            // Fast-path calls name functions by OID only: the guardrails
+            // cannot see which function runs, so they are refused unless the
+            // profile allows dangerous functions.
+            let verdict = if t.gov.profile.guardrails.dangerous_functions == guard::Outcome::Allow {
+                Verdict::Allow
+            } else {
+                Verdict::Deny {
+                    rule: "dangerous_function".into(),
+                    message: "fast-path function calls cannot be inspected and are not allowed".into(),
+                }
+            };
+            let stmt = Statement { text: &text, kind: StatementKind::FunctionCall, params: &[], prepared: None };
+            let (admitted, pending) = t.pipeline.statement(&stmt, &verdict);
             t.unconfirmed.push(pending);
-            // Answered by FunctionCallResponse then ReadyForQuery, like a query.
-            t.queue.push_back(Entry::Stmt { admitted, simple: true, outcome: Outcome::default() });
+            if let Verdict::Deny { rule, message } = verdict {
+                t.queue.push_back(Req::Denied { admitted, denied: Denied { rule, message }, simple: true });
+                return Ok(false);
+            }
+            t.queue.push_back(Req::Func(Box::new(running(admitted))));
         }
         b'C' => {
-            let kind = b.u8().context("Close without a kind")?;
-            let name = b.cstr().context("Close without a name")?;
+            let kind = b.u8().context("protocol violation: Close without a kind")?;
+            let name = b.cstr().context("protocol violation: Close without a name")?;
             if kind == b'S' {
                 t.prepared.remove(name);
             } else {
                 t.portals.remove(name);
             }
+            t.queue.push_back(Req::Close);
         }
-        b'S' => t.queue.push_back(Entry::Sync),
-        b'D' | b'H' | b'X' | b'd' | b'c' | b'f' | b'p' => {}
+        b'S' => t.queue.push_back(Req::Sync),
+        b'H' | b'X' | b'd' | b'c' | b'f' | b'p' => {}
         other => bail!("protocol violation: unknown message type {:?} from the client", other as char),
     }
-    Ok(())
+    Ok(true)
+}
+
+fn running(admitted: Admitted) -> Running {
+    Running {
+        admitted,
+        outcome: Outcome::default(),
+        described: None,
+        binary: Vec::new(),
+        refused: None,
+        copy_out: false,
+        portal: None,
+    }
 }
 
 async fn server_to_client(
@@ -325,20 +636,25 @@ async fn server_to_client(
     mut cw: WriteHalf<Stream>,
     tracker: &Mutex<Tracker>,
     ctx: &Ctx,
+    cred: Option<&Credential>,
+    wake: &tokio::sync::Notify,
 ) -> Result<()> {
     let mut out = BytesMut::with_capacity(64 * 1024);
+    let mut eof = false;
     loop {
+        let (frames, err) = take_frames(&mut reader);
+        if let Some(e) = err {
+            return Err(e.context("from the server"));
+        }
+        // Table OIDs in result descriptions, looked up before the lock.
+        let lookup_error = resolve_result_tables(&frames, tracker, ctx, cred).await.err();
         let waits = {
             let mut t = tracker.lock().map_err(|_| anyhow::anyhow!("session state poisoned"))?;
-            loop {
-                let frame = match reader.next_frame() {
-                    Ok(Some(f)) => f,
-                    Ok(None) => break,
-                    Err(e) => return Err(anyhow::Error::from(e).context("from the server")),
-                };
+            for frame in &frames {
                 t.bytes_down += frame.bytes.len() as u64;
-                on_server_frame(&mut t, &frame, &mut out, ctx);
+                on_server_frame(&mut t, frame, &mut out, ctx, lookup_error.as_ref());
             }
+            drain_refusals(&mut t, &mut out);
             t.last_activity = Instant::now();
             std::mem::take(&mut t.unconfirmed)
         };
@@ -350,124 +666,357 @@ async fn server_to_client(
             cw.write_all(&out).await.context("writing to the client")?;
             out.clear();
         }
-        if reader.fill(&mut ur).await.context("reading from the server")? == 0 {
+        if eof {
             let _ = cw.shutdown().await;
             return Ok(());
+        }
+        tokio::select! {
+            n = reader.fill(&mut ur) => {
+                if n.context("reading from the server")? == 0 {
+                    eof = true;
+                }
+            }
+            () = wake.notified() => {}
         }
     }
 }
 
-fn head(t: &mut Tracker) -> Option<(&Admitted, &mut Outcome)> {
-    t.queue.iter_mut().find_map(|e| match e {
-        Entry::Stmt { admitted, outcome, .. } => Some((&*admitted, outcome)),
-        Entry::Sync => None,
-    })
+async fn resolve_result_tables(
+    frames: &[Frame],
+    tracker: &Mutex<Tracker>,
+    ctx: &Ctx,
+    cred: Option<&Credential>,
+) -> Result<()> {
+    let oids: Vec<u32> =
+        frames.iter().filter(|f| f.tag == b'T').flat_map(|f| row_description(f.body())).map(|f| f.table_oid).collect();
+    if oids.iter().all(|o| *o == 0) {
+        return Ok(());
+    }
+    let (Some(cred), Some(catalog)) = (cred, tracker.lock().ok().and_then(|t| t.gov.catalog.clone())) else {
+        return Ok(());
+    };
+    catalog.resolve_oids(ctx, cred, &oids).await
+}
+
+fn row_description(body: &[u8]) -> Vec<Field> {
+    let mut b = Body::new(body);
+    let n = b.i16().unwrap_or(0).max(0) as usize;
+    let mut out = Vec::with_capacity(n.min(1600));
+    for _ in 0..n {
+        let Some(name) = b.cstr() else { break };
+        let (Some(table_oid), Some(attnum), Some(type_oid), Some(_len), Some(typmod), Some(format)) =
+            (b.i32(), b.i16(), b.i32(), b.i16(), b.i32(), b.i16())
+        else {
+            break;
+        };
+        out.push(Field {
+            name: String::from_utf8_lossy(name).into_owned(),
+            table_oid: table_oid as u32,
+            attnum,
+            type_oid: type_oid as u32,
+            typmod,
+            binary: format == 1,
+        });
+    }
+    out
+}
+
+/// Classify a result description into a plan.
+fn describe(t: &Tracker, fields: Vec<Field>, lookup_error: Option<&anyhow::Error>) -> Arc<Described> {
+    let g = &t.gov;
+    let cols: Vec<ColumnDesc> = fields
+        .iter()
+        .map(|f| {
+            let ty = types::value_type(f.type_oid, f.typmod);
+            let source = if f.table_oid == 0 {
+                Source::Computed
+            } else if let Some(e) = lookup_error {
+                Source::Unresolved(format!("the catalog lookup failed: {e:#}"))
+            } else {
+                match g.catalog.as_ref() {
+                    // Passthrough: no catalog session; policy rules cannot
+                    // name the column, detectors still run.
+                    None => Source::Computed,
+                    Some(c) => match c.table(f.table_oid).and_then(|ti| ti.column(f.attnum).map(|col| (ti.clone(), col.clone()))) {
+                        Some((ti, col)) => Source::Table {
+                            db: ti.db.clone(),
+                            schema: ti.schema.clone(),
+                            table: ti.name.clone(),
+                            column: col.name.clone(),
+                            db_label: g.classifier.labels.from_comment(&col.labels_text),
+                        },
+                        None => Source::Unresolved(format!("table OID {} is not in the catalog", f.table_oid)),
+                    },
+                }
+            };
+            // A masked binary value must be writable in the binary format;
+            // the plan refuses a column where it is not.
+            let encodable = !f.binary || types::text_to_binary(f.type_oid, &crate::pipeline::mask::redact(ty).unwrap_or_default()).is_some();
+            ColumnDesc { name: f.name.clone(), source, ty, encodable }
+        })
+        .collect();
+    let plan = plan::plan(&cols, &g.classifier, &g.profile, g.key.is_some());
+    Arc::new(Described { fields, plan: Arc::new(plan) })
+}
+
+/// An Execute's description: its portal's own (Describe P), else its
+/// statement's (Describe S) with the Bind's result formats.
+fn resolve_portal_description(t: &mut Tracker) {
+    let Some(Req::Exec(run)) = t.queue.front() else { return };
+    if run.described.is_some() {
+        return;
+    }
+    let Some(p) = run.portal.as_ref().and_then(|name| t.portals.get(name)) else { return };
+    let described = p.described.clone().or_else(|| t.prepared.get(&p.statement).and_then(|s| s.described.clone()));
+    let n = described.as_ref().map_or(0, |d| d.fields.len());
+    let binary: Vec<bool> = match (&p.described, p.result_formats.len()) {
+        (Some(d), _) => d.fields.iter().map(|f| f.binary).collect(),
+        (None, 0) => vec![false; n],
+        (None, 1) => vec![p.result_formats.first() == Some(&1); n],
+        (None, _) => (0..n).map(|i| p.result_formats.get(i) == Some(&1)).collect(),
+    };
+    if let Some(Req::Exec(run)) = t.queue.front_mut() {
+        run.described = described;
+        run.binary = binary;
+    }
+}
+
+fn current_run(t: &mut Tracker) -> Option<&mut Running> {
+    match t.queue.front_mut() {
+        Some(Req::Exec(r) | Req::Simple(r) | Req::Func(r)) => Some(r),
+        _ => None,
+    }
 }
 
 fn head_id(t: &Tracker) -> u64 {
     match t.queue.front() {
-        Some(Entry::Stmt { admitted, .. }) => admitted.id,
+        Some(Req::Exec(r) | Req::Simple(r) | Req::Func(r)) => r.admitted.id,
         _ => 0,
     }
 }
 
-/// Finish the statement at the head of the queue.
-fn finish_head(t: &mut Tracker) {
-    if let Some(Entry::Stmt { admitted, outcome, .. }) = t.queue.pop_front() {
-        t.pipeline.finish(&admitted, &outcome);
+fn finish_run(t: &mut Tracker, run: &Running) {
+    t.pipeline.finish(&run.admitted, &run.outcome);
+}
+
+/// Emit refusals that have reached the head of the queue.
+fn drain_refusals(t: &mut Tracker, out: &mut BytesMut) {
+    while matches!(t.queue.front(), Some(Req::Denied { .. })) {
+        if let Some(Req::Denied { admitted, denied, simple }) = t.queue.pop_front() {
+            refuse(out, &denied);
+            if simple {
+                ready_for_query(out, t.status);
+            }
+            let outcome = Outcome { denied: Some(denied), ..Outcome::default() };
+            t.pipeline.notice(admitted.id, "error", serde_json::json!({"severity": "ERROR", "code": "42501", "message": outcome.denied.as_ref().map(|d| d.message.clone())}));
+            t.pipeline.finish(&admitted, &outcome);
+        }
     }
 }
 
-fn on_server_frame(t: &mut Tracker, f: &Frame, out: &mut BytesMut, ctx: &Ctx) {
+fn refuse(out: &mut BytesMut, d: &Denied) {
+    wire::error(out, "ERROR", "42501", &format!("cordon: {} (rule {})", d.message, d.rule));
+}
+
+fn ready_for_query(out: &mut BytesMut, status: u8) {
+    out.put_u8(b'Z');
+    out.put_i32(5);
+    out.put_u8(status);
+}
+
+fn on_server_frame(t: &mut Tracker, f: &Frame, out: &mut BytesMut, ctx: &Ctx, lookup_error: Option<&anyhow::Error>) {
+    // Refusals queued before this response go out first.
+    drain_refusals(t, out);
+    if t.swallowing && f.tag != b'Z' {
+        // Results replaced by an error: drop until ReadyForQuery. Statements
+        // still complete (and are finished) as the server reports them.
+        swallow(t, f);
+        return;
+    }
     match f.tag {
         b'K' => {
-            // Hand the client cordon's own key; keep the backend's.
             let mut b = Body::new(f.body());
             if let Some(pid) = b.i32() {
                 let real_key = b.rest().to_vec();
-                let (my_pid, my_key) = ctx.shared.register_cancel(CancelTarget {
-                    session: ctx.session.clone(),
-                    upstream: ctx.upstream,
-                    pid,
-                    key: real_key.clone(),
-                }, real_key.len());
+                let (my_pid, my_key) = ctx.shared.register_cancel(
+                    CancelTarget { session: ctx.session.clone(), upstream: ctx.upstream, pid, key: real_key.clone() },
+                    real_key.len(),
+                );
                 wire::backend_key(out, my_pid, &my_key);
                 t.cancel = Some((my_pid, my_key));
                 return;
             }
         }
+        b'1' | b'2' | b'3' => {
+            // ParseComplete, BindComplete, CloseComplete.
+            if matches!(t.queue.front(), Some(Req::Parse | Req::Bind | Req::Close)) {
+                t.queue.pop_front();
+            }
+        }
+        b't' => {}
+        b'n' => {
+            if matches!(t.queue.front(), Some(Req::DescribeStmt(_) | Req::DescribePortal(_))) {
+                t.queue.pop_front();
+            }
+        }
         b'T' => {
-            let names = wire::row_description(f.body());
-            let id = head_id(t);
-            t.pipeline.columns(id, &names);
+            let fields = row_description(f.body());
+            let names: Vec<String> = fields.iter().map(|c| c.name.clone()).collect();
+            let described = describe(t, fields, lookup_error);
+            match t.queue.front() {
+                Some(Req::DescribeStmt(name)) => {
+                    let name = name.clone();
+                    if let Some(p) = t.prepared.get_mut(&name) {
+                        p.described = Some(described);
+                    }
+                    t.queue.pop_front();
+                }
+                Some(Req::DescribePortal(name)) => {
+                    let name = name.clone();
+                    if let Some(p) = t.portals.get_mut(&name) {
+                        p.described = Some(described);
+                    }
+                    t.queue.pop_front();
+                }
+                Some(Req::Simple(_)) => {
+                    let id = head_id(t);
+                    if let Some(run) = current_run(t) {
+                        run.binary = described.fields.iter().map(|f| f.binary).collect();
+                        if let Some(d) = described.plan.deny.clone() {
+                            run.refused = Some(d);
+                        }
+                        run.described = Some(described.clone());
+                    }
+                    if described.plan.deny.is_some() {
+                        swallow_start(t);
+                        return;
+                    }
+                    t.pipeline.columns(id, &names);
+                }
+                _ => {}
+            }
         }
         b'D' => {
-            let record = t.pipeline.wants_rows();
             let id = head_id(t);
+            let record = t.pipeline.wants_rows();
+            resolve_portal_description(t);
+            let Some(run) = current_run(t) else {
+                out.extend_from_slice(&f.bytes);
+                return;
+            };
+            run.outcome.rows += 1;
+            let Some(described) = run.described.clone() else {
+                // Rows with no description at all (the client never asked
+                // for one): cordon cannot classify them, so they do not pass.
+                run.refused = Some(Denied {
+                    rule: "classification".into(),
+                    message: "result rows arrived without a row description; describe the statement or portal".into(),
+                });
+                swallow_start(t);
+                return;
+            };
+            if let Some(d) = described.plan.deny.clone() {
+                run.refused = Some(d);
+                swallow_start(t);
+                return;
+            }
+            let binary = run.binary.clone();
+            let mut counts = std::mem::take(&mut run.outcome.masked);
+            let rewritten = if described.plan.active() {
+                mask_row(f.body(), &described, &binary, &t.gov, &mut counts)
+            } else {
+                Ok(None)
+            };
+            if let Some(run) = current_run(t) {
+                run.outcome.masked = counts;
+            }
+            let bytes = match rewritten {
+                Ok(Some(b)) => b,
+                Ok(None) => f.bytes.clone(),
+                Err(e) => {
+                    if let Some(run) = current_run(t) {
+                        run.refused = Some(Denied { rule: "mask".into(), message: e });
+                    }
+                    swallow_start(t);
+                    return;
+                }
+            };
             if record {
-                let values = wire::data_row(f.body());
+                let values = wire::data_row(bytes.get(5..).unwrap_or_default());
                 t.pipeline.row(id, &values);
             }
-            if let Some((_, o)) = head(t) {
-                o.rows += 1;
+            out.extend_from_slice(&bytes);
+            return;
+        }
+        b'H' => {
+            if let Some(run) = current_run(t) {
+                run.copy_out = true;
             }
         }
         b'd' => {
-            // COPY TO STDOUT data.
+            let detectors = t.gov.classifier.detectors;
+            if detectors && current_run(t).is_some_and(|r| r.copy_out) {
+                if let Some(bytes) = mask_copy_line(f.body(), t) {
+                    if t.pipeline.wants_rows() {
+                        let id = head_id(t);
+                        let line = String::from_utf8_lossy(bytes.get(5..).unwrap_or_default()).trim_end_matches('\n').to_string();
+                        t.pipeline.row(id, &[Some(line)]);
+                    }
+                    out.extend_from_slice(&bytes);
+                    return;
+                }
+            }
             if t.pipeline.wants_rows() {
                 let id = head_id(t);
                 let line = String::from_utf8_lossy(f.body()).trim_end_matches('\n').to_string();
                 t.pipeline.row(id, &[Some(line)]);
             }
         }
-        b'C' => {
-            let tag = String::from_utf8_lossy(Body::new(f.body()).cstr().unwrap_or_default()).into_owned();
-            let simple = matches!(t.queue.front(), Some(Entry::Stmt { simple: true, .. }));
-            if let Some((_, o)) = head(t) {
+        b'C' | b'I' | b's' => {
+            let tag = if f.tag == b'C' {
+                String::from_utf8_lossy(Body::new(f.body()).cstr().unwrap_or_default()).into_owned()
+            } else {
+                String::new()
+            };
+            let simple = matches!(t.queue.front(), Some(Req::Simple(_) | Req::Func(_)));
+            if let Some(run) = current_run(t) {
+                if f.tag == b's' {
+                    run.outcome.suspended = true;
+                }
                 if let Some(n) = wire::tag_rows(&tag) {
-                    if tag.starts_with("SELECT") || tag.starts_with("FETCH") {
-                        // Already counted from DataRows.
-                    } else {
-                        o.rows += n;
+                    if !(tag.starts_with("SELECT") || tag.starts_with("FETCH")) {
+                        run.outcome.rows += n;
                     }
                 }
-                o.tags.push(tag);
-            }
-            if !simple {
-                finish_head(t);
-            }
-        }
-        b'I' | b's' => {
-            let simple = matches!(t.queue.front(), Some(Entry::Stmt { simple: true, .. }));
-            if let Some((_, o)) = head(t) {
-                if f.tag == b's' {
-                    o.suspended = true;
-                } else {
-                    o.tags.push(String::new());
+                if f.tag != b's' {
+                    run.outcome.tags.push(tag);
                 }
             }
             if !simple {
-                finish_head(t);
+                if let Some(Req::Exec(run)) = t.queue.pop_front() {
+                    finish_run(t, &run);
+                }
             }
         }
         b'E' => {
             let e = wire::server_error(f.body());
             let id = head_id(t);
             t.pipeline.notice(id, "error", serde_json::json!({"severity": e.severity, "code": e.code, "message": e.message}));
-            let simple = matches!(t.queue.front(), Some(Entry::Stmt { simple: true, .. }));
-            let is_stmt = matches!(t.queue.front(), Some(Entry::Stmt { .. }));
-            if let Some((_, o)) = head(t) {
-                o.error = Some(e);
+            let simple = matches!(t.queue.front(), Some(Req::Simple(_) | Req::Func(_)));
+            if let Some(run) = current_run(t) {
+                run.outcome.error = Some(e);
             }
-            if is_stmt && !simple {
-                finish_head(t);
-                // The server skips the rest of the pipeline until Sync.
-                while let Some(Entry::Stmt { .. }) = t.queue.front() {
-                    if let Some(Entry::Stmt { admitted, mut outcome, .. }) = t.queue.pop_front() {
-                        outcome.skipped = true;
-                        t.pipeline.finish(&admitted, &outcome);
+            if !simple {
+                // The failing request, then everything up to Sync is skipped.
+                if let Some(Req::Exec(run)) = t.queue.front() {
+                    let _ = run;
+                }
+                if let Some(req) = t.queue.pop_front() {
+                    if let Req::Exec(run) = req {
+                        finish_run(t, &run);
                     }
                 }
+                skip_to_sync(t);
             }
         }
         b'N' => {
@@ -483,21 +1032,210 @@ fn on_server_frame(t: &mut Tracker, f: &Frame, out: &mut BytesMut, ctx: &Ctx) {
             t.pipeline.notice(0, "notification", serde_json::json!({"pid": pid, "channel": channel, "payload": payload}));
         }
         b'Z' => {
-            // Ends a simple query, or everything up to the first Sync.
-            match t.queue.front() {
-                Some(Entry::Stmt { simple: true, .. }) => finish_head(t),
-                _ => loop {
-                    match t.queue.pop_front() {
-                        Some(Entry::Sync) | None => break,
-                        Some(Entry::Stmt { admitted, mut outcome, .. }) => {
-                            outcome.skipped = outcome.tags.is_empty() && outcome.error.is_none() && !outcome.suspended;
-                            t.pipeline.finish(&admitted, &outcome);
-                        }
-                    }
-                },
+            t.status = Body::new(f.body()).u8().unwrap_or(b'I');
+            if t.swallowing {
+                t.swallowing = false;
             }
+            ready(t, out);
         }
         _ => {}
     }
     out.extend_from_slice(&f.bytes);
+}
+
+/// ReadyForQuery: ends a simple query (or function call), or everything up
+/// to the first Sync.
+fn ready(t: &mut Tracker, out: &mut BytesMut) {
+    match t.queue.front() {
+        Some(Req::Simple(_) | Req::Func(_)) => {
+            if let Some(Req::Simple(run) | Req::Func(run)) = t.queue.pop_front() {
+                if let Some(d) = &run.refused {
+                    refuse(out, d);
+                }
+                let mut run = run;
+                if let Some(d) = run.refused.take() {
+                    run.outcome.denied = Some(d);
+                }
+                finish_run(t, &run);
+            }
+        }
+        _ => loop {
+            match t.queue.pop_front() {
+                Some(Req::Sync) | None => break,
+                Some(Req::Exec(mut run)) => {
+                    run.outcome.skipped = run.outcome.tags.is_empty() && run.outcome.error.is_none() && !run.outcome.suspended;
+                    finish_run(t, &run);
+                }
+                Some(Req::Denied { admitted, denied, .. }) => {
+                    t.pipeline.finish(&admitted, &Outcome { denied: Some(denied), ..Outcome::default() });
+                }
+                Some(_) => {}
+            }
+        },
+    }
+}
+
+/// Start dropping this statement's results; its error goes out when it
+/// completes.
+fn swallow_start(t: &mut Tracker) {
+    t.swallowing = true;
+}
+
+/// While swallowing: keep the books, forward nothing until ReadyForQuery.
+fn swallow(t: &mut Tracker, f: &Frame) {
+    match f.tag {
+        b'D' => {
+            if let Some(run) = current_run(t) {
+                run.outcome.rows += 1;
+            }
+        }
+        b'C' | b'I' | b's' | b'E' => {
+            if matches!(t.queue.front(), Some(Req::Exec(_))) {
+                // Extended: answer this Execute with the refusal now; later
+                // ones before Sync are not executed as far as the client knows.
+                if let Some(Req::Exec(mut run)) = t.queue.pop_front() {
+                    if let Some(d) = run.refused.take() {
+                        run.outcome.denied = Some(d);
+                    }
+                    finish_run(t, &run);
+                }
+            }
+        }
+        b'1' | b'2' | b'3' => {
+            if matches!(t.queue.front(), Some(Req::Parse | Req::Bind | Req::Close)) {
+                t.queue.pop_front();
+            }
+        }
+        _ => {}
+    }
+}
+
+fn skip_to_sync(t: &mut Tracker) {
+    while !matches!(t.queue.front(), Some(Req::Sync) | None) {
+        match t.queue.pop_front() {
+            Some(Req::Exec(mut run)) => {
+                run.outcome.skipped = true;
+                finish_run(t, &run);
+            }
+            Some(Req::Denied { admitted, denied, .. }) => {
+                t.pipeline.finish(&admitted, &Outcome { denied: Some(denied), ..Outcome::default() });
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Rewrite a DataRow with masked values; Ok(None) when nothing changed.
+fn mask_row(
+    body: &[u8],
+    d: &Described,
+    binary: &[bool],
+    g: &Governance,
+    counts: &mut BTreeMap<String, u64>,
+) -> std::result::Result<Option<Bytes>, String> {
+    let mut b = Body::new(body);
+    let n = b.i16().ok_or("a DataRow without a column count")?.max(0) as usize;
+    let mut values: Vec<Option<&[u8]>> = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = b.i32().ok_or("a DataRow cut short")?;
+        values.push(if len < 0 { None } else { Some(b.bytes(len as usize).ok_or("a DataRow value cut short")?) });
+    }
+    let mut changed: Vec<Option<Option<Vec<u8>>>> = vec![None; n];
+    for (i, action) in d.plan.cols.iter().enumerate() {
+        if *action == ColAction::Keep {
+            continue;
+        }
+        let (Some(Some(v)), Some(field)) = (values.get(i), d.fields.get(i)) else { continue };
+        let is_binary = binary.get(i).copied().unwrap_or(false);
+        let ty = types::value_type(field.type_oid, field.typmod);
+        let text = if is_binary {
+            match types::binary_to_text(field.type_oid, v) {
+                Some(t) => t,
+                // Masking by constant needs no reading; detection does.
+                None if matches!(action, ColAction::Mask { .. }) => String::new(),
+                None => continue,
+            }
+        } else {
+            match std::str::from_utf8(v) {
+                Ok(s) => s.to_string(),
+                Err(_) => continue,
+            }
+        };
+        let masked = plan::apply(action, ty, &text, &g.classifier, &g.profile, g.key.as_deref(), counts)
+            .map_err(|e| format!("column {:?}: {e}", field.name))?;
+        if let Some(m) = masked {
+            let bytes = match m {
+                None => None,
+                Some(s) if is_binary => Some(
+                    types::text_to_binary(field.type_oid, &s)
+                        .ok_or_else(|| format!("column {:?}: cannot encode the masked value in binary", field.name))?,
+                ),
+                Some(s) => Some(s.into_bytes()),
+            };
+            if let Some(slot) = changed.get_mut(i) {
+                *slot = Some(bytes);
+            }
+        }
+    }
+    if changed.iter().all(Option::is_none) {
+        return Ok(None);
+    }
+    let mut out = BytesMut::with_capacity(body.len() + 32);
+    out.put_u8(b'D');
+    out.put_i32(0);
+    out.put_i16(n as i16);
+    for (i, v) in values.iter().enumerate() {
+        let v: Option<&[u8]> = match changed.get(i) {
+            Some(Some(c)) => c.as_deref(),
+            _ => *v,
+        };
+        match v {
+            None => out.put_i32(-1),
+            Some(v) => {
+                out.put_i32(v.len() as i32);
+                out.put_slice(v);
+            }
+        }
+    }
+    let len = (out.len() - 1) as i32;
+    if let Some(slot) = out.get_mut(1..5) {
+        slot.copy_from_slice(&len.to_be_bytes());
+    }
+    Ok(Some(out.freeze()))
+}
+
+/// COPY TO STDOUT text lines: detected spans are masked field by field.
+fn mask_copy_line(body: &[u8], t: &mut Tracker) -> Option<Bytes> {
+    let line = std::str::from_utf8(body).ok()?;
+    let g = &t.gov;
+    let mut counts = BTreeMap::new();
+    let mut changed = false;
+    let fields: Vec<String> = line
+        .split('\t')
+        .map(|field| {
+            let action = ColAction::Detect { ctx: Default::default(), counter: "copy".into() };
+            let ty = ValueType::Text { max_chars: None, fixed: false };
+            match plan::apply(&action, ty, field, &g.classifier, &g.profile, None, &mut counts) {
+                Ok(Some(Some(m))) => {
+                    changed = true;
+                    m
+                }
+                _ => field.to_string(),
+            }
+        })
+        .collect();
+    if !changed {
+        return None;
+    }
+    if let Some(run) = current_run(t) {
+        for (k, v) in counts {
+            *run.outcome.masked.entry(k).or_default() += v;
+        }
+    }
+    let text = fields.join("\t");
+    let mut out = BytesMut::with_capacity(text.len() + 5);
+    out.put_u8(b'd');
+    out.put_i32((text.len() + 4) as i32);
+    out.put_slice(text.as_bytes());
+    Some(out.freeze())
 }

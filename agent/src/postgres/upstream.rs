@@ -21,6 +21,7 @@ use super::{
 use crate::{
     config::{PgAuth, UpstreamTls},
     net::Stream,
+    secrets::Credential,
 };
 
 pub struct Upstream {
@@ -98,40 +99,7 @@ pub async fn start(hello: &mut ClientHello, ctx: &Ctx) -> Result<Upstream> {
                 }
                 match &credential {
                     Some(c) => {
-                        let mut out = BytesMut::new();
-                        let pw = c.password.expose();
-                        match code {
-                            3 => wire::password(&mut out, pw.to_string()),
-                            5 => {
-                                let salt = b.bytes(4).context("md5 request without a salt")?;
-                                wire::password(&mut out, scram::md5_password(&c.user, pw, salt));
-                            }
-                            10 => {
-                                let mut mechs = Vec::new();
-                                while let Some(m) = b.cstr() {
-                                    if m.is_empty() {
-                                        break;
-                                    }
-                                    mechs.push(String::from_utf8_lossy(m).into_owned());
-                                }
-                                if !mechs.iter().any(|m| m == "SCRAM-SHA-256") {
-                                    bail!("the server offers SASL {mechs:?}; cordon speaks SCRAM-SHA-256");
-                                }
-                                let client = scram::Client::new(pw);
-                                wire::sasl_initial(&mut out, "SCRAM-SHA-256", client.client_first().as_bytes());
-                                scram = Some(client);
-                            }
-                            11 => {
-                                let s = scram.as_mut().context("SASLContinue before SASL")?;
-                                let fin = s.client_final(b.rest())?;
-                                wire::sasl_response(&mut out, fin.as_bytes());
-                            }
-                            12 => {
-                                let s = scram.as_ref().context("SASLFinal before SASL")?;
-                                s.verify_server_final(b.rest())?;
-                            }
-                            other => bail!("the server asks for authentication method {other}, which inject mode does not speak"),
-                        }
+                        let out = answer(code, &mut b, c, &mut scram)?;
                         if !out.is_empty() {
                             stream.write_all(&out).await.context("answering the server's authentication")?;
                         }
@@ -178,7 +146,83 @@ pub async fn start(hello: &mut ClientHello, ctx: &Ctx) -> Result<Upstream> {
     }
 }
 
-async fn next(reader: &mut FrameReader, stream: &mut Stream) -> Result<Frame> {
+/// Inject mode: answer one authentication request with the credential.
+fn answer(code: i32, b: &mut Body<'_>, c: &Credential, scram: &mut Option<scram::Client>) -> Result<BytesMut> {
+    let mut out = BytesMut::new();
+    let pw = c.password.expose();
+    match code {
+        3 => wire::password(&mut out, pw.to_string()),
+        5 => {
+            let salt = b.bytes(4).context("md5 request without a salt")?;
+            wire::password(&mut out, scram::md5_password(&c.user, pw, salt));
+        }
+        10 => {
+            let mut mechs = Vec::new();
+            while let Some(m) = b.cstr() {
+                if m.is_empty() {
+                    break;
+                }
+                mechs.push(String::from_utf8_lossy(m).into_owned());
+            }
+            if !mechs.iter().any(|m| m == "SCRAM-SHA-256") {
+                bail!("the server offers SASL {mechs:?}; cordon speaks SCRAM-SHA-256");
+            }
+            let client = scram::Client::new(pw);
+            wire::sasl_initial(&mut out, "SCRAM-SHA-256", client.client_first().as_bytes());
+            *scram = Some(client);
+        }
+        11 => {
+            let s = scram.as_mut().context("SASLContinue before SASL")?;
+            let fin = s.client_final(b.rest())?;
+            wire::sasl_response(&mut out, fin.as_bytes());
+        }
+        12 => {
+            let s = scram.as_ref().context("SASLFinal before SASL")?;
+            s.verify_server_final(b.rest())?;
+        }
+        other => bail!("the server asks for authentication method {other}, which inject mode does not speak"),
+    }
+    Ok(out)
+}
+
+/// cordon's own session (for catalog lookups): connect, start as the
+/// credential's user on `database`, authenticate, wait for ReadyForQuery.
+pub async fn login(ctx: &Ctx, c: &Credential, database: &str) -> Result<(Stream, FrameReader)> {
+    let mut stream = connect(ctx).await?;
+    let mut reader = FrameReader::new(ctx.shared.max_message_bytes());
+    let params = vec![
+        ("user".to_string(), c.user.clone()),
+        ("database".to_string(), database.to_string()),
+        ("application_name".to_string(), "cordon-catalog".to_string()),
+    ];
+    let mut out = BytesMut::new();
+    wire::startup(&mut out, 196_608, &params);
+    stream.write_all(&out).await.context("sending the catalog session's startup")?;
+    let mut scram = None;
+    loop {
+        let frame = next(&mut reader, &mut stream).await?;
+        match frame.tag {
+            b'R' => {
+                let mut b = Body::new(frame.body());
+                let code = b.i32().context("authentication message without a code")?;
+                if code != 0 {
+                    let out = answer(code, &mut b, c, &mut scram)?;
+                    if !out.is_empty() {
+                        stream.write_all(&out).await?;
+                    }
+                }
+            }
+            b'E' => {
+                let e = wire::server_error(frame.body());
+                bail!("the catalog session was refused: {}: {}", e.code, e.message);
+            }
+            b'Z' => return Ok((stream, reader)),
+            _ => {}
+        }
+    }
+}
+
+pub async fn next(reader: &mut FrameReader, stream: &mut Stream) -> Result<Frame> {
     loop {
         if let Some(f) = reader.next_frame()? {
             return Ok(f);

@@ -1,0 +1,222 @@
+//! The database's own catalog, read over cordon's own connection: table and
+//! column names for the OIDs a RowDescription carries, and the labels the
+//! database holds (comments containing `classification: <label>`, and
+//! SECURITY LABELs).
+//!
+//! One catalog per (server, database), shared by all sessions, cached.
+//! Entries expire after `TTL`; a DDL, COMMENT or SECURITY LABEL statement
+//! that passes through cordon clears the cache at once.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+
+use super::{frame::FrameReader, upstream, wire, Ctx};
+use crate::{net::Stream, pipeline::guard::TableRef, secrets::Credential};
+
+const TTL: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnInfo {
+    pub attnum: i16,
+    pub name: String,
+    /// Comment and security labels, joined.
+    pub labels_text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableInfo {
+    pub oid: u32,
+    pub db: String,
+    pub schema: String,
+    pub name: String,
+    pub labels_text: String,
+    pub columns: Vec<ColumnInfo>,
+}
+
+impl TableInfo {
+    pub fn column(&self, attnum: i16) -> Option<&ColumnInfo> {
+        self.columns.iter().find(|c| c.attnum == attnum)
+    }
+}
+
+pub struct Catalog {
+    pub key: (SocketAddr, String),
+    conn: tokio::sync::Mutex<Option<(Stream, FrameReader)>>,
+    by_oid: Mutex<HashMap<u32, (Instant, Arc<TableInfo>)>>,
+    by_name: Mutex<HashMap<TableRef, (Instant, Option<u32>)>>,
+}
+
+impl Catalog {
+    pub fn new(upstream: SocketAddr, database: &str) -> Self {
+        Self {
+            key: (upstream, database.to_string()),
+            conn: tokio::sync::Mutex::new(None),
+            by_oid: Mutex::new(HashMap::new()),
+            by_name: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn invalidate(&self) {
+        if let Ok(mut m) = self.by_oid.lock() {
+            m.clear();
+        }
+        if let Ok(mut m) = self.by_name.lock() {
+            m.clear();
+        }
+    }
+
+    /// A cached table, fresh or not (plans use what was resolved for them).
+    pub fn table(&self, oid: u32) -> Option<Arc<TableInfo>> {
+        self.by_oid.lock().ok()?.get(&oid).map(|(_, t)| t.clone())
+    }
+
+    /// A cached name lookup: Some(None) = known not to exist.
+    pub fn by_name(&self, t: &TableRef) -> Option<Option<Arc<TableInfo>>> {
+        let oid = self.by_name.lock().ok()?.get(t).map(|(_, o)| *o)?;
+        Some(oid.and_then(|o| self.table(o)))
+    }
+
+    fn fresh_oid(&self, oid: u32) -> bool {
+        self.by_oid.lock().is_ok_and(|m| m.get(&oid).is_some_and(|(at, _)| at.elapsed() < TTL))
+    }
+
+    fn fresh_name(&self, t: &TableRef) -> bool {
+        self.by_name.lock().is_ok_and(|m| m.get(t).is_some_and(|(at, _)| at.elapsed() < TTL))
+    }
+
+    /// Make sure these table OIDs are known (one query for all misses).
+    pub async fn resolve_oids(&self, ctx: &Ctx, cred: &Credential, oids: &[u32]) -> Result<()> {
+        let missing: Vec<u32> = oids.iter().copied().filter(|o| *o != 0 && !self.fresh_oid(*o)).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let list = missing.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        let rows = self.query(ctx, cred, &table_query(&format!("c.oid in ({list})"))).await?;
+        self.store(rows);
+        Ok(())
+    }
+
+    /// Make sure these tables (as written in SQL) are known.
+    pub async fn resolve_names(&self, ctx: &Ctx, cred: &Credential, tables: &[TableRef]) -> Result<()> {
+        for t in tables {
+            if self.fresh_name(t) {
+                continue;
+            }
+            let qualified = match &t.schema {
+                Some(s) => format!("{}.{}", quote_ident(s), quote_ident(&t.name)),
+                None => quote_ident(&t.name),
+            };
+            let cond = format!("c.oid = to_regclass({})", quote_literal(&qualified));
+            let rows = self.query(ctx, cred, &table_query(&cond)).await?;
+            let oid = self.store(rows);
+            if let Ok(mut m) = self.by_name.lock() {
+                m.insert(t.clone(), (Instant::now(), oid));
+            }
+        }
+        Ok(())
+    }
+
+    /// Cache the rows; returns the (first) table's OID.
+    fn store(&self, rows: Vec<Vec<Option<String>>>) -> Option<u32> {
+        let mut tables: HashMap<u32, TableInfo> = HashMap::new();
+        let mut first = None;
+        for r in rows {
+            let col = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
+            let Ok(oid) = col(0).parse::<u32>() else { continue };
+            first.get_or_insert(oid);
+            let t = tables.entry(oid).or_insert_with(|| TableInfo {
+                oid,
+                db: col(1),
+                schema: col(2),
+                name: col(3),
+                labels_text: format!("{} {}", col(4), col(5)),
+                columns: Vec::new(),
+            });
+            if let Ok(attnum) = col(6).parse::<i16>() {
+                t.columns.push(ColumnInfo { attnum, name: col(7), labels_text: format!("{} {}", col(8), col(9)) });
+            }
+        }
+        if let Ok(mut m) = self.by_oid.lock() {
+            let now = Instant::now();
+            for (oid, t) in tables {
+                m.insert(oid, (now, Arc::new(t)));
+            }
+        }
+        first
+    }
+
+    async fn query(&self, ctx: &Ctx, cred: &Credential, sql: &str) -> Result<Vec<Vec<Option<String>>>> {
+        let mut guard = self.conn.lock().await;
+        // One retry on a fresh connection: the old one may have gone away.
+        for attempt in 0..2 {
+            if guard.is_none() {
+                *guard = Some(upstream::login(ctx, cred, &self.key.1).await?);
+            }
+            let Some((stream, reader)) = guard.as_mut() else { bail!("no catalog connection") };
+            match simple_query(stream, reader, sql).await {
+                Ok(rows) => return Ok(rows),
+                Err(e) if attempt == 0 => {
+                    tracing::debug!("catalog query failed, reconnecting: {e:#}");
+                    *guard = None;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        bail!("catalog query failed")
+    }
+}
+
+fn table_query(cond: &str) -> String {
+    format!(
+        "select c.oid, current_database(), n.nspname, c.relname, \
+         coalesce(obj_description(c.oid, 'pg_class'), ''), \
+         coalesce((select string_agg(label, ' ') from pg_seclabel s where s.objoid = c.oid \
+                   and s.classoid = 'pg_class'::regclass and s.objsubid = 0), ''), \
+         a.attnum, a.attname, coalesce(col_description(c.oid, a.attnum), ''), \
+         coalesce((select string_agg(label, ' ') from pg_seclabel s where s.objoid = c.oid \
+                   and s.classoid = 'pg_class'::regclass and s.objsubid = a.attnum), '') \
+         from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+         left join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped \
+         where {cond} order by c.oid, a.attnum"
+    )
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+async fn simple_query(stream: &mut Stream, reader: &mut FrameReader, sql: &str) -> Result<Vec<Vec<Option<String>>>> {
+    let mut out = BytesMut::new();
+    bytes::BufMut::put_u8(&mut out, b'Q');
+    bytes::BufMut::put_i32(&mut out, (4 + sql.len() + 1) as i32);
+    bytes::BufMut::put_slice(&mut out, sql.as_bytes());
+    bytes::BufMut::put_u8(&mut out, 0);
+    stream.write_all(&out).await.context("sending a catalog query")?;
+    let mut rows = Vec::new();
+    let mut error = None;
+    loop {
+        let f = upstream::next(reader, stream).await?;
+        match f.tag {
+            b'D' => rows.push(wire::data_row(f.body())),
+            b'E' => error = Some(wire::server_error(f.body())),
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    match error {
+        Some(e) => bail!("catalog query failed: {}: {}", e.code, e.message),
+        None => Ok(rows),
+    }
+}
