@@ -484,21 +484,22 @@ impl Validator<'_> {
                 self.error(pspan, &field(if parts == 4 { "column" } else { "table" }), format!("use {what} (globs allowed, e.g. \"*.public.customers.ssn\")"));
                 continue;
             }
-            let Some(label) = c.labels.rank(r.label.get_ref()) else {
-                let known: Vec<&str> = (0..c.labels.len()).map(|k| c.labels.name(k)).collect();
-                self.error(r.label.span(), &field("label"), format!("unknown label {:?}; labels are [{}]", r.label.get_ref(), known.join(", ")));
-                continue;
-            };
             let strategy = match &r.mask {
                 Some(m) => match m.get_ref().parse::<Strategy>() {
-                    Ok(s) => s,
+                    Ok(s) => Some(s),
                     Err(e) => {
                         self.error(m.span(), &field("mask"), e);
-                        continue;
+                        None
                     }
                 },
-                None => Strategy::Redact,
+                None => Some(Strategy::Redact),
             };
+            let label = c.labels.rank(r.label.get_ref());
+            if label.is_none() {
+                let known: Vec<&str> = (0..c.labels.len()).map(|k| c.labels.name(k)).collect();
+                self.error(r.label.span(), &field("label"), format!("unknown label {:?}; labels are [{}]", r.label.get_ref(), known.join(", ")));
+            }
+            let (Some(label), Some(strategy)) = (label, strategy) else { continue };
             match Rule::new(&pattern, label, strategy) {
                 Ok(rule) => c.rules.push(rule),
                 Err(e) => self.error(pspan, &field("column"), e),
