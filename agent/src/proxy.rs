@@ -167,6 +167,7 @@ async fn session(
     };
     shared.sessions_open.fetch_sub(1, Ordering::Relaxed);
     close = close
+        .with_event("close")
         .with("outcome", outcome)
         .with("bytes_up", counts.bytes_up)
         .with("bytes_down", counts.bytes_down)

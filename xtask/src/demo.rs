@@ -29,8 +29,11 @@ pub fn run() -> Result<()> {
     say(&format!("starting a throwaway PostgreSQL on {PG_HOST}:{PG_PORT} that requires TLS and SCRAM-SHA-256"));
     let pg = Postgres::start_secure(&[PG_HOST], PG_PORT)?;
     pg.admin_sql(
-        "create table orders(id int primary key, customer text, total numeric); \
-         insert into orders values (1, 'ada', 42.50), (2, 'grace', 17.00); grant select on orders to app",
+        "create table customers(id int primary key, name text, ssn text, card text, note text); \
+         insert into customers values \
+           (1, 'ada', '123-45-6789', '4111 1111 1111 1111', 'prefers email: ada@example.com'), \
+           (2, 'grace', '219-09-9999', '5500 0000 0000 0004', 'VIP'); \
+         grant select, insert, update, delete on customers to app",
     )?;
     // The secrets file and the server's CA, where policies/demo.toml expects them.
     let _ = std::fs::remove_dir_all("/run/cordon-demo");
@@ -60,16 +63,24 @@ pub fn run() -> Result<()> {
     print_section("cordon tags", &stdout(&agent.cli(&["tags"])));
 
     say("running psql as user `nobody`, with no password, in the tagged cgroup cordon-demo/ci-job-1, against the database's normal address");
-    let query = "select id, customer, total from orders order by id";
-    let cmdline = format!("psql -h {PG_HOST} -p {PG_PORT} -U postgres -c '{query}'   # no password");
-    let out = psql(Some(&ci), PG_HOST, PG_PORT, query);
-    if !out.status.success() {
-        bail!("psql failed: {}\n{}", stderr(&out), agent.log_text());
+    let query = "select id, name, ssn, card, note from customers order by id";
+    let drop_sql = "drop table customers";
+    let out = ci
+        .command("psql")
+        .args(["-X", "-At", "-h", PG_HOST, "-p", &PG_PORT.to_string(), "-U", "postgres", "-c", query, "-c", drop_sql])
+        .output()
+        .context("running psql")?;
+    print_section(
+        &format!("$ psql -h {PG_HOST} -p {PG_PORT} -U postgres -c '{query}' -c '{drop_sql}'   # no password; in cordon-demo/ci-job-1, as nobody"),
+        &format!("{}\n{}", stdout(&out), stderr(&out)),
+    );
+    if !stdout(&out).contains("**** **** **** 1111") || !stderr(&out).contains("rule ddl") {
+        bail!("the demo expected a masked card and a refused DROP TABLE\n{}", agent.log_text());
     }
-    print_section(&format!("$ {cmdline}   (in cordon-demo/ci-job-1, as nobody)"), &stdout(&out));
+    print_section("the same query on the server's own socket, for comparison (not through cordon)", &pg.admin_sql(query)?);
 
     let untagged = Cgroup::create("cordon-demo/adhoc")?;
-    let out = psql(Some(&untagged), PG_HOST, PG_PORT, "select count(*) from orders");
+    let out = psql(Some(&untagged), PG_HOST, PG_PORT, "select count(*) from customers");
     if out.status.success() {
         bail!("the untagged psql got in without a password: the server is not requiring one");
     }
@@ -93,8 +104,8 @@ pub fn run() -> Result<()> {
         "the session's open record (hash-chained JSON Lines, fsync'd)",
         &serde_json::to_string_pretty(&open).context("formatting")?,
     );
-    if let Some(stmt) = agent.audit_events("statement").into_iter().next() {
-        print_section("its statement record", &serde_json::to_string_pretty(&stmt).context("formatting")?);
+    if let Some(stmt) = agent.audit_events("statement").into_iter().find(|s| s["verdict"] == "deny") {
+        print_section("the refused statement's record", &serde_json::to_string_pretty(&stmt).context("formatting")?);
     }
 
     say("cleaning up: stopping cordon, detaching its programs, stopping PostgreSQL");
