@@ -3,6 +3,7 @@
 //! `setup` installs every prerequisite idempotently and says what it does;
 //! `test` and `demo` run it first, so a fresh machine needs nothing else.
 
+mod bench;
 mod demo;
 mod setup;
 mod util;
@@ -16,6 +17,7 @@ fn main() {
         Some("build") => setup::run().and_then(|()| build(false)),
         Some("test") => test(&args[1..]),
         Some("demo") => demo::run(),
+        Some("bench") => bench::run(args.get(1).map_or("all", String::as_str)),
         _ => usage(),
     };
     if let Err(e) = result {
@@ -27,7 +29,7 @@ fn main() {
 fn usage() -> Result<()> {
     bail!(
         "usage: cargo xtask <command>\n  setup  install prerequisites (idempotent)\n  build  build the agent (and its eBPF programs)\n  \
-         test   unit tests and end-to-end tests (root for the e2e part)\n  demo   the end-to-end demo"
+         test   unit tests and end-to-end tests (root for the e2e part)\n  demo   the end-to-end demo\n  bench  [pg|micro|all] benchmarks, written to BENCHMARKS.md"
     )
 }
 

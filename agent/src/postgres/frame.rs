@@ -47,6 +47,11 @@ impl FrameReader {
         Self { buf: BytesMut::with_capacity(READ_CHUNK), max }
     }
 
+    /// Append bytes as if read (benchmarks and tests).
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
     /// Bytes read but not yet framed.
     pub fn buffered(&self) -> usize {
         self.buf.len()

@@ -1,0 +1,94 @@
+//! Micro benchmarks (criterion): classification + masking throughput on
+//! realistic values, one core; and framing throughput for DataRow streams.
+//! `cargo xtask bench micro` runs these and reads criterion's estimates.
+
+use std::{collections::BTreeMap, path::Path};
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use cordon::{
+    config,
+    pipeline::{
+        classify::Strategy,
+        detect::Context,
+        mask::ValueType,
+        plan::{self, ColAction},
+    },
+    postgres::frame::FrameReader,
+};
+
+const POLICY: &str = r#"
+[profiles.bench]
+description = "bench"
+"#;
+
+/// A realistic mix: short ids, names, emails, card numbers, free text,
+/// 16-digit order ids, timestamps.
+fn values() -> Vec<(ColAction, &'static str)> {
+    let detect = |name: &str| ColAction::Detect { ctx: Context::from_column(name), counter: name.to_string() };
+    let mask = |s: Strategy| ColAction::Mask { strategy: s, counter: "m".into() };
+    vec![
+        (detect("id"), "184467"),
+        (detect("name"), "Ada Lovelace"),
+        (detect("email"), "ada.lovelace@example.com"),
+        (mask(Strategy::Partial), "4111 1111 1111 1111"),
+        (detect("note"), "Customer asked to be called back tomorrow morning about the invoice."),
+        (detect("order_id"), "4111111111111111"),
+        (detect("created_at"), "2026-11-21 23:35:46.123456+00"),
+        (detect("city"), "London"),
+        (detect("comment"), "card on file 5500 0000 0000 0004, contact +44 20 7946 0958"),
+        (mask(Strategy::Redact), "123-45-6789"),
+    ]
+}
+
+fn classify_and_mask(c: &mut Criterion) {
+    let policy = config::parse(Path::new("bench.toml"), POLICY).unwrap_or_else(|e| panic!("{e}"));
+    let profile = policy.profiles.first().cloned().unwrap_or_else(|| panic!("profile"));
+    let classifier = policy.classifier.clone();
+    let vals = values();
+    let ty = ValueType::Text { max_chars: None, fixed: false };
+    let mut g = c.benchmark_group("pipeline");
+    g.throughput(Throughput::Elements(vals.len() as u64));
+    g.bench_function("classify_mask_values", |b| {
+        let mut counts = BTreeMap::new();
+        b.iter(|| {
+            for (action, v) in &vals {
+                let r = plan::apply(action, ty, black_box(v), &classifier, &profile, None, &mut counts);
+                black_box(&r);
+            }
+        })
+    });
+    g.finish();
+}
+
+fn framing(c: &mut Criterion) {
+    // 1,000 DataRows of 3 columns, as a server sends them.
+    let mut wire = Vec::new();
+    for i in 0..1000u32 {
+        let cols = [i.to_string(), "Ada Lovelace".to_string(), "ada.lovelace@example.com".to_string()];
+        let body_len: usize = 2 + cols.iter().map(|c| 4 + c.len()).sum::<usize>();
+        wire.push(b'D');
+        wire.extend_from_slice(&((body_len + 4) as i32).to_be_bytes());
+        wire.extend_from_slice(&3i16.to_be_bytes());
+        for c in &cols {
+            wire.extend_from_slice(&(c.len() as i32).to_be_bytes());
+            wire.extend_from_slice(c.as_bytes());
+        }
+    }
+    let mut g = c.benchmark_group("framing");
+    g.throughput(Throughput::Elements(1000));
+    g.bench_function("datarow_frames", |b| {
+        b.iter(|| {
+            let mut r = FrameReader::new(1 << 26);
+            r.push(black_box(&wire));
+            let mut n = 0;
+            while let Ok(Some(f)) = r.next_frame() {
+                n += f.bytes.len();
+            }
+            black_box(n)
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, classify_and_mask, framing);
+criterion_main!(benches);
