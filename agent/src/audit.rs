@@ -34,6 +34,8 @@ const HEAD: &str = "audit.head";
 const ANCHOR: &str = "audit.anchor";
 /// Size of the head file; written in place (one sector) with pwrite.
 const HEAD_LEN: usize = 128;
+/// Longest a lazily submitted record stays written but not synced.
+const LAZY_SYNC: Duration = Duration::from_millis(50);
 
 /// One audit record. `event` says which: `open`, `close`, `reject`,
 /// `statement`, `statement_end`, `cancel`, `agent`.
@@ -138,6 +140,13 @@ impl AuditLog {
         Pending(wait)
     }
 
+    /// Queue a record nobody waits for: it is written at once and made
+    /// durable with the next record someone does wait for (or within
+    /// `LAZY_SYNC`), so statement ends do not each cost an fsync.
+    pub fn submit_lazy(&self, record: Record) {
+        let _ = self.tx.send(Job::Write(record, None));
+    }
+
     /// Write and wait until the record is on disk.
     pub async fn write(&self, record: Record) -> Result<()> {
         self.submit(record).durable().await
@@ -159,6 +168,8 @@ struct Writer {
     head: File,
     seq: u64,
     last_hash: String,
+    /// Written but not yet synced.
+    dirty: bool,
 }
 
 fn segment_name(first_seq: u64) -> String {
@@ -243,11 +254,31 @@ impl Writer {
             .mode(0o600)
             .open(dir.join(HEAD))
             .with_context(|| format!("opening {}", dir.join(HEAD).display()))?;
-        Ok(Self { dir: dir.to_owned(), settings, file, size, head, seq, last_hash })
+        Ok(Self { dir: dir.to_owned(), settings, file, size, head, seq, last_hash, dirty: false })
     }
 
     fn run(&mut self, rx: &mpsc::Receiver<Job>) {
-        while let Ok(first) = rx.recv() {
+        loop {
+            let first = if self.dirty {
+                match rx.recv_timeout(LAZY_SYNC) {
+                    Ok(j) => j,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        if let Err(e) = self.sync() {
+                            tracing::error!("audit log: {e:#}");
+                        }
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        let _ = self.sync();
+                        return;
+                    }
+                }
+            } else {
+                match rx.recv() {
+                    Ok(j) => j,
+                    Err(_) => return,
+                }
+            };
             let mut batch = vec![first];
             while batch.len() < 512 {
                 match rx.try_recv() {
@@ -270,7 +301,9 @@ impl Writer {
                     }
                 }
             }
-            let mut result = self.append(records);
+            // Only a batch someone waits for is synced now.
+            let waited = !done.is_empty();
+            let mut result = self.append(records, waited);
             if prune && result.is_ok() {
                 result = self.prune();
             }
@@ -284,9 +317,9 @@ impl Writer {
         }
     }
 
-    fn append(&mut self, records: Vec<Record>) -> Result<()> {
+    fn append(&mut self, records: Vec<Record>, sync: bool) -> Result<()> {
         if records.is_empty() {
-            return Ok(());
+            return if sync { self.sync() } else { Ok(()) };
         }
         if self.size >= self.settings.segment_max_bytes {
             self.rotate()?;
@@ -302,8 +335,23 @@ impl Writer {
             buf.push(b'\n');
         }
         self.file.write_all(&buf).context("appending to the audit log")?;
-        self.file.sync_data().context("syncing the audit log")?;
         self.size += buf.len() as u64;
+        self.dirty = true;
+        if sync {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// fdatasync the log, then record the new end in the head. The head is
+    /// not synced: after a crash it can only be behind the log, which
+    /// `verify` accepts; removing records still leaves it ahead.
+    fn sync(&mut self) -> Result<()> {
+        if !self.dirty {
+            return Ok(());
+        }
+        self.file.sync_data().context("syncing the audit log")?;
+        self.dirty = false;
         self.write_head()
     }
 
@@ -313,11 +361,11 @@ impl Writer {
         if let Some(dst) = block.get_mut(..mark.len()) {
             dst.copy_from_slice(&mark);
         }
-        self.head.write_all_at(&block, 0).context("writing the audit head")?;
-        self.head.sync_data().context("syncing the audit head")
+        self.head.write_all_at(&block, 0).context("writing the audit head")
     }
 
     fn rotate(&mut self) -> Result<()> {
+        self.sync()?;
         let path = self.dir.join(segment_name(self.seq + 1));
         self.file = open_append(&path)?;
         self.size = 0;

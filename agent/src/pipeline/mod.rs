@@ -196,7 +196,7 @@ impl SessionPipeline {
             .with("stmt", admitted.id)
             .with("duration_us", duration_us)
             .with("outcome", outcome);
-        drop(self.audit.submit(rec));
+        self.audit.submit_lazy(rec);
     }
 
     /// Close the recording; its hash goes into the session's close record.

@@ -26,19 +26,24 @@ pub struct Cache {
 }
 
 impl Cache {
+    /// Keyed by the normalised text (literals as `?`, comments dropped):
+    /// what a statement does does not depend on its literals' values, and
+    /// a workload that inlines values (pgbench -S, ORMs without binding)
+    /// then parses each shape once.
     pub fn analyse(&self, sql: &str) -> Analysis {
+        let key = crate::pipeline::fingerprint::normalize(sql);
         if let Ok(m) = self.map.lock() {
-            if let Some(a) = m.get(sql) {
+            if let Some(a) = m.get(&key) {
                 return a.clone();
             }
         }
         let a = analyse(sql).map(Arc::new);
-        if sql.len() <= CACHE_MAX_TEXT {
+        if key.len() <= CACHE_MAX_TEXT && a.is_ok() {
             if let Ok(mut m) = self.map.lock() {
                 if m.len() >= CACHE_MAX {
                     m.clear();
                 }
-                m.insert(sql.to_string(), a.clone());
+                m.insert(key, a.clone());
             }
         }
         a
@@ -51,16 +56,24 @@ pub fn analyse(sql: &str) -> Result<Vec<StmtFacts>, String> {
     }
     let parsed = pg_query::parse(sql, 0).map_err(|e| format!("{e}"))?;
     let mut out = Vec::new();
+    let single = parsed.protobuf.stmts.len() == 1;
     for raw in &parsed.protobuf.stmts {
         let Some(node) = raw.stmt.as_ref().and_then(|n| n.node.as_ref()) else { continue };
-        // Parse the statement's own text again for its tables and functions.
-        let start = usize::try_from(raw.stmt_location).unwrap_or(0);
-        let end = match usize::try_from(raw.stmt_len) {
-            Ok(0) | Err(_) => sql.len(),
-            Ok(l) => start.saturating_add(l).min(sql.len()),
+        // Several statements: parse each one's own text again for its
+        // tables and functions.
+        let reparsed;
+        let own = if single {
+            &parsed
+        } else {
+            let start = usize::try_from(raw.stmt_location).unwrap_or(0);
+            let end = match usize::try_from(raw.stmt_len) {
+                Ok(0) | Err(_) => sql.len(),
+                Ok(l) => start.saturating_add(l).min(sql.len()),
+            };
+            let text = sql.get(start..end).unwrap_or(sql);
+            reparsed = pg_query::parse(text, 0).map_err(|e| format!("{e}"))?;
+            &reparsed
         };
-        let text = sql.get(start..end).unwrap_or(sql);
-        let own = pg_query::parse(text, 0).map_err(|e| format!("{e}"))?;
         let reads: Vec<TableRef> = own.select_tables().iter().map(|t| table_ref(t)).collect();
         let functions: Vec<String> = own
             .functions()
@@ -187,6 +200,12 @@ fn describe(node: &NodeEnum, f: &mut StmtFacts) {
             None => StmtKind::Control,
         },
         NodeEnum::CallStmt(_) => StmtKind::Write,
+        // With standard_conforming_strings off, backslashes escape quotes
+        // and the server would read a statement differently from cordon's
+        // parser: changing it is refused like DDL.
+        NodeEnum::VariableSetStmt(v) if v.name.eq_ignore_ascii_case("standard_conforming_strings") => {
+            StmtKind::Ddl { command: "SET standard_conforming_strings".into() }
+        }
         NodeEnum::TransactionStmt(_)
         | NodeEnum::VariableSetStmt(_)
         | NodeEnum::VariableShowStmt(_)

@@ -97,6 +97,15 @@ async fn negotiate_inner(mut stream: Stream, ctx: &Ctx) -> Result<Hello> {
                 if !params.iter().any(|(k, _)| k == "user") {
                     bail!("the startup message names no user");
                 }
+                // cordon parses SQL with standard_conforming_strings on; a
+                // session that turns it off would be read differently by the
+                // server. Refused at startup as it is by SET.
+                if params.iter().any(|(k, v)| {
+                    k.eq_ignore_ascii_case("standard_conforming_strings")
+                        || (k == "options" && v.contains("standard_conforming_strings"))
+                }) {
+                    bail!("the startup message sets standard_conforming_strings, which cordon does not allow");
+                }
                 return Ok(Hello::Startup(ClientHello { stream, reader, version: v, params }));
             }
             other => bail!("unsupported protocol version or request code {other}"),

@@ -19,6 +19,8 @@ fn statement_kinds() {
     assert_eq!(kinds("do $$ begin drop table t; end $$"), [StmtKind::Do]);
     assert!(matches!(&kinds("explain analyze delete from t")[0], StmtKind::Write));
     assert!(matches!(&kinds("select * into t2 from t")[0], StmtKind::Ddl { .. }));
+    assert!(matches!(&kinds("set standard_conforming_strings = off")[0], StmtKind::Ddl { .. }));
+    assert_eq!(kinds("set search_path = public"), [StmtKind::Control]);
 }
 
 #[test]
@@ -54,4 +56,7 @@ fn parse_errors_are_errors() {
     let c = Cache::default();
     assert!(c.analyse("selec 1").is_err());
     assert!(c.analyse("select 1").is_ok());
+    // Same shape, other literal: served from the cache, same facts.
+    assert_eq!(c.analyse("select 2").map(|f| f.len()), Ok(1));
+    assert!(c.analyse("select 'x'; drop table t").is_ok_and(|f| f.len() == 2));
 }
