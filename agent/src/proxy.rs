@@ -112,19 +112,18 @@ async fn session(
         .with("rule", &rule.name)
         .with("protocol", rule.protocol)
         .with("upstream", upstream_addr.to_string());
-    // The open record is durable before any byte reaches the server.
-    if let Err(e) = shared.audit.write(open).await {
-        warn!("audit write failed, refusing the session: {e:#}");
-        return;
-    }
+    // The open record's fsync overlaps the upstream connect; it is durable
+    // before any of the workload's data (bytes, or a statement) is relayed.
+    let open_durable = shared.audit.submit(open);
     info!(rule = %rule.name, upstream = %upstream_addr, "session open");
     shared.sessions_open.fetch_add(1, Ordering::Relaxed);
 
     let mut close = base("close");
     let (outcome, counts, error) = match rule.protocol {
-        Protocol::Tcp => match connect_upstream(upstream_addr, &shared).await {
-            Err(e) => ("upstream_connect_failed", relay::Counts::default(), Some(format!("{e:#}"))),
-            Ok(mut upstream) => {
+        Protocol::Tcp => match tokio::join!(connect_upstream(upstream_addr, &shared), open_durable.durable()) {
+            (_, Err(e)) => ("audit_failed", relay::Counts::default(), Some(format!("{e:#}"))),
+            (Err(e), _) => ("upstream_connect_failed", relay::Counts::default(), Some(format!("{e:#}"))),
+            (Ok(mut upstream), Ok(())) => {
                 let mut client = client;
                 match relay::relay(&mut client, &mut upstream, shared.idle_timeout()).await {
                     RelayEnd::Closed(c) => ("closed", c, None),
@@ -147,6 +146,7 @@ async fn session(
                 profile,
                 upstream: upstream_addr,
                 base: base("statement"),
+                open_durable: std::sync::Mutex::new(Some(open_durable)),
             };
             let end = crate::postgres::serve(client, ctx).await;
             close = close

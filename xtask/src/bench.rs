@@ -48,6 +48,9 @@ fn fmt_stats(s: &Stats, digits: usize) -> String {
 }
 
 pub fn run(what: &str) -> Result<()> {
+    // Every path without TLS: the benchmark server has none, and libpq's
+    // default (prefer) would otherwise take the TLS cordon offers.
+    std::env::set_var("PGSSLMODE", "disable");
     if !is_root() {
         bail!("the benchmarks load eBPF programs and create cgroups: run them as root");
     }
@@ -252,7 +255,9 @@ fn pgbench_section(report: &mut Report, pg: &Postgres, bouncer: &Bouncer, cg: &C
     let mut s = String::from(
         "## pgbench select-only\n\n`pgbench -n -S -T 4`, simple and extended protocol. Three paths, interleaved \
          (direct, cordon, pgbouncer) × 3 repetitions. cordon: a tagged cgroup, a policy that masks `abalance` \
-         (the column `-S` returns) and the default guardrails. pgbouncer 1.18, session mode. TPS min / **median** / max.\n\n\
+         (the column `-S` returns) and the default guardrails; every statement is parsed, judged, recorded durably (fsync before \
+         its result is delivered) and its result masked. pgbouncer 1.18, session mode. All paths without TLS (`PGSSLMODE=disable`). \
+         TPS min / **median** / max.\n\n\
          | protocol | clients | direct TPS | cordon TPS | pgbouncer TPS | cordon/direct (goal) | cordon/pgbouncer (goal) |\n\
          |---|---|---|---|---|---|---|\n",
     );

@@ -33,6 +33,9 @@ pub struct Ctx {
     pub upstream: SocketAddr,
     /// Base for this session's audit records (workload, destination).
     pub base: Record,
+    /// The session's open record, awaited before the first statement is
+    /// relayed (its fsync overlaps connecting and authenticating upstream).
+    pub open_durable: std::sync::Mutex<Option<crate::audit::Pending>>,
 }
 
 /// How a PostgreSQL session ended, for the close record.

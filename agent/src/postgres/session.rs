@@ -162,6 +162,14 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
     };
     end.upstream_tls = up.stream.is_tls();
     end.upstream_user = Some(up.user.clone());
+    let open = ctx.open_durable.lock().ok().and_then(|mut p| p.take());
+    if let Some(p) = open {
+        if let Err(e) = p.durable().await {
+            end.outcome = "audit_failed";
+            end.error = Some(format!("{e:#}"));
+            return end;
+        }
+    }
 
     let recorder = if ctx.profile.record.results {
         match recorder::Recorder::create(&ctx.shared.recordings_dir(), &ctx.session) {
