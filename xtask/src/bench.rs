@@ -575,13 +575,20 @@ fn callgrind_micro() -> String {
         .args(["--tool=callgrind", "--callgrind-out-file"])
         .arg(&out_file)
         .arg(&bench)
-        .args(["--bench", "classify_mask_values", "--warm-up-time", "0.1", "--measurement-time", "0.5", "--noplot"])
+        // --profile-time: run the benchmark without criterion's analysis,
+        // so the counts are the pipeline's, not the statistics'.
+        .args(["--bench", "classify_mask_values", "--profile-time", "2"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
     let ann = Command::new("callgrind_annotate").arg(&out_file).output();
     let text = ann.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
-    let top: Vec<&str> = text.lines().filter(|l| l.contains("::") || l.contains("PROGRAM TOTALS")).take(20).collect();
+    let top: Vec<String> = text
+        .lines()
+        .filter(|l| l.trim_start().chars().next().is_some_and(|c| c.is_ascii_digit()) && l.contains('('))
+        .take(16)
+        .map(|l| l.chars().take(160).collect())
+        .collect();
     format!(
         "\n### Where the masking time goes (callgrind instruction counts, top functions)\n\n```\n{}\n```\n",
         top.join("\n")

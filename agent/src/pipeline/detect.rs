@@ -128,7 +128,7 @@ pub fn scan(s: &str, ctx: Context) -> Vec<Finding> {
     if g && b.len() >= 40 {
         find_github_tokens(b, &mut out);
     }
-    if b.len() >= 20 && s.contains("eyJ") {
+    if b.len() >= 20 && b.windows(3).any(|w| w == b"eyJ") {
         find_jwts(s, &mut out);
     }
     if at {
@@ -179,12 +179,17 @@ fn find_digit_runs(s: &str, ctx: Context, out: &mut Vec<Finding>) {
         let start = i;
         let mut end = i;
         let mut j = i;
-        let mut digits = Vec::with_capacity(20);
+        // Digits of the run, on the stack: this runs for every value.
+        let mut digit_buf = [0u8; 25];
+        let mut nd = 0usize;
         let mut seps = 0;
         while j < b.len() {
             let c = b[j];
             if c.is_ascii_digit() {
-                digits.push(c - b'0');
+                if let Some(slot) = digit_buf.get_mut(nd) {
+                    *slot = c - b'0';
+                }
+                nd += 1;
                 end = j + 1;
             } else if (c == b' ' || c == b'-' || c == b'.' || c == b')' || c == b'(' || c == b'+')
                 && j + 1 < b.len()
@@ -200,17 +205,18 @@ fn find_digit_runs(s: &str, ctx: Context, out: &mut Vec<Finding>) {
                 break;
             }
             j += 1;
-            if digits.len() > 24 {
+            if nd > 24 {
                 break;
             }
         }
+        let digits = digit_buf.get(..nd.min(25)).unwrap_or_default();
         if end <= start || digits.is_empty() {
             i = j.max(i + 1);
             continue;
         }
         let run = s.get(start..end).unwrap_or("");
         if bounded(b, start, end) {
-            if let Some(kind) = classify_run(run, &digits, ctx) {
+            if let Some(kind) = classify_run(run, digits, ctx) {
                 out.push(Finding { kind, start, end });
             }
         }
@@ -424,7 +430,7 @@ fn find_ipv4(b: &[u8], out: &mut Vec<Finding>) {
                 j += 1;
             }
             let len = j - s;
-            let v: u32 = std::str::from_utf8(&b[s..j]).ok().and_then(|t| t.parse().ok()).unwrap_or(999);
+            let v: u32 = b[s..j].iter().fold(0u32, |a, d| a * 10 + u32::from(d - b'0'));
             if len == 0 || len > 3 || v > 255 || (len > 1 && b[s] == b'0') {
                 ok = false;
                 break;

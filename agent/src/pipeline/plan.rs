@@ -119,7 +119,7 @@ pub fn apply(
         ColAction::Keep => Ok(None),
         ColAction::Mask { strategy, counter } => {
             let v = mask::mask(ty, *strategy, value, key)?;
-            *counts.entry(counter.clone()).or_default() += 1;
+            bump(counts, counter);
             Ok(Some(v))
         }
         ColAction::Detect { ctx, counter } => {
@@ -135,6 +135,16 @@ pub fn apply(
                 *counts.entry(format!("{counter}/detector:{}", f.kind.name())).or_default() += 1;
             }
             Ok(Some(Some(fit(ty, mask::replace_spans(value, &act)))))
+        }
+    }
+}
+
+/// Count without allocating the key on the hot path.
+fn bump(counts: &mut BTreeMap<String, u64>, key: &str) {
+    match counts.get_mut(key) {
+        Some(n) => *n += 1,
+        None => {
+            counts.insert(key.to_string(), 1);
         }
     }
 }
