@@ -98,8 +98,10 @@ struct RawClassify {
 #[derive(Debug, Deserialize)]
 struct RawDetectors {
     enabled: Option<bool>,
+    /// detector name → label (flattened: spans are not available per entry,
+    /// errors point at the [detectors] table).
     #[serde(flatten)]
-    labels: BTreeMap<String, Spanned<String>>,
+    labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -506,19 +508,20 @@ impl Validator<'_> {
             }
         }
         if let Some(d) = detectors {
+            let span = d.span();
             let d = d.into_inner();
             c.detectors = d.enabled.unwrap_or(true);
             for (k, v) in d.labels {
                 let Some(kind) = Kind::from_name(&k) else {
                     let known: Vec<&str> = Kind::ALL.iter().map(|k| k.name()).collect();
-                    self.error(v.span(), &format!("detectors.{k}"), format!("unknown detector; known: [{}]", known.join(", ")));
+                    self.error(span.clone(), &format!("detectors.{k}"), format!("unknown detector; known: [{}]", known.join(", ")));
                     continue;
                 };
-                match c.labels.rank(v.get_ref()) {
+                match c.labels.rank(&v) {
                     Some(r) => {
                         c.detector_labels.insert(kind, r);
                     }
-                    None => self.error(v.span(), &format!("detectors.{k}"), format!("unknown label {:?}", v.get_ref())),
+                    None => self.error(span.clone(), &format!("detectors.{k}"), format!("unknown label {v:?}")),
                 }
             }
         }

@@ -572,8 +572,8 @@ fn callgrind_micro() -> String {
     };
     let out_file = std::env::temp_dir().join("cordon-callgrind.out");
     let _ = Command::new("valgrind")
-        .args(["--tool=callgrind", "--callgrind-out-file"])
-        .arg(&out_file)
+        .arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", out_file.display()))
         .arg(&bench)
         // --profile-time: run the benchmark without criterion's analysis,
         // so the counts are the pipeline's, not the statistics'.
