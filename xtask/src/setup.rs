@@ -12,6 +12,7 @@ use crate::util::{self, is_root, output, run_cmd, say};
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("llvm-22-dev", "LLVM 22 for bpf-linker (nightly rustc uses LLVM 22)"),
     ("libclang-dev", "libclang for bindgen, which builds libpg_query (the PostgreSQL parser)"),
+    ("clang", "clang's headers and driver, which bindgen may look for"),
     ("postgresql-15", "PostgreSQL server binaries for throwaway test servers"),
     ("postgresql-client-15", "psql"),
     ("python3", "workload scripts in the tests"),
