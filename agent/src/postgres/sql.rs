@@ -111,7 +111,40 @@ fn target_names(list: &[pg_query::protobuf::Node]) -> Vec<String> {
         .collect()
 }
 
+/// Data-modifying CTEs (`WITH d AS (DELETE FROM t RETURNING *) SELECT …`)
+/// write as much as the statement they hide in: their facts join the
+/// statement's.
+fn merge_ctes(with: Option<&pg_query::protobuf::WithClause>, f: &mut StmtFacts) {
+    let Some(with) = with else { return };
+    for cte in &with.ctes {
+        let Some(NodeEnum::CommonTableExpr(c)) = cte.node.as_ref() else { continue };
+        let Some(q) = c.ctequery.as_ref().and_then(|q| q.node.as_ref()) else { continue };
+        let mut sub = StmtFacts { kind: StmtKind::Control, unbounded_write: false, reads: vec![], writes: vec![], functions: vec![] };
+        describe(q, &mut sub);
+        f.unbounded_write |= sub.unbounded_write;
+        f.writes.extend(sub.writes);
+        match (&f.kind, sub.kind) {
+            (_, StmtKind::Ddl { command }) => f.kind = StmtKind::Ddl { command },
+            (StmtKind::Read | StmtKind::Control, StmtKind::Write) => f.kind = StmtKind::Write,
+            _ => {}
+        }
+    }
+}
+
 fn describe(node: &NodeEnum, f: &mut StmtFacts) {
+    let with = match node {
+        NodeEnum::SelectStmt(s) => s.with_clause.as_ref(),
+        NodeEnum::InsertStmt(s) => s.with_clause.as_ref(),
+        NodeEnum::UpdateStmt(s) => s.with_clause.as_ref(),
+        NodeEnum::DeleteStmt(s) => s.with_clause.as_ref(),
+        NodeEnum::MergeStmt(s) => s.with_clause.as_ref(),
+        _ => None,
+    };
+    describe_node(node, f);
+    merge_ctes(with, f);
+}
+
+fn describe_node(node: &NodeEnum, f: &mut StmtFacts) {
     f.kind = match node {
         NodeEnum::SelectStmt(s) => {
             if s.into_clause.is_some() {

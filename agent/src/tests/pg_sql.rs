@@ -35,6 +35,11 @@ fn writes_reads_functions() {
     let f = analyse("delete from orders").unwrap();
     assert!(f[0].unbounded_write);
     assert!(!analyse("delete from orders where id = 1").unwrap()[0].unbounded_write);
+    // A DELETE hidden in a CTE is still an unbounded write.
+    let cte = &analyse("with d as (delete from orders returning *) select * from d").unwrap()[0];
+    assert!(cte.unbounded_write && cte.kind == StmtKind::Write, "{cte:?}");
+    let cte = &analyse("with u as (update customers set email = 'x' where id = 1 returning id) select 1").unwrap()[0];
+    assert_eq!(cte.writes[0].1.as_deref(), Some(&["email".to_string()][..]));
     assert!(analyse("update t set a = 1").unwrap()[0].unbounded_write);
     let u = &analyse("update public.customers set email = 'x' where id = 1").unwrap()[0];
     assert_eq!(u.writes[0].0.name, "customers");
