@@ -280,14 +280,20 @@ fn card_brand(d: &[u8], n: usize) -> bool {
 
 /// "4111 1111 1111 1111", "4111-1111-1111-1111", "3782 822463 10005".
 fn card_grouping(run: &str) -> bool {
-    let groups: Vec<&str> = run.split([' ', '-']).collect();
-    groups.len() >= 3 && groups.iter().all(|g| (3..=6).contains(&g.len()) && g.bytes().all(|c| c.is_ascii_digit()))
+    let mut groups = 0;
+    for g in run.split([' ', '-']) {
+        if !(3..=6).contains(&g.len()) || !g.bytes().all(|c| c.is_ascii_digit()) {
+            return false;
+        }
+        groups += 1;
+    }
+    groups >= 3
 }
 
 fn is_ssn(run: &str, d: &[u8]) -> bool {
     // The dashed form only; a bare 9-digit number is too often something else.
-    let parts: Vec<&str> = run.split('-').collect();
-    if parts.len() != 3 || parts.iter().map(|p| p.len()).collect::<Vec<_>>() != [3, 2, 4] {
+    let b = run.as_bytes();
+    if b.len() != 11 || b.get(3) != Some(&b'-') || b.get(6) != Some(&b'-') {
         return false;
     }
     let area = prefix(d, 3);
