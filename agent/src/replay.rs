@@ -11,7 +11,7 @@ use std::{
     fmt::Write as _,
     fs::File,
     io::{BufRead, BufReader, Read},
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use anyhow::{bail, Context, Result};
@@ -156,9 +156,4 @@ fn from_audit(out: &mut String, records: &[Record]) {
             _ => {}
         }
     }
-}
-
-/// The recordings directory for a state directory.
-pub fn recordings_dir(state_dir: &Path) -> PathBuf {
-    state_dir.join("recordings")
 }

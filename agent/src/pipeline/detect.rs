@@ -256,7 +256,7 @@ pub fn luhn(d: &[u8]) -> bool {
         }
         sum += v;
     }
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 fn prefix(d: &[u8], len: usize) -> u32 {
@@ -411,7 +411,7 @@ fn find_emails(b: &[u8], out: &mut Vec<Finding>) {
         let tld_ok = dom
             .iter()
             .rposition(|c| *c == b'.')
-            .is_some_and(|p| dom.len() - p - 1 >= 2 && dom[p + 1..].iter().all(u8::is_ascii_alphabetic) && p > 0);
+            .is_some_and(|p| dom.len() - p > 2 && dom[p + 1..].iter().all(u8::is_ascii_alphabetic) && p > 0);
         if s < at && tld_ok && b[s] != b'.' {
             out.push(Finding { kind: Kind::Email, start: s, end: e });
         }

@@ -94,7 +94,7 @@ pub fn plan(cols: &[ColumnDesc], classifier: &Classifier, profile: &Profile, has
                     ColAction::Mask { strategy, counter: format!("{}/{s}", c.name) }
                 }
             },
-            None if classifier.detectors && c.ty.is_text() || classifier.detectors && c.ty == ValueType::Json => {
+            None if classifier.detectors && (c.ty.is_text() || c.ty == ValueType::Json) => {
                 ColAction::Detect { ctx: Context::from_column(&c.name), counter: c.name.clone() }
             }
             None => ColAction::Keep,

@@ -1016,13 +1016,8 @@ fn on_server_frame(t: &mut Tracker, f: &Frame, out: &mut BytesMut, ctx: &Ctx, lo
             }
             if !simple {
                 // The failing request, then everything up to Sync is skipped.
-                if let Some(Req::Exec(run)) = t.queue.front() {
-                    let _ = run;
-                }
-                if let Some(req) = t.queue.pop_front() {
-                    if let Req::Exec(run) = req {
-                        finish_run(t, &run);
-                    }
+                if let Some(Req::Exec(run)) = t.queue.pop_front() {
+                    finish_run(t, &run);
                 }
                 skip_to_sync(t);
             }
