@@ -104,12 +104,14 @@ fn try_connect(ctx: &SockAddrContext, family: u16) -> Result<i32, ()> {
     let Some(cfg) = CONFIG.get(0) else {
         return Err(());
     };
-    // The agent's own sockets: by cgroup, and by SO_MARK on its upstream
-    // sockets (belt and braces: either one alone excludes them).
-    if cfg.agent_cgroup_id != 0 && cgroup_id == cfg.agent_cgroup_id {
-        return Ok(ALLOW);
-    }
-    if cfg.socket_mark != 0 && socket_mark(sa) == cfg.socket_mark {
+    // The agent's own sockets: its cgroup AND the SO_MARK on its upstream
+    // sockets. The mark alone is not enough: a tagged workload with
+    // CAP_NET_RAW or CAP_NET_ADMIN could set it and go direct.
+    if cfg.agent_cgroup_id != 0
+        && cgroup_id == cfg.agent_cgroup_id
+        && cfg.socket_mark != 0
+        && socket_mark(sa) == cfg.socket_mark
+    {
         return Ok(ALLOW);
     }
     if cfg.ready == 0 {

@@ -817,6 +817,22 @@ impl Validator<'_> {
         if !ok {
             return None;
         }
+        // inject sends a credential to whoever answers: the destination
+        // must be pinned, not "any address the workload dials".
+        if let Some(PgSettings { auth: PgAuth::Inject { .. }, .. }) = &postgres {
+            let pinned = upstream.is_some()
+                || (!destinations.is_empty()
+                    && destinations.iter().all(|d| d.prefix_len == if d.addr.is_ipv4() { 32 } else { 128 }));
+            if !pinned {
+                self.error(
+                    raw.port.span(),
+                    &field("destinations"),
+                    "auth = \"inject\" sends a credential upstream: pin the server with `upstream` or with exact \
+                     addresses in `destinations` (a /32 or /128 each)",
+                );
+                return None;
+            }
+        }
         Some(Intercept { name, protocol: protocol?, port, destinations, upstream, postgres })
     }
 

@@ -39,6 +39,7 @@ fn setup(test: &str, profile_extra: &str) -> Setup {
 name = "shop"
 protocol = "postgres"
 port = {port}
+destinations = ["127.0.0.2/32"]
 credentials = "app"
 upstream_ca = "{ca}"
 
@@ -200,20 +201,25 @@ fn guardrails_deny_ddl_unbounded_writes_and_hidden_drops_and_the_session_goes_on
         "selec 1",
         "select pg_read_file('/etc/passwd')",
         "select * from salaries",
+        "set search_path = hr",
+        "with d as (delete from orders returning *) select count(*) from d",
+        "select table_to_xml('salaries', true, false, '')",
         "select count(*) from orders",
     ]);
     let err = stderr(&out);
     for rule in ["rule ddl", "rule unbounded_write", "rule parse_error", "rule dangerous_function", "rule restricted_read"] {
         assert!(err.contains(rule), "{rule} missing in:\n{err}");
     }
-    assert_eq!(err.matches("rule ddl").count(), 3, "DROP, TRUNCATE and the hidden DROP: {err}");
+    assert_eq!(err.matches("rule ddl").count(), 4, "DROP, TRUNCATE, the hidden DROP, SET search_path: {err}");
+    assert_eq!(err.matches("rule unbounded_write").count(), 2, "DELETE, and DELETE inside a CTE: {err}");
+    assert_eq!(err.matches("rule dangerous_function").count(), 2, "pg_read_file, table_to_xml: {err}");
     // The literal and comment mention passed; the bounded delete ran; the
     // table is still there with one row; the session answered to the end.
     assert_eq!(stdout(&out), "drop table orders\nDELETE 1\n1", "{err}");
     assert_eq!(s.direct("select count(*) from orders"), "1");
     // Denials are in the audit with their rule, never sent upstream.
     let denied: Vec<Value> = s.agent.audit_events("statement").into_iter().filter(|r| r["verdict"] == "deny").collect();
-    assert_eq!(denied.len(), 7, "{denied:?}");
+    assert_eq!(denied.len(), 10, "{denied:?}");
     assert!(denied.iter().any(|r| r["text"] == "select 1; drop table orders" && r["rule"] == "ddl"));
 }
 

@@ -38,6 +38,7 @@ fn setup(test: &str, credentials: &str, extra_profile: &str) -> Setup {
 name = "orders"
 protocol = "postgres"
 port = {port}
+destinations = ["127.0.0.2/32"]
 {auth}
 upstream_ca = "{ca}"
 

@@ -183,6 +183,7 @@ fn pg(report: &mut Report) -> Result<()> {
 name = "bench"
 protocol = "postgres"
 port = {port}
+destinations = ["127.0.0.2/32"]
 credentials = "bench"
 upstream_tls = "disable"
 

@@ -104,6 +104,14 @@ pub const DEFAULT_DANGEROUS_FUNCTIONS: &[&str] = &[
     "pg_file_write",
     "pg_execute_server_program",
     "query_to_xml",
+    "query_to_xml_and_xmlschema",
+    "table_to_xml",
+    "table_to_xml_and_xmlschema",
+    "schema_to_xml",
+    "schema_to_xml_and_xmlschema",
+    "database_to_xml",
+    "database_to_xml_and_xmlschema",
+    "cursor_to_xml",
     "pg_logical_emit_message",
 ];
 
@@ -187,6 +195,12 @@ fn check_one(g: &Guardrails, s: &StmtFacts, labels: &dyn LabelLookup) -> Option<
                 return Some(v);
             }
         }
+        StmtKind::CopyIn { from } if *from != CopyTarget::Client => {
+            let what = if *from == CopyTarget::Program { "a program" } else { "a server file" };
+            if let Some(v) = fire(g.copy_out, "copy_out", format!("COPY from {what} is not allowed")) {
+                return Some(v);
+            }
+        }
         StmtKind::CopyOut { to } => {
             if *to != CopyTarget::Client {
                 let what = if *to == CopyTarget::Program { "a program" } else { "a server file" };
@@ -232,6 +246,12 @@ fn check_one(g: &Guardrails, s: &StmtFacts, labels: &dyn LabelLookup) -> Option<
         }
     }
     for (t, cols) in &s.writes {
+        if let Some(l) = labels.table_label(t).filter(|l| *l >= g.labeled_write_min_label) {
+            let msg = format!("writing {t}, labeled {}, is not allowed", labels.label_name(l));
+            if let Some(v) = fire(g.labeled_write, "labeled_write", msg) {
+                return Some(v);
+            }
+        }
         for (col, l) in labels.column_labels(t) {
             let named = cols.as_ref().is_none_or(|c| c.iter().any(|c| c.eq_ignore_ascii_case(&col)));
             if named && l >= g.labeled_write_min_label {
@@ -301,6 +321,12 @@ mod tests {
         assert_eq!(check(&g, &[w.clone()], &L), Verdict::Allow);
         w.writes = vec![(t("customers"), Some(vec!["EMAIL".into()]))];
         assert!(matches!(check(&g, &[w], &L), Verdict::Deny { rule, .. } if rule == "labeled_write"));
+
+        let from_program = facts(StmtKind::CopyIn { from: CopyTarget::Program });
+        assert!(matches!(check(&g, &[from_program], &L), Verdict::Deny { rule, .. } if rule == "copy_out"));
+        let mut w = facts(StmtKind::Write);
+        w.writes = vec![(t("salaries"), Some(vec!["amount".into()]))];
+        assert!(matches!(check(&g, &[w], &L), Verdict::Deny { rule, .. } if rule == "labeled_write"), "table labels cover writes");
 
         let mut f = facts(StmtKind::Read);
         f.functions = vec!["pg_read_file".into()];

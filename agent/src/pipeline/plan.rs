@@ -20,7 +20,15 @@ use crate::config::Profile;
 pub enum Source {
     /// An expression, or a column of something that is not a table.
     Computed,
-    Table { db: String, schema: String, table: String, column: String, db_label: Option<usize> },
+    Table {
+        db: String,
+        schema: String,
+        table: String,
+        column: String,
+        db_label: Option<usize>,
+        /// The table's own label from the database (its comment).
+        table_db_label: Option<usize>,
+    },
     /// From a table cordon could not look up: fail closed.
     Unresolved(String),
 }
@@ -66,8 +74,17 @@ pub fn plan(cols: &[ColumnDesc], classifier: &Classifier, profile: &Profile, has
                 out.cols.push(ColAction::Keep);
                 continue;
             }
-            Source::Table { db, schema, table, column, db_label } => {
-                classifier.column(db, schema, table, column, *db_label)
+            Source::Table { db, schema, table, column, db_label, table_db_label } => {
+                // A table's label covers every column of it.
+                let col = classifier.column(db, schema, table, column, *db_label);
+                let tbl = classifier.table(db, schema, table, *table_db_label).map(|label| {
+                    super::classify::Labeled { label, strategy: Strategy::Redact, source: super::classify::Source::Policy }
+                });
+                match (col, tbl) {
+                    (Some(c), Some(t)) if t.label > c.label => Some(t),
+                    (Some(c), _) => Some(c),
+                    (None, t) => t,
+                }
             }
         };
         let action = match labeled {

@@ -12,6 +12,7 @@ pub struct Client {
     nonce: String,
     client_first_bare: String,
     expected_server_signature: Option<[u8; 32]>,
+    verified: std::cell::Cell<bool>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -62,6 +63,7 @@ impl Client {
             // The user name is taken from the startup packet by PostgreSQL.
             client_first_bare: format!("n=,r={nonce}"),
             expected_server_signature: None,
+            verified: std::cell::Cell::new(false),
         }
     }
 
@@ -115,9 +117,17 @@ impl Client {
         let v = v.split(',').next().unwrap_or("");
         let got = B64.decode(v).map_err(|_| ScramError::Malformed("verifier"))?;
         match self.expected_server_signature {
-            Some(exp) if got == exp => Ok(()),
+            Some(exp) if got == exp => {
+                self.verified.set(true);
+                Ok(())
+            }
             _ => Err(ScramError::ServerSignature),
         }
+    }
+
+    /// The server proved it knows the password.
+    pub fn verified(&self) -> bool {
+        self.verified.get()
     }
 }
 

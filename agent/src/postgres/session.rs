@@ -67,12 +67,18 @@ struct Described {
 }
 
 struct Prepared {
+    /// Which Parse this is: a Describe answer applies only to the
+    /// statement that was current when the Describe was sent.
+    gen: u64,
     text: Arc<str>,
     label: Option<String>,
     described: Option<Arc<Described>>,
 }
 
 struct Portal {
+    gen: u64,
+    /// The statement's generation when it was bound.
+    statement_gen: u64,
     text: Arc<str>,
     prepared: Option<String>,
     statement: Bytes,
@@ -95,14 +101,16 @@ struct Running {
     /// The portal an Execute runs (its description may arrive after the
     /// Execute was sent, from a Describe earlier in the same batch).
     portal: Option<Bytes>,
+    /// The portal's generation when the Execute was sent.
+    portal_gen: u64,
 }
 
 enum Req {
     Parse,
     Bind,
     Close,
-    DescribeStmt(Bytes),
-    DescribePortal(Bytes),
+    DescribeStmt(Bytes, u64),
+    DescribePortal(Bytes, u64),
     Exec(Box<Running>),
     Simple(Box<Running>),
     Func(Box<Running>),
@@ -138,6 +146,10 @@ struct Tracker {
     /// After an error replaced a result: drop server messages until the
     /// next ReadyForQuery.
     swallowing: bool,
+    /// The request FIFO lost step with the server: the session ends.
+    desync: bool,
+    /// Generation counter for Parse and Bind.
+    next_gen: u64,
 }
 
 pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
@@ -206,6 +218,8 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
         status: b'I',
         skipping: false,
         swallowing: false,
+        desync: false,
+        next_gen: 0,
     }));
 
     let wake = tokio::sync::Notify::new();
@@ -469,6 +483,13 @@ fn judge(t: &Tracker, ctx: &Ctx, sql: &str, lookup_error: Option<&anyhow::Error>
     (verdict, Some(facts))
 }
 
+fn not_utf8() -> Verdict {
+    Verdict::Deny {
+        rule: "encoding".into(),
+        message: "the statement is not valid UTF-8; the session's client_encoding is UTF8".into(),
+    }
+}
+
 fn changes_catalog(facts: &[StmtFacts]) -> bool {
     facts.iter().any(|s| matches!(s.kind, StmtKind::Ddl { .. }))
 }
@@ -486,9 +507,13 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
     }
     match f.tag {
         b'Q' => {
-            let text = String::from_utf8_lossy(b.cstr().context("protocol violation: Query without a terminated string")?)
-                .into_owned();
-            let (verdict, facts) = judge(t, ctx, &text, lookup_error);
+            let raw = b.cstr().context("protocol violation: Query without a terminated string")?;
+            let text = String::from_utf8_lossy(raw).into_owned();
+            let (verdict, facts) = if std::str::from_utf8(raw).is_err() {
+                (not_utf8(), None)
+            } else {
+                judge(t, ctx, &text, lookup_error)
+            };
             let stmt = Statement { text: &text, kind: StatementKind::Simple, params: &[], prepared: None };
             let (admitted, pending) = t.pipeline.statement(&stmt, &verdict);
             t.unconfirmed.push(pending);
@@ -505,9 +530,10 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
         }
         b'P' => {
             let name = Bytes::copy_from_slice(b.cstr().context("protocol violation: Parse without a name")?);
-            let text: Arc<str> =
-                String::from_utf8_lossy(b.cstr().context("protocol violation: Parse without a query")?).into();
-            let (verdict, facts) = judge(t, ctx, &text, lookup_error);
+            let raw = b.cstr().context("protocol violation: Parse without a query")?;
+            let text: Arc<str> = String::from_utf8_lossy(raw).into();
+            let (verdict, facts) =
+                if std::str::from_utf8(raw).is_err() { (not_utf8(), None) } else { judge(t, ctx, &text, lookup_error) };
             if let Verdict::Deny { rule, message } = verdict.clone() {
                 let stmt = Statement { text: &text, kind: StatementKind::Execute, params: &[], prepared: None };
                 let (admitted, pending) = t.pipeline.statement(&stmt, &verdict);
@@ -525,7 +551,9 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
                 bail!("protocol violation: more than {MAX_NAMED} prepared statements in one session");
             }
             let label = (!name.is_empty()).then(|| String::from_utf8_lossy(&name).into_owned());
-            t.prepared.insert(name, Prepared { text, label, described: None });
+            t.next_gen += 1;
+            let gen = t.next_gen;
+            t.prepared.insert(name, Prepared { gen, text, label, described: None });
             t.queue.push_back(Req::Parse);
         }
         b'B' => {
@@ -557,20 +585,32 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
             for _ in 0..nres {
                 result_formats.push(b.i16().unwrap_or(0));
             }
-            let (text, prepared) = match t.prepared.get(&statement) {
-                Some(p) => (p.text.clone(), p.label.clone()),
-                None => (Arc::from("<unknown prepared statement>"), None),
+            let (text, prepared, statement_gen) = match t.prepared.get(&statement) {
+                Some(p) => (p.text.clone(), p.label.clone(), p.gen),
+                None => (Arc::from("<unknown prepared statement>"), None, 0),
             };
             if t.portals.len() >= MAX_NAMED && !t.portals.contains_key(&portal) {
                 bail!("protocol violation: more than {MAX_NAMED} portals in one session");
             }
-            t.portals.insert(portal, Portal { text, prepared, statement, params, result_formats, described: None });
+            t.next_gen += 1;
+            let gen = t.next_gen;
+            t.portals.insert(
+                portal,
+                Portal { gen, statement_gen, text, prepared, statement, params, result_formats, described: None },
+            );
             t.queue.push_back(Req::Bind);
         }
         b'D' => {
             let kind = b.u8().context("protocol violation: Describe without a kind")?;
             let name = Bytes::copy_from_slice(b.cstr().context("protocol violation: Describe without a name")?);
-            t.queue.push_back(if kind == b'S' { Req::DescribeStmt(name) } else { Req::DescribePortal(name) });
+            let req = if kind == b'S' {
+                let gen = t.prepared.get(&name).map_or(0, |p| p.gen);
+                Req::DescribeStmt(name, gen)
+            } else {
+                let gen = t.portals.get(&name).map_or(0, |p| p.gen);
+                Req::DescribePortal(name, gen)
+            };
+            t.queue.push_back(req);
         }
         b'E' => {
             let portal = Bytes::copy_from_slice(b.cstr().context("protocol violation: Execute without a portal")?);
@@ -583,6 +623,7 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
             let (admitted, pending) = t.pipeline.statement(&stmt, &Verdict::Allow);
             t.unconfirmed.push(pending);
             let mut run = running(admitted);
+            run.portal_gen = t.portals.get(&portal).map_or(0, |p| p.gen);
             run.portal = Some(portal);
             t.queue.push_back(Req::Exec(Box::new(run)));
         }
@@ -635,6 +676,7 @@ fn running(admitted: Admitted) -> Running {
         refused: None,
         copy_out: false,
         portal: None,
+        portal_gen: 0,
     }
 }
 
@@ -664,6 +706,9 @@ async fn server_to_client(
             }
             drain_refusals(&mut t, &mut out);
             t.last_activity = Instant::now();
+            if t.desync {
+                bail!("protocol violation: the server sent a row cordon cannot attribute to a statement (request tracking out of step); ending the session");
+            }
             std::mem::take(&mut t.unconfirmed)
         };
         // No result reaches the client before its statement is durable.
@@ -752,6 +797,7 @@ fn describe(t: &Tracker, fields: Vec<Field>, lookup_error: Option<&anyhow::Error
                             table: ti.name.clone(),
                             column: col.name.clone(),
                             db_label: g.classifier.labels.from_comment(&col.labels_text),
+                            table_db_label: g.classifier.labels.from_comment(&ti.labels_text),
                         },
                         None => Source::Unresolved(format!("table OID {} is not in the catalog", f.table_oid)),
                     },
@@ -774,8 +820,11 @@ fn resolve_portal_description(t: &mut Tracker) {
     if run.described.is_some() {
         return;
     }
-    let Some(p) = run.portal.as_ref().and_then(|name| t.portals.get(name)) else { return };
-    let described = p.described.clone().or_else(|| t.prepared.get(&p.statement).and_then(|s| s.described.clone()));
+    let want = run.portal_gen;
+    let Some(p) = run.portal.as_ref().and_then(|name| t.portals.get(name)).filter(|p| p.gen == want) else { return };
+    let described = p.described.clone().or_else(|| {
+        t.prepared.get(&p.statement).filter(|s| s.gen == p.statement_gen).and_then(|s| s.described.clone())
+    });
     let n = described.as_ref().map_or(0, |d| d.fields.len());
     let binary: Vec<bool> = match (&p.described, p.result_formats.len()) {
         (Some(d), _) => d.fields.iter().map(|f| f.binary).collect(),
@@ -838,7 +887,7 @@ fn on_server_frame(t: &mut Tracker, f: &Frame, out: &mut BytesMut, ctx: &Ctx, lo
     if t.swallowing && f.tag != b'Z' {
         // Results replaced by an error: drop until ReadyForQuery. Statements
         // still complete (and are finished) as the server reports them.
-        swallow(t, f);
+        swallow(t, f, out);
         return;
     }
     match f.tag {
@@ -863,7 +912,7 @@ fn on_server_frame(t: &mut Tracker, f: &Frame, out: &mut BytesMut, ctx: &Ctx, lo
         }
         b't' => {}
         b'n' => {
-            if matches!(t.queue.front(), Some(Req::DescribeStmt(_) | Req::DescribePortal(_))) {
+            if matches!(t.queue.front(), Some(Req::DescribeStmt(..) | Req::DescribePortal(..))) {
                 t.queue.pop_front();
             }
         }
@@ -872,16 +921,16 @@ fn on_server_frame(t: &mut Tracker, f: &Frame, out: &mut BytesMut, ctx: &Ctx, lo
             let names: Vec<String> = fields.iter().map(|c| c.name.clone()).collect();
             let described = describe(t, fields, lookup_error);
             match t.queue.front() {
-                Some(Req::DescribeStmt(name)) => {
-                    let name = name.clone();
-                    if let Some(p) = t.prepared.get_mut(&name) {
+                Some(Req::DescribeStmt(name, gen)) => {
+                    let (name, gen) = (name.clone(), *gen);
+                    if let Some(p) = t.prepared.get_mut(&name).filter(|p| p.gen == gen) {
                         p.described = Some(described);
                     }
                     t.queue.pop_front();
                 }
-                Some(Req::DescribePortal(name)) => {
-                    let name = name.clone();
-                    if let Some(p) = t.portals.get_mut(&name) {
+                Some(Req::DescribePortal(name, gen)) => {
+                    let (name, gen) = (name.clone(), *gen);
+                    if let Some(p) = t.portals.get_mut(&name).filter(|p| p.gen == gen) {
                         p.described = Some(described);
                     }
                     t.queue.pop_front();
@@ -909,10 +958,12 @@ fn on_server_frame(t: &mut Tracker, f: &Frame, out: &mut BytesMut, ctx: &Ctx, lo
             let record = t.pipeline.wants_rows();
             resolve_portal_description(t);
             let Some(run) = current_run(t) else {
-                out.extend_from_slice(&f.bytes);
+                // A row cordon cannot attribute to a statement: the books are
+                // out of step with the server. Never pass it on unread.
+                t.desync = true;
                 return;
             };
-            run.outcome.rows += 1;
+            run.outcome.rows = run.outcome.rows.saturating_add(1);
             let Some(described) = run.described.clone() else {
                 // Rows with no description at all (the client never asked
                 // for one): cordon cannot classify them, so they do not pass.
@@ -925,6 +976,15 @@ fn on_server_frame(t: &mut Tracker, f: &Frame, out: &mut BytesMut, ctx: &Ctx, lo
             };
             if let Some(d) = described.plan.deny.clone() {
                 run.refused = Some(d);
+                swallow_start(t);
+                return;
+            }
+            let columns = Body::new(f.body()).i16().unwrap_or(-1);
+            if usize::try_from(columns).ok() != Some(described.fields.len()) {
+                run.refused = Some(Denied {
+                    rule: "classification".into(),
+                    message: "a result row does not match its row description".into(),
+                });
                 swallow_start(t);
                 return;
             }
@@ -993,7 +1053,7 @@ fn on_server_frame(t: &mut Tracker, f: &Frame, out: &mut BytesMut, ctx: &Ctx, lo
                 }
                 if let Some(n) = wire::tag_rows(&tag) {
                     if !(tag.starts_with("SELECT") || tag.starts_with("FETCH")) {
-                        run.outcome.rows += n;
+                        run.outcome.rows = run.outcome.rows.saturating_add(n);
                     }
                 }
                 if f.tag != b's' {
@@ -1016,10 +1076,14 @@ fn on_server_frame(t: &mut Tracker, f: &Frame, out: &mut BytesMut, ctx: &Ctx, lo
             }
             if !simple {
                 // The failing request, then everything up to Sync is skipped.
-                if let Some(Req::Exec(run)) = t.queue.pop_front() {
-                    finish_run(t, &run);
+                // An error answering Sync itself (a deferred constraint at
+                // commit) leaves the Sync for its ReadyForQuery.
+                if !matches!(t.queue.front(), Some(Req::Sync) | None) {
+                    if let Some(Req::Exec(run)) = t.queue.pop_front() {
+                        finish_run(t, &run);
+                    }
+                    skip_to_sync(t);
                 }
-                skip_to_sync(t);
             }
         }
         b'N' => {
@@ -1085,7 +1149,7 @@ fn swallow_start(t: &mut Tracker) {
 }
 
 /// While swallowing: keep the books, forward nothing until ReadyForQuery.
-fn swallow(t: &mut Tracker, f: &Frame) {
+fn swallow(t: &mut Tracker, f: &Frame, out: &mut BytesMut) {
     match f.tag {
         b'D' => {
             if let Some(run) = current_run(t) {
@@ -1098,6 +1162,7 @@ fn swallow(t: &mut Tracker, f: &Frame) {
                 // ones before Sync are not executed as far as the client knows.
                 if let Some(Req::Exec(mut run)) = t.queue.pop_front() {
                     if let Some(d) = run.refused.take() {
+                        refuse(out, &d);
                         run.outcome.denied = Some(d);
                     }
                     finish_run(t, &run);
@@ -1161,7 +1226,17 @@ fn mask_row(
         } else {
             match std::str::from_utf8(v) {
                 Ok(s) => s.to_string(),
-                Err(_) => continue,
+                // Not readable: masked whole rather than passed unread.
+                Err(_) => match action {
+                    ColAction::Mask { .. } => String::new(),
+                    _ => {
+                        let redacted = crate::pipeline::mask::redact(ty).map_err(|e| format!("column {:?}: {e}", field.name))?;
+                        if let Some(slot) = changed.get_mut(i) {
+                            *slot = Some(Some(redacted.into_bytes()));
+                        }
+                        continue;
+                    }
+                },
             }
         };
         let masked = plan::apply(action, ty, &text, &g.classifier, &g.profile, g.key.as_deref(), counts)

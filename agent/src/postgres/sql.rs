@@ -26,12 +26,12 @@ pub struct Cache {
 }
 
 impl Cache {
-    /// Keyed by the normalised text (literals as `?`, comments dropped):
-    /// what a statement does does not depend on its literals' values, and
-    /// a workload that inlines values (pgbench -S, ORMs without binding)
-    /// then parses each shape once.
+    /// Keyed by the exact text. (A key normalised by cordon's own lexer was
+    /// faster for workloads that inline literals, but any place where that
+    /// lexer reads SQL differently from PostgreSQL's would let one text
+    /// borrow another's verdict.)
     pub fn analyse(&self, sql: &str) -> Analysis {
-        let key = crate::pipeline::fingerprint::normalize(sql);
+        let key = sql.to_string();
         if let Ok(m) = self.map.lock() {
             if let Some(a) = m.get(&key) {
                 return a.clone();
@@ -49,6 +49,10 @@ impl Cache {
         a
     }
 }
+
+/// Settings a governed session may not change: each would make the server
+/// read statements, names or values differently from cordon.
+pub const PINNED_SETTINGS: [&str; 4] = ["standard_conforming_strings", "client_encoding", "search_path", "names"];
 
 pub fn analyse(sql: &str) -> Result<Vec<StmtFacts>, String> {
     if sql.contains('\0') {
@@ -155,8 +159,12 @@ fn describe_node(node: &NodeEnum, f: &mut StmtFacts) {
         }
         NodeEnum::InsertStmt(s) => {
             if let Some(r) = &s.relation {
-                let cols = target_names(&s.cols);
-                f.writes.push((range_var(r), (!cols.is_empty()).then_some(cols)));
+                let mut cols = target_names(&s.cols);
+                let all = cols.is_empty();
+                if let Some(oc) = &s.on_conflict_clause {
+                    cols.extend(target_names(&oc.target_list));
+                }
+                f.writes.push((range_var(r), (!all).then_some(cols)));
             }
             StmtKind::Write
         }
@@ -168,6 +176,9 @@ fn describe_node(node: &NodeEnum, f: &mut StmtFacts) {
             StmtKind::Write
         }
         NodeEnum::DeleteStmt(s) => {
+            if let Some(r) = &s.relation {
+                f.writes.push((range_var(r), None));
+            }
             f.unbounded_write = s.where_clause.is_none();
             StmtKind::Write
         }
@@ -236,8 +247,11 @@ fn describe_node(node: &NodeEnum, f: &mut StmtFacts) {
         // With standard_conforming_strings off, backslashes escape quotes
         // and the server would read a statement differently from cordon's
         // parser: changing it is refused like DDL.
-        NodeEnum::VariableSetStmt(v) if v.name.eq_ignore_ascii_case("standard_conforming_strings") => {
-            StmtKind::Ddl { command: "SET standard_conforming_strings".into() }
+        // client_encoding: cordon reads statements and values as UTF-8.
+        // search_path: unqualified names would resolve to other tables than
+        // the ones cordon classified.
+        NodeEnum::VariableSetStmt(v) if PINNED_SETTINGS.iter().any(|p| v.name.eq_ignore_ascii_case(p)) => {
+            StmtKind::Ddl { command: format!("SET {}", v.name.to_ascii_lowercase()) }
         }
         NodeEnum::TransactionStmt(_)
         | NodeEnum::VariableSetStmt(_)

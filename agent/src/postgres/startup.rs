@@ -97,14 +97,20 @@ async fn negotiate_inner(mut stream: Stream, ctx: &Ctx) -> Result<Hello> {
                 if !params.iter().any(|(k, _)| k == "user") {
                     bail!("the startup message names no user");
                 }
-                // cordon parses SQL with standard_conforming_strings on; a
-                // session that turns it off would be read differently by the
-                // server. Refused at startup as it is by SET.
-                if params.iter().any(|(k, v)| {
-                    k.eq_ignore_ascii_case("standard_conforming_strings")
-                        || (k == "options" && v.contains("standard_conforming_strings"))
-                }) {
-                    bail!("the startup message sets standard_conforming_strings, which cordon does not allow");
+                // Settings that would make the server read statements, names
+                // or values differently from cordon are refused here as they
+                // are by SET; PostgreSQL folds case and '-' to '_' in names.
+                // client_encoding is overridden upstream (UTF8), not refused.
+                let fold = |s: &str| s.to_ascii_lowercase().replace('-', "_");
+                for (k, v) in &params {
+                    let key = fold(k);
+                    let pinned = super::sql::PINNED_SETTINGS
+                        .iter()
+                        .filter(|p| **p != "client_encoding")
+                        .any(|p| key == *p || (key == "options" && fold(v).contains(p)));
+                    if pinned || (key == "options" && fold(v).contains("client_encoding")) {
+                        bail!("the startup message sets {k}={v:?}, which a governed session may not change");
+                    }
                 }
                 return Ok(Hello::Startup(ClientHello { stream, reader, version: v, params }));
             }

@@ -77,11 +77,14 @@ pub async fn start(hello: &mut ClientHello, ctx: &Ctx) -> Result<Upstream> {
             (u, None)
         }
     };
-    let params: Vec<(String, String)> = hello
+    // cordon reads statements and values as UTF-8: the server must too.
+    let mut params: Vec<(String, String)> = hello
         .params
         .iter()
+        .filter(|(k, _)| !k.eq_ignore_ascii_case("client_encoding"))
         .map(|(k, v)| if k == "user" { (k.clone(), user.clone()) } else { (k.clone(), v.clone()) })
         .collect();
+    params.push(("client_encoding".to_string(), "UTF8".to_string()));
     let mut out = BytesMut::new();
     wire::startup(&mut out, hello.version, &params);
     stream.write_all(&out).await.context("sending the startup message upstream")?;
@@ -94,8 +97,19 @@ pub async fn start(hello: &mut ClientHello, ctx: &Ctx) -> Result<Upstream> {
                 let mut b = Body::new(frame.body());
                 let code = b.i32().context("authentication message without a code")?;
                 if code == 0 {
+                    // Once SCRAM started, only a verified server signature
+                    // (SASLFinal) lets the session in.
+                    if credential.is_some() && scram.as_ref().is_some_and(|s| !s.verified()) {
+                        bail!("the server accepted the login without proving it knows the password (SCRAM unfinished)");
+                    }
                     hello.stream.write_all(&frame.bytes).await?;
                     return Ok(Upstream { stream, reader, user });
+                }
+                if credential.is_some() && (code == 3 || code == 5) && !stream.is_tls() {
+                    bail!(
+                        "the server asks for a {} password over a connection without verified TLS; cordon will not send it (use upstream_tls = \"verify-full\" or SCRAM)",
+                        if code == 3 { "cleartext" } else { "md5" }
+                    );
                 }
                 match &credential {
                     Some(c) => {
@@ -205,6 +219,12 @@ pub async fn login(ctx: &Ctx, c: &Credential, database: &str) -> Result<(Stream,
             b'R' => {
                 let mut b = Body::new(frame.body());
                 let code = b.i32().context("authentication message without a code")?;
+                if code == 0 && scram.as_ref().is_some_and(|s: &scram::Client| !s.verified()) {
+                    bail!("the catalog server accepted the login without finishing SCRAM");
+                }
+                if (code == 3 || code == 5) && !stream.is_tls() {
+                    bail!("the server asks for a password over a connection without verified TLS; cordon will not send it");
+                }
                 if code != 0 {
                     let out = answer(code, &mut b, c, &mut scram)?;
                     if !out.is_empty() {

@@ -20,7 +20,9 @@ fn statement_kinds() {
     assert!(matches!(&kinds("explain analyze delete from t")[0], StmtKind::Write));
     assert!(matches!(&kinds("select * into t2 from t")[0], StmtKind::Ddl { .. }));
     assert!(matches!(&kinds("set standard_conforming_strings = off")[0], StmtKind::Ddl { .. }));
-    assert_eq!(kinds("set search_path = public"), [StmtKind::Control]);
+    assert!(matches!(&kinds("set search_path = hr")[0], StmtKind::Ddl { .. }), "names would resolve elsewhere");
+    assert!(matches!(&kinds("set client_encoding = 'SJIS'")[0], StmtKind::Ddl { .. }));
+    assert_eq!(kinds("set statement_timeout = 1000"), [StmtKind::Control]);
 }
 
 #[test]
@@ -44,6 +46,10 @@ fn writes_reads_functions() {
     let u = &analyse("update public.customers set email = 'x' where id = 1").unwrap()[0];
     assert_eq!(u.writes[0].0.name, "customers");
     assert_eq!(u.writes[0].1.as_deref(), Some(&["email".to_string()][..]));
+    let d = &analyse("delete from customers where id = 1").unwrap()[0];
+    assert_eq!(d.writes[0].1, None, "a DELETE writes every column");
+    let oc = &analyse("insert into customers (id) values (1) on conflict (id) do update set ssn = 'x'").unwrap()[0];
+    assert!(oc.writes[0].1.as_ref().is_some_and(|c| c.contains(&"ssn".to_string())), "{oc:?}");
     let i = &analyse("insert into customers values (1)").unwrap()[0];
     assert_eq!(i.writes[0].1, None, "no column list: every column");
     let s = &analyse("select pg_catalog.pg_read_file('/etc/passwd'), name from hr.salaries s join x on true").unwrap()[0];
