@@ -4,7 +4,6 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use cordon::{
     config,
     pipeline::{
@@ -15,6 +14,7 @@ use cordon::{
     },
     postgres::frame::FrameReader,
 };
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 
 const POLICY: &str = r#"
 [profiles.bench]

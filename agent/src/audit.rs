@@ -183,9 +183,7 @@ pub fn segments(dir: &Path) -> Result<Vec<PathBuf>> {
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("audit-") && n.ends_with(".jsonl"))
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("audit-") && n.ends_with(".jsonl"))
         })
         .collect();
     out.sort();
@@ -511,8 +509,8 @@ pub fn verify(dir: &Path) -> Result<Verified> {
                 bail!("{at}: the record is cut off (no newline): the log was truncated");
             }
             let body = line.get(..line.len() - 1).unwrap_or_default();
-            let rec: Record =
-                serde_json::from_slice(body).with_context(|| format!("{at}: the record does not parse: it was modified"))?;
+            let rec: Record = serde_json::from_slice(body)
+                .with_context(|| format!("{at}: the record does not parse: it was modified"))?;
             if rec.seq != seq + 1 {
                 bail!("{at}: seq {} follows {seq}: records were removed or reordered", rec.seq);
             }

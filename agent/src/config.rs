@@ -255,7 +255,10 @@ pub enum UpstreamTls {
     Disable,
     /// Chain verified against `ca_file` (pinned) or the system roots, and
     /// the name against `server_name` (default: the upstream IP).
-    VerifyFull { ca_file: Option<PathBuf>, server_name: Option<String> },
+    VerifyFull {
+        ca_file: Option<PathBuf>,
+        server_name: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -418,7 +421,13 @@ impl Validator<'_> {
             }
             let actions = self.actions(&name, &p.labels, &classifier.labels);
             let guardrails = self.guardrails(&name, p.guardrails, &classifier.labels);
-            profiles.push(Profile { name, description: p.description.unwrap_or_default(), record, actions, guardrails });
+            profiles.push(Profile {
+                name,
+                description: p.description.unwrap_or_default(),
+                record,
+                actions,
+                guardrails,
+            });
         }
         let mut tags = Vec::new();
         for (i, t) in raw.tag.into_iter().enumerate() {
@@ -463,7 +472,11 @@ impl Validator<'_> {
             let names = l.order.get_ref().clone();
             let mut seen = std::collections::BTreeSet::new();
             if names.len() < 2 || names.iter().any(|n| !valid_name(n) || !seen.insert(n.to_ascii_lowercase())) {
-                self.error(l.order.span(), "labels.order", "at least two distinct names (letters, digits, '-', '_'), lowest first");
+                self.error(
+                    l.order.span(),
+                    "labels.order",
+                    "at least two distinct names (letters, digits, '-', '_'), lowest first",
+                );
             } else {
                 c.labels = Labels::new(names);
                 c.detector_labels = Kind::ALL.iter().map(|k| (*k, c.labels.scaled(k.default_rank()))).collect();
@@ -477,13 +490,22 @@ impl Validator<'_> {
                 (Some(c), None) => (c.get_ref().clone(), c.span(), 4),
                 (None, Some(t)) => (t.get_ref().clone(), t.span(), 3),
                 _ => {
-                    self.error(span, &format!("classify[{i}]"), "give exactly one of `column` (db.schema.table.column) or `table` (db.schema.table)");
+                    self.error(
+                        span,
+                        &format!("classify[{i}]"),
+                        "give exactly one of `column` (db.schema.table.column) or `table` (db.schema.table)",
+                    );
                     continue;
                 }
             };
             if pattern.split('.').count() != parts {
-                let what = if parts == 4 { "column = \"db.schema.table.column\"" } else { "table = \"db.schema.table\"" };
-                self.error(pspan, &field(if parts == 4 { "column" } else { "table" }), format!("use {what} (globs allowed, e.g. \"*.public.customers.ssn\")"));
+                let what =
+                    if parts == 4 { "column = \"db.schema.table.column\"" } else { "table = \"db.schema.table\"" };
+                self.error(
+                    pspan,
+                    &field(if parts == 4 { "column" } else { "table" }),
+                    format!("use {what} (globs allowed, e.g. \"*.public.customers.ssn\")"),
+                );
                 continue;
             }
             let strategy = match &r.mask {
@@ -499,7 +521,11 @@ impl Validator<'_> {
             let label = c.labels.rank(r.label.get_ref());
             if label.is_none() {
                 let known: Vec<&str> = (0..c.labels.len()).map(|k| c.labels.name(k)).collect();
-                self.error(r.label.span(), &field("label"), format!("unknown label {:?}; labels are [{}]", r.label.get_ref(), known.join(", ")));
+                self.error(
+                    r.label.span(),
+                    &field("label"),
+                    format!("unknown label {:?}; labels are [{}]", r.label.get_ref(), known.join(", ")),
+                );
             }
             let (Some(label), Some(strategy)) = (label, strategy) else { continue };
             match Rule::new(&pattern, label, strategy) {
@@ -514,7 +540,11 @@ impl Validator<'_> {
             for (k, v) in d.labels {
                 let Some(kind) = Kind::from_name(&k) else {
                     let known: Vec<&str> = Kind::ALL.iter().map(|k| k.name()).collect();
-                    self.error(span.clone(), &format!("detectors.{k}"), format!("unknown detector; known: [{}]", known.join(", ")));
+                    self.error(
+                        span.clone(),
+                        &format!("detectors.{k}"),
+                        format!("unknown detector; known: [{}]", known.join(", ")),
+                    );
                     continue;
                 };
                 match c.labels.rank(&v) {
@@ -536,7 +566,8 @@ impl Validator<'_> {
     ) -> Vec<crate::pipeline::classify::Action> {
         use crate::pipeline::classify::Action;
         // Default: the lowest label is allowed, every other one masked.
-        let mut out: Vec<Action> = (0..labels.len()).map(|r| if r == 0 { Action::Allow } else { Action::Mask }).collect();
+        let mut out: Vec<Action> =
+            (0..labels.len()).map(|r| if r == 0 { Action::Allow } else { Action::Mask }).collect();
         for (name, v) in raw {
             let field = format!("profiles.{profile}.labels.{name}");
             let Some(rank) = labels.rank(name) else {
@@ -588,7 +619,11 @@ impl Validator<'_> {
             if let Some(v) = v {
                 match labels.rank(v.get_ref()) {
                     Some(r) => *slot = r,
-                    None => self.error(v.span(), &format!("profiles.{profile}.guardrails.{name}"), format!("unknown label {:?}", v.get_ref())),
+                    None => self.error(
+                        v.span(),
+                        &format!("profiles.{profile}.guardrails.{name}"),
+                        format!("unknown label {:?}", v.get_ref()),
+                    ),
                 }
             }
         }
@@ -875,7 +910,11 @@ impl Validator<'_> {
             }
             (Some(other), _) => {
                 let span = raw.auth.as_ref().map_or(0..0, Spanned::span);
-                self.error(span, &field("auth"), format!("unknown auth mode {other:?}; use \"inject\" or \"passthrough\""));
+                self.error(
+                    span,
+                    &field("auth"),
+                    format!("unknown auth mode {other:?}; use \"inject\" or \"passthrough\""),
+                );
                 return None;
             }
         };

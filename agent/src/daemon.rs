@@ -240,7 +240,8 @@ async fn reload(shared: &Arc<Shared>, path: &Path) {
         Ok(s) => s,
         Err(e) => {
             error!("policy reload rejected: {e:#}; the previous policy stays in force");
-            let rec = Record::new("agent", None).with("action", "reload_rejected").with("errors", vec![format!("{e:#}")]);
+            let rec =
+                Record::new("agent", None).with("action", "reload_rejected").with("errors", vec![format!("{e:#}")]);
             let _ = shared.audit.write(rec).await;
             return;
         }

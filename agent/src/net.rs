@@ -146,7 +146,9 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>
     let mut roots = rustls::RootCertStore::empty();
     match ca_file {
         Some(path) => {
-            for cert in CertificateDer::pem_file_iter(path).with_context(|| format!("reading the CA file {}", path.display()))? {
+            for cert in CertificateDer::pem_file_iter(path)
+                .with_context(|| format!("reading the CA file {}", path.display()))?
+            {
                 roots.add(cert.with_context(|| format!("parsing {}", path.display()))?)?;
             }
         }

@@ -134,7 +134,9 @@ async fn session(
         },
         Protocol::Postgres => {
             let Some(profile) = policy.profiles.get(profile_id as usize).cloned() else {
-                let rec = base("reject").with("reason", "no_profile").with("detail", "the tag's profile is no longer in the policy");
+                let rec = base("reject")
+                    .with("reason", "no_profile")
+                    .with("detail", "the tag's profile is no longer in the policy");
                 audit(&shared, rec).await;
                 shared.sessions_open.fetch_sub(1, Ordering::Relaxed);
                 return;

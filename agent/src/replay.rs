@@ -58,15 +58,20 @@ fn header(out: &mut String, session: &str, open: &Record, close: Option<&Record>
         let f = |k: &str| {
             c.fields.get(k).map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string)).unwrap_or_default()
         };
-        let _ = writeln!(out, "-- ended {}: {} ({} statements, {} ms)", c.ts, f("outcome"), f("statements"), f("duration_ms"));
+        let _ = writeln!(
+            out,
+            "-- ended {}: {} ({} statements, {} ms)",
+            c.ts,
+            f("outcome"),
+            f("statements"),
+            f("duration_ms")
+        );
     }
 }
 
 fn from_recording(out: &mut String, path: &Path, sha: &str) -> Result<()> {
     let mut bytes = Vec::new();
-    File::open(path)
-        .with_context(|| format!("opening the recording {}", path.display()))?
-        .read_to_end(&mut bytes)?;
+    File::open(path).with_context(|| format!("opening the recording {}", path.display()))?.read_to_end(&mut bytes)?;
     let got = hex::encode(Sha256::digest(&bytes));
     if got != sha {
         bail!("the recording {} does not match the hash in the audit log: it was altered", path.display());
@@ -97,9 +102,12 @@ fn from_recording(out: &mut String, path: &Path, sha: &str) -> Result<()> {
                 let tags: Vec<String> = o
                     .get("tags")
                     .and_then(Value::as_array)
-                    .map(|a| a.iter().filter_map(|t| t.as_str()).filter(|t| !t.is_empty()).map(str::to_string).collect())
+                    .map(|a| {
+                        a.iter().filter_map(|t| t.as_str()).filter(|t| !t.is_empty()).map(str::to_string).collect()
+                    })
                     .unwrap_or_default();
-                let mut line = format!("-- {}", if tags.is_empty() { "(no result)".to_string() } else { tags.join(", ") });
+                let mut line =
+                    format!("-- {}", if tags.is_empty() { "(no result)".to_string() } else { tags.join(", ") });
                 if o.get("skipped").and_then(Value::as_bool) == Some(true) {
                     line.push_str(" (skipped: an earlier error aborted the pipeline)");
                 }

@@ -98,8 +98,9 @@ impl Secrets {
                         .trim_end_matches(['\n', '\r'])
                         .to_string()
                 }
-                (None, None, Some(v)) => std::env::var(&v)
-                    .with_context(|| format!("credentials.{name}.password_env: ${v} is not set in the agent's environment"))?,
+                (None, None, Some(v)) => std::env::var(&v).with_context(|| {
+                    format!("credentials.{name}.password_env: ${v} is not set in the agent's environment")
+                })?,
                 _ => bail!(
                     "{}: credentials.{name}: give exactly one of password, password_file, password_env",
                     path.display()

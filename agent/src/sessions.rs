@@ -84,7 +84,8 @@ pub fn parse_since(s: &str) -> Result<std::time::SystemTime> {
         return Ok(t);
     }
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| anyhow::anyhow!("--since {s:?}: use an RFC 3339 time or an age like 30m, 2h, 7d"))?;
+    let n: u64 =
+        num.parse().map_err(|_| anyhow::anyhow!("--since {s:?}: use an RFC 3339 time or an age like 30m, 2h, 7d"))?;
     let secs = match unit {
         "s" => n,
         "m" => n * 60,
@@ -97,9 +98,7 @@ pub fn parse_since(s: &str) -> Result<std::time::SystemTime> {
 
 pub fn filter(list: Vec<Session>, identity: Option<&str>, since: Option<std::time::SystemTime>) -> Vec<Session> {
     list.into_iter()
-        .filter(|s| {
-            since.is_none_or(|t| audit::parse_rfc3339(&s.started).is_some_and(|st| st >= t))
-        })
+        .filter(|s| since.is_none_or(|t| audit::parse_rfc3339(&s.started).is_some_and(|st| st >= t)))
         .filter(|s| {
             identity.is_none_or(|needle| {
                 ["cgroup", "tagged_cgroup", "unit", "slice", "container", "user", "comm", "pid", "uid", "profile"]

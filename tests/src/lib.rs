@@ -630,6 +630,20 @@ impl Drop for Agent {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
+        // A test may have left a broken policy behind, which `detach` cannot
+        // read: unpin this agent's links and maps directly (links first).
+        if let Ok(versions) = fs::read_dir(&self.bpffs_dir) {
+            for v in versions.flatten() {
+                let mut pins: Vec<PathBuf> =
+                    fs::read_dir(v.path()).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+                pins.sort_by_key(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("link_")));
+                for p in pins {
+                    let _ = fs::remove_file(p);
+                }
+                let _ = fs::remove_dir(v.path());
+            }
+            let _ = fs::remove_dir(&self.bpffs_dir);
+        }
         if std::env::var_os("CORDON_KEEP_LOGS").is_some() || std::thread::panicking() {
             eprintln!("--- agent log ({}) ---\n{}", self.log.display(), self.log_text());
         }

@@ -143,13 +143,12 @@ fn binary_results_are_masked_and_keep_their_types() {
     // tokio-postgres: extended protocol, binary results; then simple (text).
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_cordon-pgclient"));
     let (_d, bin) = cordon_tests::workload_copy(bin).unwrap();
-    let out = s
-        .cg
-        .command(bin.to_str().unwrap())
-        .arg(s.conn())
-        .arg("select id, ssn, card, email, tier from customers order by id")
-        .output()
-        .unwrap();
+    let out =
+        s.cg.command(bin.to_str().unwrap())
+            .arg(s.conn())
+            .arg("select id, ssn, card, email, tier from customers order by id")
+            .output()
+            .unwrap();
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     let v: Value = serde_json::from_str(&stdout(&out)).expect("json");
     assert_eq!(v["binary"][0], serde_json::json!([1, "1********", "**** **** **** 1111", "REDACTED", 1]));
@@ -177,7 +176,8 @@ print(json.dumps([list(r) for r in rows]))
 fn copy_of_labeled_table_is_denied_and_free_text_copy_is_masked() {
     require_e2e!();
     let s = setup("copy", "");
-    let out = s.psql(&["copy customers to stdout", "copy (select id, ssn from customers) to stdout", "select 'still here'"]);
+    let out =
+        s.psql(&["copy customers to stdout", "copy (select id, ssn from customers) to stdout", "select 'still here'"]);
     let err = stderr(&out);
     assert!(err.contains("42501") || err.contains("rule copy_out"), "{err}");
     assert_eq!(err.matches("rule copy_out").count(), 2, "{err}");
@@ -207,7 +207,9 @@ fn guardrails_deny_ddl_unbounded_writes_and_hidden_drops_and_the_session_goes_on
         "select count(*) from orders",
     ]);
     let err = stderr(&out);
-    for rule in ["rule ddl", "rule unbounded_write", "rule parse_error", "rule dangerous_function", "rule restricted_read"] {
+    for rule in
+        ["rule ddl", "rule unbounded_write", "rule parse_error", "rule dangerous_function", "rule restricted_read"]
+    {
         assert!(err.contains(rule), "{rule} missing in:\n{err}");
     }
     assert_eq!(err.matches("rule ddl").count(), 4, "DROP, TRUNCATE, the hidden DROP, SET search_path: {err}");
@@ -266,7 +268,12 @@ print(json.dumps(out))
 fn deny_label_action_and_approve_outcome() {
     require_e2e!();
     let s = setup("deny", "[profiles.ci.labels]\nrestricted = \"deny\"\n[profiles.ci.guardrails]\nddl = \"approve\"");
-    let out = s.psql(&["select name from customers where id = 1", "select ssn from customers", "create table x(i int)", "select 2"]);
+    let out = s.psql(&[
+        "select name from customers where id = 1",
+        "select ssn from customers",
+        "create table x(i int)",
+        "select 2",
+    ]);
     let err = stderr(&out);
     assert!(err.contains("rule label") && err.contains("labeled restricted"), "{err}");
     assert!(err.contains("approval") && err.contains("rule ddl"), "{err}");
@@ -279,7 +286,9 @@ fn policy_check_validates_labels_globs_and_rules() {
     require_e2e!();
     let s = setup("check", "");
     let good = std::fs::read_to_string(&s.agent.config).unwrap();
-    let bad = good.replace("label = \"confidential\"", "label = \"secret\"").replace("mask = \"partial\"\n\n[[classify]]\ntable", "mask = \"blur\"\n\n[[classify]]\ntable");
+    let bad = good
+        .replace("label = \"confidential\"", "label = \"secret\"")
+        .replace("mask = \"partial\"\n\n[[classify]]\ntable", "mask = \"blur\"\n\n[[classify]]\ntable");
     s.agent.write_raw_policy(&format!("{bad}\n[profiles.ci.guardrails]\nddl = \"maybe\"\n")).unwrap();
     let out = Command::new(cordon_tests::cordon_bin()).args(["policy", "check"]).arg(&s.agent.config).output().unwrap();
     assert!(!out.status.success());

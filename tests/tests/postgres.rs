@@ -107,7 +107,13 @@ fn psql_with_no_or_a_wrong_password_gets_in_and_never_sees_the_secret() {
     assert!(out.status.success(), "{}", stderr(&out));
     // Direct, the server requires the password and TLS.
     let direct = Command::new("psql")
-        .args(["-X", "-At", &format!("host=127.0.0.2 port={} user=app dbname=postgres sslmode=disable", s.pg.port), "-c", "select 1"])
+        .args([
+            "-X",
+            "-At",
+            &format!("host=127.0.0.2 port={} user=app dbname=postgres sslmode=disable", s.pg.port),
+            "-c",
+            "select 1",
+        ])
         .env("PGPASSWORD", "wrong")
         .output()
         .unwrap();
@@ -167,21 +173,39 @@ fn pgbench_simple_extended_and_prepared() {
     s.pg.admin_sql("grant select, update, insert on all tables in schema public to app").unwrap();
     let pgbench = cordon_tests::pg_bin("pgbench").unwrap();
     for mode in ["simple", "extended", "prepared"] {
-        let out = s
-            .cg
-            .command(pgbench.to_str().unwrap())
-            .args(["-n", "-S", "-M", mode, "-c", "2", "-t", "50", "-h", "127.0.0.2", "-p", &s.pg.port.to_string(), "postgres"])
-            .env("PGUSER", "nobody-at-all")
-            .output()
-            .unwrap();
+        let out =
+            s.cg.command(pgbench.to_str().unwrap())
+                .args([
+                    "-n",
+                    "-S",
+                    "-M",
+                    mode,
+                    "-c",
+                    "2",
+                    "-t",
+                    "50",
+                    "-h",
+                    "127.0.0.2",
+                    "-p",
+                    &s.pg.port.to_string(),
+                    "postgres",
+                ])
+                .env("PGUSER", "nobody-at-all")
+                .output()
+                .unwrap();
         assert!(out.status.success(), "pgbench -M {mode}: {}\n{}", stdout(&out), stderr(&out));
         assert!(stdout(&out).contains("number of transactions actually processed: 100/100"), "{}", stdout(&out));
     }
     let stmts = statements(&s.agent);
     let selects = stmts.iter().filter(|r| r["text"].as_str().is_some_and(|t| t.contains("pgbench_accounts"))).count();
     assert!(selects >= 300, "every transaction's statement is recorded: {selects}");
-    assert!(stmts.iter().any(|r| r["kind"] == "execute" && r["prepared"].is_string()), "prepared mode names statements");
-    assert!(stmts.iter().any(|r| r["param_count"] == 1 && r["params"][0].as_str().is_some_and(|p| p.starts_with("sha256:"))));
+    assert!(
+        stmts.iter().any(|r| r["kind"] == "execute" && r["prepared"].is_string()),
+        "prepared mode names statements"
+    );
+    assert!(stmts
+        .iter()
+        .any(|r| r["param_count"] == 1 && r["params"][0].as_str().is_some_and(|p| p.starts_with("sha256:"))));
     let ends = s.agent.audit_events("statement_end");
     assert!(ends.iter().filter(|e| e["outcome"]["rows"] == 1).count() >= 300);
 }
@@ -269,10 +293,12 @@ fn psycopg_binding_binary_copy_notify_and_cancel() {
 fn replay_matches_what_the_client_saw_and_audit_verifies() {
     require_e2e!();
     let mut s = setup("replay", "app", "record_results = true");
-    s.pg.admin_sql("create table people(id int, name text, note text); \
+    s.pg.admin_sql(
+        "create table people(id int, name text, note text); \
                     insert into people values (1, 'ada', null), (2, 'grace', 'x|y'); \
-                    grant select on people to app")
-        .unwrap();
+                    grant select on people to app",
+    )
+    .unwrap();
     let conn = format!("host=127.0.0.2 port={} dbname=postgres", s.pg.port);
     let out = psql_env(&s.cg, &conn, "select id, name, note from people order by id", &[]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -304,11 +330,20 @@ fn replay_matches_what_the_client_saw_and_audit_verifies() {
     let ok = verify(&s.agent);
     assert!(ok.status.success(), "{}", stderr(&ok));
     s.agent.kill();
-    let seg = std::fs::read_dir(s.agent.audit_path()).unwrap().flatten().map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "jsonl")).max().unwrap();
+    let seg = std::fs::read_dir(s.agent.audit_path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .max()
+        .unwrap();
     let original = std::fs::read(&seg).unwrap();
     let mut tampered = original.clone();
-    let at = tampered.windows(5).position(|w| w == b"grace").or_else(|| tampered.windows(6).position(|w| w == b"people")).unwrap();
+    let at = tampered
+        .windows(5)
+        .position(|w| w == b"grace")
+        .or_else(|| tampered.windows(6).position(|w| w == b"people"))
+        .unwrap();
     tampered[at] ^= 0x20;
     std::fs::write(&seg, &tampered).unwrap();
     let bad = verify(&s.agent);
@@ -340,15 +375,14 @@ print(c.execute("select 2").fetchone()[0], flush=True)
 "#,
     )
     .unwrap();
-    let mut steady = s
-        .cg
-        .command(TEST_PYTHON)
-        .arg(&script)
-        .arg(s.pg.port.to_string())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut steady =
+        s.cg.command(TEST_PYTHON)
+            .arg(&script)
+            .arg(s.pg.port.to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
     let mut lines = cordon_tests::lines_of(&mut steady);
     assert_eq!(lines.next().as_deref(), Some("1"));
 
@@ -413,7 +447,10 @@ fn tokio_postgres_text_and_binary_results() {
     assert_eq!(v["counts"], serde_json::json!([3, 5]));
     assert_eq!(v["inserted"], 10);
     let ends = s.agent.audit_events("statement_end");
-    assert!(ends.iter().any(|e| e["outcome"]["tags"] == serde_json::json!(["SELECT 1", "SELECT 1"])), "multi-statement simple query: {ends:?}");
+    assert!(
+        ends.iter().any(|e| e["outcome"]["tags"] == serde_json::json!(["SELECT 1", "SELECT 1"])),
+        "multi-statement simple query: {ends:?}"
+    );
     assert!(ends.iter().any(|e| e["outcome"]["tags"][0] == "ROLLBACK"));
 }
 

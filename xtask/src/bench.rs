@@ -216,7 +216,8 @@ profile = "bench"
     agent.start()?;
 
     // Sanity: the cordon path really masks.
-    let out = cordon_tests::psql(Some(&cg), "127.0.0.2", pg.port, "select abalance, bid from pgbench_accounts where aid = 1");
+    let out =
+        cordon_tests::psql(Some(&cg), "127.0.0.2", pg.port, "select abalance, bid from pgbench_accounts where aid = 1");
     let seen = cordon_tests::stdout(&out);
     if !out.status.success() || !seen.starts_with("0|") {
         bail!("the cordon path is not masking as configured ({seen:?}): {}", cordon_tests::stderr(&out));
@@ -525,12 +526,24 @@ fn micro(report: &mut Report) -> Result<()> {
     say("micro benchmarks (criterion)");
     crate::util::run(
         "cargo",
-        &["bench", "--package", "cordon", "--bench", "pipeline", "--", "--warm-up-time", "1", "--measurement-time", "4"],
+        &[
+            "bench",
+            "--package",
+            "cordon",
+            "--bench",
+            "pipeline",
+            "--",
+            "--warm-up-time",
+            "1",
+            "--measurement-time",
+            "4",
+        ],
     )?;
     let crit = cordon_tests::workspace_root().join("target/criterion");
     let read = |group: &str, name: &str| -> Result<f64> {
         let p = crit.join(group).join(name).join("new/estimates.json");
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).with_context(|| format!("{}", p.display()))?)?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&p).with_context(|| format!("{}", p.display()))?)?;
         v["median"]["point_estimate"].as_f64().context("no median estimate")
     };
     let mask_ns = read("pipeline", "classify_mask_values")?;
@@ -564,8 +577,7 @@ fn callgrind_micro() -> String {
         rd.flatten()
             .map(|e| e.path())
             .filter(|p| {
-                p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("pipeline-"))
-                    && p.extension().is_none()
+                p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("pipeline-")) && p.extension().is_none()
             })
             .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
     }) else {
@@ -599,13 +611,21 @@ fn callgrind_micro() -> String {
 fn write_report(report: &Report, what: &str, took: Duration) -> Result<()> {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown".into());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0) / 1024 / 1024))
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0) / 1024 / 1024)
+        })
         .unwrap_or(0);
     let mut doc = format!(
         "# Benchmarks\n\nWritten by `cargo xtask bench {what}` in {:.0} s. These are ratios measured side by side in one run, \
@@ -618,7 +638,11 @@ fn write_report(report: &Report, what: &str, took: Duration) -> Result<()> {
     if report.misses.is_empty() {
         doc.push_str("All goals were met in this run.\n\n");
     } else {
-        let _ = writeln!(doc, "Goals missed in this run: {}. See each section for by how much and where the time goes.\n", report.misses.join(", "));
+        let _ = writeln!(
+            doc,
+            "Goals missed in this run: {}. See each section for by how much and where the time goes.\n",
+            report.misses.join(", ")
+        );
     }
     for s in &report.sections {
         doc.push_str(s);

@@ -77,17 +77,17 @@ pub fn run() -> Result<()> {
     if !stdout(&out).contains("**** **** **** 1111") || !stderr(&out).contains("rule ddl") {
         bail!("the demo expected a masked card and a refused DROP TABLE\n{}", agent.log_text());
     }
-    print_section("the same query on the server's own socket, for comparison (not through cordon)", &pg.admin_sql(query)?);
+    print_section(
+        "the same query on the server's own socket, for comparison (not through cordon)",
+        &pg.admin_sql(query)?,
+    );
 
     let untagged = Cgroup::create("cordon-demo/adhoc")?;
     let out = psql(Some(&untagged), PG_HOST, PG_PORT, "select count(*) from customers");
     if out.status.success() {
         bail!("the untagged psql got in without a password: the server is not requiring one");
     }
-    print_section(
-        "$ the same psql from the untagged cgroup cordon-demo/adhoc (direct to the server)",
-        &stderr(&out),
-    );
+    print_section("$ the same psql from the untagged cgroup cordon-demo/adhoc (direct to the server)", &stderr(&out));
     agent.wait_audit("close", 1);
     let Some(open) = agent.audit_events("open").into_iter().next() else {
         bail!("no audit record: the query did not go through cordon\n{}", agent.log_text());

@@ -187,7 +187,14 @@ impl Classifier {
 
     /// Label of a column: the strongest of policy rules (column rules, then
     /// the table's rules) and the database's own comment.
-    pub fn column(&self, db: &str, schema: &str, table: &str, column: &str, db_label: Option<usize>) -> Option<Labeled> {
+    pub fn column(
+        &self,
+        db: &str,
+        schema: &str,
+        table: &str,
+        column: &str,
+        db_label: Option<usize>,
+    ) -> Option<Labeled> {
         let key = Self::key(&[db, schema, table, column]);
         let mut best: Option<Labeled> = None;
         for r in self.rules.iter().filter(|r| r.column_rule && r.matcher.is_match(&key)) {

@@ -96,8 +96,14 @@ impl Context {
         let n = name.to_ascii_lowercase();
         let card_like = ["card", "pan", "cc_num", "ccnum", "credit"].iter().any(|w| n.contains(w));
         let id_like = !card_like
-            && (n == "id" || n.ends_with("_id") || n.ends_with("id") && n.len() <= 4 || n.contains("uuid")
-                || n.ends_with("_no") || n.ends_with("number") || n.contains("sku") || n.contains("tracking"));
+            && (n == "id"
+                || n.ends_with("_id")
+                || n.ends_with("id") && n.len() <= 4
+                || n.contains("uuid")
+                || n.ends_with("_no")
+                || n.ends_with("number")
+                || n.contains("sku")
+                || n.contains("tracking"));
         Self { id_like, card_like }
     }
 }
@@ -346,7 +352,10 @@ fn find_ibans(b: &[u8], out: &mut Vec<Finding>) {
     let mut i = 0;
     while i + 15 <= b.len() {
         let (c0, c1) = (b[i], b[i + 1]);
-        if !(c0.is_ascii_uppercase() && c1.is_ascii_uppercase() && b[i + 2].is_ascii_digit() && b[i + 3].is_ascii_digit())
+        if !(c0.is_ascii_uppercase()
+            && c1.is_ascii_uppercase()
+            && b[i + 2].is_ascii_digit()
+            && b[i + 3].is_ascii_digit())
             || (i > 0 && is_word(b[i - 1]))
         {
             i += 1;
@@ -448,7 +457,8 @@ fn find_ipv4(b: &[u8], out: &mut Vec<Finding>) {
             j += 1;
         }
         // Not part of a longer dotted run (a version "1.2.3.4.5").
-        let tail_ok = j >= b.len() || !(b[j].is_ascii_alphanumeric() || (b[j] == b'.' && b.get(j + 1).is_some_and(u8::is_ascii_digit)));
+        let tail_ok = j >= b.len()
+            || !(b[j].is_ascii_alphanumeric() || (b[j] == b'.' && b.get(j + 1).is_some_and(u8::is_ascii_digit)));
         if ok && octets == 4 && tail_ok {
             out.push(Finding { kind: Kind::Ipv4, start: i, end: j });
             i = j;
@@ -571,7 +581,8 @@ fn find_private_keys(s: &str, out: &mut Vec<Finding>) {
         // Private keys only: certificates and public keys are not secrets.
         if label.ends_with("PRIVATE KEY") {
             let end_marker = format!("-----END {label}-----");
-            let end = s.get(start..).and_then(|t| t.find(&end_marker)).map_or(s.len(), |e| start + e + end_marker.len());
+            let end =
+                s.get(start..).and_then(|t| t.find(&end_marker)).map_or(s.len(), |e| start + e + end_marker.len());
             out.push(Finding { kind: Kind::PrivateKey, start, end });
             from = end;
         } else {

@@ -38,11 +38,17 @@ pub enum StmtKind {
     Write,
     /// Schema changes and other utility commands that alter the database
     /// (CREATE, ALTER, DROP, TRUNCATE, GRANT, …), named by command.
-    Ddl { command: String },
+    Ddl {
+        command: String,
+    },
     /// COPY … TO: data leaving the database.
-    CopyOut { to: CopyTarget },
+    CopyOut {
+        to: CopyTarget,
+    },
     /// COPY … FROM.
-    CopyIn { from: CopyTarget },
+    CopyIn {
+        from: CopyTarget,
+    },
     /// An anonymous code block: statements inside are invisible to the parser.
     Do,
     /// Session and transaction control, LISTEN/NOTIFY, SET, SHOW…
@@ -168,7 +174,9 @@ fn fire(outcome: Outcome, rule: &str, message: String) -> Option<Verdict> {
         Outcome::Deny => Some(Verdict::Deny { rule: rule.to_string(), message }),
         Outcome::Approve => Some(Verdict::Deny {
             rule: rule.to_string(),
-            message: format!("{message}; it needs a human's approval, and approvals are not available yet, so it is denied"),
+            message: format!(
+                "{message}; it needs a human's approval, and approvals are not available yet, so it is denied"
+            ),
         }),
     }
 }
@@ -186,7 +194,9 @@ pub fn check(g: &Guardrails, stmts: &[StmtFacts], labels: &dyn LabelLookup) -> V
 fn check_one(g: &Guardrails, s: &StmtFacts, labels: &dyn LabelLookup) -> Option<Verdict> {
     match &s.kind {
         StmtKind::Ddl { command } => {
-            if let Some(v) = fire(g.ddl, "ddl", format!("{command} changes the schema, which this profile does not allow")) {
+            if let Some(v) =
+                fire(g.ddl, "ddl", format!("{command} changes the schema, which this profile does not allow"))
+            {
                 return Some(v);
             }
         }
@@ -209,11 +219,8 @@ fn check_one(g: &Guardrails, s: &StmtFacts, labels: &dyn LabelLookup) -> Option<
                 }
             }
             for t in &s.reads {
-                let top = labels
-                    .table_label(t)
-                    .into_iter()
-                    .chain(labels.column_labels(t).into_iter().map(|(_, l)| l))
-                    .max();
+                let top =
+                    labels.table_label(t).into_iter().chain(labels.column_labels(t).into_iter().map(|(_, l)| l)).max();
                 if let Some(l) = top.filter(|l| *l >= g.copy_out_min_label) {
                     let msg = format!("COPY of {t}, which holds {} data, out of the database", labels.label_name(l));
                     if let Some(v) = fire(g.copy_out, "copy_out", msg) {
@@ -226,13 +233,16 @@ fn check_one(g: &Guardrails, s: &StmtFacts, labels: &dyn LabelLookup) -> Option<
     }
     if s.unbounded_write {
         let what = if matches!(s.kind, StmtKind::Write) { "UPDATE or DELETE" } else { "this statement" };
-        if let Some(v) = fire(g.unbounded_write, "unbounded_write", format!("{what} without WHERE would touch every row")) {
+        if let Some(v) =
+            fire(g.unbounded_write, "unbounded_write", format!("{what} without WHERE would touch every row"))
+        {
             return Some(v);
         }
     }
     for f in &s.functions {
         if g.functions.iter().any(|d| d == f) {
-            if let Some(v) = fire(g.dangerous_functions, "dangerous_function", format!("function {f}() is not allowed")) {
+            if let Some(v) = fire(g.dangerous_functions, "dangerous_function", format!("function {f}() is not allowed"))
+            {
                 return Some(v);
             }
         }
@@ -300,7 +310,9 @@ mod tests {
         let drop = facts(StmtKind::Ddl { command: "DROP TABLE".into() });
         assert!(matches!(check(&g, &[drop.clone()], &L), Verdict::Deny { rule, .. } if rule == "ddl"));
         g.ddl = Outcome::Approve;
-        assert!(matches!(check(&g, &[drop.clone()], &L), Verdict::Deny { message, .. } if message.contains("approval")));
+        assert!(
+            matches!(check(&g, &[drop.clone()], &L), Verdict::Deny { message, .. } if message.contains("approval"))
+        );
         g.ddl = Outcome::Allow;
         assert_eq!(check(&g, &[drop], &L), Verdict::Allow);
 
@@ -326,10 +338,15 @@ mod tests {
         assert!(matches!(check(&g, &[from_program], &L), Verdict::Deny { rule, .. } if rule == "copy_out"));
         let mut w = facts(StmtKind::Write);
         w.writes = vec![(t("salaries"), Some(vec!["amount".into()]))];
-        assert!(matches!(check(&g, &[w], &L), Verdict::Deny { rule, .. } if rule == "labeled_write"), "table labels cover writes");
+        assert!(
+            matches!(check(&g, &[w], &L), Verdict::Deny { rule, .. } if rule == "labeled_write"),
+            "table labels cover writes"
+        );
 
         let mut f = facts(StmtKind::Read);
         f.functions = vec!["pg_read_file".into()];
-        assert!(matches!(check(&g, &[facts(StmtKind::Read), f], &L), Verdict::Deny { rule, .. } if rule == "dangerous_function"));
+        assert!(
+            matches!(check(&g, &[facts(StmtKind::Read), f], &L), Verdict::Deny { rule, .. } if rule == "dangerous_function")
+        );
     }
 }

@@ -14,7 +14,10 @@ use super::{classify::Strategy, detect::Finding};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ValueType {
     /// Character types; `max_chars` from varchar(n)/char(n).
-    Text { max_chars: Option<usize>, fixed: bool },
+    Text {
+        max_chars: Option<usize>,
+        fixed: bool,
+    },
     Int2,
     Int4,
     Int8,

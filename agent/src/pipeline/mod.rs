@@ -20,8 +20,8 @@ pub mod detect;
 pub mod fingerprint;
 pub mod guard;
 pub mod mask;
-pub mod plan;
 pub mod params;
+pub mod plan;
 pub mod recorder;
 
 use std::time::Instant;
@@ -65,7 +65,10 @@ pub struct Statement<'a> {
 pub enum Verdict {
     Allow,
     /// Refused, with the rule that refused it and a message for the client.
-    Deny { rule: String, message: String },
+    Deny {
+        rule: String,
+        message: String,
+    },
 }
 
 /// A statement that was let through.

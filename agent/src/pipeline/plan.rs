@@ -77,8 +77,10 @@ pub fn plan(cols: &[ColumnDesc], classifier: &Classifier, profile: &Profile, has
             Source::Table { db, schema, table, column, db_label, table_db_label } => {
                 // A table's label covers every column of it.
                 let col = classifier.column(db, schema, table, column, *db_label);
-                let tbl = classifier.table(db, schema, table, *table_db_label).map(|label| {
-                    super::classify::Labeled { label, strategy: Strategy::Redact, source: super::classify::Source::Policy }
+                let tbl = classifier.table(db, schema, table, *table_db_label).map(|label| super::classify::Labeled {
+                    label,
+                    strategy: Strategy::Redact,
+                    source: super::classify::Source::Policy,
                 });
                 match (col, tbl) {
                     (Some(c), Some(t)) if t.label > c.label => Some(t),
@@ -88,29 +90,32 @@ pub fn plan(cols: &[ColumnDesc], classifier: &Classifier, profile: &Profile, has
             }
         };
         let action = match labeled {
-            Some(l) => match profile.action(l.label) {
-                Action::Allow => ColAction::Keep,
-                Action::Deny => {
-                    let name = classifier.labels.name(l.label);
-                    out.deny = out.deny.or(deny(
-                        "label",
-                        format!("column {:?} is labeled {name}; profile {} may not read it", c.name, profile.name),
-                    ));
-                    ColAction::Keep
-                }
-                Action::Mask => {
-                    let strategy = if l.strategy == Strategy::Pseudonym && !has_key { Strategy::Redact } else { l.strategy };
-                    let constant_ok = strategy == Strategy::Null || mask::redact(c.ty).is_ok();
-                    if !constant_ok || !c.encodable {
+            Some(l) => {
+                match profile.action(l.label) {
+                    Action::Allow => ColAction::Keep,
+                    Action::Deny => {
+                        let name = classifier.labels.name(l.label);
                         out.deny = out.deny.or(deny(
+                            "label",
+                            format!("column {:?} is labeled {name}; profile {} may not read it", c.name, profile.name),
+                        ));
+                        ColAction::Keep
+                    }
+                    Action::Mask => {
+                        let strategy =
+                            if l.strategy == Strategy::Pseudonym && !has_key { Strategy::Redact } else { l.strategy };
+                        let constant_ok = strategy == Strategy::Null || mask::redact(c.ty).is_ok();
+                        if !constant_ok || !c.encodable {
+                            out.deny = out.deny.or(deny(
                             "mask",
                             format!("column {:?} must be masked, and cordon cannot write a valid masked value of its type", c.name),
                         ));
+                        }
+                        let s = format!("{strategy:?}").to_ascii_lowercase();
+                        ColAction::Mask { strategy, counter: format!("{}/{s}", c.name) }
                     }
-                    let s = format!("{strategy:?}").to_ascii_lowercase();
-                    ColAction::Mask { strategy, counter: format!("{}/{s}", c.name) }
                 }
-            },
+            }
             None if classifier.detectors && (c.ty.is_text() || c.ty == ValueType::Json) => {
                 ColAction::Detect { ctx: Context::from_column(&c.name), counter: c.name.clone() }
             }

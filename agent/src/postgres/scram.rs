@@ -82,7 +82,9 @@ impl Client {
             match part.split_at_checked(2) {
                 Some(("r=", v)) => nonce = Some(v),
                 Some(("s=", v)) => salt = Some(B64.decode(v).map_err(|_| ScramError::Malformed("salt"))?),
-                Some(("i=", v)) => iterations = Some(v.parse::<u32>().map_err(|_| ScramError::Malformed("iterations"))?),
+                Some(("i=", v)) => {
+                    iterations = Some(v.parse::<u32>().map_err(|_| ScramError::Malformed("iterations"))?)
+                }
                 _ => {}
             }
         }

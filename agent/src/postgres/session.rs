@@ -117,7 +117,11 @@ enum Req {
     Sync,
     /// Refused by cordon: the error to send when its turn comes, and for a
     /// simple query the ReadyForQuery that follows it.
-    Denied { admitted: Admitted, denied: Denied, simple: bool },
+    Denied {
+        admitted: Admitted,
+        denied: Denied,
+        simple: bool,
+    },
 }
 
 struct Governance {
@@ -442,7 +446,12 @@ impl LabelLookup for Lookup<'_> {
 }
 
 /// The guardrails' verdict on a statement text.
-fn judge(t: &Tracker, ctx: &Ctx, sql: &str, lookup_error: Option<&anyhow::Error>) -> (Verdict, Option<Arc<Vec<StmtFacts>>>) {
+fn judge(
+    t: &Tracker,
+    ctx: &Ctx,
+    sql: &str,
+    lookup_error: Option<&anyhow::Error>,
+) -> (Verdict, Option<Arc<Vec<StmtFacts>>>) {
     let facts = match ctx.shared.sql.analyse(sql) {
         Ok(f) => f,
         Err(e) => {
@@ -454,7 +463,10 @@ fn judge(t: &Tracker, ctx: &Ctx, sql: &str, lookup_error: Option<&anyhow::Error>
         }
     };
     if let Some(e) = lookup_error {
-        let v = Verdict::Deny { rule: "catalog".into(), message: format!("cannot read the database catalog to classify this statement: {e:#}") };
+        let v = Verdict::Deny {
+            rule: "catalog".into(),
+            message: format!("cannot read the database catalog to classify this statement: {e:#}"),
+        };
         return (v, Some(facts));
     }
     let lookup = Lookup(&t.gov);
@@ -509,11 +521,8 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
         b'Q' => {
             let raw = b.cstr().context("protocol violation: Query without a terminated string")?;
             let text = String::from_utf8_lossy(raw).into_owned();
-            let (verdict, facts) = if std::str::from_utf8(raw).is_err() {
-                (not_utf8(), None)
-            } else {
-                judge(t, ctx, &text, lookup_error)
-            };
+            let (verdict, facts) =
+                if std::str::from_utf8(raw).is_err() { (not_utf8(), None) } else { judge(t, ctx, &text, lookup_error) };
             let stmt = Statement { text: &text, kind: StatementKind::Simple, params: &[], prepared: None };
             let (admitted, pending) = t.pipeline.statement(&stmt, &verdict);
             t.unconfirmed.push(pending);
@@ -571,7 +580,9 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
                 let v = if len < 0 {
                     None
                 } else {
-                    Some(Bytes::copy_from_slice(b.bytes(len as usize).context("protocol violation: Bind parameter cut short")?))
+                    Some(Bytes::copy_from_slice(
+                        b.bytes(len as usize).context("protocol violation: Bind parameter cut short")?,
+                    ))
                 };
                 let binary = match formats.len() {
                     0 => false,
@@ -618,8 +629,10 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
                 Some(p) => (p.text.clone(), p.prepared.clone(), p.params.clone()),
                 None => (Arc::from("<unknown portal>"), None, Vec::new()),
             };
-            let ps: Vec<Param<'_>> = params.iter().map(|(v, bin)| Param { value: v.as_deref(), binary: *bin }).collect();
-            let stmt = Statement { text: &text, kind: StatementKind::Execute, params: &ps, prepared: prepared.as_deref() };
+            let ps: Vec<Param<'_>> =
+                params.iter().map(|(v, bin)| Param { value: v.as_deref(), binary: *bin }).collect();
+            let stmt =
+                Statement { text: &text, kind: StatementKind::Execute, params: &ps, prepared: prepared.as_deref() };
             let (admitted, pending) = t.pipeline.statement(&stmt, &Verdict::Allow);
             t.unconfirmed.push(pending);
             let mut run = running(admitted);
@@ -790,7 +803,10 @@ fn describe(t: &Tracker, fields: Vec<Field>, lookup_error: Option<&anyhow::Error
                     // Passthrough: no catalog session; policy rules cannot
                     // name the column, detectors still run.
                     None => Source::Computed,
-                    Some(c) => match c.table(f.table_oid).and_then(|ti| ti.column(f.attnum).map(|col| (ti.clone(), col.clone()))) {
+                    Some(c) => match c
+                        .table(f.table_oid)
+                        .and_then(|ti| ti.column(f.attnum).map(|col| (ti.clone(), col.clone())))
+                    {
                         Some((ti, col)) => Source::Table {
                             db: ti.db.clone(),
                             schema: ti.schema.clone(),
@@ -805,7 +821,8 @@ fn describe(t: &Tracker, fields: Vec<Field>, lookup_error: Option<&anyhow::Error
             };
             // A masked binary value must be writable in the binary format;
             // the plan refuses a column where it is not.
-            let encodable = !f.binary || types::text_to_binary(f.type_oid, &crate::pipeline::mask::redact(ty).unwrap_or_default()).is_some();
+            let encodable = !f.binary
+                || types::text_to_binary(f.type_oid, &crate::pipeline::mask::redact(ty).unwrap_or_default()).is_some();
             ColumnDesc { name: f.name.clone(), source, ty, encodable }
         })
         .collect();
@@ -1027,7 +1044,9 @@ fn on_server_frame(t: &mut Tracker, f: &Frame, out: &mut BytesMut, ctx: &Ctx, lo
                 if let Some(bytes) = mask_copy_line(f.body(), t) {
                     if t.pipeline.wants_rows() {
                         let id = head_id(t);
-                        let line = String::from_utf8_lossy(bytes.get(5..).unwrap_or_default()).trim_end_matches('\n').to_string();
+                        let line = String::from_utf8_lossy(bytes.get(5..).unwrap_or_default())
+                            .trim_end_matches('\n')
+                            .to_string();
                         t.pipeline.row(id, &[Some(line)]);
                     }
                     out.extend_from_slice(&bytes);
@@ -1069,7 +1088,11 @@ fn on_server_frame(t: &mut Tracker, f: &Frame, out: &mut BytesMut, ctx: &Ctx, lo
         b'E' => {
             let e = wire::server_error(f.body());
             let id = head_id(t);
-            t.pipeline.notice(id, "error", serde_json::json!({"severity": e.severity, "code": e.code, "message": e.message}));
+            t.pipeline.notice(
+                id,
+                "error",
+                serde_json::json!({"severity": e.severity, "code": e.code, "message": e.message}),
+            );
             let simple = matches!(t.queue.front(), Some(Req::Simple(_) | Req::Func(_)));
             if let Some(run) = current_run(t) {
                 run.outcome.error = Some(e);
@@ -1089,14 +1112,22 @@ fn on_server_frame(t: &mut Tracker, f: &Frame, out: &mut BytesMut, ctx: &Ctx, lo
         b'N' => {
             let e = wire::server_error(f.body());
             let id = head_id(t);
-            t.pipeline.notice(id, "notice", serde_json::json!({"severity": e.severity, "code": e.code, "message": e.message}));
+            t.pipeline.notice(
+                id,
+                "notice",
+                serde_json::json!({"severity": e.severity, "code": e.code, "message": e.message}),
+            );
         }
         b'A' => {
             let mut b = Body::new(f.body());
             let pid = b.i32().unwrap_or(0);
             let channel = String::from_utf8_lossy(b.cstr().unwrap_or_default()).into_owned();
             let payload = String::from_utf8_lossy(b.cstr().unwrap_or_default()).into_owned();
-            t.pipeline.notice(0, "notification", serde_json::json!({"pid": pid, "channel": channel, "payload": payload}));
+            t.pipeline.notice(
+                0,
+                "notification",
+                serde_json::json!({"pid": pid, "channel": channel, "payload": payload}),
+            );
         }
         b'Z' => {
             t.status = Body::new(f.body()).u8().unwrap_or(b'I');
@@ -1130,7 +1161,8 @@ fn ready(t: &mut Tracker, out: &mut BytesMut) {
             match t.queue.pop_front() {
                 Some(Req::Sync) | None => break,
                 Some(Req::Exec(mut run)) => {
-                    run.outcome.skipped = run.outcome.tags.is_empty() && run.outcome.error.is_none() && !run.outcome.suspended;
+                    run.outcome.skipped =
+                        run.outcome.tags.is_empty() && run.outcome.error.is_none() && !run.outcome.suspended;
                     finish_run(t, &run);
                 }
                 Some(Req::Denied { admitted, denied, .. }) => {
@@ -1230,7 +1262,8 @@ fn mask_row(
                 Err(_) => match action {
                     ColAction::Mask { .. } => String::new(),
                     _ => {
-                        let redacted = crate::pipeline::mask::redact(ty).map_err(|e| format!("column {:?}: {e}", field.name))?;
+                        let redacted =
+                            crate::pipeline::mask::redact(ty).map_err(|e| format!("column {:?}: {e}", field.name))?;
                         if let Some(slot) = changed.get_mut(i) {
                             *slot = Some(Some(redacted.into_bytes()));
                         }

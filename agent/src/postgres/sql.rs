@@ -79,18 +79,21 @@ pub fn analyse(sql: &str) -> Result<Vec<StmtFacts>, String> {
             &reparsed
         };
         let reads: Vec<TableRef> = own.select_tables().iter().map(|t| table_ref(t)).collect();
-        let functions: Vec<String> = own
-            .functions()
-            .iter()
-            .map(|f| f.rsplit('.').next().unwrap_or(f).to_ascii_lowercase())
-            .collect();
+        let functions: Vec<String> =
+            own.functions().iter().map(|f| f.rsplit('.').next().unwrap_or(f).to_ascii_lowercase()).collect();
         let mut facts = StmtFacts { kind: StmtKind::Control, unbounded_write: false, reads, writes: vec![], functions };
         describe(node, &mut facts);
         out.push(facts);
     }
     if out.is_empty() {
         // An empty query (only comments): nothing to run.
-        out.push(StmtFacts { kind: StmtKind::Control, unbounded_write: false, reads: vec![], writes: vec![], functions: vec![] });
+        out.push(StmtFacts {
+            kind: StmtKind::Control,
+            unbounded_write: false,
+            reads: vec![],
+            writes: vec![],
+            functions: vec![],
+        });
     }
     Ok(out)
 }
@@ -123,7 +126,13 @@ fn merge_ctes(with: Option<&pg_query::protobuf::WithClause>, f: &mut StmtFacts) 
     for cte in &with.ctes {
         let Some(NodeEnum::CommonTableExpr(c)) = cte.node.as_ref() else { continue };
         let Some(q) = c.ctequery.as_ref().and_then(|q| q.node.as_ref()) else { continue };
-        let mut sub = StmtFacts { kind: StmtKind::Control, unbounded_write: false, reads: vec![], writes: vec![], functions: vec![] };
+        let mut sub = StmtFacts {
+            kind: StmtKind::Control,
+            unbounded_write: false,
+            reads: vec![],
+            writes: vec![],
+            functions: vec![],
+        };
         describe(q, &mut sub);
         f.unbounded_write |= sub.unbounded_write;
         f.writes.extend(sub.writes);
@@ -275,9 +284,8 @@ fn describe_node(node: &NodeEnum, f: &mut StmtFacts) {
 fn command_name(node: &NodeEnum) -> String {
     match node {
         NodeEnum::DropStmt(d) => {
-            let t = pg_query::protobuf::ObjectType::try_from(d.remove_type)
-                .map(|o| format!("{o:?}"))
-                .unwrap_or_default();
+            let t =
+                pg_query::protobuf::ObjectType::try_from(d.remove_type).map(|o| format!("{o:?}")).unwrap_or_default();
             let t = t.trim_start_matches("Object").to_ascii_uppercase();
             if t.is_empty() {
                 "DROP".into()

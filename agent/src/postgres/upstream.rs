@@ -32,7 +32,8 @@ pub struct Upstream {
 
 pub async fn connect(ctx: &Ctx) -> Result<Stream> {
     let tcp = crate::proxy::connect_upstream(ctx.upstream, &ctx.shared).await?;
-    let pg = ctx.rule.postgres.as_ref().ok_or_else(|| anyhow!("intercept {} has no postgres settings", ctx.rule.name))?;
+    let pg =
+        ctx.rule.postgres.as_ref().ok_or_else(|| anyhow!("intercept {} has no postgres settings", ctx.rule.name))?;
     match &pg.tls {
         UpstreamTls::Disable => Ok(Stream::Plain(tcp)),
         UpstreamTls::VerifyFull { ca_file, server_name } => {
@@ -43,7 +44,10 @@ pub async fn connect(ctx: &Ctx) -> Result<Stream> {
             tcp.write_all(&req).await.context("sending SSLRequest upstream")?;
             let answer = tcp.read_u8().await.context("reading the server's SSLRequest answer")?;
             if answer != b'S' {
-                bail!("the server at {} refused TLS, which the policy requires (upstream_tls = \"verify-full\")", ctx.upstream);
+                bail!(
+                    "the server at {} refused TLS, which the policy requires (upstream_tls = \"verify-full\")",
+                    ctx.upstream
+                );
             }
             let name = server_name.clone().unwrap_or_else(|| ctx.upstream.ip().to_string());
             let config = ctx.shared.upstream_tls(ca_file.as_deref())?;
@@ -61,7 +65,8 @@ pub async fn connect(ctx: &Ctx) -> Result<Stream> {
 /// been sent AuthenticationOk; anything the server sent after it stays in
 /// the returned reader for the relay.
 pub async fn start(hello: &mut ClientHello, ctx: &Ctx) -> Result<Upstream> {
-    let pg = ctx.rule.postgres.as_ref().ok_or_else(|| anyhow!("intercept {} has no postgres settings", ctx.rule.name))?;
+    let pg =
+        ctx.rule.postgres.as_ref().ok_or_else(|| anyhow!("intercept {} has no postgres settings", ctx.rule.name))?;
     let mut stream = connect(ctx).await?;
     let mut reader = FrameReader::new(ctx.shared.max_message_bytes());
     let (user, credential) = match &pg.auth {
@@ -141,7 +146,10 @@ pub async fn start(hello: &mut ClientHello, ctx: &Ctx) -> Result<Upstream> {
                         if code != 12 {
                             let answer = next(&mut hello.reader, &mut hello.stream).await?;
                             if answer.tag != b'p' {
-                                bail!("expected the client's authentication answer, got message {:?}", answer.tag as char);
+                                bail!(
+                                    "expected the client's authentication answer, got message {:?}",
+                                    answer.tag as char
+                                );
                             }
                             stream.write_all(&answer.bytes).await?;
                         }

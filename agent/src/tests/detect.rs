@@ -17,7 +17,7 @@ fn cards() {
     assert_eq!(spans("paid with 4111 1111 1111 1111 today"), [(Kind::Card, "4111 1111 1111 1111")]);
     assert_eq!(kinds("5500-0000-0000-0004"), [Kind::Card]);
     assert_eq!(kinds("378282246310005"), [Kind::Card]); // Amex
-    // Luhn fails.
+                                                        // Luhn fails.
     assert!(kinds("4111111111111112").is_empty());
     // Passes Luhn, but no card brand starts with 9 or 1.
     assert!(kinds("9000000000000007").is_empty());

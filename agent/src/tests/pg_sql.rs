@@ -52,7 +52,8 @@ fn writes_reads_functions() {
     assert!(oc.writes[0].1.as_ref().is_some_and(|c| c.contains(&"ssn".to_string())), "{oc:?}");
     let i = &analyse("insert into customers values (1)").unwrap()[0];
     assert_eq!(i.writes[0].1, None, "no column list: every column");
-    let s = &analyse("select pg_catalog.pg_read_file('/etc/passwd'), name from hr.salaries s join x on true").unwrap()[0];
+    let s =
+        &analyse("select pg_catalog.pg_read_file('/etc/passwd'), name from hr.salaries s join x on true").unwrap()[0];
     assert!(s.functions.contains(&"pg_read_file".to_string()));
     assert!(s.reads.iter().any(|t| t.name == "salaries" && t.schema.as_deref() == Some("hr")));
     assert!(analyse("copy customers to stdout").unwrap()[0].reads.iter().any(|t| t.name == "customers"));

@@ -41,10 +41,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let rows = client
-        .query("select $1::int4 + 1 as n, $2::text as s, 2.5::float8 as f, true as b, null::text as z", &[&41i32, &"héllo"])
+        .query(
+            "select $1::int4 + 1 as n, $2::text as s, 2.5::float8 as f, true as b, null::text as z",
+            &[&41i32, &"héllo"],
+        )
         .await?;
     let row = rows.first().ok_or("no row")?;
-    let binary = json!([row.get::<_, i32>(0), row.get::<_, String>(1), row.get::<_, f64>(2), row.get::<_, bool>(3), row.get::<_, Option<String>>(4)]);
+    let binary = json!([
+        row.get::<_, i32>(0),
+        row.get::<_, String>(1),
+        row.get::<_, f64>(2),
+        row.get::<_, bool>(3),
+        row.get::<_, Option<String>>(4)
+    ]);
 
     let mut text = Vec::new();
     for m in client.simple_query("select 1 as a, 'x' as b; select 2 as a, null as b").await? {
