@@ -101,20 +101,12 @@ pub async fn start(hello: &mut ClientHello, ctx: &Ctx) -> Result<Upstream> {
             b'R' => {
                 let mut b = Body::new(frame.body());
                 let code = b.i32().context("authentication message without a code")?;
+                if credential.is_some() {
+                    inject_may_proceed(code, stream.is_tls(), scram.as_ref())?;
+                }
                 if code == 0 {
-                    // Once SCRAM started, only a verified server signature
-                    // (SASLFinal) lets the session in.
-                    if credential.is_some() && scram.as_ref().is_some_and(|s| !s.verified()) {
-                        bail!("the server accepted the login without proving it knows the password (SCRAM unfinished)");
-                    }
                     hello.stream.write_all(&frame.bytes).await?;
                     return Ok(Upstream { stream, reader, user });
-                }
-                if credential.is_some() && (code == 3 || code == 5) && !stream.is_tls() {
-                    bail!(
-                        "the server asks for a {} password over a connection without verified TLS; cordon will not send it (use upstream_tls = \"verify-full\" or SCRAM)",
-                        if code == 3 { "cleartext" } else { "md5" }
-                    );
                 }
                 match &credential {
                     Some(c) => {
@@ -127,16 +119,8 @@ pub async fn start(hello: &mut ClientHello, ctx: &Ctx) -> Result<Upstream> {
                         // Passthrough: relay the challenge; wait for the answer
                         // unless it is SASLFinal (followed by Ok or an error).
                         if code == 10 {
-                            let mut mechs = Vec::new();
-                            while let Some(m) = b.cstr() {
-                                if m.is_empty() {
-                                    break;
-                                }
-                                let m = String::from_utf8_lossy(m).into_owned();
-                                if !m.ends_with("-PLUS") {
-                                    mechs.push(m);
-                                }
-                            }
+                            let mut mechs = sasl_mechanisms(&mut b);
+                            mechs.retain(|m| !m.ends_with("-PLUS"));
                             let mut out = BytesMut::new();
                             wire::auth_sasl(&mut out, mechs);
                             hello.stream.write_all(&out).await?;
@@ -168,6 +152,34 @@ pub async fn start(hello: &mut ClientHello, ctx: &Ctx) -> Result<Upstream> {
     }
 }
 
+/// Inject mode's rules before answering (or accepting) a request: no
+/// cleartext or md5 password without verified TLS, and once SCRAM started,
+/// AuthenticationOk only after the server proved it knows the password.
+fn inject_may_proceed(code: i32, tls: bool, scram: Option<&scram::Client>) -> Result<()> {
+    if code == 0 && scram.is_some_and(|s| !s.verified()) {
+        bail!("the server accepted the login without proving it knows the password (SCRAM unfinished)");
+    }
+    if (code == 3 || code == 5) && !tls {
+        bail!(
+            "the server asks for a {} password over a connection without verified TLS; cordon will not send it (use upstream_tls = \"verify-full\" or SCRAM)",
+            if code == 3 { "cleartext" } else { "md5" }
+        );
+    }
+    Ok(())
+}
+
+/// The mechanisms of an AuthenticationSASL request.
+fn sasl_mechanisms(b: &mut Body<'_>) -> Vec<String> {
+    let mut mechs = Vec::new();
+    while let Some(m) = b.cstr() {
+        if m.is_empty() {
+            break;
+        }
+        mechs.push(String::from_utf8_lossy(m).into_owned());
+    }
+    mechs
+}
+
 /// Inject mode: answer one authentication request with the credential.
 fn answer(code: i32, b: &mut Body<'_>, c: &Credential, scram: &mut Option<scram::Client>) -> Result<BytesMut> {
     let mut out = BytesMut::new();
@@ -179,13 +191,7 @@ fn answer(code: i32, b: &mut Body<'_>, c: &Credential, scram: &mut Option<scram:
             wire::password(&mut out, scram::md5_password(&c.user, pw, salt));
         }
         10 => {
-            let mut mechs = Vec::new();
-            while let Some(m) = b.cstr() {
-                if m.is_empty() {
-                    break;
-                }
-                mechs.push(String::from_utf8_lossy(m).into_owned());
-            }
+            let mechs = sasl_mechanisms(b);
             if !mechs.iter().any(|m| m == "SCRAM-SHA-256") {
                 bail!("the server offers SASL {mechs:?}; cordon speaks SCRAM-SHA-256");
             }
@@ -227,12 +233,7 @@ pub async fn login(ctx: &Ctx, c: &Credential, database: &str) -> Result<(Stream,
             b'R' => {
                 let mut b = Body::new(frame.body());
                 let code = b.i32().context("authentication message without a code")?;
-                if code == 0 && scram.as_ref().is_some_and(|s: &scram::Client| !s.verified()) {
-                    bail!("the catalog server accepted the login without finishing SCRAM");
-                }
-                if (code == 3 || code == 5) && !stream.is_tls() {
-                    bail!("the server asks for a password over a connection without verified TLS; cordon will not send it");
-                }
+                inject_may_proceed(code, stream.is_tls(), scram.as_ref())?;
                 if code != 0 {
                     let out = answer(code, &mut b, c, &mut scram)?;
                     if !out.is_empty() {
