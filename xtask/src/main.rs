@@ -5,6 +5,7 @@
 
 mod bench;
 mod demo;
+mod gen_walk;
 mod setup;
 mod util;
 
@@ -17,6 +18,7 @@ fn main() {
         Some("build") => setup::run().and_then(|()| build(false)),
         Some("test") => test(&args[1..]),
         Some("demo") => demo::run(),
+        Some("gen-walk") => gen_walk::run(args.get(1).map(String::as_str) == Some("--check")),
         Some("bench") => bench::run(args.get(1).map_or("all", String::as_str)),
         _ => usage(),
     };
@@ -29,7 +31,8 @@ fn main() {
 fn usage() -> Result<()> {
     bail!(
         "usage: cargo xtask <command>\n  setup  install prerequisites (idempotent)\n  build  build the agent (and its eBPF programs)\n  \
-         test   unit tests and end-to-end tests (root for the e2e part)\n  demo   the end-to-end demo\n  bench  [pg|micro|all] benchmarks, written to BENCHMARKS.md"
+         test   unit tests and end-to-end tests (root for the e2e part)\n  demo   the end-to-end demo\n  bench  [pg|micro|all] benchmarks, written to BENCHMARKS.md\n  \
+         gen-walk [--check]  regenerate the SQL parse-tree walker from pg_query"
     )
 }
 

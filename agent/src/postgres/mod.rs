@@ -10,6 +10,7 @@ pub mod frame;
 pub mod scram;
 pub mod session;
 pub mod sql;
+pub mod sqltree;
 pub mod startup;
 pub mod types;
 pub mod upstream;

@@ -1,0 +1,1392 @@
+//! Mask at read: PostgreSQL only ever computes on masked values.
+//!
+//! Every reference to a relation with columns the profile masks or denies is
+//! replaced by a subquery over it, under the same alias, that projects each
+//! column (masked ones through a type-preserving expression, see `masks`).
+//! Expressions, predicates, joins, grouping, ordering, casts and their error
+//! messages then see only masked values. PostgreSQL flattens such subqueries,
+//! so plans keep their indexes.
+//!
+//! - Reads: FROM and JOIN items at any depth (subqueries in any expression,
+//!   CTEs, set operations, LATERAL), COPY, cursors, PREPARE, EXPLAIN.
+//! - Views are inlined from their definitions, so their base tables get the
+//!   same treatment; a materialized view computed from masked columns is
+//!   refused.
+//! - Write targets cannot be subqueries: references to their masked columns
+//!   in WHERE, SET and RETURNING are replaced by the masking expression.
+//!   Values that would carry masked data into storage are refused
+//!   (`labeled_flow`).
+//! - Equality lookups (`col = constant`, `col IN (constants)`, `col IS
+//!   NULL`, top-level AND-ed) compare the stored value, inside the subquery.
+//! - Fails closed: a relation cordon cannot resolve, a construct it does not
+//!   handle, a deparse that does not round-trip: the statement is refused.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
+};
+
+use pg_query::{
+    protobuf::{self as pb, RangeVar},
+    Node, NodeEnum,
+};
+
+use super::{masks, quote_ident, str_of, table_ref, walk_gen};
+use crate::pipeline::{classify::Strategy, guard::TableRef, mask::ValueType};
+
+/// What the profile does with one column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Treatment {
+    Clear,
+    Mask { strategy: Strategy, lookups: bool },
+    Deny { label: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct Column {
+    pub name: String,
+    /// The type as `format_type` spells it (the mask is cast back to it).
+    pub type_sql: String,
+    pub type_oid: u32,
+    pub ty: ValueType,
+    pub treatment: Treatment,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelKind {
+    Table,
+    View,
+    MatView,
+}
+
+#[derive(Debug, Clone)]
+pub struct Relation {
+    pub schema: String,
+    pub name: String,
+    pub kind: RelKind,
+    /// In attribute order.
+    pub columns: Vec<Column>,
+    /// A view's definition (`pg_get_viewdef`).
+    pub definition: Option<String>,
+}
+
+impl Relation {
+    pub fn protected(&self) -> bool {
+        self.columns.iter().any(|c| c.treatment != Treatment::Clear)
+    }
+    fn column(&self, name: &str) -> Option<&Column> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+    fn qualified(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+/// The adapter's view of the catalog, classified for one profile.
+pub trait Resolve {
+    /// Ok(None): no such relation (the server will say so). Err: cordon
+    /// does not know it, so the statement is refused.
+    fn relation(&self, t: &TableRef) -> Result<Option<Arc<Relation>>, String>;
+    /// Whether the profile masks or denies anything at all.
+    fn protects_anything(&self) -> bool;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub rule: &'static str,
+    pub message: String,
+}
+
+fn refuse<T>(rule: &'static str, message: impl Into<String>) -> Result<T, Refusal> {
+    Err(Refusal { rule, message: message.into() })
+}
+
+type R<T> = Result<T, Refusal>;
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Rewritten {
+    /// The text to send upstream; None when nothing needed masking.
+    pub text: Option<String>,
+    /// Messages for the client (a NOTICE each), once per statement.
+    pub notices: Vec<String>,
+}
+
+/// Catalog views that hold samples of every column's values.
+const STATISTICS: [&str; 5] = ["pg_statistic", "pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic_ext_data"];
+const MAX_VIEW_DEPTH: usize = 16;
+
+/// Rewrite every statement of `sql` for mask at read.
+pub fn rewrite(sql: &str, r: &dyn Resolve) -> R<Rewritten> {
+    let parsed = pg_query::parse(sql, 0)
+        .map_err(|e| Refusal { rule: "parse_error", message: format!("the statement does not parse ({e})") })?;
+    let mut out = String::with_capacity(sql.len() + 256);
+    let mut at = 0usize;
+    let mut changed = false;
+    let mut notices = BTreeSet::new();
+    for raw in &parsed.protobuf.stmts {
+        let Some(stmt) = raw.stmt.as_deref() else { continue };
+        let start = usize::try_from(raw.stmt_location).unwrap_or(0).min(sql.len());
+        let end = match usize::try_from(raw.stmt_len) {
+            Ok(0) | Err(_) => sql.len(),
+            Ok(l) => start.saturating_add(l).min(sql.len()),
+        };
+        let total = count_protected(stmt, r);
+        let mut node = stmt.clone();
+        let mut rw = Rw::new(r);
+        rw.statement(&mut node)?;
+        if rw.handled != total {
+            return refuse(
+                "mask",
+                format!(
+                    "cordon could not follow {} of the {total} references to masked tables in this statement; it is refused rather than run unmasked",
+                    total.saturating_sub(rw.handled)
+                ),
+            );
+        }
+        rw.check_denied(stmt)?;
+        notices.extend(rw.notices);
+        if !rw.changed {
+            continue;
+        }
+        changed = true;
+        let text = deparse(&node, parsed.protobuf.version)?;
+        out.push_str(sql.get(at..start).unwrap_or_default());
+        out.push_str(&text);
+        at = end;
+    }
+    if !changed {
+        return Ok(Rewritten { text: None, notices: notices.into_iter().collect() });
+    }
+    out.push_str(sql.get(at..).unwrap_or_default());
+    Ok(Rewritten { text: Some(out), notices: notices.into_iter().collect() })
+}
+
+/// One statement back to SQL, checked: its parse must be the tree cordon
+/// built (locations aside), or the statement is refused.
+fn deparse(node: &Node, version: i32) -> R<String> {
+    let tree = pb::ParseResult {
+        version,
+        stmts: vec![pb::RawStmt { stmt: Some(Box::new(node.clone())), stmt_location: 0, stmt_len: 0 }],
+    };
+    let text = pg_query::deparse(&tree, Default::default())
+        .map_err(|e| Refusal { rule: "mask", message: format!("cordon cannot write the masked statement back as SQL ({e})") })?;
+    let again = pg_query::parse(&text, 0).map_err(|e| Refusal {
+        rule: "mask",
+        message: format!("the masked statement cordon wrote does not parse ({e})"),
+    })?;
+    let same = match again.protobuf.stmts.first().and_then(|s| s.stmt.as_deref()) {
+        Some(n) => without_locations(n) == without_locations(node),
+        None => false,
+    };
+    if !same && std::env::var_os("CORDON_DEBUG_DEPARSE").is_some() {
+        if let Some(n) = again.protobuf.stmts.first().and_then(|s| s.stmt.as_deref()) {
+            eprintln!("built: {}\nread:  {}", without_locations(node), without_locations(n));
+        }
+    }
+    if !same || again.protobuf.stmts.len() != 1 {
+        return refuse("mask", "the masked statement does not read back as cordon built it (a construct the deparser does not keep); it is refused");
+    }
+    Ok(text)
+}
+
+fn without_locations(n: &Node) -> serde_json::Value {
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                // Source positions only (every i32 position field of the
+                // node definitions): they differ by construction.
+                m.retain(|k, v| {
+                    !(v.is_i64()
+                        && (k == "location"
+                            || k.ends_with("_location")
+                            || k.ends_with("list_start")
+                            || k.ends_with("list_end")))
+                });
+                for (_, x) in m.iter_mut() {
+                    strip(x);
+                }
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut v = serde_json::to_value(n).unwrap_or(serde_json::Value::Null);
+    strip(&mut v);
+    v
+}
+
+/// How many relation references in the statement resolve to a protected
+/// table, found by the complete walker. The rewrite must account for each.
+fn count_protected(stmt: &Node, r: &dyn Resolve) -> usize {
+    struct V<'r> {
+        r: &'r dyn Resolve,
+        n: usize,
+    }
+    impl<'a> walk_gen::Visit<'a> for V<'_> {
+        fn node(&mut self, n: &'a Node) {
+            if let Some(e) = n.node.as_ref() {
+                if let NodeEnum::RangeVar(rv) = e {
+                    self.range_var(rv);
+                }
+                walk_gen::children(e, self);
+            }
+        }
+        fn range_var(&mut self, rv: &'a RangeVar) {
+            if protected_table(self.r, rv) {
+                self.n += 1;
+            }
+        }
+    }
+    let mut v = V { r, n: 0 };
+    walk_gen::Visit::node(&mut v, stmt);
+    v.n
+}
+
+fn protected_table(r: &dyn Resolve, rv: &RangeVar) -> bool {
+    matches!(r.relation(&table_ref(rv)), Ok(Some(rel)) if rel.kind == RelKind::Table && rel.protected())
+}
+
+/// A write target with masked columns.
+struct Target {
+    /// The name its columns are qualified with (alias or relation name).
+    alias: String,
+    rel: Arc<Relation>,
+}
+
+struct Rw<'r> {
+    r: &'r dyn Resolve,
+    /// CTE names in scope, innermost last.
+    ctes: Vec<Vec<String>>,
+    /// Protected-table references accounted for (outside view bodies).
+    handled: usize,
+    view_depth: usize,
+    changed: bool,
+    notices: BTreeSet<String>,
+    /// Relations read that have denied columns: (alias, columns, label).
+    denied: Vec<(String, Vec<String>, String)>,
+    /// Masked column names and aliases of the relations read.
+    masked_cols: BTreeSet<String>,
+    masked_aliases: BTreeSet<String>,
+}
+
+impl<'r> Rw<'r> {
+    fn new(r: &'r dyn Resolve) -> Self {
+        Self {
+            r,
+            ctes: Vec::new(),
+            handled: 0,
+            view_depth: 0,
+            changed: false,
+            notices: BTreeSet::new(),
+            denied: Vec::new(),
+            masked_cols: BTreeSet::new(),
+            masked_aliases: BTreeSet::new(),
+        }
+    }
+
+    fn resolve(&self, rv: &RangeVar) -> R<Option<Arc<Relation>>> {
+        let t = table_ref(rv);
+        let rel = self.r.relation(&t).map_err(|e| Refusal {
+            rule: "catalog",
+            message: format!("cannot classify relation {t}: {e}"),
+        })?;
+        if let Some(rel) = &rel {
+            if rel.schema == "pg_catalog" && STATISTICS.contains(&rel.name.as_str()) && self.r.protects_anything() {
+                return refuse(
+                    "restricted_read",
+                    format!(
+                        "pg_catalog.{} holds sampled values of every column, masked ones included; this profile may not read it",
+                        rel.name
+                    ),
+                );
+            }
+        }
+        Ok(rel)
+    }
+
+    fn account(&mut self, rv: &RangeVar) {
+        if self.view_depth == 0 && protected_table(self.r, rv) {
+            self.handled += 1;
+        }
+    }
+
+    fn is_cte(&self, rv: &RangeVar) -> bool {
+        rv.schemaname.is_empty() && self.ctes.iter().any(|s| s.iter().any(|c| *c == rv.relname))
+    }
+
+    fn statement(&mut self, n: &mut Node) -> R<()> {
+        let Some(e) = n.node.as_mut() else { return Ok(()) };
+        match e {
+            NodeEnum::SelectStmt(s) => {
+                let original = s.into_clause.is_some().then(|| s.clone());
+                self.select(s)?;
+                if let Some(o) = original {
+                    self.flow_check(&Node { node: Some(NodeEnum::SelectStmt(o)) }, "SELECT INTO")?;
+                }
+                Ok(())
+            }
+            NodeEnum::InsertStmt(s) => self.insert(s),
+            NodeEnum::UpdateStmt(s) => self.update(s),
+            NodeEnum::DeleteStmt(s) => self.delete(s),
+            NodeEnum::MergeStmt(s) => self.merge(s),
+            NodeEnum::CopyStmt(s) => self.copy(s),
+            NodeEnum::ExplainStmt(s) => self.opt_statement(s.query.as_deref_mut()),
+            NodeEnum::DeclareCursorStmt(s) => self.opt_statement(s.query.as_deref_mut()),
+            NodeEnum::PrepareStmt(s) => self.opt_statement(s.query.as_deref_mut()),
+            NodeEnum::CreateTableAsStmt(s) => {
+                let original = s.query.as_deref().cloned();
+                self.opt_statement(s.query.as_deref_mut())?;
+                if let Some(o) = original {
+                    self.flow_check(&o, "CREATE TABLE AS")?;
+                }
+                Ok(())
+            }
+            _ => self.utility(n),
+        }
+    }
+
+    fn opt_statement(&mut self, n: Option<&mut Node>) -> R<()> {
+        match n {
+            Some(n) => self.statement(n),
+            None => Ok(()),
+        }
+    }
+
+    /// Utility statements read no rows for the client; queries nested in
+    /// them (CALL arguments, …) are still rewritten.
+    fn utility(&mut self, n: &mut Node) -> R<()> {
+        struct V<'a, 'r> {
+            rw: &'a mut Rw<'r>,
+            err: Option<Refusal>,
+        }
+        impl walk_gen::VisitMut for V<'_, '_> {
+            fn node(&mut self, n: &mut Node) {
+                if self.err.is_some() {
+                    return;
+                }
+                let r = match n.node.as_mut() {
+                    Some(NodeEnum::SelectStmt(_)) => self.rw.statement(n),
+                    Some(NodeEnum::RangeVar(rv)) => {
+                        self.rw.account(rv);
+                        Ok(())
+                    }
+                    Some(e) => {
+                        walk_gen::children_mut(e, self);
+                        Ok(())
+                    }
+                    None => Ok(()),
+                };
+                if let Err(e) = r {
+                    self.err = Some(e);
+                }
+            }
+            fn range_var(&mut self, rv: &mut RangeVar) {
+                self.rw.account(rv);
+            }
+        }
+        let mut v = V { rw: self, err: None };
+        if let Some(e) = n.node.as_mut() {
+            walk_gen::children_mut(e, &mut v);
+        }
+        match v.err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn push_ctes(&mut self, with: Option<&mut pb::WithClause>) -> R<()> {
+        let Some(w) = with else {
+            self.ctes.push(Vec::new());
+            return Ok(());
+        };
+        let names: Vec<String> = w
+            .ctes
+            .iter()
+            .filter_map(|c| match c.node.as_ref() {
+                Some(NodeEnum::CommonTableExpr(c)) => Some(c.ctename.clone()),
+                _ => None,
+            })
+            .collect();
+        // A recursive WITH sees all its names in every body; otherwise each
+        // body sees only the ones before it.
+        self.ctes.push(if w.recursive { names.clone() } else { Vec::new() });
+        for (i, c) in w.ctes.iter_mut().enumerate() {
+            if let Some(NodeEnum::CommonTableExpr(c)) = c.node.as_mut() {
+                if let Some(q) = c.ctequery.as_deref_mut() {
+                    self.statement(q)?;
+                }
+                self.expr_list(&mut c.aliascolnames, None)?;
+            }
+            if !w.recursive {
+                if let (Some(scope), Some(name)) = (self.ctes.last_mut(), names.get(i)) {
+                    scope.push(name.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn select(&mut self, s: &mut pb::SelectStmt) -> R<()> {
+        self.push_ctes(s.with_clause.as_mut())?;
+        let r = self.select_body(s);
+        self.ctes.pop();
+        r
+    }
+
+    fn select_body(&mut self, s: &mut pb::SelectStmt) -> R<()> {
+        if let Some(l) = s.larg.as_deref_mut() {
+            self.select(l)?;
+        }
+        if let Some(rg) = s.rarg.as_deref_mut() {
+            self.select(rg)?;
+        }
+        // Equality lookups on masked columns move into the masked read.
+        let mut pushed = self.take_lookups(&s.from_clause, &mut s.where_clause)?;
+        let before = (!s.from_clause.is_empty()).then(|| s.clone());
+        let mut wrapped = Vec::new();
+        for item in &mut s.from_clause {
+            self.from_item(item, &mut pushed, &mut wrapped)?;
+        }
+        if let Some(before) = before {
+            self.notice_predicates(&before, &wrapped);
+        }
+        for l in &s.locking_clause {
+            // FOR UPDATE OF names aliases, not tables to read.
+            super::each_node(l, &mut |e| {
+                if let NodeEnum::RangeVar(rv) = e {
+                    self.account(rv);
+                }
+            });
+        }
+        let subst = None;
+        for l in &mut s.target_list {
+            self.expr(l, subst)?;
+        }
+        self.opt_expr(s.where_clause.as_deref_mut(), subst)?;
+        self.expr_list(&mut s.group_clause, subst)?;
+        self.opt_expr(s.having_clause.as_deref_mut(), subst)?;
+        self.expr_list(&mut s.window_clause, subst)?;
+        self.expr_list(&mut s.values_lists, subst)?;
+        self.expr_list(&mut s.sort_clause, subst)?;
+        self.expr_list(&mut s.distinct_clause, subst)?;
+        self.opt_expr(s.limit_offset.as_deref_mut(), subst)?;
+        self.opt_expr(s.limit_count.as_deref_mut(), subst)?;
+        Ok(())
+    }
+
+    /// A FROM item: a relation (masked, inlined, or left), a join, a
+    /// subquery, a function.
+    fn from_item(
+        &mut self,
+        n: &mut Node,
+        pushed: &mut HashMap<String, Vec<Node>>,
+        wrapped: &mut Vec<(String, Arc<Relation>)>,
+    ) -> R<()> {
+        match n.node.as_mut() {
+            Some(NodeEnum::RangeVar(rv)) => {
+                let rv = &rv.clone();
+                if self.is_cte(rv) {
+                    self.account(rv);
+                    return Ok(());
+                }
+                let Some(rel) = self.resolve(rv)? else { return Ok(()) };
+                let alias = rv.alias.as_ref().map_or_else(|| rv.relname.clone(), |a| a.aliasname.clone());
+                let replacement = match rel.kind {
+                    RelKind::Table => {
+                        if !rel.protected() {
+                            return Ok(());
+                        }
+                        self.account(rv);
+                        self.masked_read(&rel, rv.inh, pushed.remove(&alias).unwrap_or_default(), None)?
+                    }
+                    RelKind::View => {
+                        let inlined = self.inline_view(&rel)?;
+                        if inlined.is_none() && !rel.protected() {
+                            return Ok(());
+                        }
+                        let inner = inlined.map(|sub| subselect(sub, rv_alias(rv)));
+                        if rel.protected() {
+                            self.masked_read(&rel, rv.inh, pushed.remove(&alias).unwrap_or_default(), inner)?
+                        } else {
+                            match inner {
+                                Some(i) => i,
+                                None => return Ok(()),
+                            }
+                        }
+                    }
+                    RelKind::MatView => {
+                        if self.inline_view(&rel)?.is_some() {
+                            return refuse(
+                                "mask",
+                                format!(
+                                    "materialized view {}.{} stores values computed from masked columns, which cordon cannot mask inside it; read its base tables instead",
+                                    rel.schema, rel.name
+                                ),
+                            );
+                        }
+                        if !rel.protected() {
+                            return Ok(());
+                        }
+                        self.masked_read(&rel, rv.inh, pushed.remove(&alias).unwrap_or_default(), None)?
+                    }
+                };
+                self.note_read(&alias, &rel);
+                wrapped.push((alias.clone(), rel.clone()));
+                let is_subselect = matches!(replacement.node, Some(NodeEnum::SelectStmt(_)));
+                *n = if is_subselect { subselect(replacement, rv_alias(rv)) } else { replacement };
+                self.changed = true;
+                Ok(())
+            }
+            Some(NodeEnum::JoinExpr(j)) => {
+                if let Some(l) = j.larg.as_deref_mut() {
+                    self.from_item(l, pushed, wrapped)?;
+                }
+                if let Some(rg) = j.rarg.as_deref_mut() {
+                    self.from_item(rg, pushed, wrapped)?;
+                }
+                self.opt_expr(j.quals.as_deref_mut(), None)
+            }
+            Some(NodeEnum::RangeSubselect(sub)) => self.opt_statement(sub.subquery.as_deref_mut()),
+            Some(NodeEnum::RangeTableSample(ts)) => {
+                let sampled = match ts.relation.as_deref().and_then(|r| r.node.as_ref()) {
+                    Some(NodeEnum::RangeVar(rv)) => Some(rv.clone()),
+                    _ => None,
+                };
+                if let Some(rv) = &sampled {
+                    if !self.is_cte(rv) {
+                        if let Some(rel) = self.resolve(rv)? {
+                            if rel.protected() || (rel.kind != RelKind::Table && self.inline_view(&rel)?.is_some()) {
+                                return refuse(
+                                    "mask",
+                                    format!(
+                                        "TABLESAMPLE on {}.{}, which has masked columns, is not supported; sample a subquery instead",
+                                        rel.schema, rel.name
+                                    ),
+                                );
+                            }
+                        }
+                    }
+                    self.account(rv);
+                }
+                self.expr_list(&mut ts.args, None)?;
+                self.opt_expr(ts.repeatable.as_deref_mut(), None)
+            }
+            _ => self.expr(n, None),
+        }
+    }
+
+    fn note_read(&mut self, alias: &str, rel: &Relation) {
+        let denied: Vec<String> = rel
+            .columns
+            .iter()
+            .filter(|c| matches!(c.treatment, Treatment::Deny { .. }))
+            .map(|c| c.name.clone())
+            .collect();
+        if let Some(label) = rel.columns.iter().find_map(|c| match &c.treatment {
+            Treatment::Deny { label } => Some(label.clone()),
+            _ => None,
+        }) {
+            self.denied.push((alias.to_string(), denied, label));
+        }
+        let mut any = false;
+        for c in &rel.columns {
+            if matches!(c.treatment, Treatment::Mask { .. }) {
+                self.masked_cols.insert(c.name.clone());
+                any = true;
+            }
+        }
+        if any {
+            self.masked_aliases.insert(alias.to_string());
+        }
+    }
+
+    /// The view's definition with masked reads inside, or None if nothing
+    /// in it needed masking.
+    fn inline_view(&mut self, rel: &Relation) -> R<Option<Node>> {
+        let Some(def) = rel.definition.as_deref() else {
+            return refuse("catalog", format!("cannot read the definition of view {}.{}", rel.schema, rel.name));
+        };
+        if self.view_depth >= MAX_VIEW_DEPTH {
+            return refuse("mask", format!("views nest deeper than {MAX_VIEW_DEPTH} levels at {}.{}", rel.schema, rel.name));
+        }
+        let parsed = pg_query::parse(def, 0).map_err(|e| Refusal {
+            rule: "mask",
+            message: format!("the definition of view {}.{} does not parse ({e})", rel.schema, rel.name),
+        })?;
+        let Some(mut body) = parsed.protobuf.stmts.first().and_then(|s| s.stmt.as_deref()).cloned() else {
+            return refuse("mask", format!("view {}.{} has an empty definition", rel.schema, rel.name));
+        };
+        // A view's body does not see the outer statement's CTEs.
+        let saved_ctes = std::mem::take(&mut self.ctes);
+        let saved_changed = std::mem::replace(&mut self.changed, false);
+        self.view_depth += 1;
+        let r = self.statement(&mut body);
+        self.view_depth -= 1;
+        self.ctes = saved_ctes;
+        let changed = std::mem::replace(&mut self.changed, saved_changed);
+        r?;
+        Ok(changed.then_some(body))
+    }
+
+    /// `SELECT <each column, masked where the profile says> FROM [ONLY]
+    /// schema.name [WHERE <equality lookups>]`.
+    fn masked_read(&mut self, rel: &Relation, inh: bool, lookups: Vec<Node>, from: Option<Node>) -> R<Node> {
+        let proj: Vec<String> = rel
+            .columns
+            .iter()
+            .map(|c| {
+                let q = quote_ident(&c.name);
+                match &c.treatment {
+                    Treatment::Clear => q,
+                    Treatment::Mask { strategy, .. } => {
+                        format!("{} AS {q}", masks::expression(&q, &c.type_sql, c.ty, *strategy))
+                    }
+                    Treatment::Deny { .. } => format!("NULL::{} AS {q}", c.type_sql),
+                }
+            })
+            .collect();
+        let only = if inh || rel.kind != RelKind::Table { "" } else { "ONLY " };
+        let sql = format!("SELECT {} FROM {only}{}", proj.join(", "), rel.qualified());
+        let mut node = parse_select(&sql)?;
+        if let Some(NodeEnum::SelectStmt(s)) = node.node.as_mut() {
+            if let Some(f) = from {
+                s.from_clause = vec![f];
+            }
+            s.where_clause = and_all(lookups).map(Box::new);
+        }
+        Ok(node)
+    }
+
+    /// Split off the top-level AND-ed equality lookups on masked columns of
+    /// this FROM list's plain relations, by the alias they will go under.
+    fn take_lookups(&mut self, from: &[Node], where_clause: &mut Option<Box<Node>>) -> R<HashMap<String, Vec<Node>>> {
+        let mut out: HashMap<String, Vec<Node>> = HashMap::new();
+        let Some(w) = where_clause.as_deref_mut() else { return Ok(out) };
+        // Plain relations, directly in FROM or under inner joins only: a
+        // conjunct pushed below an outer join would change the result.
+        let mut rels: Vec<(String, Arc<Relation>)> = Vec::new();
+        let mut items = 0usize;
+        for f in from {
+            items += 1;
+            self.inner_relations(f, &mut rels)?;
+        }
+        if rels.is_empty() {
+            return Ok(out);
+        }
+        let single = items == 1 && rels.len() == 1;
+        let conjuncts = match w.node.as_mut() {
+            Some(NodeEnum::BoolExpr(b)) if b.boolop == pb::BoolExprType::AndExpr as i32 => std::mem::take(&mut b.args),
+            _ => vec![w.clone()],
+        };
+        let mut kept = Vec::new();
+        for c in conjuncts {
+            match lookup_target(&c, &rels, single) {
+                Some((alias, col)) => {
+                    let mut inner = c.clone();
+                    unqualify(&mut inner, &col);
+                    out.entry(alias).or_default().push(inner);
+                }
+                None => kept.push(c),
+            }
+        }
+        *where_clause = and_all(kept).map(Box::new);
+        Ok(out)
+    }
+
+    fn inner_relations(&self, n: &Node, out: &mut Vec<(String, Arc<Relation>)>) -> R<()> {
+        match n.node.as_ref() {
+            Some(NodeEnum::RangeVar(rv)) if !self.is_cte(rv) => {
+                if let Some(rel) = self.r.relation(&table_ref(rv)).ok().flatten() {
+                    let alias = rv.alias.as_ref().map_or_else(|| rv.relname.clone(), |a| a.aliasname.clone());
+                    if rv.alias.as_ref().is_none_or(|a| a.colnames.is_empty()) {
+                        out.push((alias, rel));
+                    }
+                }
+            }
+            Some(NodeEnum::JoinExpr(j)) if j.jointype == pb::JoinType::JoinInner as i32 => {
+                if let Some(l) = j.larg.as_deref() {
+                    self.inner_relations(l, out)?;
+                }
+                if let Some(r) = j.rarg.as_deref() {
+                    self.inner_relations(r, out)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// A NOTICE when a masked column decides which rows come back or in
+    /// which order: the user sees why `WHERE card LIKE '4111%'` finds
+    /// nothing.
+    fn notice_predicates(&mut self, s: &pb::SelectStmt, wrapped: &[(String, Arc<Relation>)]) {
+        if wrapped.is_empty() {
+            return;
+        }
+        let mut hits = BTreeSet::new();
+        let mut look = |n: &Node| {
+            super::each_node(n, &mut |e| {
+                if let NodeEnum::ColumnRef(c) = e {
+                    if let Some(col) = c.fields.last().and_then(str_of) {
+                        let qual = if c.fields.len() >= 2 { c.fields.get(c.fields.len() - 2).and_then(str_of) } else { None };
+                        for (alias, rel) in wrapped {
+                            if qual.is_some_and(|q| q != alias) {
+                                continue;
+                            }
+                            if rel.column(col).is_some_and(|c| matches!(c.treatment, Treatment::Mask { .. })) {
+                                hits.insert(col.to_string());
+                            }
+                        }
+                    }
+                }
+            });
+        };
+        for n in s.where_clause.iter().map(|b| b.as_ref()).chain(s.having_clause.as_deref()) {
+            look(n);
+        }
+        for n in s.group_clause.iter().chain(&s.sort_clause).chain(&s.from_clause).chain(&s.window_clause) {
+            look(n);
+        }
+        if !hits.is_empty() {
+            let cols: Vec<&str> = hits.iter().map(String::as_str).collect();
+            self.notices.insert(format!(
+                "cordon: {} {} masked for this workload; WHERE, JOIN, GROUP BY and ORDER BY compare the masked value (only equality lookups such as col = value, col IN (…) and col IS NULL compare the stored one)",
+                cols.join(", "),
+                if cols.len() == 1 { "is" } else { "are" }
+            ));
+        }
+    }
+
+    fn expr_list(&mut self, list: &mut [Node], subst: Option<&Target>) -> R<()> {
+        for n in list {
+            self.expr(n, subst)?;
+        }
+        Ok(())
+    }
+
+    fn opt_expr(&mut self, n: Option<&mut Node>, subst: Option<&Target>) -> R<()> {
+        match n {
+            Some(n) => self.expr(n, subst),
+            None => Ok(()),
+        }
+    }
+
+    /// Any expression: subqueries in it are rewritten; with a write target,
+    /// references to its masked columns become the masking expression.
+    fn expr(&mut self, n: &mut Node, subst: Option<&Target>) -> R<()> {
+        if let Some(t) = subst {
+            self.substitute(n, t)?;
+        }
+        self.walk_expr(n)
+    }
+
+    /// Replace references to the target's masked columns, at any depth
+    /// (a subquery may refer to the target by correlation). Over-masking a
+    /// same-named column of an inner relation is safe; missing one is not.
+    fn substitute(&mut self, n: &mut Node, t: &Target) -> R<()> {
+        struct V<'a, 'r, 't> {
+            rw: &'a mut Rw<'r>,
+            t: &'t Target,
+            err: Option<Refusal>,
+        }
+        impl walk_gen::VisitMut for V<'_, '_, '_> {
+            fn node(&mut self, n: &mut Node) {
+                if self.err.is_some() {
+                    return;
+                }
+                if let Some(NodeEnum::ColumnRef(c)) = n.node.as_ref() {
+                    if let Some(col) = target_column(c, self.t) {
+                        match self.rw.mask_expr_for(c, &col) {
+                            Ok(m) => {
+                                *n = m;
+                                self.rw.changed = true;
+                            }
+                            Err(e) => self.err = Some(e),
+                        }
+                    }
+                    return;
+                }
+                if let Some(e) = n.node.as_mut() {
+                    walk_gen::children_mut(e, self);
+                }
+            }
+        }
+        let mut v = V { rw: self, t, err: None };
+        walk_gen::VisitMut::node(&mut v, n);
+        v.err.map_or(Ok(()), Err)
+    }
+
+    /// Rewrite the subqueries inside an expression.
+    fn walk_expr(&mut self, n: &mut Node) -> R<()> {
+        struct V<'a, 'r> {
+            rw: &'a mut Rw<'r>,
+            err: Option<Refusal>,
+        }
+        impl walk_gen::VisitMut for V<'_, '_> {
+            fn node(&mut self, n: &mut Node) {
+                if self.err.is_some() {
+                    return;
+                }
+                match self.rw.expr_node(n) {
+                    Ok(true) => {
+                        if let Some(e) = n.node.as_mut() {
+                            walk_gen::children_mut(e, self);
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => self.err = Some(e),
+                }
+            }
+            fn range_var(&mut self, rv: &mut RangeVar) {
+                // Targets held outside a Node (INTO, …): nothing is read.
+                self.rw.account(rv);
+            }
+        }
+        let mut v = V { rw: self, err: None };
+        walk_gen::VisitMut::node(&mut v, n);
+        v.err.map_or(Ok(()), Err)
+    }
+
+    /// One node of an expression; Ok(true) = descend into its children.
+    fn expr_node(&mut self, n: &mut Node) -> R<bool> {
+        match n.node.as_ref() {
+            Some(
+                NodeEnum::SelectStmt(_)
+                | NodeEnum::InsertStmt(_)
+                | NodeEnum::UpdateStmt(_)
+                | NodeEnum::DeleteStmt(_)
+                | NodeEnum::MergeStmt(_),
+            ) => {
+                self.statement(n)?;
+                Ok(false)
+            }
+            Some(NodeEnum::RangeVar(rv)) => {
+                if self.is_cte(rv) {
+                    self.account(rv);
+                    return Ok(false);
+                }
+                // A relation where cordon does not expect one to be read.
+                let rv = rv.clone();
+                if let Some(rel) = self.resolve(&rv)? {
+                    if rel.protected() || (rel.kind != RelKind::Table && self.inline_view(&rel)?.is_some()) {
+                        return refuse(
+                            "mask",
+                            format!("{}.{} is referenced in a construct cordon cannot mask", rel.schema, rel.name),
+                        );
+                    }
+                }
+                Ok(false)
+            }
+            Some(_) => Ok(true),
+            None => Ok(false),
+        }
+    }
+
+    fn mask_expr_for(&mut self, c: &pb::ColumnRef, col: &Column) -> R<Node> {
+        let Treatment::Mask { strategy, .. } = &col.treatment else {
+            return refuse("label", format!("column {} may not be read by this profile", col.name));
+        };
+        let quoted: Vec<String> = c.fields.iter().filter_map(str_of).map(quote_ident).collect();
+        let sql = format!("SELECT {}", masks::expression(&quoted.join("."), &col.type_sql, col.ty, *strategy));
+        let sel = parse_select(&sql)?;
+        match sel.node {
+            Some(NodeEnum::SelectStmt(s)) => match s.target_list.into_iter().next().and_then(|t| t.node) {
+                Some(NodeEnum::ResTarget(t)) => t.val.map(|b| *b).ok_or_else(|| Refusal {
+                    rule: "mask",
+                    message: "cordon built an empty masking expression".into(),
+                }),
+                _ => refuse("mask", "cordon built an empty masking expression"),
+            },
+            _ => refuse("mask", "cordon built an empty masking expression"),
+        }
+    }
+
+    /// A write target: resolved, accounted for; Some when it has masked
+    /// columns to substitute.
+    fn write_target(&mut self, rv: Option<&RangeVar>, what: &str) -> R<Option<Target>> {
+        let Some(rv) = rv else { return Ok(None) };
+        if self.is_cte(rv) {
+            return Ok(None);
+        }
+        self.account(rv);
+        let Some(rel) = self.resolve(rv)? else { return Ok(None) };
+        if rel.kind != RelKind::Table && (rel.protected() || self.inline_view(&rel)?.is_some()) {
+            return refuse(
+                "mask",
+                format!("{what} through view {}.{}, which reads masked columns, is not supported; write the base table", rel.schema, rel.name),
+            );
+        }
+        if !rel.protected() {
+            return Ok(None);
+        }
+        if let Some(c) = rel.columns.iter().find(|c| matches!(c.treatment, Treatment::Deny { .. })) {
+            // Denied columns of a write target: only refused if referenced
+            // (check_denied runs on the whole statement).
+            let label = match &c.treatment {
+                Treatment::Deny { label } => label.clone(),
+                _ => String::new(),
+            };
+            let alias = rv.alias.as_ref().map_or_else(|| rv.relname.clone(), |a| a.aliasname.clone());
+            let cols =
+                rel.columns.iter().filter(|c| matches!(c.treatment, Treatment::Deny { .. })).map(|c| c.name.clone());
+            self.denied.push((alias, cols.collect(), label));
+        }
+        let alias = rv.alias.as_ref().map_or_else(|| rv.relname.clone(), |a| a.aliasname.clone());
+        for c in &rel.columns {
+            if matches!(c.treatment, Treatment::Mask { .. }) {
+                self.masked_cols.insert(c.name.clone());
+            }
+        }
+        self.masked_aliases.insert(alias.clone());
+        Ok(Some(Target { alias, rel }))
+    }
+
+    /// WHERE of a write: equality lookups on the target keep the stored
+    /// value; everything else sees the masked one.
+    fn write_where(&mut self, w: &mut Option<Box<Node>>, t: Option<&Target>) -> R<()> {
+        let Some(node) = w.as_deref_mut() else { return Ok(()) };
+        if let Some(t) = t {
+            let rels = vec![(t.alias.clone(), t.rel.clone())];
+            let is_and = matches!(node.node.as_ref(), Some(NodeEnum::BoolExpr(b)) if b.boolop == pb::BoolExprType::AndExpr as i32);
+            match node.node.as_mut() {
+                Some(NodeEnum::BoolExpr(b)) if is_and => {
+                    for c in &mut b.args {
+                        if lookup_target(c, &rels, true).is_none() {
+                            self.substitute(c, t)?;
+                        }
+                    }
+                }
+                _ => {
+                    if lookup_target(node, &rels, true).is_none() {
+                        self.substitute(node, t)?;
+                    }
+                }
+            }
+        }
+        self.walk_expr(node)
+    }
+
+    /// RETURNING of a write: `*` is expanded so that masked columns come
+    /// back masked; a whole-row reference is refused.
+    fn returning(&mut self, r: Option<&mut pb::ReturningClause>, t: Option<&Target>) -> R<()> {
+        let Some(r) = r else { return Ok(()) };
+        let Some(t) = t else { return self.expr_list(&mut r.exprs, None) };
+        for e in &mut r.exprs {
+            self.substitute(e, t)?;
+        }
+        let mut out = Vec::with_capacity(r.exprs.len());
+        for item in std::mem::take(&mut r.exprs) {
+            let star = match item.node.as_ref() {
+                Some(NodeEnum::ResTarget(rt)) => match rt.val.as_deref().and_then(|v| v.node.as_ref()) {
+                    Some(NodeEnum::ColumnRef(c)) => {
+                        let last_star = matches!(c.fields.last().and_then(|f| f.node.as_ref()), Some(NodeEnum::AStar(_)));
+                        let qual = c.fields.first().and_then(str_of);
+                        if c.fields.len() == 1 && qual == Some(t.alias.as_str()) {
+                            return refuse(
+                                "mask",
+                                format!("RETURNING the whole row of {}, which has masked columns: name the columns", t.alias),
+                            );
+                        }
+                        last_star && (c.fields.len() == 1 || qual == Some(t.alias.as_str()))
+                    }
+                    _ => false,
+                },
+                _ => false,
+            };
+            if star {
+                for col in &t.rel.columns {
+                    let sql = match &col.treatment {
+                        Treatment::Clear => format!("SELECT {}.{}", quote_ident(&t.alias), quote_ident(&col.name)),
+                        Treatment::Mask { strategy, .. } => format!(
+                            "SELECT {} AS {}",
+                            masks::expression(
+                                &format!("{}.{}", quote_ident(&t.alias), quote_ident(&col.name)),
+                                &col.type_sql,
+                                col.ty,
+                                *strategy
+                            ),
+                            quote_ident(&col.name)
+                        ),
+                        Treatment::Deny { label } => {
+                            return refuse(
+                                "label",
+                                format!("column {} is labeled {label}; this profile may not read it", col.name),
+                            )
+                        }
+                    };
+                    if let Some(NodeEnum::SelectStmt(s)) = parse_select(&sql)?.node {
+                        out.extend(s.target_list);
+                    }
+                }
+                self.changed = true;
+            } else {
+                out.push(item);
+            }
+        }
+        r.exprs = out;
+        self.expr_list(&mut r.exprs, None)
+    }
+
+    fn insert(&mut self, s: &mut pb::InsertStmt) -> R<()> {
+        self.push_ctes(s.with_clause.as_mut())?;
+        let r = (|| {
+            let t = self.write_target(s.relation.as_ref(), "INSERT")?;
+            if let Some(src) = s.select_stmt.as_deref_mut() {
+                let original = src.clone();
+                self.statement(src)?;
+                self.flow_check(&original, "INSERT")?;
+            }
+            if let Some(oc) = s.on_conflict_clause.as_deref_mut() {
+                let sets = oc.target_list.clone();
+                self.expr_list(&mut oc.target_list, t.as_ref())?;
+                self.flow_check_list(&sets, "INSERT … ON CONFLICT DO UPDATE")?;
+                self.opt_expr(oc.where_clause.as_deref_mut(), t.as_ref())?;
+            }
+            self.returning(s.returning_clause.as_mut(), t.as_ref())
+        })();
+        self.ctes.pop();
+        r
+    }
+
+    fn update(&mut self, s: &mut pb::UpdateStmt) -> R<()> {
+        self.push_ctes(s.with_clause.as_mut())?;
+        let r = (|| {
+            let t = self.write_target(s.relation.as_ref(), "UPDATE")?;
+            let mut pushed = HashMap::new();
+            let mut wrapped = Vec::new();
+            for item in &mut s.from_clause {
+                self.from_item(item, &mut pushed, &mut wrapped)?;
+            }
+            let sets = s.target_list.clone();
+            self.expr_list(&mut s.target_list, t.as_ref())?;
+            self.flow_check_list(&sets, "UPDATE")?;
+            self.write_where(&mut s.where_clause, t.as_ref())?;
+            self.returning(s.returning_clause.as_mut(), t.as_ref())
+        })();
+        self.ctes.pop();
+        r
+    }
+
+    fn delete(&mut self, s: &mut pb::DeleteStmt) -> R<()> {
+        self.push_ctes(s.with_clause.as_mut())?;
+        let r = (|| {
+            let t = self.write_target(s.relation.as_ref(), "DELETE")?;
+            let mut pushed = HashMap::new();
+            let mut wrapped = Vec::new();
+            for item in &mut s.using_clause {
+                self.from_item(item, &mut pushed, &mut wrapped)?;
+            }
+            self.write_where(&mut s.where_clause, t.as_ref())?;
+            self.returning(s.returning_clause.as_mut(), t.as_ref())
+        })();
+        self.ctes.pop();
+        r
+    }
+
+    fn merge(&mut self, s: &mut pb::MergeStmt) -> R<()> {
+        self.push_ctes(s.with_clause.as_mut())?;
+        let r = (|| {
+            let t = self.write_target(s.relation.as_ref(), "MERGE")?;
+            let mut pushed = HashMap::new();
+            let mut wrapped = Vec::new();
+            if let Some(src) = s.source_relation.as_deref_mut() {
+                self.from_item(src, &mut pushed, &mut wrapped)?;
+            }
+            self.opt_expr(s.join_condition.as_deref_mut(), t.as_ref())?;
+            for w in &mut s.merge_when_clauses {
+                if let Some(NodeEnum::MergeWhenClause(w)) = w.node.as_mut() {
+                    let (sets, values) = (w.target_list.clone(), w.values.clone());
+                    self.opt_expr(w.condition.as_deref_mut(), t.as_ref())?;
+                    self.expr_list(&mut w.target_list, t.as_ref())?;
+                    self.expr_list(&mut w.values, t.as_ref())?;
+                    self.flow_check_list(&sets, "MERGE")?;
+                    self.flow_check_list(&values, "MERGE")?;
+                }
+            }
+            self.returning(s.returning_clause.as_mut(), t.as_ref())
+        })();
+        self.ctes.pop();
+        r
+    }
+
+    fn copy(&mut self, s: &mut pb::CopyStmt) -> R<()> {
+        if let Some(q) = s.query.as_deref_mut() {
+            return self.statement(q);
+        }
+        let Some(rv) = s.relation.clone() else { return Ok(()) };
+        if s.is_from {
+            self.account(&rv);
+            return Ok(());
+        }
+        let Some(rel) = self.resolve(&rv)? else { return Ok(()) };
+        if !rel.protected() {
+            return Ok(());
+        }
+        // COPY t TO … becomes COPY (SELECT … FROM masked t) TO …
+        let cols: Vec<String> = s.attlist.iter().filter_map(str_of).map(quote_ident).collect();
+        let cols = if cols.is_empty() { "*".to_string() } else { cols.join(", ") };
+        let sql = format!("SELECT {cols} FROM ONLY {}", rel.qualified());
+        let mut q = parse_select(&sql)?;
+        // The generated reference is the one the user wrote.
+        let mut pushed = HashMap::new();
+        let mut wrapped = Vec::new();
+        if let Some(NodeEnum::SelectStmt(sel)) = q.node.as_mut() {
+            for item in &mut sel.from_clause {
+                self.from_item(item, &mut pushed, &mut wrapped)?;
+            }
+        }
+        s.query = Some(Box::new(q));
+        s.relation = None;
+        s.attlist.clear();
+        self.changed = true;
+        Ok(())
+    }
+
+    /// INSERT … SELECT, SELECT INTO, CREATE TABLE AS, SET values: a masked
+    /// column in what is stored would store masked data (or, with a raw
+    /// read, leak it): refused under `labeled_flow`. Checked on the text as
+    /// the client wrote it, after the rewrite has found what is masked.
+    fn flow_check(&self, values: &Node, what: &str) -> R<()> {
+        match self.value_flow(values) {
+            Some(col) => refuse(
+                "labeled_flow",
+                format!("{what} would store {col}, which is masked for this workload: the stored copy would be masked data; refused"),
+            ),
+            None => Ok(()),
+        }
+    }
+
+    fn flow_check_list(&self, values: &[Node], what: &str) -> R<()> {
+        for v in values {
+            self.flow_check(v, what)?;
+        }
+        Ok(())
+    }
+
+    /// A masked column, a `*` or a whole row of a relation with masked
+    /// columns among the values `n` produces: its own column references, and
+    /// the output columns (not the filters) of the queries inside it.
+    fn value_flow(&self, n: &Node) -> Option<String> {
+        struct V<'a, 'r> {
+            rw: &'a Rw<'r>,
+            bad: Option<String>,
+        }
+        impl<'a> walk_gen::Visit<'a> for V<'_, '_> {
+            fn node(&mut self, n: &'a Node) {
+                if self.bad.is_some() {
+                    return;
+                }
+                match n.node.as_ref() {
+                    Some(NodeEnum::ColumnRef(c)) => {
+                        let last = c.fields.last();
+                        if matches!(last.and_then(|f| f.node.as_ref()), Some(NodeEnum::AStar(_))) {
+                            self.bad = Some("*".to_string());
+                        } else if let Some(name) = last.and_then(str_of) {
+                            if self.rw.masked_cols.contains(name)
+                                || (c.fields.len() == 1 && self.rw.masked_aliases.contains(name))
+                            {
+                                self.bad = Some(name.to_string());
+                            }
+                        }
+                    }
+                    Some(NodeEnum::SelectStmt(s)) => self.select(s),
+                    Some(e) => walk_gen::children(e, self),
+                    None => {}
+                }
+            }
+        }
+        impl<'a> V<'_, '_> {
+            fn select(&mut self, s: &'a pb::SelectStmt) {
+                for n in s.target_list.iter().chain(&s.values_lists).chain(&s.from_clause) {
+                    walk_gen::Visit::node(self, n);
+                }
+                for arm in s.larg.iter().chain(s.rarg.iter()) {
+                    self.select(arm);
+                }
+                if let Some(w) = &s.with_clause {
+                    for c in &w.ctes {
+                        if let Some(NodeEnum::CommonTableExpr(c)) = c.node.as_ref() {
+                            if let Some(q) = c.ctequery.as_deref() {
+                                walk_gen::Visit::node(self, q);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let mut v = V { rw: self, bad: None };
+        walk_gen::Visit::node(&mut v, n);
+        v.bad
+    }
+
+    /// Denied columns: any reference to one, a `*`, or a whole-row reference
+    /// of its relation refuses the statement.
+    fn check_denied(&self, stmt: &Node) -> R<()> {
+        if self.denied.is_empty() {
+            return Ok(());
+        }
+        let mut bad: Option<(String, String)> = None;
+        super::each_node(stmt, &mut |e| {
+            if bad.is_some() {
+                return;
+            }
+            let NodeEnum::ColumnRef(c) = e else { return };
+            let last = c.fields.last();
+            let star = matches!(last.and_then(|f| f.node.as_ref()), Some(NodeEnum::AStar(_)));
+            let name = last.and_then(str_of).unwrap_or("*");
+            for (alias, cols, label) in &self.denied {
+                let whole_row = c.fields.len() == 1 && name == alias;
+                if star || whole_row || cols.iter().any(|d| d == name) {
+                    let what = if star || whole_row { format!("every column of {alias}, including {}", cols.join(", ")) } else { format!("column {name}") };
+                    bad = Some((what, label.clone()));
+                }
+            }
+        });
+        match bad {
+            Some((what, label)) => refuse(
+                "label",
+                format!("this statement reads {what}, labeled {label}; this profile may not read it"),
+            ),
+            None => Ok(()),
+        }
+    }
+}
+
+fn rv_alias(rv: &RangeVar) -> pb::Alias {
+    rv.alias.clone().unwrap_or_else(|| pb::Alias { aliasname: rv.relname.clone(), colnames: Vec::new() })
+}
+
+fn subselect(query: Node, alias: pb::Alias) -> Node {
+    Node {
+        node: Some(NodeEnum::RangeSubselect(Box::new(pb::RangeSubselect {
+            lateral: false,
+            subquery: Some(Box::new(query)),
+            alias: Some(alias),
+        }))),
+    }
+}
+
+fn parse_select(sql: &str) -> R<Node> {
+    let parsed = pg_query::parse(sql, 0)
+        .map_err(|e| Refusal { rule: "mask", message: format!("cordon built a masking query that does not parse ({e})") })?;
+    parsed
+        .protobuf
+        .stmts
+        .into_iter()
+        .next()
+        .and_then(|s| s.stmt)
+        .map(|b| *b)
+        .ok_or_else(|| Refusal { rule: "mask", message: "cordon built an empty masking query".into() })
+}
+
+fn and_all(mut conjuncts: Vec<Node>) -> Option<Node> {
+    match conjuncts.len() {
+        0 => None,
+        1 => conjuncts.pop(),
+        _ => Some(Node {
+            node: Some(NodeEnum::BoolExpr(Box::new(pb::BoolExpr {
+                xpr: None,
+                boolop: pb::BoolExprType::AndExpr as i32,
+                args: conjuncts,
+                location: -1,
+            }))),
+        }),
+    }
+}
+
+/// The masked column of `t` that `c` refers to, if any.
+fn target_column(c: &pb::ColumnRef, t: &Target) -> Option<Column> {
+    let name = c.fields.last().and_then(str_of)?;
+    let qualified_ok = match c.fields.len() {
+        1 => true,
+        2 => c.fields.first().and_then(str_of) == Some(t.alias.as_str()),
+        3 => c.fields.get(1).and_then(str_of) == Some(t.alias.as_str()),
+        _ => false,
+    };
+    if !qualified_ok {
+        return None;
+    }
+    t.rel.column(name).filter(|c| c.treatment != Treatment::Clear).cloned()
+}
+
+/// Whether a conjunct is an equality lookup on a masked column of one of
+/// `rels`: `col = const`, `col IN (consts)`, `col IS [NOT] NULL`, with the
+/// column on either side of `=`. Returns the alias and column.
+fn lookup_target(n: &Node, rels: &[(String, Arc<Relation>)], single: bool) -> Option<(String, String)> {
+    let col_of = |n: &Node| -> Option<(String, String)> {
+        let Some(NodeEnum::ColumnRef(c)) = n.node.as_ref() else { return None };
+        let name = c.fields.last().and_then(str_of)?;
+        let (alias, rel) = match c.fields.len() {
+            1 if single => rels.first()?,
+            2 => {
+                let q = c.fields.first().and_then(str_of)?;
+                rels.iter().find(|(a, _)| a == q)?
+            }
+            _ => return None,
+        };
+        let col = rel.column(name)?;
+        // Only built-in types: their equality operators are leakproof.
+        match &col.treatment {
+            Treatment::Mask { lookups: true, .. } if col.type_oid < 16384 => Some((alias.clone(), name.to_string())),
+            _ => None,
+        }
+    };
+    match n.node.as_ref()? {
+        NodeEnum::AExpr(a) => {
+            let op: Vec<&str> = a.name.iter().filter_map(str_of).collect();
+            let (l, r) = (a.lexpr.as_deref()?, a.rexpr.as_deref()?);
+            if a.kind == pb::AExprKind::AexprOp as i32 && (op == ["="] || op == ["pg_catalog", "="]) {
+                if let Some(t) = col_of(l) {
+                    return is_constant(r).then_some(t);
+                }
+                if let Some(t) = col_of(r) {
+                    return is_constant(l).then_some(t);
+                }
+                None
+            } else if a.kind == pb::AExprKind::AexprIn as i32 && op == ["="] {
+                let t = col_of(l)?;
+                match r.node.as_ref()? {
+                    NodeEnum::List(list) if list.items.iter().all(is_constant) => Some(t),
+                    _ => None,
+                }
+            } else {
+                None
+            }
+        }
+        NodeEnum::NullTest(t) => col_of(t.arg.as_deref()?),
+        _ => None,
+    }
+}
+
+/// A literal or a bind parameter, possibly cast.
+fn is_constant(n: &Node) -> bool {
+    match n.node.as_ref() {
+        Some(NodeEnum::AConst(_) | NodeEnum::ParamRef(_)) => true,
+        Some(NodeEnum::TypeCast(t)) => t.arg.as_deref().is_some_and(is_constant),
+        _ => false,
+    }
+}
+
+/// Inside the masked read the relation has no alias: `c.ssn` becomes `ssn`.
+fn unqualify(n: &mut Node, col: &str) {
+    struct V<'c>(&'c str);
+    impl walk_gen::VisitMut for V<'_> {
+        fn node(&mut self, n: &mut Node) {
+            if let Some(NodeEnum::ColumnRef(c)) = n.node.as_mut() {
+                if c.fields.last().and_then(str_of) == Some(self.0) {
+                    let last = c.fields.pop();
+                    c.fields = last.into_iter().collect();
+                }
+                return;
+            }
+            if let Some(e) = n.node.as_mut() {
+                walk_gen::children_mut(e, self);
+            }
+        }
+    }
+    walk_gen::VisitMut::node(&mut V(col), n);
+}
+
+#[cfg(test)]
+#[path = "../../tests/pg_rewrite.rs"]
+mod tests;
