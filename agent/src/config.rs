@@ -153,6 +153,9 @@ struct RawProfile {
     /// label name → allow | mask | deny
     #[serde(default)]
     labels: BTreeMap<String, Spanned<String>>,
+    /// label name → equality | none
+    #[serde(default)]
+    lookups: BTreeMap<String, Spanned<String>>,
     guardrails: Option<Spanned<RawGuardrails>>,
 }
 
@@ -170,6 +173,8 @@ struct RawGuardrails {
     dangerous_functions: Option<Spanned<String>>,
     functions: Option<Vec<String>>,
     do_block: Option<Spanned<String>>,
+    user_functions: Option<Spanned<String>>,
+    allowed_functions: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -291,10 +296,22 @@ pub struct Profile {
     pub record: crate::pipeline::RecordPolicy,
     /// What happens to values of each label (index = label rank).
     pub actions: Vec<crate::pipeline::classify::Action>,
+    /// Whether equality lookups may compare the stored value of a masked
+    /// column, per label rank.
+    pub lookups: Vec<bool>,
     pub guardrails: crate::pipeline::guard::Guardrails,
 }
 
 impl Profile {
+    pub fn lookups(&self, rank: usize) -> bool {
+        self.lookups.get(rank).copied().unwrap_or(false)
+    }
+
+    /// Whether any label is masked or denied.
+    pub fn protects_anything(&self) -> bool {
+        self.actions.iter().any(|a| *a != crate::pipeline::classify::Action::Allow)
+    }
+
     pub fn action(&self, rank: usize) -> crate::pipeline::classify::Action {
         // Past the end cannot happen for a validated policy; fail closed.
         self.actions.get(rank).copied().unwrap_or(crate::pipeline::classify::Action::Deny)
@@ -420,12 +437,14 @@ impl Validator<'_> {
                 }
             }
             let actions = self.actions(&name, &p.labels, &classifier.labels);
+            let lookups = self.lookups(&name, &p.lookups, &classifier.labels);
             let guardrails = self.guardrails(&name, p.guardrails, &classifier.labels);
             profiles.push(Profile {
                 name,
                 description: p.description.unwrap_or_default(),
                 record,
                 actions,
+                lookups,
                 guardrails,
             });
         }
@@ -586,6 +605,34 @@ impl Validator<'_> {
         out
     }
 
+    fn lookups(
+        &mut self,
+        profile: &str,
+        raw: &BTreeMap<String, Spanned<String>>,
+        labels: &crate::pipeline::classify::Labels,
+    ) -> Vec<bool> {
+        let mut out = vec![true; labels.len()];
+        for (name, v) in raw {
+            let field = format!("profiles.{profile}.lookups.{name}");
+            let Some(rank) = labels.rank(name) else {
+                self.error(v.span(), &field, format!("unknown label {name:?}"));
+                continue;
+            };
+            let on = match v.get_ref().as_str() {
+                "equality" => true,
+                "none" => false,
+                other => {
+                    self.error(v.span(), &field, format!("unknown lookup mode {other:?}; use \"equality\" or \"none\""));
+                    continue;
+                }
+            };
+            if let Some(slot) = out.get_mut(rank) {
+                *slot = on;
+            }
+        }
+        out
+    }
+
     fn guardrails(
         &mut self,
         profile: &str,
@@ -611,6 +658,7 @@ impl Validator<'_> {
         outcome(&raw.labeled_write, "labeled_write", &mut g.labeled_write);
         outcome(&raw.dangerous_functions, "dangerous_functions", &mut g.dangerous_functions);
         outcome(&raw.do_block, "do_block", &mut g.do_block);
+        outcome(&raw.user_functions, "user_functions", &mut g.user_functions);
         for (v, name, slot) in [
             (&raw.copy_out_min_label, "copy_out_min_label", &mut g.copy_out_min_label),
             (&raw.restricted_read_min_label, "restricted_read_min_label", &mut g.restricted_read_min_label),
@@ -629,6 +677,9 @@ impl Validator<'_> {
         }
         if let Some(f) = raw.functions {
             g.functions = f.into_iter().map(|s| s.to_ascii_lowercase()).collect();
+        }
+        if let Some(f) = raw.allowed_functions {
+            g.allowed_functions = f.into_iter().map(|s| s.to_ascii_lowercase()).collect();
         }
         g
     }

@@ -115,9 +115,9 @@ fn labels_from_policy_comments_and_detectors_mask_text_results() {
     assert_eq!(rows[1][5], "no contact details");
     assert!(!stdout(&out).contains("123-45-6789") && !stdout(&out).contains("ada@example.com"));
 
-    // A computed column (no table OID) falls back to the detectors.
+    // A computed column is computed from masked values (mask at read).
     let out = s.psql(&["select ssn || '' as x, 'mail ' || email as y from customers where id = 1"]);
-    assert_eq!(stdout(&out), "[redacted:ssn]|mail a***@example.com", "{}", stderr(&out));
+    assert_eq!(stdout(&out), "1********|mail REDACTED", "{}", stderr(&out));
     // Free text in an unlabeled table.
     let out = s.psql(&["select body from notes order by id"]);
     assert_eq!(stdout(&out), "my ssn is [redacted:ssn] ok\nnothing here");

@@ -102,6 +102,17 @@ pub enum Strategy {
     Null,
 }
 
+impl Strategy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Redact => "redact",
+            Self::Partial => "partial",
+            Self::Pseudonym => "pseudonym",
+            Self::Null => "null",
+        }
+    }
+}
+
 impl std::str::FromStr for Strategy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

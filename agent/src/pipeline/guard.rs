@@ -137,6 +137,10 @@ pub struct Guardrails {
     pub dangerous_functions: Outcome,
     pub functions: Vec<String>,
     pub do_block: Outcome,
+    /// Functions and procedures that are not built in: opaque code.
+    pub user_functions: Outcome,
+    /// User functions let through by name (`name` or `schema.name`).
+    pub allowed_functions: Vec<String>,
 }
 
 impl Guardrails {
@@ -154,6 +158,8 @@ impl Guardrails {
             dangerous_functions: Outcome::Deny,
             functions: DEFAULT_DANGEROUS_FUNCTIONS.iter().map(|s| s.to_string()).collect(),
             do_block: Outcome::Deny,
+            user_functions: Outcome::Deny,
+            allowed_functions: Vec::new(),
         }
     }
 }

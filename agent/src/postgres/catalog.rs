@@ -29,6 +29,10 @@ pub struct ColumnInfo {
     pub name: String,
     /// Comment and security labels, joined.
     pub labels_text: String,
+    pub type_oid: u32,
+    pub typmod: i32,
+    /// The type as `format_type` spells it.
+    pub type_sql: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +42,10 @@ pub struct TableInfo {
     pub schema: String,
     pub name: String,
     pub labels_text: String,
+    /// pg_class.relkind: r, p, f (tables), v (view), m (materialized view), …
+    pub relkind: char,
+    /// A view's definition.
+    pub definition: Option<String>,
     pub columns: Vec<ColumnInfo>,
 }
 
@@ -47,11 +55,22 @@ impl TableInfo {
     }
 }
 
+/// A statement's mask-at-read rewrite for one profile (or its refusal).
+pub type CachedRewrite = Arc<Result<super::sqltree::rewrite::Rewritten, super::sqltree::rewrite::Refusal>>;
+
+/// Most rewrites kept per catalog; cleared when full.
+const REWRITES_MAX: usize = 4096;
+/// Longer texts are rewritten every time rather than kept.
+const REWRITE_MAX_TEXT: usize = 16 * 1024;
+
 pub struct Catalog {
     pub key: (SocketAddr, String),
     conn: tokio::sync::Mutex<Option<(Stream, FrameReader)>>,
     by_oid: Mutex<HashMap<u32, (Instant, Arc<TableInfo>)>>,
     by_name: Mutex<HashMap<TableRef, (Instant, Option<u32>)>>,
+    /// (profile, exact text) → rewrite. It depends on labels and
+    /// definitions, so it lives and dies with the entries it was built on.
+    rewrites: Mutex<HashMap<(String, String), (Instant, CachedRewrite)>>,
 }
 
 impl Catalog {
@@ -61,10 +80,33 @@ impl Catalog {
             conn: tokio::sync::Mutex::new(None),
             by_oid: Mutex::new(HashMap::new()),
             by_name: Mutex::new(HashMap::new()),
+            rewrites: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn cached_rewrite(&self, profile: &str, sql: &str) -> Option<CachedRewrite> {
+        let m = self.rewrites.lock().ok()?;
+        // Keyed by owned strings; a lookup allocates only on this path.
+        let (at, r) = m.get(&(profile.to_string(), sql.to_string()))?;
+        (at.elapsed() < TTL).then(|| r.clone())
+    }
+
+    pub fn cache_rewrite(&self, profile: &str, sql: &str, r: CachedRewrite) {
+        if sql.len() > REWRITE_MAX_TEXT {
+            return;
+        }
+        if let Ok(mut m) = self.rewrites.lock() {
+            if m.len() >= REWRITES_MAX {
+                m.clear();
+            }
+            m.insert((profile.to_string(), sql.to_string()), (Instant::now(), r));
         }
     }
 
     pub fn invalidate(&self) {
+        if let Ok(mut m) = self.rewrites.lock() {
+            m.clear();
+        }
         if let Ok(mut m) = self.by_oid.lock() {
             m.clear();
         }
@@ -138,10 +180,19 @@ impl Catalog {
                 schema: col(2),
                 name: col(3),
                 labels_text: format!("{} {}", col(4), col(5)),
+                relkind: col(10).chars().next().unwrap_or('?'),
+                definition: r.get(11).cloned().flatten(),
                 columns: Vec::new(),
             });
             if let Ok(attnum) = col(6).parse::<i16>() {
-                t.columns.push(ColumnInfo { attnum, name: col(7), labels_text: format!("{} {}", col(8), col(9)) });
+                t.columns.push(ColumnInfo {
+                    attnum,
+                    name: col(7),
+                    labels_text: format!("{} {}", col(8), col(9)),
+                    type_oid: col(12).parse().unwrap_or(0),
+                    typmod: col(13).parse().unwrap_or(-1),
+                    type_sql: col(14),
+                });
             }
         }
         if let Ok(mut m) = self.by_oid.lock() {
@@ -182,7 +233,9 @@ fn table_query(cond: &str) -> String {
                    and s.classoid = 'pg_class'::regclass and s.objsubid = 0), ''), \
          a.attnum, a.attname, coalesce(col_description(c.oid, a.attnum), ''), \
          coalesce((select string_agg(label, ' ') from pg_seclabel s where s.objoid = c.oid \
-                   and s.classoid = 'pg_class'::regclass and s.objsubid = a.attnum), '') \
+                   and s.classoid = 'pg_class'::regclass and s.objsubid = a.attnum), ''), \
+         c.relkind, case when c.relkind in ('v', 'm') then pg_get_viewdef(c.oid) end, \
+         a.atttypid, a.atttypmod, format_type(a.atttypid, a.atttypmod) \
          from pg_class c join pg_namespace n on n.oid = c.relnamespace \
          left join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped \
          where {cond} order by c.oid, a.attnum"

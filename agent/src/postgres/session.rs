@@ -28,6 +28,7 @@ use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 
 use super::{
     catalog::Catalog,
+    read_mask::ReadNotes,
     frame::{Body, Frame, FrameReader},
     startup::ClientHello,
     types, upstream, wire, CancelTarget, Ctx, End,
@@ -36,8 +37,8 @@ use crate::{
     config::{PgAuth, Profile},
     net::Stream,
     pipeline::{
-        classify::{Action, Classifier},
-        guard::{self, CopyTarget, LabelLookup, StmtFacts, StmtKind, TableRef},
+        classify::Classifier,
+        guard::{self, LabelLookup, StmtFacts, StmtKind, TableRef},
         mask::ValueType,
         plan::{self, ColAction, ColumnDesc, Plan, Source},
         recorder, Admitted, Denied, Outcome, Param, SessionPipeline, Statement, StatementKind, Verdict,
@@ -73,6 +74,8 @@ struct Prepared {
     text: Arc<str>,
     label: Option<String>,
     described: Option<Arc<Described>>,
+    /// cordon's notices for each execution (mask at read).
+    notes: Arc<ReadNotes>,
 }
 
 struct Portal {
@@ -85,6 +88,7 @@ struct Portal {
     params: Vec<(Option<Bytes>, bool)>,
     result_formats: Vec<i16>,
     described: Option<Arc<Described>>,
+    notes: Arc<ReadNotes>,
 }
 
 /// A statement whose results are on their way.
@@ -103,6 +107,10 @@ struct Running {
     portal: Option<Bytes>,
     /// The portal's generation when the Execute was sent.
     portal_gen: u64,
+    /// cordon's notices (sent before the first response) and what the
+    /// rewrite masked.
+    notes: Arc<ReadNotes>,
+    noticed: bool,
 }
 
 enum Req {
@@ -338,10 +346,10 @@ async fn client_to_server(
             let mut t = tracker.lock().map_err(|_| anyhow::anyhow!("session state poisoned"))?;
             for frame in &frames {
                 t.bytes_up += frame.bytes.len() as u64;
-                if on_client_frame(&mut t, frame, ctx, lookup_error.as_ref())? {
-                    out.extend_from_slice(&frame.bytes);
-                } else {
-                    denied_any = true;
+                match on_client_frame(&mut t, frame, ctx, lookup_error.as_ref())? {
+                    Forward::AsIs => out.extend_from_slice(&frame.bytes),
+                    Forward::Rewritten(b) => out.extend_from_slice(&b),
+                    Forward::Drop => denied_any = true,
                 }
                 if frame.tag == b'X' {
                     terminate = true;
@@ -409,7 +417,7 @@ async fn resolve_statement_tables(
     if tables.is_empty() {
         return Ok(());
     }
-    catalog.resolve_names(ctx, cred, &tables).await
+    super::read_mask::resolve(&catalog, ctx, cred, tables).await
 }
 
 /// Labels for the guardrails, from the catalog cache and the policy.
@@ -470,28 +478,7 @@ fn judge(
         return (v, Some(facts));
     }
     let lookup = Lookup(&t.gov);
-    let mut verdict = guard::check(&t.gov.profile.guardrails, &facts, &lookup);
-    if verdict == Verdict::Allow {
-        // COPY out must not carry what a SELECT would have masked.
-        'copy: for s in facts.iter() {
-            if let StmtKind::CopyOut { to: CopyTarget::Client } = s.kind {
-                for tbl in &s.reads {
-                    for (col, l) in lookup.column_labels(tbl) {
-                        if t.gov.profile.action(l) != Action::Allow {
-                            verdict = Verdict::Deny {
-                                rule: "copy_out".into(),
-                                message: format!(
-                                    "COPY of {tbl} would bypass the masking of {col} ({}); use SELECT",
-                                    lookup.label_name(l)
-                                ),
-                            };
-                            break 'copy;
-                        }
-                    }
-                }
-            }
-        }
-    }
+    let verdict = guard::check(&t.gov.profile.guardrails, &facts, &lookup);
     (verdict, Some(facts))
 }
 
@@ -506,50 +493,123 @@ fn changes_catalog(facts: &[StmtFacts]) -> bool {
     facts.iter().any(|s| matches!(s.kind, StmtKind::Ddl { .. }))
 }
 
-/// Handle one client message; Ok(true) = forward it.
-fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&anyhow::Error>) -> Result<bool> {
+/// What happens to a client message.
+enum Forward {
+    AsIs,
+    /// The statement text was rewritten (mask at read).
+    Rewritten(Bytes),
+    /// Refused or skipped: not sent.
+    Drop,
+}
+
+/// The mask-at-read rewrite of an admitted statement: the text to send
+/// instead (None = unchanged) and the notices, or the refusal.
+fn mask_at_read(t: &Tracker, text: &str) -> std::result::Result<(Option<String>, Arc<ReadNotes>), Verdict> {
+    let Some(catalog) = t.gov.catalog.as_deref() else {
+        // Passthrough: no catalog session; results are masked as they
+        // come back (README: limits).
+        return Ok((None, Arc::default()));
+    };
+    match super::read_mask::rewrite(catalog, &t.gov.classifier, &t.gov.profile, text) {
+        Ok(r) => Ok((r.text, Arc::new(ReadNotes { notices: r.notices, masked: r.masked }))),
+        Err(e) => Err(Verdict::Deny { rule: e.rule.to_string(), message: e.message }),
+    }
+}
+
+/// A Query message with new text.
+fn query_frame(text: &str) -> Bytes {
+    let mut out = BytesMut::with_capacity(text.len() + 6);
+    out.put_u8(b'Q');
+    out.put_i32((4 + text.len() + 1) as i32);
+    out.put_slice(text.as_bytes());
+    out.put_u8(0);
+    out.freeze()
+}
+
+/// A Parse message with new text and the client's parameter types.
+fn parse_frame(name: &[u8], text: &str, rest: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(name.len() + text.len() + rest.len() + 7);
+    out.put_u8(b'P');
+    out.put_i32((4 + name.len() + 1 + text.len() + 1 + rest.len()) as i32);
+    out.put_slice(name);
+    out.put_u8(0);
+    out.put_slice(text.as_bytes());
+    out.put_u8(0);
+    out.put_slice(rest);
+    out.freeze()
+}
+
+/// Handle one client message.
+fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&anyhow::Error>) -> Result<Forward> {
     let mut b = Body::new(f.body());
     if t.skipping {
         if f.tag == b'S' {
             t.skipping = false;
             t.queue.push_back(Req::Sync);
-            return Ok(true);
+            return Ok(Forward::AsIs);
         }
-        return Ok(f.tag == b'X');
+        return Ok(if f.tag == b'X' { Forward::AsIs } else { Forward::Drop });
     }
+    let mut forward = Forward::AsIs;
     match f.tag {
         b'Q' => {
             let raw = b.cstr().context("protocol violation: Query without a terminated string")?;
             let text = String::from_utf8_lossy(raw).into_owned();
-            let (verdict, facts) =
+            let (mut verdict, facts) =
                 if std::str::from_utf8(raw).is_err() { (not_utf8(), None) } else { judge(t, ctx, &text, lookup_error) };
+            let mut notes = Arc::default();
+            if verdict == Verdict::Allow {
+                match mask_at_read(t, &text) {
+                    Ok((new_text, n)) => {
+                        notes = n;
+                        if let Some(new_text) = new_text {
+                            forward = Forward::Rewritten(query_frame(&new_text));
+                        }
+                    }
+                    Err(v) => verdict = v,
+                }
+            }
             let stmt = Statement { text: &text, kind: StatementKind::Simple, params: &[], prepared: None };
             let (admitted, pending) = t.pipeline.statement(&stmt, &verdict);
             t.unconfirmed.push(pending);
             if let Verdict::Deny { rule, message } = verdict {
                 t.queue.push_back(Req::Denied { admitted, denied: Denied { rule, message }, simple: true });
-                return Ok(false);
+                return Ok(Forward::Drop);
             }
             if facts.as_deref().is_some_and(|f| changes_catalog(f)) {
                 if let Some(c) = &t.gov.catalog {
                     c.invalidate();
                 }
             }
-            t.queue.push_back(Req::Simple(Box::new(running(admitted))));
+            let mut run = running(admitted);
+            run.notes = notes;
+            t.queue.push_back(Req::Simple(Box::new(run)));
         }
         b'P' => {
             let name = Bytes::copy_from_slice(b.cstr().context("protocol violation: Parse without a name")?);
             let raw = b.cstr().context("protocol violation: Parse without a query")?;
             let text: Arc<str> = String::from_utf8_lossy(raw).into();
-            let (verdict, facts) =
+            let (mut verdict, facts) =
                 if std::str::from_utf8(raw).is_err() { (not_utf8(), None) } else { judge(t, ctx, &text, lookup_error) };
+            let mut notes = Arc::default();
+            if verdict == Verdict::Allow {
+                match mask_at_read(t, &text) {
+                    Ok((new_text, n)) => {
+                        notes = n;
+                        if let Some(new_text) = new_text {
+                            forward = Forward::Rewritten(parse_frame(&name, &new_text, b.rest()));
+                        }
+                    }
+                    Err(v) => verdict = v,
+                }
+            }
             if let Verdict::Deny { rule, message } = verdict.clone() {
                 let stmt = Statement { text: &text, kind: StatementKind::Execute, params: &[], prepared: None };
                 let (admitted, pending) = t.pipeline.statement(&stmt, &verdict);
                 t.unconfirmed.push(pending);
                 t.queue.push_back(Req::Denied { admitted, denied: Denied { rule, message }, simple: false });
                 t.skipping = true;
-                return Ok(false);
+                return Ok(Forward::Drop);
             }
             if facts.as_deref().is_some_and(|f| changes_catalog(f)) {
                 if let Some(c) = &t.gov.catalog {
@@ -562,7 +622,7 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
             let label = (!name.is_empty()).then(|| String::from_utf8_lossy(&name).into_owned());
             t.next_gen += 1;
             let gen = t.next_gen;
-            t.prepared.insert(name, Prepared { gen, text, label, described: None });
+            t.prepared.insert(name, Prepared { gen, text, label, described: None, notes });
             t.queue.push_back(Req::Parse);
         }
         b'B' => {
@@ -596,9 +656,9 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
             for _ in 0..nres {
                 result_formats.push(b.i16().unwrap_or(0));
             }
-            let (text, prepared, statement_gen) = match t.prepared.get(&statement) {
-                Some(p) => (p.text.clone(), p.label.clone(), p.gen),
-                None => (Arc::from("<unknown prepared statement>"), None, 0),
+            let (text, prepared, statement_gen, notes) = match t.prepared.get(&statement) {
+                Some(p) => (p.text.clone(), p.label.clone(), p.gen, p.notes.clone()),
+                None => (Arc::from("<unknown prepared statement>"), None, 0, Arc::default()),
             };
             if t.portals.len() >= MAX_NAMED && !t.portals.contains_key(&portal) {
                 bail!("protocol violation: more than {MAX_NAMED} portals in one session");
@@ -607,7 +667,17 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
             let gen = t.next_gen;
             t.portals.insert(
                 portal,
-                Portal { gen, statement_gen, text, prepared, statement, params, result_formats, described: None },
+                Portal {
+                    gen,
+                    statement_gen,
+                    text,
+                    prepared,
+                    statement,
+                    params,
+                    result_formats,
+                    described: None,
+                    notes,
+                },
             );
             t.queue.push_back(Req::Bind);
         }
@@ -637,6 +707,7 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
             t.unconfirmed.push(pending);
             let mut run = running(admitted);
             run.portal_gen = t.portals.get(&portal).map_or(0, |p| p.gen);
+            run.notes = t.portals.get(&portal).map_or_else(Arc::default, |p| p.notes.clone());
             run.portal = Some(portal);
             t.queue.push_back(Req::Exec(Box::new(run)));
         }
@@ -659,7 +730,7 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
             t.unconfirmed.push(pending);
             if let Verdict::Deny { rule, message } = verdict {
                 t.queue.push_back(Req::Denied { admitted, denied: Denied { rule, message }, simple: true });
-                return Ok(false);
+                return Ok(Forward::Drop);
             }
             t.queue.push_back(Req::Func(Box::new(running(admitted))));
         }
@@ -677,7 +748,7 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
         b'H' | b'X' | b'd' | b'c' | b'f' | b'p' => {}
         other => bail!("protocol violation: unknown message type {:?} from the client", other as char),
     }
-    Ok(true)
+    Ok(forward)
 }
 
 fn running(admitted: Admitted) -> Running {
@@ -690,6 +761,8 @@ fn running(admitted: Admitted) -> Running {
         copy_out: false,
         portal: None,
         portal_gen: 0,
+        notes: Arc::default(),
+        noticed: false,
     }
 }
 
@@ -901,6 +974,33 @@ fn ready_for_query(out: &mut BytesMut, status: u8) {
 fn on_server_frame(t: &mut Tracker, f: &Frame, out: &mut BytesMut, ctx: &Ctx, lookup_error: Option<&anyhow::Error>) {
     // Refusals queued before this response go out first.
     drain_refusals(t, out);
+    // cordon's notices for the statement whose response this starts.
+    if let Some(run) = current_run(t) {
+        if !run.noticed {
+            run.noticed = true;
+            for n in &run.notes.notices {
+                super::read_mask::notice(out, n);
+            }
+        }
+    }
+    // PostgreSQL's own words (a cast error echoing its input, a duplicate
+    // key, a notification payload) pass the detectors like any value.
+    if matches!(f.tag, b'E' | b'N' | b'A') {
+        if let Some(masked) = super::read_mask::mask_server_text(f.tag, f.body(), &t.gov.classifier, &t.gov.profile) {
+            let masked = Frame { tag: f.tag, bytes: masked };
+            return on_server_frame_inner(t, &masked, out, ctx, lookup_error);
+        }
+    }
+    on_server_frame_inner(t, f, out, ctx, lookup_error)
+}
+
+fn on_server_frame_inner(
+    t: &mut Tracker,
+    f: &Frame,
+    out: &mut BytesMut,
+    ctx: &Ctx,
+    lookup_error: Option<&anyhow::Error>,
+) {
     if t.swallowing && f.tag != b'Z' {
         // Results replaced by an error: drop until ReadyForQuery. Statements
         // still complete (and are finished) as the server reports them.
@@ -947,8 +1047,25 @@ fn on_server_frame(t: &mut Tracker, f: &Frame, out: &mut BytesMut, ctx: &Ctx, lo
                 }
                 Some(Req::DescribePortal(name, gen)) => {
                     let (name, gen) = (name.clone(), *gen);
+                    let mut statement = None;
                     if let Some(p) = t.portals.get_mut(&name).filter(|p| p.gen == gen) {
-                        p.described = Some(described);
+                        statement = Some((p.statement.clone(), p.statement_gen));
+                        p.described = Some(described.clone());
+                    }
+                    // The row description belongs to the statement too: a
+                    // driver that described a portal once (pgjdbc) binds the
+                    // same named statement again and executes without a
+                    // Describe. Later Binds apply their own result formats.
+                    if let Some((stmt, stmt_gen)) = statement {
+                        if let Some(p) = t.prepared.get_mut(&stmt).filter(|p| p.gen == stmt_gen) {
+                            if p.described.is_none() {
+                                let mut fields = described.fields.clone();
+                                for f in &mut fields {
+                                    f.binary = false;
+                                }
+                                p.described = Some(Arc::new(Described { fields, plan: described.plan.clone() }));
+                            }
+                        }
                     }
                     t.queue.pop_front();
                 }
@@ -1007,6 +1124,14 @@ fn on_server_frame(t: &mut Tracker, f: &Frame, out: &mut BytesMut, ctx: &Ctx, lo
             }
             let binary = run.binary.clone();
             let mut counts = std::mem::take(&mut run.outcome.masked);
+            // Values PostgreSQL masked as it read them (mask at read): a
+            // result column computed from a masked one, by name.
+            for m in &run.notes.masked {
+                let col = m.split('/').next().unwrap_or_default();
+                if described.fields.iter().any(|f| f.table_oid == 0 && f.name == col) {
+                    *counts.entry(m.clone()).or_default() += 1;
+                }
+            }
             let rewritten = if described.plan.active() {
                 mask_row(f.body(), &described, &binary, &t.gov, &mut counts)
             } else {

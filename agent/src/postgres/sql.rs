@@ -60,27 +60,17 @@ pub fn analyse(sql: &str) -> Result<Vec<StmtFacts>, String> {
     }
     let parsed = pg_query::parse(sql, 0).map_err(|e| format!("{e}"))?;
     let mut out = Vec::new();
-    let single = parsed.protobuf.stmts.len() == 1;
+    let empty = pg_query::Node { node: None };
     for raw in &parsed.protobuf.stmts {
         let Some(node) = raw.stmt.as_ref().and_then(|n| n.node.as_ref()) else { continue };
-        // Several statements: parse each one's own text again for its
-        // tables and functions.
-        let reparsed;
-        let own = if single {
-            &parsed
-        } else {
-            let start = usize::try_from(raw.stmt_location).unwrap_or(0);
-            let end = match usize::try_from(raw.stmt_len) {
-                Ok(0) | Err(_) => sql.len(),
-                Ok(l) => start.saturating_add(l).min(sql.len()),
-            };
-            let text = sql.get(start..end).unwrap_or(sql);
-            reparsed = pg_query::parse(text, 0).map_err(|e| format!("{e}"))?;
-            &reparsed
-        };
-        let reads: Vec<TableRef> = own.select_tables().iter().map(|t| table_ref(t)).collect();
-        let functions: Vec<String> =
-            own.functions().iter().map(|f| f.rsplit('.').next().unwrap_or(f).to_ascii_lowercase()).collect();
+        // Every relation and function named anywhere (the complete walker:
+        // pg_query's own lists miss subqueries inside some expressions).
+        let node_ref = raw.stmt.as_deref().unwrap_or(&empty);
+        let reads: Vec<TableRef> = super::sqltree::relations(&[node_ref]);
+        let functions: Vec<String> = super::sqltree::functions(node_ref)
+            .into_iter()
+            .map(|(_, f)| f.to_ascii_lowercase())
+            .collect();
         let mut facts = StmtFacts { kind: StmtKind::Control, unbounded_write: false, reads, writes: vec![], functions };
         describe(node, &mut facts);
         out.push(facts);
@@ -96,13 +86,6 @@ pub fn analyse(sql: &str) -> Result<Vec<StmtFacts>, String> {
         });
     }
     Ok(out)
-}
-
-fn table_ref(qualified: &str) -> TableRef {
-    match qualified.rsplit_once('.') {
-        Some((schema, name)) => TableRef { schema: Some(schema.to_string()), name: name.to_string() },
-        None => TableRef { schema: None, name: qualified.to_string() },
-    }
 }
 
 fn range_var(r: &pg_query::protobuf::RangeVar) -> TableRef {

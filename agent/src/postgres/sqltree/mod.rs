@@ -55,6 +55,29 @@ pub fn relations(stmts: &[&Node]) -> Vec<TableRef> {
     v.0
 }
 
+/// Every function a statement calls, anywhere, as (schema, name) written
+/// (lower-cased as PostgreSQL folds them already). Operators are not
+/// included.
+pub fn functions(stmt: &Node) -> Vec<(Option<String>, String)> {
+    let mut out = Vec::new();
+    each_node(stmt, &mut |e| {
+        let names = match e {
+            NodeEnum::FuncCall(f) => &f.funcname,
+            _ => return,
+        };
+        let parts: Vec<&str> = names.iter().filter_map(str_of).collect();
+        let f = match parts.as_slice() {
+            [name] => (None, name.to_string()),
+            [.., schema, name] => (Some(schema.to_string()), name.to_string()),
+            [] => return,
+        };
+        if !out.contains(&f) {
+            out.push(f);
+        }
+    });
+    out
+}
+
 pub fn table_ref(r: &RangeVar) -> TableRef {
     TableRef { schema: (!r.schemaname.is_empty()).then(|| r.schemaname.clone()), name: r.relname.clone() }
 }

@@ -109,6 +109,8 @@ pub struct Rewritten {
     pub text: Option<String>,
     /// Messages for the client (a NOTICE each), once per statement.
     pub notices: Vec<String>,
+    /// "column/strategy" for every masked column of the relations read.
+    pub masked: Vec<String>,
 }
 
 /// Catalog views that hold samples of every column's values.
@@ -123,6 +125,7 @@ pub fn rewrite(sql: &str, r: &dyn Resolve) -> R<Rewritten> {
     let mut at = 0usize;
     let mut changed = false;
     let mut notices = BTreeSet::new();
+    let mut masked = BTreeSet::new();
     for raw in &parsed.protobuf.stmts {
         let Some(stmt) = raw.stmt.as_deref() else { continue };
         let start = usize::try_from(raw.stmt_location).unwrap_or(0).min(sql.len());
@@ -145,6 +148,7 @@ pub fn rewrite(sql: &str, r: &dyn Resolve) -> R<Rewritten> {
         }
         rw.check_denied(stmt)?;
         notices.extend(rw.notices);
+        masked.extend(rw.masked_counters);
         if !rw.changed {
             continue;
         }
@@ -154,11 +158,13 @@ pub fn rewrite(sql: &str, r: &dyn Resolve) -> R<Rewritten> {
         out.push_str(&text);
         at = end;
     }
+    let notices = notices.into_iter().collect();
+    let masked = masked.into_iter().collect();
     if !changed {
-        return Ok(Rewritten { text: None, notices: notices.into_iter().collect() });
+        return Ok(Rewritten { text: None, notices, masked });
     }
     out.push_str(sql.get(at..).unwrap_or_default());
-    Ok(Rewritten { text: Some(out), notices: notices.into_iter().collect() })
+    Ok(Rewritten { text: Some(out), notices, masked })
 }
 
 /// One statement back to SQL, checked: its parse must be the tree cordon
@@ -267,6 +273,8 @@ struct Rw<'r> {
     /// Masked column names and aliases of the relations read.
     masked_cols: BTreeSet<String>,
     masked_aliases: BTreeSet<String>,
+    /// "column/strategy" of what the masked reads mask.
+    masked_counters: BTreeSet<String>,
 }
 
 impl<'r> Rw<'r> {
@@ -281,6 +289,7 @@ impl<'r> Rw<'r> {
             denied: Vec::new(),
             masked_cols: BTreeSet::new(),
             masked_aliases: BTreeSet::new(),
+            masked_counters: BTreeSet::new(),
         }
     }
 
@@ -639,6 +648,7 @@ impl<'r> Rw<'r> {
                 match &c.treatment {
                     Treatment::Clear => q,
                     Treatment::Mask { strategy, .. } => {
+                        self.masked_counters.insert(format!("{}/{}", c.name, strategy.name()));
                         format!("{} AS {q}", masks::expression(&q, &c.type_sql, c.ty, *strategy))
                     }
                     Treatment::Deny { .. } => format!("NULL::{} AS {q}", c.type_sql),
