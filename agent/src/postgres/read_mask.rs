@@ -51,12 +51,15 @@ pub struct Resolver<'a> {
     pub classifier: &'a Classifier,
     pub profile: &'a Profile,
     pub catalog: &'a Catalog,
+    /// Whether the secrets file has a pseudonym key (without one,
+    /// pseudonym columns are redacted).
+    pub has_key: bool,
     seen: RefCell<HashMap<u32, Arc<Relation>>>,
 }
 
 impl<'a> Resolver<'a> {
-    pub fn new(classifier: &'a Classifier, profile: &'a Profile, catalog: &'a Catalog) -> Self {
-        Self { classifier, profile, catalog, seen: RefCell::new(HashMap::new()) }
+    pub fn new(classifier: &'a Classifier, profile: &'a Profile, catalog: &'a Catalog, has_key: bool) -> Self {
+        Self { classifier, profile, catalog, has_key, seen: RefCell::new(HashMap::new()) }
     }
 
     fn classify(&self, t: &TableInfo) -> Relation {
@@ -77,6 +80,9 @@ impl<'a> Resolver<'a> {
                     None => Treatment::Clear,
                     Some(l) => match self.profile.action(l) {
                         Action::Allow => Treatment::Clear,
+                        Action::Mask if strategy == Strategy::Pseudonym && self.has_key => {
+                            Treatment::Pseudonym { lookups: self.profile.lookups(l) }
+                        }
                         Action::Mask => Treatment::Mask { strategy, lookups: self.profile.lookups(l) },
                         Action::Deny => Treatment::Deny { label: c.labels.name(l).to_string() },
                     },
@@ -149,11 +155,17 @@ pub async fn resolve(catalog: &Catalog, ctx: &Ctx, cred: &Credential, mut names:
 }
 
 /// The rewrite of `sql` for this profile, cached with the catalog.
-pub fn rewrite(catalog: &Catalog, classifier: &Classifier, profile: &Profile, sql: &str) -> Result<Rewritten, Refusal> {
+pub fn rewrite(
+    catalog: &Catalog,
+    classifier: &Classifier,
+    profile: &Profile,
+    has_key: bool,
+    sql: &str,
+) -> Result<Rewritten, Refusal> {
     if let Some(hit) = catalog.cached_rewrite(&profile.name, sql) {
         return (*hit).clone();
     }
-    let resolver = Resolver::new(classifier, profile, catalog);
+    let resolver = Resolver::new(classifier, profile, catalog, has_key);
     let r = rewrite::rewrite(sql, &resolver);
     // A refusal because a name was not looked up is not cached: the next
     // lookup may find it.

@@ -510,7 +510,7 @@ fn mask_at_read(t: &Tracker, text: &str) -> std::result::Result<(Option<String>,
         // come back (README: limits).
         return Ok((None, Arc::default()));
     };
-    match super::read_mask::rewrite(catalog, &t.gov.classifier, &t.gov.profile, text) {
+    match super::read_mask::rewrite(catalog, &t.gov.classifier, &t.gov.profile, t.gov.key.is_some(), text) {
         Ok(r) => Ok((r.text, Arc::new(ReadNotes { notices: r.notices, masked: r.masked }))),
         Err(e) => Err(Verdict::Deny { rule: e.rule.to_string(), message: e.message }),
     }

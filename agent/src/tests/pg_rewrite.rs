@@ -41,6 +41,18 @@ impl Resolve for Cat {
                 vec![col("id", Treatment::Clear), col("token", Treatment::Deny { label: "restricted".into() })],
                 None,
             ),
+            (None | Some("public"), "people") => rel(
+                "people",
+                RelKind::Table,
+                vec![col("id", Treatment::Clear), col("email", Treatment::Pseudonym { lookups: true })],
+                None,
+            ),
+            (None | Some("public"), "people_view") => rel(
+                "people_view",
+                RelKind::View,
+                vec![col("id", Treatment::Clear), col("contact", Treatment::Clear)],
+                Some("SELECT people.id, people.email AS contact FROM people"),
+            ),
             (None | Some("public"), "orders") => {
                 rel("orders", RelKind::Table, vec![col("id", Treatment::Clear), col("note", Treatment::Clear)], None)
             }
@@ -247,4 +259,39 @@ fn the_walker_reaches_every_node_serde_sees() {
     assert_eq!(refs, json.matches("\"ColumnRef\"").count());
     let rels = crate::postgres::sqltree::relations(&stmts);
     assert_eq!(rels.len(), 14, "{rels:?}");
+}
+
+#[test]
+fn pseudonymized_columns_may_only_be_selected_compared_grouped_or_null_tested() {
+    for sql in [
+        "select email from people",
+        "select * from people",
+        "select p.* from people p",
+        "select p.email, count(*) from people p group by p.email",
+        "select a.id from people a join people b on a.email = b.email",
+        "select id from people where email = 'x@example.com' or email is null",
+        "select contact from people_view where contact = 'x'",
+        "update people set id = id where email = 'x'",
+    ] {
+        assert!(rewrite(sql, &Cat).is_ok(), "{sql}: {:?}", rewrite(sql, &Cat));
+    }
+    for sql in [
+        "select lower(email) from people",
+        "select id from people where email like 'a%'",
+        "select id from people order by email",
+        "select p from people p",
+        "select row_to_json(p) from people p",
+        "select email from people union select 'x'",
+        "select x from (select email as x from people) s",
+        "with w as (select email from people) select * from w",
+        "select (select email from people limit 1)",
+        "copy people to stdout",
+        "select contact from people_view where contact like 'a%'",
+        "select length(contact) from people_view",
+        "update people set id = length(email)",
+        "insert into orders select id, email from people",
+    ] {
+        let e = refused(sql);
+        assert!(e.rule == "pseudonym" || e.rule == "labeled_flow", "{sql}: {e:?}");
+    }
 }

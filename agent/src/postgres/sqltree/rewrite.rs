@@ -39,6 +39,11 @@ use crate::pipeline::{classify::Strategy, guard::TableRef, mask::ValueType};
 pub enum Treatment {
     Clear,
     Mask { strategy: Strategy, lookups: bool },
+    /// Keyed pseudonym, computed by cordon on the way out: PostgreSQL reads
+    /// the stored value, so the statement may only select it as it is,
+    /// compare it with `=` (joins, lookups), group by it or test it for
+    /// NULL. Anything else would compute on the real value.
+    Pseudonym { lookups: bool },
     Deny { label: String },
 }
 
@@ -147,6 +152,7 @@ pub fn rewrite(sql: &str, r: &dyn Resolve) -> R<Rewritten> {
             );
         }
         rw.check_denied(stmt)?;
+        rw.check_pseudonyms(stmt)?;
         notices.extend(rw.notices);
         masked.extend(rw.masked_counters);
         if !rw.changed {
@@ -275,6 +281,10 @@ struct Rw<'r> {
     masked_aliases: BTreeSet<String>,
     /// "column/strategy" of what the masked reads mask.
     masked_counters: BTreeSet<String>,
+    /// Pseudonymized columns read (name → equality lookups allowed), and
+    /// the aliases of their relations.
+    pseudo: HashMap<String, bool>,
+    pseudo_aliases: BTreeSet<String>,
 }
 
 impl<'r> Rw<'r> {
@@ -290,6 +300,8 @@ impl<'r> Rw<'r> {
             masked_cols: BTreeSet::new(),
             masked_aliases: BTreeSet::new(),
             masked_counters: BTreeSet::new(),
+            pseudo: HashMap::new(),
+            pseudo_aliases: BTreeSet::new(),
         }
     }
 
@@ -599,9 +611,18 @@ impl<'r> Rw<'r> {
         }
         let mut any = false;
         for c in &rel.columns {
-            if matches!(c.treatment, Treatment::Mask { .. }) {
-                self.masked_cols.insert(c.name.clone());
-                any = true;
+            match c.treatment {
+                Treatment::Mask { .. } => {
+                    self.masked_cols.insert(c.name.clone());
+                    any = true;
+                }
+                Treatment::Pseudonym { lookups } => {
+                    self.masked_cols.insert(c.name.clone());
+                    self.pseudo.insert(c.name.clone(), lookups);
+                    self.pseudo_aliases.insert(alias.to_string());
+                    any = true;
+                }
+                _ => {}
             }
         }
         if any {
@@ -626,6 +647,7 @@ impl<'r> Rw<'r> {
             return refuse("mask", format!("view {}.{} has an empty definition", rel.schema, rel.name));
         };
         // A view's body does not see the outer statement's CTEs.
+        let original = body.clone();
         let saved_ctes = std::mem::take(&mut self.ctes);
         let saved_changed = std::mem::replace(&mut self.changed, false);
         self.view_depth += 1;
@@ -634,7 +656,29 @@ impl<'r> Rw<'r> {
         self.ctes = saved_ctes;
         let changed = std::mem::replace(&mut self.changed, saved_changed);
         r?;
+        self.pseudonyms_through_view(&original)?;
         Ok(changed.then_some(body))
+    }
+
+    /// A view that shows a pseudonymized column as it is passes the rule on
+    /// under the name it gives the column; any other use inside the view is
+    /// refused like in a statement.
+    fn pseudonyms_through_view(&mut self, body: &Node) -> R<()> {
+        if self.pseudo.is_empty() {
+            return Ok(());
+        }
+        self.check_pseudonyms(body)?;
+        if let Some(NodeEnum::SelectStmt(s)) = body.node.as_ref() {
+            for t in &s.target_list {
+                let Some(NodeEnum::ResTarget(rt)) = t.node.as_ref() else { continue };
+                let Some(name) = rt.val.as_deref().and_then(|v| self.pseudo_ref(v)) else { continue };
+                let lookups = self.pseudo.get(&name).copied().unwrap_or(false);
+                if !rt.name.is_empty() {
+                    self.pseudo.insert(rt.name.clone(), lookups);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// `SELECT <each column, masked where the profile says> FROM [ONLY]
@@ -646,7 +690,7 @@ impl<'r> Rw<'r> {
             .map(|c| {
                 let q = quote_ident(&c.name);
                 match &c.treatment {
-                    Treatment::Clear => q,
+                    Treatment::Clear | Treatment::Pseudonym { .. } => q,
                     Treatment::Mask { strategy, .. } => {
                         self.masked_counters.insert(format!("{}/{}", c.name, strategy.name()));
                         format!("{} AS {q}", masks::expression(&q, &c.type_sql, c.ty, *strategy))
@@ -805,7 +849,7 @@ impl<'r> Rw<'r> {
                     return;
                 }
                 if let Some(NodeEnum::ColumnRef(c)) = n.node.as_ref() {
-                    if let Some(col) = target_column(c, self.t) {
+                    if let Some(col) = target_column(c, self.t).filter(|c| !matches!(c.treatment, Treatment::Pseudonym { .. })) {
                         match self.rw.mask_expr_for(c, &col) {
                             Ok(m) => {
                                 *n = m;
@@ -893,8 +937,10 @@ impl<'r> Rw<'r> {
     }
 
     fn mask_expr_for(&mut self, c: &pb::ColumnRef, col: &Column) -> R<Node> {
-        let Treatment::Mask { strategy, .. } = &col.treatment else {
-            return refuse("label", format!("column {} may not be read by this profile", col.name));
+        let strategy = match &col.treatment {
+            Treatment::Mask { strategy, .. } => strategy,
+            Treatment::Pseudonym { .. } => return refuse("pseudonym", pseudonym_rule(&col.name)),
+            _ => return refuse("label", format!("column {} may not be read by this profile", col.name)),
         };
         let quoted: Vec<String> = c.fields.iter().filter_map(str_of).map(quote_ident).collect();
         let sql = format!("SELECT {}", masks::expression(&quoted.join("."), &col.type_sql, col.ty, *strategy));
@@ -929,25 +975,8 @@ impl<'r> Rw<'r> {
         if !rel.protected() {
             return Ok(None);
         }
-        if let Some(c) = rel.columns.iter().find(|c| matches!(c.treatment, Treatment::Deny { .. })) {
-            // Denied columns of a write target: only refused if referenced
-            // (check_denied runs on the whole statement).
-            let label = match &c.treatment {
-                Treatment::Deny { label } => label.clone(),
-                _ => String::new(),
-            };
-            let alias = rv.alias.as_ref().map_or_else(|| rv.relname.clone(), |a| a.aliasname.clone());
-            let cols =
-                rel.columns.iter().filter(|c| matches!(c.treatment, Treatment::Deny { .. })).map(|c| c.name.clone());
-            self.denied.push((alias, cols.collect(), label));
-        }
         let alias = rv.alias.as_ref().map_or_else(|| rv.relname.clone(), |a| a.aliasname.clone());
-        for c in &rel.columns {
-            if matches!(c.treatment, Treatment::Mask { .. }) {
-                self.masked_cols.insert(c.name.clone());
-            }
-        }
-        self.masked_aliases.insert(alias.clone());
+        self.note_read(&alias, &rel);
         Ok(Some(Target { alias, rel }))
     }
 
@@ -1006,7 +1035,9 @@ impl<'r> Rw<'r> {
             if star {
                 for col in &t.rel.columns {
                     let sql = match &col.treatment {
-                        Treatment::Clear => format!("SELECT {}.{}", quote_ident(&t.alias), quote_ident(&col.name)),
+                        Treatment::Clear | Treatment::Pseudonym { .. } => {
+                            format!("SELECT {}.{}", quote_ident(&t.alias), quote_ident(&col.name))
+                        }
                         Treatment::Mask { strategy, .. } => format!(
                             "SELECT {} AS {}",
                             masks::expression(
@@ -1132,6 +1163,9 @@ impl<'r> Rw<'r> {
         if !rel.protected() {
             return Ok(());
         }
+        if let Some(c) = rel.columns.iter().find(|c| matches!(c.treatment, Treatment::Pseudonym { .. })) {
+            return refuse("pseudonym", format!("COPY would send {}, which is pseudonymized, as stored; use SELECT", c.name));
+        }
         // COPY t TO … becomes COPY (SELECT … FROM masked t) TO …
         let cols: Vec<String> = s.attlist.iter().filter_map(str_of).map(quote_ident).collect();
         let cols = if cols.is_empty() { "*".to_string() } else { cols.join(", ") };
@@ -1229,6 +1263,178 @@ impl<'r> Rw<'r> {
         v.bad
     }
 
+    /// Pseudonymized columns are read as stored, so only the statement's
+    /// own top-level SELECT may use them, and only as a bare output column,
+    /// an `=` comparison, a GROUP BY key or a NULL test. Every other use,
+    /// anywhere, refuses the statement.
+    fn check_pseudonyms(&self, stmt: &Node) -> R<()> {
+        if self.pseudo.is_empty() {
+            return Ok(());
+        }
+        match stmt.node.as_ref() {
+            Some(NodeEnum::SelectStmt(s))
+                if s.op == pb::SetOperation::SetopNone as i32 && s.into_clause.is_none() && s.with_clause.is_none() =>
+            {
+                for t in &s.target_list {
+                    match t.node.as_ref() {
+                        Some(NodeEnum::ResTarget(rt)) if rt.val.as_deref().is_some_and(|v| self.bare(v)) => {}
+                        _ => self.no_pseudo(t)?,
+                    }
+                }
+                for d in s.distinct_clause.iter().chain(&s.group_clause) {
+                    if !self.bare(d) {
+                        self.no_pseudo(d)?;
+                    }
+                }
+                for f in &s.from_clause {
+                    self.pseudo_from(f)?;
+                }
+                if let Some(w) = s.where_clause.as_deref() {
+                    self.pseudo_predicate(w)?;
+                }
+                for n in s
+                    .having_clause
+                    .iter()
+                    .map(|b| b.as_ref())
+                    .chain(&s.sort_clause)
+                    .chain(&s.window_clause)
+                    .chain(&s.values_lists)
+                    .chain(&s.locking_clause)
+                    .chain(s.limit_count.as_deref())
+                    .chain(s.limit_offset.as_deref())
+                {
+                    self.no_pseudo(n)?;
+                }
+                Ok(())
+            }
+            Some(NodeEnum::UpdateStmt(_) | NodeEnum::DeleteStmt(_)) => {
+                let (where_clause, returning, rest): (Option<&Node>, Vec<&Node>, Vec<&Node>) = match stmt.node.as_ref() {
+                    Some(NodeEnum::UpdateStmt(u)) => (
+                        u.where_clause.as_deref(),
+                        u.returning_clause.iter().flat_map(|r| r.exprs.iter()).collect(),
+                        u.target_list.iter().chain(&u.from_clause).collect(),
+                    ),
+                    Some(NodeEnum::DeleteStmt(d)) => (
+                        d.where_clause.as_deref(),
+                        d.returning_clause.iter().flat_map(|r| r.exprs.iter()).collect(),
+                        d.using_clause.iter().collect(),
+                    ),
+                    _ => (None, vec![], vec![]),
+                };
+                if let Some(w) = where_clause {
+                    self.pseudo_predicate(w)?;
+                }
+                for r in returning {
+                    match r.node.as_ref() {
+                        Some(NodeEnum::ResTarget(rt)) if rt.val.as_deref().is_some_and(|v| self.bare(v)) => {}
+                        _ => self.no_pseudo(r)?,
+                    }
+                }
+                for n in rest {
+                    self.no_pseudo(n)?;
+                }
+                Ok(())
+            }
+            _ => self.no_pseudo(stmt),
+        }
+    }
+
+    /// A column as it is (or `*`), which cordon pseudonymizes on the way
+    /// out; a whole row would go out as a record it cannot.
+    fn bare(&self, n: &Node) -> bool {
+        match n.node.as_ref() {
+            Some(NodeEnum::ColumnRef(c)) => {
+                let whole_row =
+                    c.fields.len() == 1 && c.fields.first().and_then(str_of).is_some_and(|a| self.pseudo_aliases.contains(a));
+                !whole_row
+            }
+            _ => false,
+        }
+    }
+
+    fn pseudo_from(&self, n: &Node) -> R<()> {
+        match n.node.as_ref() {
+            Some(NodeEnum::RangeVar(_)) => Ok(()),
+            Some(NodeEnum::JoinExpr(j)) => {
+                for side in j.larg.iter().chain(j.rarg.iter()) {
+                    self.pseudo_from(side)?;
+                }
+                match j.quals.as_deref() {
+                    Some(q) => self.pseudo_predicate(q),
+                    None => Ok(()),
+                }
+            }
+            _ => self.no_pseudo(n),
+        }
+    }
+
+    /// AND/OR/NOT of `col = col`, `col = constant`, `col IS [NOT] NULL`
+    /// and predicates that do not touch a pseudonymized column.
+    fn pseudo_predicate(&self, n: &Node) -> R<()> {
+        match n.node.as_ref() {
+            Some(NodeEnum::BoolExpr(b)) => {
+                for a in &b.args {
+                    self.pseudo_predicate(a)?;
+                }
+                Ok(())
+            }
+            Some(NodeEnum::NullTest(t)) if t.arg.as_deref().is_some_and(is_column_ref) => Ok(()),
+            Some(NodeEnum::AExpr(a)) if a.kind == pb::AExprKind::AexprOp as i32 => {
+                let op: Vec<&str> = a.name.iter().filter_map(str_of).collect();
+                let (Some(l), Some(r)) = (a.lexpr.as_deref(), a.rexpr.as_deref()) else { return self.no_pseudo(n) };
+                let side_ok = |x: &Node| is_column_ref(x) || is_constant(x);
+                if op == ["="] && side_ok(l) && side_ok(r) {
+                    // An equality is a lookup: allowed where the label
+                    // allows lookups.
+                    for side in [l, r] {
+                        if let Some(name) = self.pseudo_ref(side) {
+                            if !self.pseudo.get(&name).copied().unwrap_or(false) {
+                                return refuse(
+                                    "pseudonym",
+                                    format!("{name} is pseudonymized and this profile allows no lookups on it"),
+                                );
+                            }
+                        }
+                    }
+                    return Ok(());
+                }
+                self.no_pseudo(n)
+            }
+            _ => self.no_pseudo(n),
+        }
+    }
+
+    fn pseudo_ref(&self, n: &Node) -> Option<String> {
+        let Some(NodeEnum::ColumnRef(c)) = n.node.as_ref() else { return None };
+        let name = c.fields.last().and_then(str_of)?;
+        self.pseudo.contains_key(name).then(|| name.to_string())
+    }
+
+    /// No pseudonymized column, `*` or whole row of its relation in `n`.
+    fn no_pseudo(&self, n: &Node) -> R<()> {
+        let mut bad = None;
+        super::each_node(n, &mut |e| {
+            if let NodeEnum::ColumnRef(c) = e {
+                let last = c.fields.last();
+                if matches!(last.and_then(|f| f.node.as_ref()), Some(NodeEnum::AStar(_))) {
+                    bad.get_or_insert_with(|| "*".to_string());
+                } else if let Some(name) = last.and_then(str_of) {
+                    if self.pseudo.contains_key(name) || (c.fields.len() == 1 && self.pseudo_aliases.contains(name)) {
+                        bad.get_or_insert_with(|| name.to_string());
+                    }
+                }
+            }
+        });
+        match bad {
+            None => Ok(()),
+            Some(col) if col == "*" => refuse(
+                "pseudonym",
+                "a * or whole row outside the SELECT list would carry pseudonymized columns as stored; name the columns",
+            ),
+            Some(col) => refuse("pseudonym", pseudonym_rule(&col)),
+        }
+    }
+
     /// Denied columns: any reference to one, a `*`, or a whole-row reference
     /// of its relation refuses the statement.
     fn check_denied(&self, stmt: &Node) -> R<()> {
@@ -1260,6 +1466,12 @@ impl<'r> Rw<'r> {
             None => Ok(()),
         }
     }
+}
+
+fn pseudonym_rule(col: &str) -> String {
+    format!(
+        "{col} is pseudonymized for this workload: a statement may select it as it is, compare it with = (joins, lookups), group by it or test it for NULL, and nothing else"
+    )
 }
 
 fn rv_alias(rv: &RangeVar) -> pb::Alias {
@@ -1366,6 +1578,10 @@ fn lookup_target(n: &Node, rels: &[(String, Arc<Relation>)], single: bool) -> Op
         NodeEnum::NullTest(t) => col_of(t.arg.as_deref()?),
         _ => None,
     }
+}
+
+fn is_column_ref(n: &Node) -> bool {
+    matches!(n.node.as_ref(), Some(NodeEnum::ColumnRef(_)))
 }
 
 /// A literal or a bind parameter, possibly cast.
