@@ -55,8 +55,14 @@ pub enum StmtKind {
     Control,
 }
 
+impl Default for StmtKind {
+    fn default() -> Self {
+        Self::Control
+    }
+}
+
 /// What one statement does.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
 pub struct StmtFacts {
     pub kind: StmtKind,
     /// UPDATE or DELETE with no WHERE.
@@ -67,6 +73,10 @@ pub struct StmtFacts {
     pub writes: Vec<(TableRef, Option<Vec<String>>)>,
     /// Functions called anywhere in it (lower case, schema dropped).
     pub functions: Vec<String>,
+    /// The same calls as written: (schema, name).
+    pub calls: Vec<(Option<String>, String)>,
+    /// Operators used (names), for user-defined ones.
+    pub operators: Vec<String>,
 }
 
 /// What a profile does when a rule fires.
@@ -118,7 +128,23 @@ pub const DEFAULT_DANGEROUS_FUNCTIONS: &[&str] = &[
     "database_to_xml",
     "database_to_xml_and_xmlschema",
     "cursor_to_xml",
+    "cursor_to_xmlschema",
+    "query_to_xmlschema",
+    "table_to_xmlschema",
     "pg_logical_emit_message",
+    // Run SQL from a string, or read rows around any rewrite.
+    "ts_stat",
+    "pg_logical_slot_get_changes",
+    "pg_logical_slot_peek_changes",
+    "pg_logical_slot_get_binary_changes",
+    "pg_logical_slot_peek_binary_changes",
+    "pg_create_logical_replication_slot",
+    "get_raw_page",
+    "heap_page_items",
+    "bt_page_items",
+    "lo_get",
+    "lo_put",
+    "lo_import_with_oid",
 ];
 
 /// A profile's guardrails. Every rule defaults to deny.
@@ -164,9 +190,31 @@ impl Guardrails {
     }
 }
 
+/// A function, procedure or operator that is not built in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserCode {
+    /// `schema.name` as the catalog has it.
+    pub qualified: String,
+    /// Neither STABLE nor IMMUTABLE, or a procedure: it may write.
+    pub may_write: bool,
+}
+
 /// Labels the guardrails need, looked up by the adapter (from the policy
 /// catalog and the database's own).
 pub trait LabelLookup {
+    /// The user-defined function or procedure a call may reach (any
+    /// overload that is not built in), if any.
+    fn user_function(&self, _schema: Option<&str>, _name: &str) -> Option<UserCode> {
+        None
+    }
+    /// A user-defined operator of this name, if any.
+    fn user_operator(&self, _name: &str) -> Option<UserCode> {
+        None
+    }
+    /// Whether the profile masks or denies any label.
+    fn protects_anything(&self) -> bool {
+        false
+    }
     /// The table's own label.
     fn table_label(&self, t: &TableRef) -> Option<usize>;
     /// (column, label) for the labeled columns of a table.
@@ -201,7 +249,7 @@ fn check_one(g: &Guardrails, s: &StmtFacts, labels: &dyn LabelLookup) -> Option<
     match &s.kind {
         StmtKind::Ddl { command } => {
             if let Some(v) =
-                fire(g.ddl, "ddl", format!("{command} changes the schema, which this profile does not allow"))
+                fire(g.ddl, "ddl", format!("{command} changes the database, which this profile does not allow; run it from an ungoverned migration job, or set guardrails.ddl"))
             {
                 return Some(v);
             }
@@ -238,9 +286,9 @@ fn check_one(g: &Guardrails, s: &StmtFacts, labels: &dyn LabelLookup) -> Option<
         _ => {}
     }
     if s.unbounded_write {
-        let what = if matches!(s.kind, StmtKind::Write) { "UPDATE or DELETE" } else { "this statement" };
+        let what = if matches!(s.kind, StmtKind::Write) { "UPDATE, DELETE or MERGE" } else { "this statement" };
         if let Some(v) =
-            fire(g.unbounded_write, "unbounded_write", format!("{what} without WHERE would touch every row"))
+            fire(g.unbounded_write, "unbounded_write", format!("{what} without a WHERE on the target's own columns would touch every row (a constant or always-true condition counts as none); add a condition on a column of the target"))
         {
             return Some(v);
         }
@@ -252,6 +300,9 @@ fn check_one(g: &Guardrails, s: &StmtFacts, labels: &dyn LabelLookup) -> Option<
                 return Some(v);
             }
         }
+    }
+    if let Some(v) = user_code(g, s, labels) {
+        return Some(v);
     }
     for t in &s.reads {
         if let Some(l) = labels.table_label(t).filter(|l| *l >= g.restricted_read_min_label) {
@@ -281,6 +332,52 @@ fn check_one(g: &Guardrails, s: &StmtFacts, labels: &dyn LabelLookup) -> Option<
     None
 }
 
+/// User code is opaque: it runs with the database's view of the data (no
+/// mask at read reaches inside it) and may write or change the schema. A
+/// call is refused unless allowlisted: as a read of every label the profile
+/// masks, and, when it may write, under the stricter of the write rules.
+fn user_code(g: &Guardrails, s: &StmtFacts, labels: &dyn LabelLookup) -> Option<Verdict> {
+    let found = s
+        .calls
+        .iter()
+        .filter_map(|(schema, name)| labels.user_function(schema.as_deref(), name))
+        .chain(s.operators.iter().filter_map(|o| labels.user_operator(o)));
+    for code in found {
+        let q = code.qualified.to_ascii_lowercase();
+        let short = q.rsplit('.').next().unwrap_or(&q).to_string();
+        if g.allowed_functions.iter().any(|a| *a == q || *a == short) {
+            continue;
+        }
+        let hint = format!("allowlist it with guardrails.allowed_functions = [\"{q}\"] if it is safe");
+        if labels.protects_anything() {
+            let msg = format!(
+                "{q} is user code cordon cannot see into: it reads the stored data, around the masking this profile applies; {hint}"
+            );
+            if let Some(v) = fire(g.user_functions, "user_function", msg) {
+                return Some(v);
+            }
+        }
+        if code.may_write {
+            let outcome = strictest(g.unbounded_write, g.ddl);
+            let msg = format!(
+                "{q} is user code that may write or change the schema (it is neither STABLE nor IMMUTABLE, or a procedure); {hint}"
+            );
+            if let Some(v) = fire(outcome, "user_function", msg) {
+                return Some(v);
+            }
+        }
+    }
+    None
+}
+
+fn strictest(a: Outcome, b: Outcome) -> Outcome {
+    match (a, b) {
+        (Outcome::Deny, _) | (_, Outcome::Deny) => Outcome::Deny,
+        (Outcome::Approve, _) | (_, Outcome::Approve) => Outcome::Approve,
+        _ => Outcome::Allow,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,10 +397,58 @@ mod tests {
         fn label_name(&self, rank: usize) -> String {
             ["public", "internal", "confidential", "restricted"].get(rank).unwrap_or(&"?").to_string()
         }
+        fn user_function(&self, _schema: Option<&str>, name: &str) -> Option<UserCode> {
+            match name {
+                "leak" => Some(UserCode { qualified: "public.leak".into(), may_write: false }),
+                "wipe" => Some(UserCode { qualified: "public.wipe".into(), may_write: true }),
+                _ => None,
+            }
+        }
+        fn protects_anything(&self) -> bool {
+            true
+        }
+    }
+
+    struct Open;
+    impl LabelLookup for Open {
+        fn table_label(&self, _: &TableRef) -> Option<usize> {
+            None
+        }
+        fn column_labels(&self, _: &TableRef) -> Vec<(String, usize)> {
+            vec![]
+        }
+        fn label_name(&self, _: usize) -> String {
+            String::new()
+        }
+        fn user_function(&self, s: Option<&str>, n: &str) -> Option<UserCode> {
+            L.user_function(s, n)
+        }
+    }
+
+    #[test]
+    fn user_code_is_opaque_unless_allowlisted() {
+        let mut g = Guardrails::defaults(3);
+        let mut read = facts(StmtKind::Read);
+        read.calls = vec![(None, "leak".into())];
+        assert!(
+            matches!(check(&g, std::slice::from_ref(&read), &L), Verdict::Deny { rule, message } if rule == "user_function" && message.contains("allowed_functions"))
+        );
+        // Nothing masked: a STABLE/IMMUTABLE function reads nothing it should not.
+        assert_eq!(check(&g, std::slice::from_ref(&read), &Open), Verdict::Allow);
+        let mut call = facts(StmtKind::Write);
+        call.calls = vec![(Some("public".into()), "wipe".into())];
+        assert!(matches!(check(&g, std::slice::from_ref(&call), &Open), Verdict::Deny { rule, .. } if rule == "user_function"));
+        g.unbounded_write = Outcome::Allow;
+        g.ddl = Outcome::Approve;
+        assert!(
+            matches!(check(&g, std::slice::from_ref(&call), &Open), Verdict::Deny { message, .. } if message.contains("approval"))
+        );
+        g.allowed_functions = vec!["public.wipe".into(), "leak".into()];
+        assert_eq!(check(&g, &[read, call], &L), Verdict::Allow);
     }
 
     fn facts(kind: StmtKind) -> StmtFacts {
-        StmtFacts { kind, unbounded_write: false, reads: vec![], writes: vec![], functions: vec![] }
+        StmtFacts { kind, ..StmtFacts::default() }
     }
 
     fn t(name: &str) -> TableRef {
@@ -314,10 +459,10 @@ mod tests {
     fn rules_fire_and_approve_says_so() {
         let mut g = Guardrails::defaults(3);
         let drop = facts(StmtKind::Ddl { command: "DROP TABLE".into() });
-        assert!(matches!(check(&g, &[drop.clone()], &L), Verdict::Deny { rule, .. } if rule == "ddl"));
+        assert!(matches!(check(&g, std::slice::from_ref(&drop), &L), Verdict::Deny { rule, .. } if rule == "ddl"));
         g.ddl = Outcome::Approve;
         assert!(
-            matches!(check(&g, &[drop.clone()], &L), Verdict::Deny { message, .. } if message.contains("approval"))
+            matches!(check(&g, std::slice::from_ref(&drop), &L), Verdict::Deny { message, .. } if message.contains("approval"))
         );
         g.ddl = Outcome::Allow;
         assert_eq!(check(&g, &[drop], &L), Verdict::Allow);

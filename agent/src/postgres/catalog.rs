@@ -71,7 +71,22 @@ pub struct Catalog {
     /// (profile, exact text) → rewrite. It depends on labels and
     /// definitions, so it lives and dies with the entries it was built on.
     rewrites: Mutex<HashMap<(String, String), (Instant, CachedRewrite)>>,
+    /// Function or operator name → its definitions that are not built in.
+    user_code: Mutex<HashMap<(char, String), (Instant, Arc<Vec<UserCodeInfo>>)>>,
 }
+
+/// A function, procedure or operator that is not built in (OID at or above
+/// FirstNormalObjectId: created by a user or an extension).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserCodeInfo {
+    pub schema: String,
+    pub name: String,
+    /// provolatile is 'v', or a procedure.
+    pub may_write: bool,
+}
+
+/// PostgreSQL's FirstNormalObjectId: OIDs below it are the system's own.
+const FIRST_NORMAL_OID: u32 = 16384;
 
 impl Catalog {
     pub fn new(upstream: SocketAddr, database: &str) -> Self {
@@ -81,7 +96,63 @@ impl Catalog {
             by_oid: Mutex::new(HashMap::new()),
             by_name: Mutex::new(HashMap::new()),
             rewrites: Mutex::new(HashMap::new()),
+            user_code: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// User-defined functions ('f') or operators ('o') of this name, if
+    /// looked up.
+    pub fn user_code(&self, kind: char, name: &str) -> Option<Arc<Vec<UserCodeInfo>>> {
+        self.user_code.lock().ok()?.get(&(kind, name.to_string())).map(|(_, v)| v.clone())
+    }
+
+    /// Look up which of these function and operator names have
+    /// definitions that are not built in (one query for all misses).
+    pub async fn resolve_code(&self, ctx: &Ctx, cred: &Credential, functions: &[String], operators: &[String]) -> Result<()> {
+        let fresh = |kind: char, n: &String| {
+            self.user_code.lock().is_ok_and(|m| m.get(&(kind, n.clone())).is_some_and(|(at, _)| at.elapsed() < TTL))
+        };
+        let f: Vec<&String> = functions.iter().filter(|n| !fresh('f', n)).collect();
+        let o: Vec<&String> = operators.iter().filter(|n| !fresh('o', n)).collect();
+        if f.is_empty() && o.is_empty() {
+            return Ok(());
+        }
+        let list = |v: &[&String]| {
+            let items: Vec<String> = v.iter().map(|n| quote_literal(n)).collect();
+            format!("array[{}]::text[]", if items.is_empty() { "null".to_string() } else { items.join(",") })
+        };
+        let sql = format!(
+            "select 'f', p.proname, n.nspname, p.provolatile = 'v' or p.prokind = 'p' \
+             from pg_proc p join pg_namespace n on n.oid = p.pronamespace \
+             where p.oid >= {FIRST_NORMAL_OID} and p.proname = any({}) \
+             union all \
+             select 'o', o.oprname, n.nspname, coalesce((select q.provolatile = 'v' from pg_proc q where q.oid = o.oprcode), true) \
+             from pg_operator o join pg_namespace n on n.oid = o.oprnamespace \
+             where o.oid >= {FIRST_NORMAL_OID} and o.oprname = any({})",
+            list(&f),
+            list(&o)
+        );
+        let rows = self.query(ctx, cred, &sql).await?;
+        let mut found: HashMap<(char, String), Vec<UserCodeInfo>> = HashMap::new();
+        for n in &f {
+            found.insert(('f', (*n).clone()), Vec::new());
+        }
+        for n in &o {
+            found.insert(('o', (*n).clone()), Vec::new());
+        }
+        for r in rows {
+            let col = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
+            let kind = col(0).chars().next().unwrap_or('f');
+            let info = UserCodeInfo { name: col(1), schema: col(2), may_write: col(3) != "f" };
+            found.entry((kind, info.name.clone())).or_default().push(info);
+        }
+        if let Ok(mut m) = self.user_code.lock() {
+            let now = Instant::now();
+            for (k, v) in found {
+                m.insert(k, (now, Arc::new(v)));
+            }
+        }
+        Ok(())
     }
 
     pub fn cached_rewrite(&self, profile: &str, sql: &str) -> Option<CachedRewrite> {
@@ -105,6 +176,9 @@ impl Catalog {
 
     pub fn invalidate(&self) {
         if let Ok(mut m) = self.rewrites.lock() {
+            m.clear();
+        }
+        if let Ok(mut m) = self.user_code.lock() {
             m.clear();
         }
         if let Ok(mut m) = self.by_oid.lock() {

@@ -405,14 +405,25 @@ async fn resolve_statement_tables(
         return Ok(());
     };
     let mut tables = Vec::new();
+    let mut functions = Vec::new();
+    let mut operators = Vec::new();
     for f in frames {
         let Some(sql) = sql_of(f) else { continue };
         if let Ok(facts) = ctx.shared.sql.analyse(&sql) {
             for s in facts.iter() {
                 tables.extend(s.reads.iter().cloned());
                 tables.extend(s.writes.iter().map(|(t, _)| t.clone()));
+                functions.extend(s.calls.iter().map(|(_, n)| n.clone()));
+                operators.extend(s.operators.iter().cloned());
             }
         }
+    }
+    if !functions.is_empty() || !operators.is_empty() {
+        functions.sort();
+        functions.dedup();
+        operators.sort();
+        operators.dedup();
+        catalog.resolve_code(ctx, cred, &functions, &operators).await?;
     }
     if tables.is_empty() {
         return Ok(());
@@ -451,6 +462,27 @@ impl LabelLookup for Lookup<'_> {
     fn label_name(&self, rank: usize) -> String {
         self.0.classifier.labels.name(rank).to_string()
     }
+    fn user_function(&self, schema: Option<&str>, name: &str) -> Option<guard::UserCode> {
+        let found = self.0.catalog.as_ref()?.user_code('f', name)?;
+        user_code(&found, schema)
+    }
+    fn user_operator(&self, name: &str) -> Option<guard::UserCode> {
+        let found = self.0.catalog.as_ref()?.user_code('o', name)?;
+        user_code(&found, None)
+    }
+    fn protects_anything(&self) -> bool {
+        self.0.profile.protects_anything()
+    }
+}
+
+/// The user-defined definitions a name may reach: in the schema written,
+/// or in any schema when unqualified (overloads resolve by argument types,
+/// which cordon does not know; any of them may be the one called).
+fn user_code(found: &[super::catalog::UserCodeInfo], schema: Option<&str>) -> Option<guard::UserCode> {
+    let mut hits = found.iter().filter(|f| schema.is_none_or(|s| s == f.schema)).peekable();
+    let first = hits.peek().map(|f| format!("{}.{}", f.schema, f.name))?;
+    let may_write = hits.any(|f| f.may_write);
+    Some(guard::UserCode { qualified: first, may_write })
 }
 
 /// The guardrails' verdict on a statement text.

@@ -67,23 +67,16 @@ pub fn analyse(sql: &str) -> Result<Vec<StmtFacts>, String> {
         // pg_query's own lists miss subqueries inside some expressions).
         let node_ref = raw.stmt.as_deref().unwrap_or(&empty);
         let reads: Vec<TableRef> = super::sqltree::relations(&[node_ref]);
-        let functions: Vec<String> = super::sqltree::functions(node_ref)
-            .into_iter()
-            .map(|(_, f)| f.to_ascii_lowercase())
-            .collect();
-        let mut facts = StmtFacts { kind: StmtKind::Control, unbounded_write: false, reads, writes: vec![], functions };
+        let calls = super::sqltree::functions(node_ref);
+        let functions: Vec<String> = calls.iter().map(|(_, f)| f.to_ascii_lowercase()).collect();
+        let operators = super::sqltree::operators(node_ref);
+        let mut facts = StmtFacts { reads, functions, calls, operators, ..StmtFacts::default() };
         describe(node, &mut facts);
         out.push(facts);
     }
     if out.is_empty() {
         // An empty query (only comments): nothing to run.
-        out.push(StmtFacts {
-            kind: StmtKind::Control,
-            unbounded_write: false,
-            reads: vec![],
-            writes: vec![],
-            functions: vec![],
-        });
+        out.push(StmtFacts::default());
     }
     Ok(out)
 }
@@ -109,13 +102,7 @@ fn merge_ctes(with: Option<&pg_query::protobuf::WithClause>, f: &mut StmtFacts) 
     for cte in &with.ctes {
         let Some(NodeEnum::CommonTableExpr(c)) = cte.node.as_ref() else { continue };
         let Some(q) = c.ctequery.as_ref().and_then(|q| q.node.as_ref()) else { continue };
-        let mut sub = StmtFacts {
-            kind: StmtKind::Control,
-            unbounded_write: false,
-            reads: vec![],
-            writes: vec![],
-            functions: vec![],
-        };
+        let mut sub = StmtFacts::default();
         describe(q, &mut sub);
         f.unbounded_write |= sub.unbounded_write;
         f.writes.extend(sub.writes);
@@ -164,19 +151,24 @@ fn describe_node(node: &NodeEnum, f: &mut StmtFacts) {
             if let Some(r) = &s.relation {
                 f.writes.push((range_var(r), Some(target_names(&s.target_list))));
             }
-            f.unbounded_write = s.where_clause.is_none();
+            if let Some(r) = &s.relation {
+                f.unbounded_write = !super::sqltree::bounded(s.where_clause.as_deref(), r);
+            }
             StmtKind::Write
         }
         NodeEnum::DeleteStmt(s) => {
             if let Some(r) = &s.relation {
                 f.writes.push((range_var(r), None));
+                f.unbounded_write = !super::sqltree::bounded(s.where_clause.as_deref(), r);
             }
-            f.unbounded_write = s.where_clause.is_none();
             StmtKind::Write
         }
+        // MERGE writes with every action (UPDATE, DELETE, INSERT), and its
+        // join condition is its WHERE.
         NodeEnum::MergeStmt(s) => {
             if let Some(r) = &s.relation {
                 f.writes.push((range_var(r), None));
+                f.unbounded_write = !super::sqltree::bounded(s.join_condition.as_deref(), r);
             }
             StmtKind::Write
         }
@@ -287,11 +279,37 @@ fn command_name(node: &NodeEnum) -> String {
         NodeEnum::SecLabelStmt(_) => "SECURITY LABEL".into(),
         NodeEnum::CreateFunctionStmt(_) => "CREATE FUNCTION".into(),
         NodeEnum::ViewStmt(_) => "CREATE VIEW".into(),
-        other => {
-            let name = format!("{other:?}");
-            let name = name.split('(').next().unwrap_or("utility statement");
-            name.trim_end_matches("Stmt").to_string()
+        NodeEnum::VacuumStmt(v) => if v.is_vacuumcmd { "VACUUM" } else { "ANALYZE" }.into(),
+        NodeEnum::AlterSystemStmt(_) => "ALTER SYSTEM".into(),
+        NodeEnum::CreatedbStmt(_) => "CREATE DATABASE".into(),
+        NodeEnum::DropdbStmt(_) => "DROP DATABASE".into(),
+        NodeEnum::RefreshMatViewStmt(_) => "REFRESH MATERIALIZED VIEW".into(),
+        NodeEnum::CreateTrigStmt(_) => "CREATE TRIGGER".into(),
+        NodeEnum::RuleStmt(_) => "CREATE RULE".into(),
+        NodeEnum::DefineStmt(_) => "CREATE AGGREGATE/OPERATOR/TYPE".into(),
+        NodeEnum::CompositeTypeStmt(_) => "CREATE TYPE".into(),
+        NodeEnum::CreateSeqStmt(_) => "CREATE SEQUENCE".into(),
+        NodeEnum::AlterSeqStmt(_) => "ALTER SEQUENCE".into(),
+        NodeEnum::LoadStmt(_) => "LOAD".into(),
+        other => sql_words(&format!("{other:?}")),
+    }
+}
+
+/// `AlterDefaultPrivilegesStmt(…)` → `ALTER DEFAULT PRIVILEGES`: the parse
+/// node's name in the words of the SQL command.
+fn sql_words(debug: &str) -> String {
+    let name = debug.split('(').next().unwrap_or("utility statement").trim_end_matches("Stmt");
+    let mut out = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push(' ');
         }
+        out.push(c.to_ascii_uppercase());
+    }
+    if out.is_empty() {
+        "a utility statement".into()
+    } else {
+        out
     }
 }
 

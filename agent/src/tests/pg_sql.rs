@@ -72,3 +72,65 @@ fn parse_errors_are_errors() {
     assert_eq!(c.analyse("select 2").map(|f| f.len()), Ok(1));
     assert!(c.analyse("select 'x'; drop table t").is_ok_and(|f| f.len() == 2));
 }
+
+#[test]
+fn always_true_conditions_are_unbounded_and_row_conditions_are_not() {
+    let unbounded = |sql: &str| analyse(sql).unwrap_or_else(|e| panic!("{sql}: {e}"))[0].unbounded_write;
+    for sql in [
+        "delete from orders where true",
+        "delete from orders where 1 = 1",
+        "delete from orders where id = 1 or true",
+        "delete from orders where 'a' = 'a'",
+        "delete from orders where not false",
+        "delete from orders where id = id",
+        "delete from orders o where o.total >= o.total",
+        "delete from orders where now() > '2000-01-01'",
+        "delete from orders where $1",
+        "delete from orders where exists (select 1 from customers where customers.id = 1)",
+        "delete from orders using customers where customers.id = 1",
+        "update orders set total = 0 where random() >= 0",
+        "update orders set total = 0 where (select true)",
+        "merge into orders o using customers c on true when matched then delete",
+        "merge into orders o using customers c on c.id = 1 when matched then delete",
+    ] {
+        assert!(unbounded(sql), "{sql}");
+    }
+    for sql in [
+        "delete from orders where id = 1",
+        "delete from orders o where o.id = $1 and true",
+        "delete from orders where id in (select id from customers)",
+        "delete from orders o where exists (select 1 from customers c where c.id = o.id)",
+        "update orders set total = 0 where current of c",
+        "merge into orders o using customers c on o.id = c.id when matched then delete",
+    ] {
+        assert!(!unbounded(sql), "{sql}");
+    }
+    // MERGE is a write with every action.
+    let m = &analyse("merge into orders o using customers c on o.id = c.id when matched then delete").unwrap()[0];
+    assert_eq!(m.kind, StmtKind::Write);
+    assert_eq!(m.writes[0].0.name, "orders");
+}
+
+#[test]
+fn refusals_name_commands_in_sql_words() {
+    let ddl = |sql: &str| match &analyse(sql).unwrap_or_else(|e| panic!("{sql}: {e}"))[0].kind {
+        StmtKind::Ddl { command } => command.clone(),
+        k => panic!("{sql}: {k:?}"),
+    };
+    assert_eq!(ddl("vacuum orders"), "VACUUM");
+    assert_eq!(ddl("analyze orders"), "ANALYZE");
+    assert_eq!(ddl("alter system set work_mem = '1MB'"), "ALTER SYSTEM");
+    assert_eq!(ddl("create extension pgcrypto"), "CREATE EXTENSION");
+    assert_eq!(ddl("alter default privileges grant select on tables to public"), "ALTER DEFAULT PRIVILEGES");
+    assert_eq!(ddl("create role r"), "CREATE ROLE");
+}
+
+#[test]
+fn every_call_and_operator_is_found_wherever_it_hides() {
+    let f = &analyse("select array[(select public.leak(x) from t)], 1 === 2, (select pg_read_file('x'))").unwrap()[0];
+    assert!(f.calls.contains(&(Some("public".into()), "leak".into())), "{f:?}");
+    assert!(f.functions.contains(&"pg_read_file".to_string()), "{f:?}");
+    assert!(f.operators.contains(&"===".to_string()), "{f:?}");
+    let c = &analyse("call wipe()").unwrap()[0];
+    assert!(c.calls.contains(&(None, "wipe".into())), "{c:?}");
+}

@@ -63,6 +63,11 @@ pub fn functions(stmt: &Node) -> Vec<(Option<String>, String)> {
     each_node(stmt, &mut |e| {
         let names = match e {
             NodeEnum::FuncCall(f) => &f.funcname,
+            // CALL holds its FuncCall outside a Node.
+            NodeEnum::CallStmt(c) => match &c.funccall {
+                Some(f) => &f.funcname,
+                None => return,
+            },
             _ => return,
         };
         let parts: Vec<&str> = names.iter().filter_map(str_of).collect();
@@ -76,6 +81,101 @@ pub fn functions(stmt: &Node) -> Vec<(Option<String>, String)> {
         }
     });
     out
+}
+
+/// Every operator name a statement uses (`=`, `@@`, a user's `===`).
+pub fn operators(stmt: &Node) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    each_node(stmt, &mut |e| {
+        let name = match e {
+            NodeEnum::AExpr(a) => &a.name,
+            _ => return,
+        };
+        if let Some(op) = name.last().and_then(str_of) {
+            if !out.iter().any(|o| o == op) {
+                out.push(op.to_string());
+            }
+        }
+    });
+    out
+}
+
+/// Whether a write's condition restricts which rows of `target` it touches.
+///
+/// Bounded means the condition depends on the target row: some part of it
+/// compares a column of the target (unqualified, or qualified with its name
+/// or alias; inside a subquery only when qualified). A constant (`true`,
+/// `1=1`), a parameter alone, a condition on other tables only, a column
+/// compared with itself, or an OR with any such branch touches every row or
+/// none, and counts as unbounded.
+pub fn bounded(cond: Option<&Node>, target: &RangeVar) -> bool {
+    let alias = target.alias.as_ref().map_or(target.relname.as_str(), |a| a.aliasname.as_str());
+    cond.is_some_and(|c| row_dependent(c, alias))
+}
+
+fn row_dependent(n: &Node, alias: &str) -> bool {
+    match n.node.as_ref() {
+        Some(NodeEnum::BoolExpr(b)) => {
+            let mut args = b.args.iter().map(|a| row_dependent(a, alias));
+            if b.boolop == pg_query::protobuf::BoolExprType::OrExpr as i32 {
+                args.all(|x| x)
+            } else {
+                args.any(|x| x)
+            }
+        }
+        Some(NodeEnum::AExpr(a)) => {
+            let op = a.name.last().and_then(str_of).unwrap_or_default();
+            let same = match (a.lexpr.as_deref().and_then(|l| l.node.as_ref()), a.rexpr.as_deref().and_then(|r| r.node.as_ref())) {
+                (Some(NodeEnum::ColumnRef(l)), Some(NodeEnum::ColumnRef(r))) => l.fields == r.fields,
+                _ => false,
+            };
+            if same && matches!(op, "=" | ">=" | "<=") {
+                return false;
+            }
+            refers_to_target(n, alias)
+        }
+        // WHERE CURRENT OF a cursor: one row.
+        Some(NodeEnum::CurrentOfExpr(_)) => true,
+        Some(_) => refers_to_target(n, alias),
+        None => false,
+    }
+}
+
+/// A column of the target: at the top level any column reference not
+/// qualified with another name; inside subqueries only ones qualified with
+/// the target's name.
+fn refers_to_target(n: &Node, alias: &str) -> bool {
+    struct V<'a> {
+        alias: &'a str,
+        depth: usize,
+        found: bool,
+    }
+    impl<'n> walk_gen::Visit<'n> for V<'_> {
+        fn node(&mut self, n: &'n Node) {
+            if self.found {
+                return;
+            }
+            match n.node.as_ref() {
+                Some(NodeEnum::ColumnRef(c)) => {
+                    let qual = (c.fields.len() >= 2).then(|| c.fields.get(c.fields.len() - 2).and_then(str_of)).flatten();
+                    self.found = match qual {
+                        Some(q) => q == self.alias,
+                        None => self.depth == 0 && c.fields.len() == 1,
+                    };
+                }
+                Some(NodeEnum::SelectStmt(s)) => {
+                    self.depth += 1;
+                    walk_gen::s_SelectStmt(s, self);
+                    self.depth -= 1;
+                }
+                Some(e) => walk_gen::children(e, self),
+                None => {}
+            }
+        }
+    }
+    let mut v = V { alias, depth: 0, found: false };
+    walk_gen::Visit::node(&mut v, n);
+    v.found
 }
 
 pub fn table_ref(r: &RangeVar) -> TableRef {
