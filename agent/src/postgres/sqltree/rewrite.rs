@@ -1169,12 +1169,14 @@ impl<'r> Rw<'r> {
         // COPY t TO … becomes COPY (SELECT … FROM masked t) TO …
         let cols: Vec<String> = s.attlist.iter().filter_map(str_of).map(quote_ident).collect();
         let cols = if cols.is_empty() { "*".to_string() } else { cols.join(", ") };
-        let sql = format!("SELECT {cols} FROM ONLY {}", rel.qualified());
-        let mut q = parse_select(&sql)?;
-        // The generated reference is the one the user wrote.
+        let mut q = parse_select(&format!("SELECT {cols} FROM t"))?;
         let mut pushed = HashMap::new();
         let mut wrapped = Vec::new();
         if let Some(NodeEnum::SelectStmt(sel)) = q.node.as_mut() {
+            // The relation as the user named it (COPY reads no child
+            // tables: ONLY).
+            let only = RangeVar { inh: false, ..rv.clone() };
+            sel.from_clause = vec![Node { node: Some(NodeEnum::RangeVar(only)) }];
             for item in &mut sel.from_clause {
                 self.from_item(item, &mut pushed, &mut wrapped)?;
             }
