@@ -20,7 +20,16 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "network tools"),
     ("systemd", "systemd-analyze, to verify the unit file"),
     ("vagrant", "`vagrant validate`, to check vagrant/Vagrantfile (no VM is started)"),
+    ("default-jdk-headless", "java, to run pgjdbc in the driver tests"),
+    ("libpostgresql-jdbc-java", "pgjdbc, the PostgreSQL JDBC driver"),
+    ("ruby-pg", "Ruby's pg driver"),
+    ("php-cli", "php, to run PDO in the driver tests"),
+    ("php-pgsql", "PHP's PostgreSQL driver (PDO pgsql)"),
 ];
+
+/// node-postgres from the npm registry, where every user can read it.
+pub const TEST_NODE: &str = "/opt/cordon-test-node";
+const NPM_PACKAGES: &[&str] = &["pg@8"];
 
 /// Python clients the end-to-end tests drive, in a venv every user can
 /// read (workloads run as `nobody`).
@@ -33,8 +42,30 @@ pub fn run() -> Result<()> {
     bpf_linker()?;
     if is_root() {
         python_clients()?;
+        node_clients()?;
     }
     Ok(())
+}
+
+fn node_clients() -> Result<()> {
+    if output("node", &["--version"]).is_none() || output("npm", &["--version"]).is_none() {
+        say("installing nodejs and npm from Debian (node-postgres runs on them)");
+        util::run("apt-get", &["update", "-qq"])?;
+        run_cmd(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends", "nodejs", "npm"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    if Path::new(TEST_NODE).join("node_modules/pg/package.json").exists() {
+        return Ok(());
+    }
+    say(&format!("installing node-postgres into {TEST_NODE} from the npm registry"));
+    std::fs::create_dir_all(TEST_NODE)?;
+    let mut args = vec!["install", "--silent", "--no-audit", "--no-fund", "--prefix", TEST_NODE];
+    args.extend(NPM_PACKAGES);
+    util::run("npm", &args)?;
+    util::run("chmod", &["-R", "a+rX", TEST_NODE])
 }
 
 fn python_clients() -> Result<()> {

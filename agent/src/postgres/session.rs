@@ -116,7 +116,10 @@ struct Running {
 enum Req {
     Parse,
     Bind,
-    Close,
+    /// Closing a statement (true) or portal, forgotten when the server
+    /// confirms: results of an Execute sent before the Close still need
+    /// its description (sqlx sends Bind, Execute, Close, Sync).
+    Close { statement: bool, name: Bytes, gen: u64 },
     DescribeStmt(Bytes, u64),
     DescribePortal(Bytes, u64),
     Exec(Box<Running>),
@@ -768,13 +771,14 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
         }
         b'C' => {
             let kind = b.u8().context("protocol violation: Close without a kind")?;
-            let name = b.cstr().context("protocol violation: Close without a name")?;
-            if kind == b'S' {
-                t.prepared.remove(name);
+            let name = Bytes::copy_from_slice(b.cstr().context("protocol violation: Close without a name")?);
+            let statement = kind == b'S';
+            let gen = if statement {
+                t.prepared.get(&name).map_or(0, |p| p.gen)
             } else {
-                t.portals.remove(name);
-            }
-            t.queue.push_back(Req::Close);
+                t.portals.get(&name).map_or(0, |p| p.gen)
+            };
+            t.queue.push_back(Req::Close { statement, name, gen });
         }
         b'S' => t.queue.push_back(Req::Sync),
         b'H' | b'X' | b'd' | b'c' | b'f' | b'p' => {}
@@ -1055,9 +1059,7 @@ fn on_server_frame_inner(
         }
         b'1' | b'2' | b'3' => {
             // ParseComplete, BindComplete, CloseComplete.
-            if matches!(t.queue.front(), Some(Req::Parse | Req::Bind | Req::Close)) {
-                t.queue.pop_front();
-            }
+            complete(t);
         }
         b't' => {}
         b'n' => {
@@ -1358,12 +1360,26 @@ fn swallow(t: &mut Tracker, f: &Frame, out: &mut BytesMut) {
                 }
             }
         }
-        b'1' | b'2' | b'3' => {
-            if matches!(t.queue.front(), Some(Req::Parse | Req::Bind | Req::Close)) {
-                t.queue.pop_front();
-            }
-        }
+        b'1' | b'2' | b'3' => complete(t),
         _ => {}
+    }
+}
+
+/// ParseComplete, BindComplete or CloseComplete for the request at the
+/// head; a confirmed Close forgets its statement or portal (unless a later
+/// Parse or Bind already replaced it).
+fn complete(t: &mut Tracker) {
+    if !matches!(t.queue.front(), Some(Req::Parse | Req::Bind | Req::Close { .. })) {
+        return;
+    }
+    if let Some(Req::Close { statement, name, gen }) = t.queue.pop_front() {
+        if statement {
+            if t.prepared.get(&name).is_some_and(|p| p.gen == gen) {
+                t.prepared.remove(&name);
+            }
+        } else if t.portals.get(&name).is_some_and(|p| p.gen == gen) {
+            t.portals.remove(&name);
+        }
     }
 }
 
