@@ -21,6 +21,12 @@ enum Kind {
     Struct(String),
 }
 
+/// Source positions (`location`, `*_location`, `list_start`, `list_end`):
+/// they differ between a tree cordon built and the same tree read back.
+fn is_position(name: &str) -> bool {
+    name == "location" || name.ends_with("_location") || name.ends_with("list_start") || name.ends_with("list_end")
+}
+
 #[derive(Debug)]
 struct Field {
     name: String,
@@ -87,6 +93,8 @@ fn inner_type(ty: &str) -> (Shape, String) {
 
 fn generate(text: &str) -> Result<String> {
     let mut structs: BTreeMap<String, Vec<Field>> = BTreeMap::new();
+    let mut positions: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut int32_attr = false;
     let mut variants: Vec<(String, String)> = Vec::new();
     let mut current: Option<String> = None;
     let mut in_node_enum = false;
@@ -126,9 +134,19 @@ fn generate(text: &str) -> Result<String> {
         let Some(s) = current.as_ref() else { continue };
         if l.starts_with("#[prost(") {
             message_attr = l.starts_with("#[prost(message");
+            int32_attr = l.starts_with("#[prost(int32");
             continue;
         }
         if let Some(rest) = l.strip_prefix("pub ") {
+            if int32_attr {
+                int32_attr = false;
+                if let Some((name, _)) = rest.split_once(':') {
+                    if is_position(name.trim()) {
+                        positions.entry(s.clone()).or_default().push(name.trim().to_string());
+                    }
+                }
+                continue;
+            }
             if !message_attr {
                 continue;
             }
@@ -156,11 +174,48 @@ fn generate(text: &str) -> Result<String> {
          // Every child of every parse node: `Node`s go to `node`, `RangeVar`s\n\
          // held outside a `Node` go to `range_var`. Nothing else can hold a\n\
          // subquery, a column reference or a relation.\n\n\
-         #![allow(non_snake_case, unused_variables, clippy::all)]\n\n\
+         #![allow(non_snake_case, unused_variables, dead_code, clippy::all)]\n\n\
          use pg_query::protobuf::*;\nuse pg_query::NodeEnum;\n\n\
          pub trait Visit<'a> {\n    fn node(&mut self, n: &'a Node);\n    fn range_var(&mut self, _r: &'a RangeVar) {}\n}\n\n\
          pub trait VisitMut {\n    fn node(&mut self, n: &mut Node);\n    fn range_var(&mut self, _r: &mut RangeVar) {}\n}\n\n",
     );
+    // Positions cleared, for comparing trees: every struct, whether it
+    // sits in a Node or in a field of its own type.
+    let clearable = |name: &str| structs.get(name).is_some_and(|f| !f.is_empty()) || positions.contains_key(name);
+    let _ = writeln!(out, "/// Set every source position in `e` and below to 0.");
+    let _ = writeln!(out, "pub fn clear_positions(e: &mut NodeEnum) {{");
+    let _ = writeln!(out, "    match e {{");
+    for (variant, payload) in &variants {
+        if clearable(payload) {
+            let _ = writeln!(out, "        NodeEnum::{variant}(x) => c_{payload}(x),");
+        }
+    }
+    let _ = writeln!(out, "        _ => {{}}");
+    let _ = writeln!(out, "    }}\n}}\n");
+    let _ = writeln!(out, "fn c_node(n: &mut Node) {{\n    if let Some(e) = n.node.as_mut() {{ clear_positions(e); }}\n}}\n");
+    for (name, fields) in &structs {
+        if !clearable(name) {
+            continue;
+        }
+        let _ = writeln!(out, "fn c_{name}(x: &mut {name}) {{");
+        for p in positions.get(name).into_iter().flatten() {
+            let _ = writeln!(out, "    x.{p} = 0;");
+        }
+        for f in fields {
+            let call = match &f.kind {
+                Kind::Node => "c_node(c)".to_string(),
+                Kind::RangeVar => "c_RangeVar(c)".to_string(),
+                Kind::Struct(t) if clearable(t) => format!("c_{t}(c)"),
+                Kind::Struct(_) => continue,
+            };
+            let field = &f.name;
+            let _ = match f.shape {
+                Shape::Vec => writeln!(out, "    for c in &mut x.{field} {{ {call}; }}"),
+                Shape::Option => writeln!(out, "    if let Some(c) = &mut x.{field} {{ {call}; }}"),
+            };
+        }
+        let _ = writeln!(out, "}}\n");
+    }
     for (mutable, sfx) in [(false, ""), (true, "_mut")] {
         let (lt, refm, tr) = if mutable { ("", "&mut ", "dyn VisitMut") } else { ("<'a>", "&'a ", "dyn Visit<'a>") };
         let borrow = if mutable { "&mut " } else { "&" };

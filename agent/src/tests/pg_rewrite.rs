@@ -295,3 +295,24 @@ fn pseudonymized_columns_may_only_be_selected_compared_grouped_or_null_tested() 
         assert!(e.rule == "pseudonym" || e.rule == "labeled_flow", "{sql}: {e:?}");
     }
 }
+
+#[test]
+fn deep_nesting_is_refused_not_a_crash() {
+    // A tokio worker's stack is 2 MiB: a statement nested deeper than the
+    // parser or the walkers can follow must be an error, never an overflow.
+    for sql in [
+        format!("select {}1 from customers", "1+".repeat(200_000)),
+        format!("select {}ssn{} from customers", "(".repeat(50_000), ")".repeat(50_000)),
+        format!("select {}1{}", "(select ".repeat(20_000), ")".repeat(20_000)),
+        format!("select 1 from customers where {}true", "not ".repeat(100_000)),
+    ] {
+        let h = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                let _ = rewrite(&sql, &Cat);
+                let _ = crate::postgres::sql::analyse(&sql);
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(h.join().is_ok());
+    }
+}

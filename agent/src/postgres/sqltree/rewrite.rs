@@ -187,13 +187,11 @@ fn deparse(node: &Node, version: i32) -> R<String> {
         message: format!("the masked statement cordon wrote does not parse ({e})"),
     })?;
     let same = match again.protobuf.stmts.first().and_then(|s| s.stmt.as_deref()) {
-        Some(n) => without_locations(n) == without_locations(node),
+        Some(n) => without_positions(n) == without_positions(node),
         None => false,
     };
     if !same && std::env::var_os("CORDON_DEBUG_DEPARSE").is_some() {
-        if let Some(n) = again.protobuf.stmts.first().and_then(|s| s.stmt.as_deref()) {
-            eprintln!("built: {}\nread:  {}", without_locations(node), without_locations(n));
-        }
+        eprintln!("cordon built: {node:?}\nread back: {again:?}");
     }
     if !same || again.protobuf.stmts.len() != 1 {
         return refuse("mask", "the masked statement does not read back as cordon built it (a construct the deparser does not keep); it is refused");
@@ -201,30 +199,12 @@ fn deparse(node: &Node, version: i32) -> R<String> {
     Ok(text)
 }
 
-fn without_locations(n: &Node) -> serde_json::Value {
-    fn strip(v: &mut serde_json::Value) {
-        match v {
-            serde_json::Value::Object(m) => {
-                // Source positions only (every i32 position field of the
-                // node definitions): they differ by construction.
-                m.retain(|k, v| {
-                    !(v.is_i64()
-                        && (k == "location"
-                            || k.ends_with("_location")
-                            || k.ends_with("list_start")
-                            || k.ends_with("list_end")))
-                });
-                for (_, x) in m.iter_mut() {
-                    strip(x);
-                }
-            }
-            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
-            _ => {}
-        }
+fn without_positions(n: &Node) -> Node {
+    let mut n = n.clone();
+    if let Some(e) = n.node.as_mut() {
+        walk_gen::clear_positions(e);
     }
-    let mut v = serde_json::to_value(n).unwrap_or(serde_json::Value::Null);
-    strip(&mut v);
-    v
+    n
 }
 
 /// How many relation references in the statement resolve to a protected
@@ -1490,17 +1470,34 @@ fn subselect(query: Node, alias: pb::Alias) -> Node {
     }
 }
 
+/// Parsed masking queries and expressions by their text: the same table
+/// under the same profile yields the same text, and parsing the long
+/// partial-mask expressions is most of a cold rewrite.
+static PARSED: std::sync::LazyLock<std::sync::Mutex<HashMap<String, Node>>> =
+    std::sync::LazyLock::new(|| std::sync::Mutex::new(HashMap::new()));
+const PARSED_MAX: usize = 1024;
+
 fn parse_select(sql: &str) -> R<Node> {
+    if let Some(n) = PARSED.lock().ok().and_then(|m| m.get(sql).cloned()) {
+        return Ok(n);
+    }
     let parsed = pg_query::parse(sql, 0)
         .map_err(|e| Refusal { rule: "mask", message: format!("cordon built a masking query that does not parse ({e})") })?;
-    parsed
+    let node = parsed
         .protobuf
         .stmts
         .into_iter()
         .next()
         .and_then(|s| s.stmt)
         .map(|b| *b)
-        .ok_or_else(|| Refusal { rule: "mask", message: "cordon built an empty masking query".into() })
+        .ok_or_else(|| Refusal { rule: "mask", message: "cordon built an empty masking query".into() })?;
+    if let Ok(mut m) = PARSED.lock() {
+        if m.len() >= PARSED_MAX {
+            m.clear();
+        }
+        m.insert(sql.to_string(), node.clone());
+    }
+    Ok(node)
 }
 
 fn and_all(mut conjuncts: Vec<Node>) -> Option<Node> {

@@ -4,7 +4,7 @@
 // held outside a `Node` go to `range_var`. Nothing else can hold a
 // subquery, a column reference or a relation.
 
-#![allow(non_snake_case, unused_variables, clippy::all)]
+#![allow(non_snake_case, unused_variables, dead_code, clippy::all)]
 
 use pg_query::protobuf::*;
 use pg_query::NodeEnum;
@@ -17,6 +17,1730 @@ pub trait Visit<'a> {
 pub trait VisitMut {
     fn node(&mut self, n: &mut Node);
     fn range_var(&mut self, _r: &mut RangeVar) {}
+}
+
+/// Set every source position in `e` and below to 0.
+pub fn clear_positions(e: &mut NodeEnum) {
+    match e {
+        NodeEnum::Alias(x) => c_Alias(x),
+        NodeEnum::RangeVar(x) => c_RangeVar(x),
+        NodeEnum::TableFunc(x) => c_TableFunc(x),
+        NodeEnum::IntoClause(x) => c_IntoClause(x),
+        NodeEnum::Var(x) => c_Var(x),
+        NodeEnum::Param(x) => c_Param(x),
+        NodeEnum::Aggref(x) => c_Aggref(x),
+        NodeEnum::GroupingFunc(x) => c_GroupingFunc(x),
+        NodeEnum::WindowFunc(x) => c_WindowFunc(x),
+        NodeEnum::MergeSupportFunc(x) => c_MergeSupportFunc(x),
+        NodeEnum::SubscriptingRef(x) => c_SubscriptingRef(x),
+        NodeEnum::FuncExpr(x) => c_FuncExpr(x),
+        NodeEnum::NamedArgExpr(x) => c_NamedArgExpr(x),
+        NodeEnum::OpExpr(x) => c_OpExpr(x),
+        NodeEnum::DistinctExpr(x) => c_DistinctExpr(x),
+        NodeEnum::NullIfExpr(x) => c_NullIfExpr(x),
+        NodeEnum::ScalarArrayOpExpr(x) => c_ScalarArrayOpExpr(x),
+        NodeEnum::BoolExpr(x) => c_BoolExpr(x),
+        NodeEnum::SubLink(x) => c_SubLink(x),
+        NodeEnum::SubPlan(x) => c_SubPlan(x),
+        NodeEnum::AlternativeSubPlan(x) => c_AlternativeSubPlan(x),
+        NodeEnum::FieldSelect(x) => c_FieldSelect(x),
+        NodeEnum::FieldStore(x) => c_FieldStore(x),
+        NodeEnum::RelabelType(x) => c_RelabelType(x),
+        NodeEnum::CoerceViaIo(x) => c_CoerceViaIo(x),
+        NodeEnum::ArrayCoerceExpr(x) => c_ArrayCoerceExpr(x),
+        NodeEnum::ConvertRowtypeExpr(x) => c_ConvertRowtypeExpr(x),
+        NodeEnum::CollateExpr(x) => c_CollateExpr(x),
+        NodeEnum::CaseExpr(x) => c_CaseExpr(x),
+        NodeEnum::CaseWhen(x) => c_CaseWhen(x),
+        NodeEnum::CaseTestExpr(x) => c_CaseTestExpr(x),
+        NodeEnum::ArrayExpr(x) => c_ArrayExpr(x),
+        NodeEnum::RowExpr(x) => c_RowExpr(x),
+        NodeEnum::RowCompareExpr(x) => c_RowCompareExpr(x),
+        NodeEnum::CoalesceExpr(x) => c_CoalesceExpr(x),
+        NodeEnum::MinMaxExpr(x) => c_MinMaxExpr(x),
+        NodeEnum::SqlvalueFunction(x) => c_SqlValueFunction(x),
+        NodeEnum::XmlExpr(x) => c_XmlExpr(x),
+        NodeEnum::JsonFormat(x) => c_JsonFormat(x),
+        NodeEnum::JsonReturning(x) => c_JsonReturning(x),
+        NodeEnum::JsonValueExpr(x) => c_JsonValueExpr(x),
+        NodeEnum::JsonConstructorExpr(x) => c_JsonConstructorExpr(x),
+        NodeEnum::JsonIsPredicate(x) => c_JsonIsPredicate(x),
+        NodeEnum::JsonBehavior(x) => c_JsonBehavior(x),
+        NodeEnum::JsonExpr(x) => c_JsonExpr(x),
+        NodeEnum::JsonTablePathScan(x) => c_JsonTablePathScan(x),
+        NodeEnum::JsonTableSiblingJoin(x) => c_JsonTableSiblingJoin(x),
+        NodeEnum::NullTest(x) => c_NullTest(x),
+        NodeEnum::BooleanTest(x) => c_BooleanTest(x),
+        NodeEnum::MergeAction(x) => c_MergeAction(x),
+        NodeEnum::CoerceToDomain(x) => c_CoerceToDomain(x),
+        NodeEnum::CoerceToDomainValue(x) => c_CoerceToDomainValue(x),
+        NodeEnum::SetToDefault(x) => c_SetToDefault(x),
+        NodeEnum::CurrentOfExpr(x) => c_CurrentOfExpr(x),
+        NodeEnum::NextValueExpr(x) => c_NextValueExpr(x),
+        NodeEnum::InferenceElem(x) => c_InferenceElem(x),
+        NodeEnum::ReturningExpr(x) => c_ReturningExpr(x),
+        NodeEnum::TargetEntry(x) => c_TargetEntry(x),
+        NodeEnum::JoinExpr(x) => c_JoinExpr(x),
+        NodeEnum::FromExpr(x) => c_FromExpr(x),
+        NodeEnum::OnConflictExpr(x) => c_OnConflictExpr(x),
+        NodeEnum::Query(x) => c_Query(x),
+        NodeEnum::TypeName(x) => c_TypeName(x),
+        NodeEnum::ColumnRef(x) => c_ColumnRef(x),
+        NodeEnum::ParamRef(x) => c_ParamRef(x),
+        NodeEnum::AExpr(x) => c_AExpr(x),
+        NodeEnum::TypeCast(x) => c_TypeCast(x),
+        NodeEnum::CollateClause(x) => c_CollateClause(x),
+        NodeEnum::RoleSpec(x) => c_RoleSpec(x),
+        NodeEnum::FuncCall(x) => c_FuncCall(x),
+        NodeEnum::AIndices(x) => c_AIndices(x),
+        NodeEnum::AIndirection(x) => c_AIndirection(x),
+        NodeEnum::AArrayExpr(x) => c_AArrayExpr(x),
+        NodeEnum::ResTarget(x) => c_ResTarget(x),
+        NodeEnum::MultiAssignRef(x) => c_MultiAssignRef(x),
+        NodeEnum::SortBy(x) => c_SortBy(x),
+        NodeEnum::WindowDef(x) => c_WindowDef(x),
+        NodeEnum::RangeSubselect(x) => c_RangeSubselect(x),
+        NodeEnum::RangeFunction(x) => c_RangeFunction(x),
+        NodeEnum::RangeTableFunc(x) => c_RangeTableFunc(x),
+        NodeEnum::RangeTableFuncCol(x) => c_RangeTableFuncCol(x),
+        NodeEnum::RangeTableSample(x) => c_RangeTableSample(x),
+        NodeEnum::ColumnDef(x) => c_ColumnDef(x),
+        NodeEnum::TableLikeClause(x) => c_TableLikeClause(x),
+        NodeEnum::IndexElem(x) => c_IndexElem(x),
+        NodeEnum::DefElem(x) => c_DefElem(x),
+        NodeEnum::LockingClause(x) => c_LockingClause(x),
+        NodeEnum::XmlSerialize(x) => c_XmlSerialize(x),
+        NodeEnum::PartitionElem(x) => c_PartitionElem(x),
+        NodeEnum::PartitionSpec(x) => c_PartitionSpec(x),
+        NodeEnum::PartitionBoundSpec(x) => c_PartitionBoundSpec(x),
+        NodeEnum::PartitionRangeDatum(x) => c_PartitionRangeDatum(x),
+        NodeEnum::PartitionCmd(x) => c_PartitionCmd(x),
+        NodeEnum::RangeTblEntry(x) => c_RangeTblEntry(x),
+        NodeEnum::RangeTblFunction(x) => c_RangeTblFunction(x),
+        NodeEnum::TableSampleClause(x) => c_TableSampleClause(x),
+        NodeEnum::WithCheckOption(x) => c_WithCheckOption(x),
+        NodeEnum::GroupingSet(x) => c_GroupingSet(x),
+        NodeEnum::WindowClause(x) => c_WindowClause(x),
+        NodeEnum::WithClause(x) => c_WithClause(x),
+        NodeEnum::InferClause(x) => c_InferClause(x),
+        NodeEnum::OnConflictClause(x) => c_OnConflictClause(x),
+        NodeEnum::CtesearchClause(x) => c_CteSearchClause(x),
+        NodeEnum::CtecycleClause(x) => c_CteCycleClause(x),
+        NodeEnum::CommonTableExpr(x) => c_CommonTableExpr(x),
+        NodeEnum::MergeWhenClause(x) => c_MergeWhenClause(x),
+        NodeEnum::ReturningOption(x) => c_ReturningOption(x),
+        NodeEnum::ReturningClause(x) => c_ReturningClause(x),
+        NodeEnum::JsonOutput(x) => c_JsonOutput(x),
+        NodeEnum::JsonArgument(x) => c_JsonArgument(x),
+        NodeEnum::JsonFuncExpr(x) => c_JsonFuncExpr(x),
+        NodeEnum::JsonTablePathSpec(x) => c_JsonTablePathSpec(x),
+        NodeEnum::JsonTable(x) => c_JsonTable(x),
+        NodeEnum::JsonTableColumn(x) => c_JsonTableColumn(x),
+        NodeEnum::JsonKeyValue(x) => c_JsonKeyValue(x),
+        NodeEnum::JsonParseExpr(x) => c_JsonParseExpr(x),
+        NodeEnum::JsonScalarExpr(x) => c_JsonScalarExpr(x),
+        NodeEnum::JsonSerializeExpr(x) => c_JsonSerializeExpr(x),
+        NodeEnum::JsonObjectConstructor(x) => c_JsonObjectConstructor(x),
+        NodeEnum::JsonArrayConstructor(x) => c_JsonArrayConstructor(x),
+        NodeEnum::JsonAggConstructor(x) => c_JsonAggConstructor(x),
+        NodeEnum::JsonObjectAgg(x) => c_JsonObjectAgg(x),
+        NodeEnum::JsonArrayAgg(x) => c_JsonArrayAgg(x),
+        NodeEnum::RawStmt(x) => c_RawStmt(x),
+        NodeEnum::InsertStmt(x) => c_InsertStmt(x),
+        NodeEnum::DeleteStmt(x) => c_DeleteStmt(x),
+        NodeEnum::UpdateStmt(x) => c_UpdateStmt(x),
+        NodeEnum::MergeStmt(x) => c_MergeStmt(x),
+        NodeEnum::SelectStmt(x) => c_SelectStmt(x),
+        NodeEnum::SetOperationStmt(x) => c_SetOperationStmt(x),
+        NodeEnum::ReturnStmt(x) => c_ReturnStmt(x),
+        NodeEnum::PlassignStmt(x) => c_PlAssignStmt(x),
+        NodeEnum::CreateSchemaStmt(x) => c_CreateSchemaStmt(x),
+        NodeEnum::AlterTableStmt(x) => c_AlterTableStmt(x),
+        NodeEnum::AlterTableCmd(x) => c_AlterTableCmd(x),
+        NodeEnum::AlterCollationStmt(x) => c_AlterCollationStmt(x),
+        NodeEnum::AlterDomainStmt(x) => c_AlterDomainStmt(x),
+        NodeEnum::GrantStmt(x) => c_GrantStmt(x),
+        NodeEnum::ObjectWithArgs(x) => c_ObjectWithArgs(x),
+        NodeEnum::AccessPriv(x) => c_AccessPriv(x),
+        NodeEnum::GrantRoleStmt(x) => c_GrantRoleStmt(x),
+        NodeEnum::AlterDefaultPrivilegesStmt(x) => c_AlterDefaultPrivilegesStmt(x),
+        NodeEnum::CopyStmt(x) => c_CopyStmt(x),
+        NodeEnum::VariableSetStmt(x) => c_VariableSetStmt(x),
+        NodeEnum::CreateStmt(x) => c_CreateStmt(x),
+        NodeEnum::Constraint(x) => c_Constraint(x),
+        NodeEnum::CreateTableSpaceStmt(x) => c_CreateTableSpaceStmt(x),
+        NodeEnum::AlterTableSpaceOptionsStmt(x) => c_AlterTableSpaceOptionsStmt(x),
+        NodeEnum::AlterTableMoveAllStmt(x) => c_AlterTableMoveAllStmt(x),
+        NodeEnum::CreateExtensionStmt(x) => c_CreateExtensionStmt(x),
+        NodeEnum::AlterExtensionStmt(x) => c_AlterExtensionStmt(x),
+        NodeEnum::CreateFdwStmt(x) => c_CreateFdwStmt(x),
+        NodeEnum::AlterFdwStmt(x) => c_AlterFdwStmt(x),
+        NodeEnum::CreateForeignServerStmt(x) => c_CreateForeignServerStmt(x),
+        NodeEnum::AlterForeignServerStmt(x) => c_AlterForeignServerStmt(x),
+        NodeEnum::CreateForeignTableStmt(x) => c_CreateForeignTableStmt(x),
+        NodeEnum::CreateUserMappingStmt(x) => c_CreateUserMappingStmt(x),
+        NodeEnum::AlterUserMappingStmt(x) => c_AlterUserMappingStmt(x),
+        NodeEnum::DropUserMappingStmt(x) => c_DropUserMappingStmt(x),
+        NodeEnum::ImportForeignSchemaStmt(x) => c_ImportForeignSchemaStmt(x),
+        NodeEnum::CreatePolicyStmt(x) => c_CreatePolicyStmt(x),
+        NodeEnum::AlterPolicyStmt(x) => c_AlterPolicyStmt(x),
+        NodeEnum::CreateAmStmt(x) => c_CreateAmStmt(x),
+        NodeEnum::CreateTrigStmt(x) => c_CreateTrigStmt(x),
+        NodeEnum::CreateEventTrigStmt(x) => c_CreateEventTrigStmt(x),
+        NodeEnum::CreatePlangStmt(x) => c_CreatePLangStmt(x),
+        NodeEnum::CreateRoleStmt(x) => c_CreateRoleStmt(x),
+        NodeEnum::AlterRoleStmt(x) => c_AlterRoleStmt(x),
+        NodeEnum::AlterRoleSetStmt(x) => c_AlterRoleSetStmt(x),
+        NodeEnum::DropRoleStmt(x) => c_DropRoleStmt(x),
+        NodeEnum::CreateSeqStmt(x) => c_CreateSeqStmt(x),
+        NodeEnum::AlterSeqStmt(x) => c_AlterSeqStmt(x),
+        NodeEnum::DefineStmt(x) => c_DefineStmt(x),
+        NodeEnum::CreateDomainStmt(x) => c_CreateDomainStmt(x),
+        NodeEnum::CreateOpClassStmt(x) => c_CreateOpClassStmt(x),
+        NodeEnum::CreateOpClassItem(x) => c_CreateOpClassItem(x),
+        NodeEnum::CreateOpFamilyStmt(x) => c_CreateOpFamilyStmt(x),
+        NodeEnum::AlterOpFamilyStmt(x) => c_AlterOpFamilyStmt(x),
+        NodeEnum::DropStmt(x) => c_DropStmt(x),
+        NodeEnum::TruncateStmt(x) => c_TruncateStmt(x),
+        NodeEnum::CommentStmt(x) => c_CommentStmt(x),
+        NodeEnum::SecLabelStmt(x) => c_SecLabelStmt(x),
+        NodeEnum::DeclareCursorStmt(x) => c_DeclareCursorStmt(x),
+        NodeEnum::IndexStmt(x) => c_IndexStmt(x),
+        NodeEnum::CreateStatsStmt(x) => c_CreateStatsStmt(x),
+        NodeEnum::StatsElem(x) => c_StatsElem(x),
+        NodeEnum::AlterStatsStmt(x) => c_AlterStatsStmt(x),
+        NodeEnum::CreateFunctionStmt(x) => c_CreateFunctionStmt(x),
+        NodeEnum::FunctionParameter(x) => c_FunctionParameter(x),
+        NodeEnum::AlterFunctionStmt(x) => c_AlterFunctionStmt(x),
+        NodeEnum::DoStmt(x) => c_DoStmt(x),
+        NodeEnum::CallStmt(x) => c_CallStmt(x),
+        NodeEnum::RenameStmt(x) => c_RenameStmt(x),
+        NodeEnum::AlterObjectSchemaStmt(x) => c_AlterObjectSchemaStmt(x),
+        NodeEnum::AlterOwnerStmt(x) => c_AlterOwnerStmt(x),
+        NodeEnum::AlterOperatorStmt(x) => c_AlterOperatorStmt(x),
+        NodeEnum::AlterTypeStmt(x) => c_AlterTypeStmt(x),
+        NodeEnum::RuleStmt(x) => c_RuleStmt(x),
+        NodeEnum::NotifyStmt(x) => c_NotifyStmt(x),
+        NodeEnum::TransactionStmt(x) => c_TransactionStmt(x),
+        NodeEnum::CompositeTypeStmt(x) => c_CompositeTypeStmt(x),
+        NodeEnum::CreateEnumStmt(x) => c_CreateEnumStmt(x),
+        NodeEnum::CreateRangeStmt(x) => c_CreateRangeStmt(x),
+        NodeEnum::AlterEnumStmt(x) => c_AlterEnumStmt(x),
+        NodeEnum::ViewStmt(x) => c_ViewStmt(x),
+        NodeEnum::CreatedbStmt(x) => c_CreatedbStmt(x),
+        NodeEnum::AlterDatabaseStmt(x) => c_AlterDatabaseStmt(x),
+        NodeEnum::AlterDatabaseSetStmt(x) => c_AlterDatabaseSetStmt(x),
+        NodeEnum::DropdbStmt(x) => c_DropdbStmt(x),
+        NodeEnum::AlterSystemStmt(x) => c_AlterSystemStmt(x),
+        NodeEnum::ClusterStmt(x) => c_ClusterStmt(x),
+        NodeEnum::VacuumStmt(x) => c_VacuumStmt(x),
+        NodeEnum::VacuumRelation(x) => c_VacuumRelation(x),
+        NodeEnum::ExplainStmt(x) => c_ExplainStmt(x),
+        NodeEnum::CreateTableAsStmt(x) => c_CreateTableAsStmt(x),
+        NodeEnum::RefreshMatViewStmt(x) => c_RefreshMatViewStmt(x),
+        NodeEnum::LockStmt(x) => c_LockStmt(x),
+        NodeEnum::ConstraintsSetStmt(x) => c_ConstraintsSetStmt(x),
+        NodeEnum::ReindexStmt(x) => c_ReindexStmt(x),
+        NodeEnum::CreateConversionStmt(x) => c_CreateConversionStmt(x),
+        NodeEnum::CreateCastStmt(x) => c_CreateCastStmt(x),
+        NodeEnum::CreateTransformStmt(x) => c_CreateTransformStmt(x),
+        NodeEnum::PrepareStmt(x) => c_PrepareStmt(x),
+        NodeEnum::ExecuteStmt(x) => c_ExecuteStmt(x),
+        NodeEnum::DeallocateStmt(x) => c_DeallocateStmt(x),
+        NodeEnum::DropOwnedStmt(x) => c_DropOwnedStmt(x),
+        NodeEnum::ReassignOwnedStmt(x) => c_ReassignOwnedStmt(x),
+        NodeEnum::AlterTsdictionaryStmt(x) => c_AlterTsDictionaryStmt(x),
+        NodeEnum::AlterTsconfigurationStmt(x) => c_AlterTsConfigurationStmt(x),
+        NodeEnum::PublicationTable(x) => c_PublicationTable(x),
+        NodeEnum::PublicationObjSpec(x) => c_PublicationObjSpec(x),
+        NodeEnum::CreatePublicationStmt(x) => c_CreatePublicationStmt(x),
+        NodeEnum::AlterPublicationStmt(x) => c_AlterPublicationStmt(x),
+        NodeEnum::CreateSubscriptionStmt(x) => c_CreateSubscriptionStmt(x),
+        NodeEnum::AlterSubscriptionStmt(x) => c_AlterSubscriptionStmt(x),
+        NodeEnum::List(x) => c_List(x),
+        NodeEnum::IntList(x) => c_IntList(x),
+        NodeEnum::OidList(x) => c_OidList(x),
+        NodeEnum::AConst(x) => c_AConst(x),
+        _ => {}
+    }
+}
+
+fn c_node(n: &mut Node) {
+    if let Some(e) = n.node.as_mut() { clear_positions(e); }
+}
+
+fn c_AArrayExpr(x: &mut AArrayExpr) {
+    x.list_start = 0;
+    x.list_end = 0;
+    x.location = 0;
+    for c in &mut x.elements { c_node(c); }
+}
+
+fn c_AConst(x: &mut AConst) {
+    x.location = 0;
+}
+
+fn c_AExpr(x: &mut AExpr) {
+    x.rexpr_list_start = 0;
+    x.rexpr_list_end = 0;
+    x.location = 0;
+    for c in &mut x.name { c_node(c); }
+    if let Some(c) = &mut x.lexpr { c_node(c); }
+    if let Some(c) = &mut x.rexpr { c_node(c); }
+}
+
+fn c_AIndices(x: &mut AIndices) {
+    if let Some(c) = &mut x.lidx { c_node(c); }
+    if let Some(c) = &mut x.uidx { c_node(c); }
+}
+
+fn c_AIndirection(x: &mut AIndirection) {
+    if let Some(c) = &mut x.arg { c_node(c); }
+    for c in &mut x.indirection { c_node(c); }
+}
+
+fn c_AccessPriv(x: &mut AccessPriv) {
+    for c in &mut x.cols { c_node(c); }
+}
+
+fn c_Aggref(x: &mut Aggref) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.aggargtypes { c_node(c); }
+    for c in &mut x.aggdirectargs { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+    for c in &mut x.aggorder { c_node(c); }
+    for c in &mut x.aggdistinct { c_node(c); }
+    if let Some(c) = &mut x.aggfilter { c_node(c); }
+}
+
+fn c_Alias(x: &mut Alias) {
+    for c in &mut x.colnames { c_node(c); }
+}
+
+fn c_AlterCollationStmt(x: &mut AlterCollationStmt) {
+    for c in &mut x.collname { c_node(c); }
+}
+
+fn c_AlterDatabaseSetStmt(x: &mut AlterDatabaseSetStmt) {
+    if let Some(c) = &mut x.setstmt { c_VariableSetStmt(c); }
+}
+
+fn c_AlterDatabaseStmt(x: &mut AlterDatabaseStmt) {
+    for c in &mut x.options { c_node(c); }
+}
+
+fn c_AlterDefaultPrivilegesStmt(x: &mut AlterDefaultPrivilegesStmt) {
+    for c in &mut x.options { c_node(c); }
+    if let Some(c) = &mut x.action { c_GrantStmt(c); }
+}
+
+fn c_AlterDomainStmt(x: &mut AlterDomainStmt) {
+    for c in &mut x.type_name { c_node(c); }
+    if let Some(c) = &mut x.def { c_node(c); }
+}
+
+fn c_AlterEnumStmt(x: &mut AlterEnumStmt) {
+    for c in &mut x.type_name { c_node(c); }
+}
+
+fn c_AlterExtensionContentsStmt(x: &mut AlterExtensionContentsStmt) {
+    if let Some(c) = &mut x.object { c_node(c); }
+}
+
+fn c_AlterExtensionStmt(x: &mut AlterExtensionStmt) {
+    for c in &mut x.options { c_node(c); }
+}
+
+fn c_AlterFdwStmt(x: &mut AlterFdwStmt) {
+    for c in &mut x.func_options { c_node(c); }
+    for c in &mut x.options { c_node(c); }
+}
+
+fn c_AlterForeignServerStmt(x: &mut AlterForeignServerStmt) {
+    for c in &mut x.options { c_node(c); }
+}
+
+fn c_AlterFunctionStmt(x: &mut AlterFunctionStmt) {
+    if let Some(c) = &mut x.func { c_ObjectWithArgs(c); }
+    for c in &mut x.actions { c_node(c); }
+}
+
+fn c_AlterObjectDependsStmt(x: &mut AlterObjectDependsStmt) {
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    if let Some(c) = &mut x.object { c_node(c); }
+}
+
+fn c_AlterObjectSchemaStmt(x: &mut AlterObjectSchemaStmt) {
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    if let Some(c) = &mut x.object { c_node(c); }
+}
+
+fn c_AlterOpFamilyStmt(x: &mut AlterOpFamilyStmt) {
+    for c in &mut x.opfamilyname { c_node(c); }
+    for c in &mut x.items { c_node(c); }
+}
+
+fn c_AlterOperatorStmt(x: &mut AlterOperatorStmt) {
+    if let Some(c) = &mut x.opername { c_ObjectWithArgs(c); }
+    for c in &mut x.options { c_node(c); }
+}
+
+fn c_AlterOwnerStmt(x: &mut AlterOwnerStmt) {
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    if let Some(c) = &mut x.object { c_node(c); }
+    if let Some(c) = &mut x.newowner { c_RoleSpec(c); }
+}
+
+fn c_AlterPolicyStmt(x: &mut AlterPolicyStmt) {
+    if let Some(c) = &mut x.table { c_RangeVar(c); }
+    for c in &mut x.roles { c_node(c); }
+    if let Some(c) = &mut x.qual { c_node(c); }
+    if let Some(c) = &mut x.with_check { c_node(c); }
+}
+
+fn c_AlterPublicationStmt(x: &mut AlterPublicationStmt) {
+    for c in &mut x.options { c_node(c); }
+    for c in &mut x.pubobjects { c_node(c); }
+}
+
+fn c_AlterRoleSetStmt(x: &mut AlterRoleSetStmt) {
+    if let Some(c) = &mut x.role { c_RoleSpec(c); }
+    if let Some(c) = &mut x.setstmt { c_VariableSetStmt(c); }
+}
+
+fn c_AlterRoleStmt(x: &mut AlterRoleStmt) {
+    if let Some(c) = &mut x.role { c_RoleSpec(c); }
+    for c in &mut x.options { c_node(c); }
+}
+
+fn c_AlterSeqStmt(x: &mut AlterSeqStmt) {
+    if let Some(c) = &mut x.sequence { c_RangeVar(c); }
+    for c in &mut x.options { c_node(c); }
+}
+
+fn c_AlterStatsStmt(x: &mut AlterStatsStmt) {
+    for c in &mut x.defnames { c_node(c); }
+    if let Some(c) = &mut x.stxstattarget { c_node(c); }
+}
+
+fn c_AlterSubscriptionStmt(x: &mut AlterSubscriptionStmt) {
+    x.conninfo_location = 0;
+    for c in &mut x.publication { c_node(c); }
+    for c in &mut x.options { c_node(c); }
+}
+
+fn c_AlterSystemStmt(x: &mut AlterSystemStmt) {
+    if let Some(c) = &mut x.setstmt { c_VariableSetStmt(c); }
+}
+
+fn c_AlterTableCmd(x: &mut AlterTableCmd) {
+    if let Some(c) = &mut x.newowner { c_RoleSpec(c); }
+    if let Some(c) = &mut x.def { c_node(c); }
+}
+
+fn c_AlterTableMoveAllStmt(x: &mut AlterTableMoveAllStmt) {
+    for c in &mut x.roles { c_node(c); }
+}
+
+fn c_AlterTableSpaceOptionsStmt(x: &mut AlterTableSpaceOptionsStmt) {
+    for c in &mut x.options { c_node(c); }
+}
+
+fn c_AlterTableStmt(x: &mut AlterTableStmt) {
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    for c in &mut x.cmds { c_node(c); }
+}
+
+fn c_AlterTsConfigurationStmt(x: &mut AlterTsConfigurationStmt) {
+    for c in &mut x.cfgname { c_node(c); }
+    for c in &mut x.tokentype { c_node(c); }
+    for c in &mut x.dicts { c_node(c); }
+}
+
+fn c_AlterTsDictionaryStmt(x: &mut AlterTsDictionaryStmt) {
+    for c in &mut x.dictname { c_node(c); }
+    for c in &mut x.options { c_node(c); }
+}
+
+fn c_AlterTypeStmt(x: &mut AlterTypeStmt) {
+    for c in &mut x.type_name { c_node(c); }
+    for c in &mut x.options { c_node(c); }
+}
+
+fn c_AlterUserMappingStmt(x: &mut AlterUserMappingStmt) {
+    if let Some(c) = &mut x.user { c_RoleSpec(c); }
+    for c in &mut x.options { c_node(c); }
+}
+
+fn c_AlternativeSubPlan(x: &mut AlternativeSubPlan) {
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.subplans { c_node(c); }
+}
+
+fn c_ArrayCoerceExpr(x: &mut ArrayCoerceExpr) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.arg { c_node(c); }
+    if let Some(c) = &mut x.elemexpr { c_node(c); }
+}
+
+fn c_ArrayExpr(x: &mut ArrayExpr) {
+    x.list_start = 0;
+    x.list_end = 0;
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.elements { c_node(c); }
+}
+
+fn c_BoolExpr(x: &mut BoolExpr) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+}
+
+fn c_BooleanTest(x: &mut BooleanTest) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.arg { c_node(c); }
+}
+
+fn c_CallStmt(x: &mut CallStmt) {
+    if let Some(c) = &mut x.funccall { c_FuncCall(c); }
+    if let Some(c) = &mut x.funcexpr { c_FuncExpr(c); }
+    for c in &mut x.outargs { c_node(c); }
+}
+
+fn c_CaseExpr(x: &mut CaseExpr) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.arg { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+    if let Some(c) = &mut x.defresult { c_node(c); }
+}
+
+fn c_CaseTestExpr(x: &mut CaseTestExpr) {
+    if let Some(c) = &mut x.xpr { c_node(c); }
+}
+
+fn c_CaseWhen(x: &mut CaseWhen) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.expr { c_node(c); }
+    if let Some(c) = &mut x.result { c_node(c); }
+}
+
+fn c_ClusterStmt(x: &mut ClusterStmt) {
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    for c in &mut x.params { c_node(c); }
+}
+
+fn c_CoalesceExpr(x: &mut CoalesceExpr) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+}
+
+fn c_CoerceToDomain(x: &mut CoerceToDomain) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.arg { c_node(c); }
+}
+
+fn c_CoerceToDomainValue(x: &mut CoerceToDomainValue) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+}
+
+fn c_CoerceViaIo(x: &mut CoerceViaIo) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.arg { c_node(c); }
+}
+
+fn c_CollateClause(x: &mut CollateClause) {
+    x.location = 0;
+    if let Some(c) = &mut x.arg { c_node(c); }
+    for c in &mut x.collname { c_node(c); }
+}
+
+fn c_CollateExpr(x: &mut CollateExpr) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.arg { c_node(c); }
+}
+
+fn c_ColumnDef(x: &mut ColumnDef) {
+    x.location = 0;
+    if let Some(c) = &mut x.type_name { c_TypeName(c); }
+    if let Some(c) = &mut x.raw_default { c_node(c); }
+    if let Some(c) = &mut x.cooked_default { c_node(c); }
+    if let Some(c) = &mut x.identity_sequence { c_RangeVar(c); }
+    if let Some(c) = &mut x.coll_clause { c_CollateClause(c); }
+    for c in &mut x.constraints { c_node(c); }
+    for c in &mut x.fdwoptions { c_node(c); }
+}
+
+fn c_ColumnRef(x: &mut ColumnRef) {
+    x.location = 0;
+    for c in &mut x.fields { c_node(c); }
+}
+
+fn c_CommentStmt(x: &mut CommentStmt) {
+    if let Some(c) = &mut x.object { c_node(c); }
+}
+
+fn c_CommonTableExpr(x: &mut CommonTableExpr) {
+    x.location = 0;
+    for c in &mut x.aliascolnames { c_node(c); }
+    if let Some(c) = &mut x.ctequery { c_node(c); }
+    if let Some(c) = &mut x.search_clause { c_CteSearchClause(c); }
+    if let Some(c) = &mut x.cycle_clause { c_CteCycleClause(c); }
+    for c in &mut x.ctecolnames { c_node(c); }
+    for c in &mut x.ctecoltypes { c_node(c); }
+    for c in &mut x.ctecoltypmods { c_node(c); }
+    for c in &mut x.ctecolcollations { c_node(c); }
+}
+
+fn c_CompositeTypeStmt(x: &mut CompositeTypeStmt) {
+    if let Some(c) = &mut x.typevar { c_RangeVar(c); }
+    for c in &mut x.coldeflist { c_node(c); }
+}
+
+fn c_Constraint(x: &mut Constraint) {
+    x.location = 0;
+    if let Some(c) = &mut x.raw_expr { c_node(c); }
+    for c in &mut x.keys { c_node(c); }
+    for c in &mut x.including { c_node(c); }
+    for c in &mut x.exclusions { c_node(c); }
+    for c in &mut x.options { c_node(c); }
+    if let Some(c) = &mut x.where_clause { c_node(c); }
+    if let Some(c) = &mut x.pktable { c_RangeVar(c); }
+    for c in &mut x.fk_attrs { c_node(c); }
+    for c in &mut x.pk_attrs { c_node(c); }
+    for c in &mut x.fk_del_set_cols { c_node(c); }
+    for c in &mut x.old_conpfeqop { c_node(c); }
+}
+
+fn c_ConstraintsSetStmt(x: &mut ConstraintsSetStmt) {
+    for c in &mut x.constraints { c_node(c); }
+}
+
+fn c_ConvertRowtypeExpr(x: &mut ConvertRowtypeExpr) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.arg { c_node(c); }
+}
+
+fn c_CopyStmt(x: &mut CopyStmt) {
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    if let Some(c) = &mut x.query { c_node(c); }
+    for c in &mut x.attlist { c_node(c); }
+    for c in &mut x.options { c_node(c); }
+    if let Some(c) = &mut x.where_clause { c_node(c); }
+}
+
+fn c_CreateAmStmt(x: &mut CreateAmStmt) {
+    for c in &mut x.handler_name { c_node(c); }
+}
+
+fn c_CreateCastStmt(x: &mut CreateCastStmt) {
+    if let Some(c) = &mut x.sourcetype { c_TypeName(c); }
+    if let Some(c) = &mut x.targettype { c_TypeName(c); }
+    if let Some(c) = &mut x.func { c_ObjectWithArgs(c); }
+}
+
+fn c_CreateConversionStmt(x: &mut CreateConversionStmt) {
+    for c in &mut x.conversion_name { c_node(c); }
+    for c in &mut x.func_name { c_node(c); }
+}
+
+fn c_CreateDomainStmt(x: &mut CreateDomainStmt) {
+    for c in &mut x.domainname { c_node(c); }
+    if let Some(c) = &mut x.type_name { c_TypeName(c); }
+    if let Some(c) = &mut x.coll_clause { c_CollateClause(c); }
+    for c in &mut x.constraints { c_node(c); }
+}
+
+fn c_CreateEnumStmt(x: &mut CreateEnumStmt) {
+    for c in &mut x.type_name { c_node(c); }
+    for c in &mut x.vals { c_node(c); }
+}
+
+fn c_CreateEventTrigStmt(x: &mut CreateEventTrigStmt) {
+    for c in &mut x.whenclause { c_node(c); }
+    for c in &mut x.funcname { c_node(c); }
+}
+
+fn c_CreateExtensionStmt(x: &mut CreateExtensionStmt) {
+    for c in &mut x.options { c_node(c); }
+}
+
+fn c_CreateFdwStmt(x: &mut CreateFdwStmt) {
+    for c in &mut x.func_options { c_node(c); }
+    for c in &mut x.options { c_node(c); }
+}
+
+fn c_CreateForeignServerStmt(x: &mut CreateForeignServerStmt) {
+    for c in &mut x.options { c_node(c); }
+}
+
+fn c_CreateForeignTableStmt(x: &mut CreateForeignTableStmt) {
+    if let Some(c) = &mut x.base_stmt { c_CreateStmt(c); }
+    for c in &mut x.options { c_node(c); }
+}
+
+fn c_CreateFunctionStmt(x: &mut CreateFunctionStmt) {
+    for c in &mut x.funcname { c_node(c); }
+    for c in &mut x.parameters { c_node(c); }
+    if let Some(c) = &mut x.return_type { c_TypeName(c); }
+    for c in &mut x.options { c_node(c); }
+    if let Some(c) = &mut x.sql_body { c_node(c); }
+}
+
+fn c_CreateOpClassItem(x: &mut CreateOpClassItem) {
+    if let Some(c) = &mut x.name { c_ObjectWithArgs(c); }
+    for c in &mut x.order_family { c_node(c); }
+    for c in &mut x.class_args { c_node(c); }
+    if let Some(c) = &mut x.storedtype { c_TypeName(c); }
+}
+
+fn c_CreateOpClassStmt(x: &mut CreateOpClassStmt) {
+    for c in &mut x.opclassname { c_node(c); }
+    for c in &mut x.opfamilyname { c_node(c); }
+    if let Some(c) = &mut x.datatype { c_TypeName(c); }
+    for c in &mut x.items { c_node(c); }
+}
+
+fn c_CreateOpFamilyStmt(x: &mut CreateOpFamilyStmt) {
+    for c in &mut x.opfamilyname { c_node(c); }
+}
+
+fn c_CreatePLangStmt(x: &mut CreatePLangStmt) {
+    for c in &mut x.plhandler { c_node(c); }
+    for c in &mut x.plinline { c_node(c); }
+    for c in &mut x.plvalidator { c_node(c); }
+}
+
+fn c_CreatePolicyStmt(x: &mut CreatePolicyStmt) {
+    if let Some(c) = &mut x.table { c_RangeVar(c); }
+    for c in &mut x.roles { c_node(c); }
+    if let Some(c) = &mut x.qual { c_node(c); }
+    if let Some(c) = &mut x.with_check { c_node(c); }
+}
+
+fn c_CreatePublicationStmt(x: &mut CreatePublicationStmt) {
+    for c in &mut x.options { c_node(c); }
+    for c in &mut x.pubobjects { c_node(c); }
+}
+
+fn c_CreateRangeStmt(x: &mut CreateRangeStmt) {
+    for c in &mut x.type_name { c_node(c); }
+    for c in &mut x.params { c_node(c); }
+}
+
+fn c_CreateRoleStmt(x: &mut CreateRoleStmt) {
+    for c in &mut x.options { c_node(c); }
+}
+
+fn c_CreateSchemaStmt(x: &mut CreateSchemaStmt) {
+    if let Some(c) = &mut x.authrole { c_RoleSpec(c); }
+    for c in &mut x.schema_elts { c_node(c); }
+}
+
+fn c_CreateSeqStmt(x: &mut CreateSeqStmt) {
+    if let Some(c) = &mut x.sequence { c_RangeVar(c); }
+    for c in &mut x.options { c_node(c); }
+}
+
+fn c_CreateStatsStmt(x: &mut CreateStatsStmt) {
+    for c in &mut x.defnames { c_node(c); }
+    for c in &mut x.stat_types { c_node(c); }
+    for c in &mut x.exprs { c_node(c); }
+    for c in &mut x.relations { c_node(c); }
+}
+
+fn c_CreateStmt(x: &mut CreateStmt) {
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    for c in &mut x.table_elts { c_node(c); }
+    for c in &mut x.inh_relations { c_node(c); }
+    if let Some(c) = &mut x.partbound { c_PartitionBoundSpec(c); }
+    if let Some(c) = &mut x.partspec { c_PartitionSpec(c); }
+    if let Some(c) = &mut x.of_typename { c_TypeName(c); }
+    for c in &mut x.constraints { c_node(c); }
+    for c in &mut x.nnconstraints { c_node(c); }
+    for c in &mut x.options { c_node(c); }
+}
+
+fn c_CreateSubscriptionStmt(x: &mut CreateSubscriptionStmt) {
+    x.conninfo_location = 0;
+    for c in &mut x.publication { c_node(c); }
+    for c in &mut x.options { c_node(c); }
+}
+
+fn c_CreateTableAsStmt(x: &mut CreateTableAsStmt) {
+    if let Some(c) = &mut x.query { c_node(c); }
+    if let Some(c) = &mut x.into { c_IntoClause(c); }
+}
+
+fn c_CreateTableSpaceStmt(x: &mut CreateTableSpaceStmt) {
+    if let Some(c) = &mut x.owner { c_RoleSpec(c); }
+    for c in &mut x.options { c_node(c); }
+}
+
+fn c_CreateTransformStmt(x: &mut CreateTransformStmt) {
+    if let Some(c) = &mut x.type_name { c_TypeName(c); }
+    if let Some(c) = &mut x.fromsql { c_ObjectWithArgs(c); }
+    if let Some(c) = &mut x.tosql { c_ObjectWithArgs(c); }
+}
+
+fn c_CreateTrigStmt(x: &mut CreateTrigStmt) {
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    for c in &mut x.funcname { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+    for c in &mut x.columns { c_node(c); }
+    if let Some(c) = &mut x.when_clause { c_node(c); }
+    for c in &mut x.transition_rels { c_node(c); }
+    if let Some(c) = &mut x.constrrel { c_RangeVar(c); }
+}
+
+fn c_CreateUserMappingStmt(x: &mut CreateUserMappingStmt) {
+    if let Some(c) = &mut x.user { c_RoleSpec(c); }
+    for c in &mut x.options { c_node(c); }
+}
+
+fn c_CreatedbStmt(x: &mut CreatedbStmt) {
+    for c in &mut x.options { c_node(c); }
+}
+
+fn c_CteCycleClause(x: &mut CteCycleClause) {
+    x.location = 0;
+    for c in &mut x.cycle_col_list { c_node(c); }
+    if let Some(c) = &mut x.cycle_mark_value { c_node(c); }
+    if let Some(c) = &mut x.cycle_mark_default { c_node(c); }
+}
+
+fn c_CteSearchClause(x: &mut CteSearchClause) {
+    x.location = 0;
+    for c in &mut x.search_col_list { c_node(c); }
+}
+
+fn c_CurrentOfExpr(x: &mut CurrentOfExpr) {
+    if let Some(c) = &mut x.xpr { c_node(c); }
+}
+
+fn c_DeallocateStmt(x: &mut DeallocateStmt) {
+    x.location = 0;
+}
+
+fn c_DeclareCursorStmt(x: &mut DeclareCursorStmt) {
+    if let Some(c) = &mut x.query { c_node(c); }
+}
+
+fn c_DefElem(x: &mut DefElem) {
+    x.location = 0;
+    x.arg_location = 0;
+    if let Some(c) = &mut x.arg { c_node(c); }
+}
+
+fn c_DefineStmt(x: &mut DefineStmt) {
+    for c in &mut x.defnames { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+    for c in &mut x.definition { c_node(c); }
+}
+
+fn c_DeleteStmt(x: &mut DeleteStmt) {
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    for c in &mut x.using_clause { c_node(c); }
+    if let Some(c) = &mut x.where_clause { c_node(c); }
+    if let Some(c) = &mut x.returning_clause { c_ReturningClause(c); }
+    if let Some(c) = &mut x.with_clause { c_WithClause(c); }
+}
+
+fn c_DistinctExpr(x: &mut DistinctExpr) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+}
+
+fn c_DoStmt(x: &mut DoStmt) {
+    for c in &mut x.args { c_node(c); }
+}
+
+fn c_DropOwnedStmt(x: &mut DropOwnedStmt) {
+    for c in &mut x.roles { c_node(c); }
+}
+
+fn c_DropRoleStmt(x: &mut DropRoleStmt) {
+    for c in &mut x.roles { c_node(c); }
+}
+
+fn c_DropStmt(x: &mut DropStmt) {
+    for c in &mut x.objects { c_node(c); }
+}
+
+fn c_DropUserMappingStmt(x: &mut DropUserMappingStmt) {
+    if let Some(c) = &mut x.user { c_RoleSpec(c); }
+}
+
+fn c_DropdbStmt(x: &mut DropdbStmt) {
+    for c in &mut x.options { c_node(c); }
+}
+
+fn c_ExecuteStmt(x: &mut ExecuteStmt) {
+    for c in &mut x.params { c_node(c); }
+}
+
+fn c_ExplainStmt(x: &mut ExplainStmt) {
+    if let Some(c) = &mut x.query { c_node(c); }
+    for c in &mut x.options { c_node(c); }
+}
+
+fn c_FieldSelect(x: &mut FieldSelect) {
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.arg { c_node(c); }
+}
+
+fn c_FieldStore(x: &mut FieldStore) {
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.arg { c_node(c); }
+    for c in &mut x.newvals { c_node(c); }
+    for c in &mut x.fieldnums { c_node(c); }
+}
+
+fn c_FromExpr(x: &mut FromExpr) {
+    for c in &mut x.fromlist { c_node(c); }
+    if let Some(c) = &mut x.quals { c_node(c); }
+}
+
+fn c_FuncCall(x: &mut FuncCall) {
+    x.location = 0;
+    for c in &mut x.funcname { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+    for c in &mut x.agg_order { c_node(c); }
+    if let Some(c) = &mut x.agg_filter { c_node(c); }
+    if let Some(c) = &mut x.over { c_WindowDef(c); }
+}
+
+fn c_FuncExpr(x: &mut FuncExpr) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+}
+
+fn c_FunctionParameter(x: &mut FunctionParameter) {
+    x.location = 0;
+    if let Some(c) = &mut x.arg_type { c_TypeName(c); }
+    if let Some(c) = &mut x.defexpr { c_node(c); }
+}
+
+fn c_GrantRoleStmt(x: &mut GrantRoleStmt) {
+    for c in &mut x.granted_roles { c_node(c); }
+    for c in &mut x.grantee_roles { c_node(c); }
+    for c in &mut x.opt { c_node(c); }
+    if let Some(c) = &mut x.grantor { c_RoleSpec(c); }
+}
+
+fn c_GrantStmt(x: &mut GrantStmt) {
+    for c in &mut x.objects { c_node(c); }
+    for c in &mut x.privileges { c_node(c); }
+    for c in &mut x.grantees { c_node(c); }
+    if let Some(c) = &mut x.grantor { c_RoleSpec(c); }
+}
+
+fn c_GroupingFunc(x: &mut GroupingFunc) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+    for c in &mut x.refs { c_node(c); }
+}
+
+fn c_GroupingSet(x: &mut GroupingSet) {
+    x.location = 0;
+    for c in &mut x.content { c_node(c); }
+}
+
+fn c_ImportForeignSchemaStmt(x: &mut ImportForeignSchemaStmt) {
+    for c in &mut x.table_list { c_node(c); }
+    for c in &mut x.options { c_node(c); }
+}
+
+fn c_IndexElem(x: &mut IndexElem) {
+    if let Some(c) = &mut x.expr { c_node(c); }
+    for c in &mut x.collation { c_node(c); }
+    for c in &mut x.opclass { c_node(c); }
+    for c in &mut x.opclassopts { c_node(c); }
+}
+
+fn c_IndexStmt(x: &mut IndexStmt) {
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    for c in &mut x.index_params { c_node(c); }
+    for c in &mut x.index_including_params { c_node(c); }
+    for c in &mut x.options { c_node(c); }
+    if let Some(c) = &mut x.where_clause { c_node(c); }
+    for c in &mut x.exclude_op_names { c_node(c); }
+}
+
+fn c_InferClause(x: &mut InferClause) {
+    x.location = 0;
+    for c in &mut x.index_elems { c_node(c); }
+    if let Some(c) = &mut x.where_clause { c_node(c); }
+}
+
+fn c_InferenceElem(x: &mut InferenceElem) {
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.expr { c_node(c); }
+}
+
+fn c_InsertStmt(x: &mut InsertStmt) {
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    for c in &mut x.cols { c_node(c); }
+    if let Some(c) = &mut x.select_stmt { c_node(c); }
+    if let Some(c) = &mut x.returning_clause { c_ReturningClause(c); }
+    if let Some(c) = &mut x.with_clause { c_WithClause(c); }
+}
+
+fn c_IntList(x: &mut IntList) {
+    for c in &mut x.items { c_node(c); }
+}
+
+fn c_IntoClause(x: &mut IntoClause) {
+    if let Some(c) = &mut x.rel { c_RangeVar(c); }
+    for c in &mut x.col_names { c_node(c); }
+    for c in &mut x.options { c_node(c); }
+    if let Some(c) = &mut x.view_query { c_Query(c); }
+}
+
+fn c_JoinExpr(x: &mut JoinExpr) {
+    if let Some(c) = &mut x.larg { c_node(c); }
+    if let Some(c) = &mut x.rarg { c_node(c); }
+    for c in &mut x.using_clause { c_node(c); }
+    if let Some(c) = &mut x.join_using_alias { c_Alias(c); }
+    if let Some(c) = &mut x.quals { c_node(c); }
+    if let Some(c) = &mut x.alias { c_Alias(c); }
+}
+
+fn c_JsonAggConstructor(x: &mut JsonAggConstructor) {
+    x.location = 0;
+    if let Some(c) = &mut x.output { c_JsonOutput(c); }
+    if let Some(c) = &mut x.agg_filter { c_node(c); }
+    for c in &mut x.agg_order { c_node(c); }
+    if let Some(c) = &mut x.over { c_WindowDef(c); }
+}
+
+fn c_JsonArgument(x: &mut JsonArgument) {
+    if let Some(c) = &mut x.val { c_JsonValueExpr(c); }
+}
+
+fn c_JsonArrayAgg(x: &mut JsonArrayAgg) {
+    if let Some(c) = &mut x.arg { c_JsonValueExpr(c); }
+}
+
+fn c_JsonArrayConstructor(x: &mut JsonArrayConstructor) {
+    x.location = 0;
+    for c in &mut x.exprs { c_node(c); }
+    if let Some(c) = &mut x.output { c_JsonOutput(c); }
+}
+
+fn c_JsonArrayQueryConstructor(x: &mut JsonArrayQueryConstructor) {
+    x.location = 0;
+    if let Some(c) = &mut x.query { c_node(c); }
+    if let Some(c) = &mut x.output { c_JsonOutput(c); }
+    if let Some(c) = &mut x.format { c_JsonFormat(c); }
+}
+
+fn c_JsonBehavior(x: &mut JsonBehavior) {
+    x.location = 0;
+    if let Some(c) = &mut x.expr { c_node(c); }
+}
+
+fn c_JsonConstructorExpr(x: &mut JsonConstructorExpr) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+    if let Some(c) = &mut x.func { c_node(c); }
+    if let Some(c) = &mut x.coercion { c_node(c); }
+    if let Some(c) = &mut x.returning { c_JsonReturning(c); }
+}
+
+fn c_JsonExpr(x: &mut JsonExpr) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.formatted_expr { c_node(c); }
+    if let Some(c) = &mut x.format { c_JsonFormat(c); }
+    if let Some(c) = &mut x.path_spec { c_node(c); }
+    if let Some(c) = &mut x.returning { c_JsonReturning(c); }
+    for c in &mut x.passing_names { c_node(c); }
+    for c in &mut x.passing_values { c_node(c); }
+    if let Some(c) = &mut x.on_empty { c_JsonBehavior(c); }
+    if let Some(c) = &mut x.on_error { c_JsonBehavior(c); }
+}
+
+fn c_JsonFormat(x: &mut JsonFormat) {
+    x.location = 0;
+}
+
+fn c_JsonFuncExpr(x: &mut JsonFuncExpr) {
+    x.location = 0;
+    if let Some(c) = &mut x.context_item { c_JsonValueExpr(c); }
+    if let Some(c) = &mut x.pathspec { c_node(c); }
+    for c in &mut x.passing { c_node(c); }
+    if let Some(c) = &mut x.output { c_JsonOutput(c); }
+    if let Some(c) = &mut x.on_empty { c_JsonBehavior(c); }
+    if let Some(c) = &mut x.on_error { c_JsonBehavior(c); }
+}
+
+fn c_JsonIsPredicate(x: &mut JsonIsPredicate) {
+    x.location = 0;
+    if let Some(c) = &mut x.expr { c_node(c); }
+    if let Some(c) = &mut x.format { c_JsonFormat(c); }
+}
+
+fn c_JsonKeyValue(x: &mut JsonKeyValue) {
+    if let Some(c) = &mut x.key { c_node(c); }
+    if let Some(c) = &mut x.value { c_JsonValueExpr(c); }
+}
+
+fn c_JsonObjectAgg(x: &mut JsonObjectAgg) {
+    if let Some(c) = &mut x.arg { c_JsonKeyValue(c); }
+}
+
+fn c_JsonObjectConstructor(x: &mut JsonObjectConstructor) {
+    x.location = 0;
+    for c in &mut x.exprs { c_node(c); }
+    if let Some(c) = &mut x.output { c_JsonOutput(c); }
+}
+
+fn c_JsonOutput(x: &mut JsonOutput) {
+    if let Some(c) = &mut x.type_name { c_TypeName(c); }
+    if let Some(c) = &mut x.returning { c_JsonReturning(c); }
+}
+
+fn c_JsonParseExpr(x: &mut JsonParseExpr) {
+    x.location = 0;
+    if let Some(c) = &mut x.expr { c_JsonValueExpr(c); }
+    if let Some(c) = &mut x.output { c_JsonOutput(c); }
+}
+
+fn c_JsonReturning(x: &mut JsonReturning) {
+    if let Some(c) = &mut x.format { c_JsonFormat(c); }
+}
+
+fn c_JsonScalarExpr(x: &mut JsonScalarExpr) {
+    x.location = 0;
+    if let Some(c) = &mut x.expr { c_node(c); }
+    if let Some(c) = &mut x.output { c_JsonOutput(c); }
+}
+
+fn c_JsonSerializeExpr(x: &mut JsonSerializeExpr) {
+    x.location = 0;
+    if let Some(c) = &mut x.expr { c_JsonValueExpr(c); }
+    if let Some(c) = &mut x.output { c_JsonOutput(c); }
+}
+
+fn c_JsonTable(x: &mut JsonTable) {
+    x.location = 0;
+    if let Some(c) = &mut x.context_item { c_JsonValueExpr(c); }
+    if let Some(c) = &mut x.pathspec { c_JsonTablePathSpec(c); }
+    for c in &mut x.passing { c_node(c); }
+    for c in &mut x.columns { c_node(c); }
+    if let Some(c) = &mut x.on_error { c_JsonBehavior(c); }
+    if let Some(c) = &mut x.alias { c_Alias(c); }
+}
+
+fn c_JsonTableColumn(x: &mut JsonTableColumn) {
+    x.location = 0;
+    if let Some(c) = &mut x.type_name { c_TypeName(c); }
+    if let Some(c) = &mut x.pathspec { c_JsonTablePathSpec(c); }
+    if let Some(c) = &mut x.format { c_JsonFormat(c); }
+    for c in &mut x.columns { c_node(c); }
+    if let Some(c) = &mut x.on_empty { c_JsonBehavior(c); }
+    if let Some(c) = &mut x.on_error { c_JsonBehavior(c); }
+}
+
+fn c_JsonTablePathScan(x: &mut JsonTablePathScan) {
+    if let Some(c) = &mut x.plan { c_node(c); }
+    if let Some(c) = &mut x.child { c_node(c); }
+}
+
+fn c_JsonTablePathSpec(x: &mut JsonTablePathSpec) {
+    x.name_location = 0;
+    x.location = 0;
+    if let Some(c) = &mut x.string { c_node(c); }
+}
+
+fn c_JsonTableSiblingJoin(x: &mut JsonTableSiblingJoin) {
+    if let Some(c) = &mut x.plan { c_node(c); }
+    if let Some(c) = &mut x.lplan { c_node(c); }
+    if let Some(c) = &mut x.rplan { c_node(c); }
+}
+
+fn c_JsonValueExpr(x: &mut JsonValueExpr) {
+    if let Some(c) = &mut x.raw_expr { c_node(c); }
+    if let Some(c) = &mut x.formatted_expr { c_node(c); }
+    if let Some(c) = &mut x.format { c_JsonFormat(c); }
+}
+
+fn c_List(x: &mut List) {
+    for c in &mut x.items { c_node(c); }
+}
+
+fn c_LockStmt(x: &mut LockStmt) {
+    for c in &mut x.relations { c_node(c); }
+}
+
+fn c_LockingClause(x: &mut LockingClause) {
+    for c in &mut x.locked_rels { c_node(c); }
+}
+
+fn c_MergeAction(x: &mut MergeAction) {
+    if let Some(c) = &mut x.qual { c_node(c); }
+    for c in &mut x.target_list { c_node(c); }
+    for c in &mut x.update_colnos { c_node(c); }
+}
+
+fn c_MergeStmt(x: &mut MergeStmt) {
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    if let Some(c) = &mut x.source_relation { c_node(c); }
+    if let Some(c) = &mut x.join_condition { c_node(c); }
+    for c in &mut x.merge_when_clauses { c_node(c); }
+    if let Some(c) = &mut x.returning_clause { c_ReturningClause(c); }
+    if let Some(c) = &mut x.with_clause { c_WithClause(c); }
+}
+
+fn c_MergeSupportFunc(x: &mut MergeSupportFunc) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+}
+
+fn c_MergeWhenClause(x: &mut MergeWhenClause) {
+    if let Some(c) = &mut x.condition { c_node(c); }
+    for c in &mut x.target_list { c_node(c); }
+    for c in &mut x.values { c_node(c); }
+}
+
+fn c_MinMaxExpr(x: &mut MinMaxExpr) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+}
+
+fn c_MultiAssignRef(x: &mut MultiAssignRef) {
+    if let Some(c) = &mut x.source { c_node(c); }
+}
+
+fn c_NamedArgExpr(x: &mut NamedArgExpr) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.arg { c_node(c); }
+}
+
+fn c_NextValueExpr(x: &mut NextValueExpr) {
+    if let Some(c) = &mut x.xpr { c_node(c); }
+}
+
+fn c_NotifyStmt(x: &mut NotifyStmt) {
+    x.payload_location = 0;
+}
+
+fn c_NullIfExpr(x: &mut NullIfExpr) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+}
+
+fn c_NullTest(x: &mut NullTest) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.arg { c_node(c); }
+}
+
+fn c_ObjectWithArgs(x: &mut ObjectWithArgs) {
+    for c in &mut x.objname { c_node(c); }
+    for c in &mut x.objargs { c_node(c); }
+    for c in &mut x.objfuncargs { c_node(c); }
+}
+
+fn c_OidList(x: &mut OidList) {
+    for c in &mut x.items { c_node(c); }
+}
+
+fn c_OnConflictClause(x: &mut OnConflictClause) {
+    x.location = 0;
+    if let Some(c) = &mut x.infer { c_InferClause(c); }
+    for c in &mut x.target_list { c_node(c); }
+    if let Some(c) = &mut x.where_clause { c_node(c); }
+}
+
+fn c_OnConflictExpr(x: &mut OnConflictExpr) {
+    for c in &mut x.arbiter_elems { c_node(c); }
+    if let Some(c) = &mut x.arbiter_where { c_node(c); }
+    for c in &mut x.on_conflict_set { c_node(c); }
+    if let Some(c) = &mut x.on_conflict_where { c_node(c); }
+    for c in &mut x.excl_rel_tlist { c_node(c); }
+}
+
+fn c_OpExpr(x: &mut OpExpr) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+}
+
+fn c_Param(x: &mut Param) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+}
+
+fn c_ParamRef(x: &mut ParamRef) {
+    x.location = 0;
+}
+
+fn c_PartitionBoundSpec(x: &mut PartitionBoundSpec) {
+    x.location = 0;
+    for c in &mut x.listdatums { c_node(c); }
+    for c in &mut x.lowerdatums { c_node(c); }
+    for c in &mut x.upperdatums { c_node(c); }
+}
+
+fn c_PartitionCmd(x: &mut PartitionCmd) {
+    if let Some(c) = &mut x.name { c_RangeVar(c); }
+    if let Some(c) = &mut x.bound { c_PartitionBoundSpec(c); }
+}
+
+fn c_PartitionElem(x: &mut PartitionElem) {
+    x.location = 0;
+    if let Some(c) = &mut x.expr { c_node(c); }
+    for c in &mut x.collation { c_node(c); }
+    for c in &mut x.opclass { c_node(c); }
+}
+
+fn c_PartitionRangeDatum(x: &mut PartitionRangeDatum) {
+    x.location = 0;
+    if let Some(c) = &mut x.value { c_node(c); }
+}
+
+fn c_PartitionSpec(x: &mut PartitionSpec) {
+    x.location = 0;
+    for c in &mut x.part_params { c_node(c); }
+}
+
+fn c_PlAssignStmt(x: &mut PlAssignStmt) {
+    x.location = 0;
+    for c in &mut x.indirection { c_node(c); }
+    if let Some(c) = &mut x.val { c_SelectStmt(c); }
+}
+
+fn c_PrepareStmt(x: &mut PrepareStmt) {
+    for c in &mut x.argtypes { c_node(c); }
+    if let Some(c) = &mut x.query { c_node(c); }
+}
+
+fn c_PublicationObjSpec(x: &mut PublicationObjSpec) {
+    x.location = 0;
+    if let Some(c) = &mut x.pubtable { c_PublicationTable(c); }
+}
+
+fn c_PublicationTable(x: &mut PublicationTable) {
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    if let Some(c) = &mut x.where_clause { c_node(c); }
+    for c in &mut x.columns { c_node(c); }
+}
+
+fn c_Query(x: &mut Query) {
+    x.stmt_location = 0;
+    if let Some(c) = &mut x.utility_stmt { c_node(c); }
+    for c in &mut x.cte_list { c_node(c); }
+    for c in &mut x.rtable { c_node(c); }
+    for c in &mut x.rteperminfos { c_node(c); }
+    if let Some(c) = &mut x.jointree { c_FromExpr(c); }
+    for c in &mut x.merge_action_list { c_node(c); }
+    if let Some(c) = &mut x.merge_join_condition { c_node(c); }
+    for c in &mut x.target_list { c_node(c); }
+    if let Some(c) = &mut x.on_conflict { c_OnConflictExpr(c); }
+    for c in &mut x.returning_list { c_node(c); }
+    for c in &mut x.group_clause { c_node(c); }
+    for c in &mut x.grouping_sets { c_node(c); }
+    if let Some(c) = &mut x.having_qual { c_node(c); }
+    for c in &mut x.window_clause { c_node(c); }
+    for c in &mut x.distinct_clause { c_node(c); }
+    for c in &mut x.sort_clause { c_node(c); }
+    if let Some(c) = &mut x.limit_offset { c_node(c); }
+    if let Some(c) = &mut x.limit_count { c_node(c); }
+    for c in &mut x.row_marks { c_node(c); }
+    if let Some(c) = &mut x.set_operations { c_node(c); }
+    for c in &mut x.constraint_deps { c_node(c); }
+    for c in &mut x.with_check_options { c_node(c); }
+}
+
+fn c_RangeFunction(x: &mut RangeFunction) {
+    for c in &mut x.functions { c_node(c); }
+    if let Some(c) = &mut x.alias { c_Alias(c); }
+    for c in &mut x.coldeflist { c_node(c); }
+}
+
+fn c_RangeSubselect(x: &mut RangeSubselect) {
+    if let Some(c) = &mut x.subquery { c_node(c); }
+    if let Some(c) = &mut x.alias { c_Alias(c); }
+}
+
+fn c_RangeTableFunc(x: &mut RangeTableFunc) {
+    x.location = 0;
+    if let Some(c) = &mut x.docexpr { c_node(c); }
+    if let Some(c) = &mut x.rowexpr { c_node(c); }
+    for c in &mut x.namespaces { c_node(c); }
+    for c in &mut x.columns { c_node(c); }
+    if let Some(c) = &mut x.alias { c_Alias(c); }
+}
+
+fn c_RangeTableFuncCol(x: &mut RangeTableFuncCol) {
+    x.location = 0;
+    if let Some(c) = &mut x.type_name { c_TypeName(c); }
+    if let Some(c) = &mut x.colexpr { c_node(c); }
+    if let Some(c) = &mut x.coldefexpr { c_node(c); }
+}
+
+fn c_RangeTableSample(x: &mut RangeTableSample) {
+    x.location = 0;
+    if let Some(c) = &mut x.relation { c_node(c); }
+    for c in &mut x.method { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+    if let Some(c) = &mut x.repeatable { c_node(c); }
+}
+
+fn c_RangeTblEntry(x: &mut RangeTblEntry) {
+    if let Some(c) = &mut x.alias { c_Alias(c); }
+    if let Some(c) = &mut x.eref { c_Alias(c); }
+    if let Some(c) = &mut x.subquery { c_Query(c); }
+    for c in &mut x.joinaliasvars { c_node(c); }
+    for c in &mut x.joinleftcols { c_node(c); }
+    for c in &mut x.joinrightcols { c_node(c); }
+    if let Some(c) = &mut x.join_using_alias { c_Alias(c); }
+    for c in &mut x.functions { c_node(c); }
+    if let Some(c) = &mut x.tablefunc { c_TableFunc(c); }
+    for c in &mut x.values_lists { c_node(c); }
+    for c in &mut x.coltypes { c_node(c); }
+    for c in &mut x.coltypmods { c_node(c); }
+    for c in &mut x.colcollations { c_node(c); }
+    for c in &mut x.groupexprs { c_node(c); }
+    for c in &mut x.security_quals { c_node(c); }
+}
+
+fn c_RangeTblFunction(x: &mut RangeTblFunction) {
+    if let Some(c) = &mut x.funcexpr { c_node(c); }
+    for c in &mut x.funccolnames { c_node(c); }
+    for c in &mut x.funccoltypes { c_node(c); }
+    for c in &mut x.funccoltypmods { c_node(c); }
+    for c in &mut x.funccolcollations { c_node(c); }
+}
+
+fn c_RangeVar(x: &mut RangeVar) {
+    x.location = 0;
+    if let Some(c) = &mut x.alias { c_Alias(c); }
+}
+
+fn c_RawStmt(x: &mut RawStmt) {
+    x.stmt_location = 0;
+}
+
+fn c_ReassignOwnedStmt(x: &mut ReassignOwnedStmt) {
+    for c in &mut x.roles { c_node(c); }
+    if let Some(c) = &mut x.newrole { c_RoleSpec(c); }
+}
+
+fn c_RefreshMatViewStmt(x: &mut RefreshMatViewStmt) {
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+}
+
+fn c_ReindexStmt(x: &mut ReindexStmt) {
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    for c in &mut x.params { c_node(c); }
+}
+
+fn c_RelabelType(x: &mut RelabelType) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.arg { c_node(c); }
+}
+
+fn c_RenameStmt(x: &mut RenameStmt) {
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    if let Some(c) = &mut x.object { c_node(c); }
+}
+
+fn c_ResTarget(x: &mut ResTarget) {
+    x.location = 0;
+    for c in &mut x.indirection { c_node(c); }
+    if let Some(c) = &mut x.val { c_node(c); }
+}
+
+fn c_ReturnStmt(x: &mut ReturnStmt) {
+    if let Some(c) = &mut x.returnval { c_node(c); }
+}
+
+fn c_ReturningClause(x: &mut ReturningClause) {
+    for c in &mut x.options { c_node(c); }
+    for c in &mut x.exprs { c_node(c); }
+}
+
+fn c_ReturningExpr(x: &mut ReturningExpr) {
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.retexpr { c_node(c); }
+}
+
+fn c_ReturningOption(x: &mut ReturningOption) {
+    x.location = 0;
+}
+
+fn c_RoleSpec(x: &mut RoleSpec) {
+    x.location = 0;
+}
+
+fn c_RowCompareExpr(x: &mut RowCompareExpr) {
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.opnos { c_node(c); }
+    for c in &mut x.opfamilies { c_node(c); }
+    for c in &mut x.inputcollids { c_node(c); }
+    for c in &mut x.largs { c_node(c); }
+    for c in &mut x.rargs { c_node(c); }
+}
+
+fn c_RowExpr(x: &mut RowExpr) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+    for c in &mut x.colnames { c_node(c); }
+}
+
+fn c_RuleStmt(x: &mut RuleStmt) {
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    if let Some(c) = &mut x.where_clause { c_node(c); }
+    for c in &mut x.actions { c_node(c); }
+}
+
+fn c_ScalarArrayOpExpr(x: &mut ScalarArrayOpExpr) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+}
+
+fn c_SecLabelStmt(x: &mut SecLabelStmt) {
+    if let Some(c) = &mut x.object { c_node(c); }
+}
+
+fn c_SelectStmt(x: &mut SelectStmt) {
+    for c in &mut x.distinct_clause { c_node(c); }
+    if let Some(c) = &mut x.into_clause { c_IntoClause(c); }
+    for c in &mut x.target_list { c_node(c); }
+    for c in &mut x.from_clause { c_node(c); }
+    if let Some(c) = &mut x.where_clause { c_node(c); }
+    for c in &mut x.group_clause { c_node(c); }
+    if let Some(c) = &mut x.having_clause { c_node(c); }
+    for c in &mut x.window_clause { c_node(c); }
+    for c in &mut x.values_lists { c_node(c); }
+    for c in &mut x.sort_clause { c_node(c); }
+    if let Some(c) = &mut x.limit_offset { c_node(c); }
+    if let Some(c) = &mut x.limit_count { c_node(c); }
+    for c in &mut x.locking_clause { c_node(c); }
+    if let Some(c) = &mut x.with_clause { c_WithClause(c); }
+    if let Some(c) = &mut x.larg { c_SelectStmt(c); }
+    if let Some(c) = &mut x.rarg { c_SelectStmt(c); }
+}
+
+fn c_SetOperationStmt(x: &mut SetOperationStmt) {
+    if let Some(c) = &mut x.larg { c_node(c); }
+    if let Some(c) = &mut x.rarg { c_node(c); }
+    for c in &mut x.col_types { c_node(c); }
+    for c in &mut x.col_typmods { c_node(c); }
+    for c in &mut x.col_collations { c_node(c); }
+    for c in &mut x.group_clauses { c_node(c); }
+}
+
+fn c_SetToDefault(x: &mut SetToDefault) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+}
+
+fn c_SortBy(x: &mut SortBy) {
+    x.location = 0;
+    if let Some(c) = &mut x.node { c_node(c); }
+    for c in &mut x.use_op { c_node(c); }
+}
+
+fn c_SqlValueFunction(x: &mut SqlValueFunction) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+}
+
+fn c_StatsElem(x: &mut StatsElem) {
+    if let Some(c) = &mut x.expr { c_node(c); }
+}
+
+fn c_SubLink(x: &mut SubLink) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.testexpr { c_node(c); }
+    for c in &mut x.oper_name { c_node(c); }
+    if let Some(c) = &mut x.subselect { c_node(c); }
+}
+
+fn c_SubPlan(x: &mut SubPlan) {
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.testexpr { c_node(c); }
+    for c in &mut x.param_ids { c_node(c); }
+    for c in &mut x.set_param { c_node(c); }
+    for c in &mut x.par_param { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+}
+
+fn c_SubscriptingRef(x: &mut SubscriptingRef) {
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.refupperindexpr { c_node(c); }
+    for c in &mut x.reflowerindexpr { c_node(c); }
+    if let Some(c) = &mut x.refexpr { c_node(c); }
+    if let Some(c) = &mut x.refassgnexpr { c_node(c); }
+}
+
+fn c_SummaryResult(x: &mut SummaryResult) {
+}
+
+fn c_TableFunc(x: &mut TableFunc) {
+    x.location = 0;
+    for c in &mut x.ns_uris { c_node(c); }
+    for c in &mut x.ns_names { c_node(c); }
+    if let Some(c) = &mut x.docexpr { c_node(c); }
+    if let Some(c) = &mut x.rowexpr { c_node(c); }
+    for c in &mut x.colnames { c_node(c); }
+    for c in &mut x.coltypes { c_node(c); }
+    for c in &mut x.coltypmods { c_node(c); }
+    for c in &mut x.colcollations { c_node(c); }
+    for c in &mut x.colexprs { c_node(c); }
+    for c in &mut x.coldefexprs { c_node(c); }
+    for c in &mut x.colvalexprs { c_node(c); }
+    for c in &mut x.passingvalexprs { c_node(c); }
+    if let Some(c) = &mut x.plan { c_node(c); }
+}
+
+fn c_TableLikeClause(x: &mut TableLikeClause) {
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+}
+
+fn c_TableSampleClause(x: &mut TableSampleClause) {
+    for c in &mut x.args { c_node(c); }
+    if let Some(c) = &mut x.repeatable { c_node(c); }
+}
+
+fn c_TargetEntry(x: &mut TargetEntry) {
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.expr { c_node(c); }
+}
+
+fn c_TransactionStmt(x: &mut TransactionStmt) {
+    x.location = 0;
+    for c in &mut x.options { c_node(c); }
+}
+
+fn c_TruncateStmt(x: &mut TruncateStmt) {
+    for c in &mut x.relations { c_node(c); }
+}
+
+fn c_TypeCast(x: &mut TypeCast) {
+    x.location = 0;
+    if let Some(c) = &mut x.arg { c_node(c); }
+    if let Some(c) = &mut x.type_name { c_TypeName(c); }
+}
+
+fn c_TypeName(x: &mut TypeName) {
+    x.location = 0;
+    for c in &mut x.names { c_node(c); }
+    for c in &mut x.typmods { c_node(c); }
+    for c in &mut x.array_bounds { c_node(c); }
+}
+
+fn c_UpdateStmt(x: &mut UpdateStmt) {
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    for c in &mut x.target_list { c_node(c); }
+    if let Some(c) = &mut x.where_clause { c_node(c); }
+    for c in &mut x.from_clause { c_node(c); }
+    if let Some(c) = &mut x.returning_clause { c_ReturningClause(c); }
+    if let Some(c) = &mut x.with_clause { c_WithClause(c); }
+}
+
+fn c_VacuumRelation(x: &mut VacuumRelation) {
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    for c in &mut x.va_cols { c_node(c); }
+}
+
+fn c_VacuumStmt(x: &mut VacuumStmt) {
+    for c in &mut x.options { c_node(c); }
+    for c in &mut x.rels { c_node(c); }
+}
+
+fn c_Var(x: &mut Var) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+}
+
+fn c_VariableSetStmt(x: &mut VariableSetStmt) {
+    x.location = 0;
+    for c in &mut x.args { c_node(c); }
+}
+
+fn c_ViewStmt(x: &mut ViewStmt) {
+    if let Some(c) = &mut x.view { c_RangeVar(c); }
+    for c in &mut x.aliases { c_node(c); }
+    if let Some(c) = &mut x.query { c_node(c); }
+    for c in &mut x.options { c_node(c); }
+}
+
+fn c_WindowClause(x: &mut WindowClause) {
+    for c in &mut x.partition_clause { c_node(c); }
+    for c in &mut x.order_clause { c_node(c); }
+    if let Some(c) = &mut x.start_offset { c_node(c); }
+    if let Some(c) = &mut x.end_offset { c_node(c); }
+}
+
+fn c_WindowDef(x: &mut WindowDef) {
+    x.location = 0;
+    for c in &mut x.partition_clause { c_node(c); }
+    for c in &mut x.order_clause { c_node(c); }
+    if let Some(c) = &mut x.start_offset { c_node(c); }
+    if let Some(c) = &mut x.end_offset { c_node(c); }
+}
+
+fn c_WindowFunc(x: &mut WindowFunc) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+    if let Some(c) = &mut x.aggfilter { c_node(c); }
+    for c in &mut x.run_condition { c_node(c); }
+}
+
+fn c_WindowFuncRunCondition(x: &mut WindowFuncRunCondition) {
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.arg { c_node(c); }
+}
+
+fn c_WithCheckOption(x: &mut WithCheckOption) {
+    if let Some(c) = &mut x.qual { c_node(c); }
+}
+
+fn c_WithClause(x: &mut WithClause) {
+    x.location = 0;
+    for c in &mut x.ctes { c_node(c); }
+}
+
+fn c_XmlExpr(x: &mut XmlExpr) {
+    x.location = 0;
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.named_args { c_node(c); }
+    for c in &mut x.arg_names { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+}
+
+fn c_XmlSerialize(x: &mut XmlSerialize) {
+    x.location = 0;
+    if let Some(c) = &mut x.expr { c_node(c); }
+    if let Some(c) = &mut x.type_name { c_TypeName(c); }
 }
 
 /// The children of one node.
