@@ -149,6 +149,7 @@ struct RawProfile {
     description: Option<String>,
     record_results: Option<bool>,
     record_params: Option<Spanned<String>>,
+    record_text: Option<Spanned<String>>,
     params_max_bytes: Option<Spanned<i64>>,
     /// label name → allow | mask | deny
     #[serde(default)]
@@ -175,6 +176,8 @@ struct RawGuardrails {
     do_block: Option<Spanned<String>>,
     user_functions: Option<Spanned<String>>,
     allowed_functions: Option<Vec<String>>,
+    sensitive_literals: Option<Spanned<String>>,
+    sensitive_literals_min_label: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -430,6 +433,12 @@ impl Validator<'_> {
                     Err(e) => self.error(m.span(), &format!("profiles.{name}.record_params"), e),
                 }
             }
+            if let Some(m) = &p.record_text {
+                match m.get_ref().parse() {
+                    Ok(mode) => record.text = mode,
+                    Err(e) => self.error(m.span(), &format!("profiles.{name}.record_text"), e),
+                }
+            }
             if let Some(n) = &p.params_max_bytes {
                 match usize::try_from(*n.get_ref()) {
                     Ok(v) if (1..=4096).contains(&v) => record.params.max_bytes = v,
@@ -659,10 +668,12 @@ impl Validator<'_> {
         outcome(&raw.dangerous_functions, "dangerous_functions", &mut g.dangerous_functions);
         outcome(&raw.do_block, "do_block", &mut g.do_block);
         outcome(&raw.user_functions, "user_functions", &mut g.user_functions);
+        outcome(&raw.sensitive_literals, "sensitive_literals", &mut g.sensitive_literals);
         for (v, name, slot) in [
             (&raw.copy_out_min_label, "copy_out_min_label", &mut g.copy_out_min_label),
             (&raw.restricted_read_min_label, "restricted_read_min_label", &mut g.restricted_read_min_label),
             (&raw.labeled_write_min_label, "labeled_write_min_label", &mut g.labeled_write_min_label),
+            (&raw.sensitive_literals_min_label, "sensitive_literals_min_label", &mut g.sensitive_literals_min_label),
         ] {
             if let Some(v) = v {
                 match labels.rank(v.get_ref()) {

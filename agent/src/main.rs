@@ -106,6 +106,18 @@ enum AuditCmd {
         #[arg(long)]
         audit_dir: Option<PathBuf>,
     },
+    /// Sessions and statements that carried a value (a literal or a bind
+    /// parameter), found by its keyed hash; the value is never stored.
+    Find {
+        #[arg(long)]
+        value: String,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long)]
+        audit_dir: Option<PathBuf>,
+    },
 }
 
 fn main() {
@@ -210,6 +222,15 @@ fn dispatch(cli: Cli) -> Result<i32> {
         }
         Cmd::Policy { cmd: PolicyCmd::Check { file } } => match config::load(&file) {
             Ok(p) => {
+                for prof in &p.profiles {
+                    if prof.record.text == cordon::pipeline::literals::TextMode::Full {
+                        eprintln!(
+                            "{}: warning: profiles.{}.record_text = \"full\" records statement text as sent: card numbers, keys and other literals reach the audit log and recordings in clear",
+                            file.display(),
+                            prof.name
+                        );
+                    }
+                }
                 println!(
                     "{}: ok ({} intercept rules, {} profiles, {} tag rules)",
                     file.display(),
@@ -243,6 +264,37 @@ fn dispatch(cli: Cli) -> Result<i32> {
                     Ok(1)
                 }
             }
+        }
+        Cmd::Audit { cmd: AuditCmd::Find { value, json, config, audit_dir } } => {
+            let settings = agent_settings(&config);
+            let dir = audit_dir.unwrap_or_else(|| settings.audit_dir.clone());
+            let secrets = cordon::secrets::Secrets::load(&settings.secrets_file).ok();
+            let key = match secrets.as_ref().and_then(|s| s.literal_key.as_ref()) {
+                Some(k) => cordon::pipeline::literals::LiteralKey::new(k.expose().as_bytes()),
+                None => {
+                    let path = settings.state_dir.join("literal.key");
+                    let k = std::fs::read(&path).map_err(|e| {
+                        anyhow::anyhow!(
+                            "no literal key: neither [audit] literal_key in {} nor {} ({e})",
+                            settings.secrets_file.display(),
+                            path.display()
+                        )
+                    })?;
+                    cordon::pipeline::literals::LiteralKey::new(&k)
+                }
+            };
+            let found = sessions::find(&dir, &key, &value)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&found)?);
+            } else if found.is_empty() {
+                println!("no statement carried that value");
+            } else {
+                println!("{:<20} {:>6} {:>8} {:<28} IN", "SESSION", "STMT", "SEQ", "TIME");
+                for f in &found {
+                    println!("{:<20} {:>6} {:>8} {:<28} {}", f.session, f.stmt, f.seq, f.ts, f.r#in);
+                }
+            }
+            Ok(if found.is_empty() { 1 } else { 0 })
         }
         Cmd::Replay { session, config, audit_dir } => {
             let dir = audit_dir.unwrap_or_else(|| agent_settings(&config).audit_dir);

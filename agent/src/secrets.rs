@@ -48,6 +48,8 @@ pub struct Secrets {
     pub credentials: BTreeMap<String, Credential>,
     /// HMAC key for the pseudonym masking strategy.
     pub pseudonym_key: Option<Secret>,
+    /// HMAC key for literals and parameters in cordon's own records.
+    pub literal_key: Option<Secret>,
 }
 
 #[derive(Deserialize)]
@@ -56,6 +58,13 @@ struct RawFile {
     #[serde(default)]
     credentials: BTreeMap<String, RawCredential>,
     masking: Option<RawMasking>,
+    audit: Option<RawAudit>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    literal_key: String,
 }
 
 #[derive(Deserialize)]
@@ -115,7 +124,14 @@ impl Secrets {
             Some(m) => Some(Secret(m.pseudonym_key)),
             None => None,
         };
-        Ok(Self { credentials, pseudonym_key })
+        let literal_key = match raw.audit {
+            Some(a) if a.literal_key.len() < 16 => {
+                bail!("{}: audit.literal_key must be at least 16 characters", path.display())
+            }
+            Some(a) => Some(Secret(a.literal_key)),
+            None => None,
+        };
+        Ok(Self { credentials, pseudonym_key, literal_key })
     }
 
     pub fn get(&self, name: &str) -> Option<&Credential> {

@@ -147,3 +147,46 @@ pub fn render_table(sessions: &[Session]) -> String {
 #[cfg(test)]
 #[path = "tests/sessions.rs"]
 mod tests;
+
+/// A statement that carried a value, found by its keyed hash.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Found {
+    pub session: String,
+    pub stmt: u64,
+    pub seq: u64,
+    pub ts: String,
+    /// "text" (a literal) or "parameter".
+    pub r#in: &'static str,
+}
+
+/// `cordon audit find --value V`: the statements whose literals or bind
+/// parameters were V, by V's keyed hashes (V is never stored).
+pub fn find(dir: &std::path::Path, key: &crate::pipeline::literals::LiteralKey, value: &str) -> anyhow::Result<Vec<Found>> {
+    let wanted = key.hashes(value);
+    let has = |s: &str| s.split(' ').any(|h| wanted.iter().any(|w| w == h));
+    let mut out = Vec::new();
+    for r in crate::audit::read_all(dir)? {
+        if r.event != "statement" {
+            continue;
+        }
+        let f = &r.fields;
+        let in_text = f
+            .get("literals")
+            .and_then(|l| l.as_array())
+            .is_some_and(|ls| ls.iter().any(|l| l["hashes"].as_array().is_some_and(|hs| hs.iter().any(|h| h.as_str().is_some_and(has)))));
+        let in_params = f
+            .get("params")
+            .and_then(|p| p.as_array())
+            .is_some_and(|ps| ps.iter().any(|p| p.as_str().is_some_and(has)));
+        if in_text || in_params {
+            out.push(Found {
+                session: r.session.clone().unwrap_or_default(),
+                stmt: f.get("stmt").and_then(|v| v.as_u64()).unwrap_or(0),
+                seq: r.seq,
+                ts: r.ts.clone(),
+                r#in: if in_text { "text" } else { "parameter" },
+            });
+        }
+    }
+    Ok(out)
+}

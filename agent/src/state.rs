@@ -33,6 +33,7 @@ pub struct Shared {
     /// Parsed statements, by text (shared by all sessions).
     pub sql: crate::postgres::sql::Cache,
     catalogs: Mutex<std::collections::HashMap<(std::net::SocketAddr, String), Arc<crate::postgres::catalog::Catalog>>>,
+    literal_key: std::sync::OnceLock<crate::pipeline::literals::LiteralKey>,
 }
 
 impl Shared {
@@ -66,7 +67,30 @@ impl Shared {
             cancel: Mutex::new(std::collections::HashMap::new()),
             sql: crate::postgres::sql::Cache::default(),
             catalogs: Mutex::new(std::collections::HashMap::new()),
+            literal_key: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The key literals and parameters are hashed with in cordon's records:
+    /// `[audit] literal_key` from the secrets file, else one generated once
+    /// into `<state_dir>/literal.key` (0600).
+    pub fn literal_key(&self) -> crate::pipeline::literals::LiteralKey {
+        self.literal_key
+            .get_or_init(|| {
+                let from_secrets = self.secrets().literal_key.as_ref().map(|k| k.expose().as_bytes().to_vec());
+                let key = match from_secrets {
+                    Some(k) => k,
+                    None => {
+                        let dir = self.policy().agent.state_dir.clone();
+                        crate::pipeline::literals::state_key(&dir).unwrap_or_else(|e| {
+                            tracing::warn!("no literal key: {e:#}; using a key for this run only (set [audit] literal_key in the secrets file)");
+                            rand::random::<[u8; 32]>().to_vec()
+                        })
+                    }
+                };
+                crate::pipeline::literals::LiteralKey::new(&key)
+            })
+            .clone()
     }
 
     /// The shared catalog of one database on one server.

@@ -236,6 +236,11 @@ impl Postgres {
         Ok(pg)
     }
 
+    /// The server's log file.
+    pub fn log_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("log")
+    }
+
     /// Run SQL as the superuser over the unix socket (never intercepted).
     pub fn admin_sql(&self, sql: &str) -> Result<String> {
         let out = Command::new("psql")

@@ -167,6 +167,10 @@ pub struct Guardrails {
     pub user_functions: Outcome,
     /// User functions let through by name (`name` or `schema.name`).
     pub allowed_functions: Vec<String>,
+    /// Statements whose literals or parameters carry a detector match.
+    pub sensitive_literals: Outcome,
+    /// …of a kind labeled at least this.
+    pub sensitive_literals_min_label: usize,
 }
 
 impl Guardrails {
@@ -186,6 +190,8 @@ impl Guardrails {
             do_block: Outcome::Deny,
             user_functions: Outcome::Deny,
             allowed_functions: Vec::new(),
+            sensitive_literals: Outcome::Allow,
+            sensitive_literals_min_label: highest.saturating_sub(1).max(1).min(highest),
         }
     }
 }
@@ -222,7 +228,7 @@ pub trait LabelLookup {
     fn label_name(&self, rank: usize) -> String;
 }
 
-fn fire(outcome: Outcome, rule: &str, message: String) -> Option<Verdict> {
+pub fn fire(outcome: Outcome, rule: &str, message: String) -> Option<Verdict> {
     match outcome {
         Outcome::Allow => None,
         Outcome::Deny => Some(Verdict::Deny { rule: rule.to_string(), message }),

@@ -19,6 +19,7 @@ pub mod classify;
 pub mod detect;
 pub mod fingerprint;
 pub mod guard;
+pub mod literals;
 pub mod mask;
 pub mod params;
 pub mod plan;
@@ -37,6 +38,8 @@ pub use recorder::Recorder;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RecordPolicy {
     pub params: ParamPolicy,
+    /// How statement text is recorded (literals as keyed hashes).
+    pub text: literals::TextMode,
     /// Keep result rows, notices and errors as the client received them.
     pub results: bool,
 }
@@ -55,6 +58,8 @@ pub enum StatementKind {
 
 pub struct Statement<'a> {
     pub text: &'a str,
+    /// The literals in `text`, found by the adapter.
+    pub literals: &'a [literals::Literal],
     pub kind: StatementKind,
     pub params: &'a [Param<'a>],
     /// Prepared-statement name, when named.
@@ -116,14 +121,21 @@ pub struct SessionPipeline {
     audit: AuditLog,
     session: String,
     policy: RecordPolicy,
+    key: literals::LiteralKey,
     recorder: Option<Recorder>,
     next_id: u64,
     statements: u64,
 }
 
 impl SessionPipeline {
-    pub fn new(audit: AuditLog, session: &str, policy: RecordPolicy, recorder: Option<Recorder>) -> Self {
-        Self { audit, session: session.to_string(), policy, recorder, next_id: 0, statements: 0 }
+    pub fn new(
+        audit: AuditLog,
+        session: &str,
+        policy: RecordPolicy,
+        key: literals::LiteralKey,
+        recorder: Option<Recorder>,
+    ) -> Self {
+        Self { audit, session: session.to_string(), policy, key, recorder, next_id: 0, statements: 0 }
     }
 
     pub fn session(&self) -> &str {
@@ -141,26 +153,32 @@ impl SessionPipeline {
         self.statements += 1;
         let id = self.next_id;
         let normalized = fingerprint::normalize(s.text);
+        // What the workload typed is recorded as keyed hashes where it
+        // matters (record_text): the audit never holds a card in clear.
+        let (text, hashed) = literals::render(s.text, s.literals, self.policy.text, &self.key);
         let mut rec = Record::new("statement", Some(&self.session))
             .with("stmt", id)
             .with("kind", s.kind)
-            .with("text", s.text)
+            .with("text", &text)
             .with("fingerprint", fingerprint::fingerprint(&normalized))
             .with("normalized", &normalized);
+        if !hashed.is_empty() {
+            rec = rec.with("literals", &hashed);
+        }
         if let Some(p) = s.prepared {
             rec = rec.with("prepared", p);
         }
         if !s.params.is_empty() {
             rec = rec.with("param_count", s.params.len());
-            if let Some(rendered) = self.policy.params.render(s.params) {
+            if let Some(rendered) = self.policy.params.render(s.params, &self.key) {
                 rec = rec.with("params", rendered);
             }
         }
         if let Verdict::Deny { rule, message } = verdict {
-            rec = rec.with("verdict", "deny").with("rule", rule).with("reason", message);
+            rec = rec.with("verdict", "deny").with("rule", rule).with("reason", literals::scrub(message));
         }
         if let Some(r) = &mut self.recorder {
-            r.event(id, "query", json!({"text": s.text}));
+            r.event(id, "query", json!({"text": text}));
         }
         let durable = self.audit.submit(rec);
         (Admitted { id, started: Instant::now() }, durable)

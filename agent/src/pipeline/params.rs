@@ -2,7 +2,6 @@
 //! or omitted. Values are often personal data; the policy decides.
 
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -47,18 +46,21 @@ pub struct Param<'a> {
 
 impl ParamPolicy {
     /// None when parameters are omitted.
-    pub fn render(&self, params: &[Param<'_>]) -> Option<Vec<Option<String>>> {
+    /// Hashes are keyed (HMAC with the literal key): an unkeyed hash of a
+    /// nine-digit SSN is reversed by trying them all.
+    pub fn render(&self, params: &[Param<'_>], key: &super::literals::LiteralKey) -> Option<Vec<Option<String>>> {
         if self.mode == ParamMode::Omit {
             return None;
         }
-        Some(params.iter().map(|p| p.value.map(|v| self.render_one(v, p.binary))).collect())
+        Some(params.iter().map(|p| p.value.map(|v| self.render_one(v, p.binary, key))).collect())
     }
 
-    fn render_one(&self, v: &[u8], binary: bool) -> String {
+    fn render_one(&self, v: &[u8], binary: bool, key: &super::literals::LiteralKey) -> String {
         match self.mode {
-            ParamMode::Hash | ParamMode::Omit => {
-                format!("sha256:{}", hex::encode(Sha256::digest(v).get(..8).unwrap_or_default()))
-            }
+            ParamMode::Hash | ParamMode::Omit => match std::str::from_utf8(v) {
+                Ok(text) if !binary => key.hashes(text).join(" "),
+                _ => key.hashes(&hex::encode(v)).join(" "),
+            },
             ParamMode::Truncate if binary => {
                 let n = (self.max_bytes / 2).min(v.len());
                 let more = if n < v.len() { "…" } else { "" };
@@ -88,12 +90,14 @@ mod tests {
             Param { value: None, binary: false },
             Param { value: Some(&[0, 1, 2, 3]), binary: true },
         ];
-        let h = ParamPolicy::default().render(&ps).unwrap_or_default();
-        assert!(h[0].as_deref().is_some_and(|s| s.starts_with("sha256:") && !s.contains("alice")));
+        let key = super::super::literals::LiteralKey::new(b"test-key-0123456789");
+        let h = ParamPolicy::default().render(&ps, &key).unwrap_or_default();
+        assert!(h[0].as_deref().is_some_and(|s| s.starts_with("hmac:") && !s.contains("alice")));
+        assert_eq!(h[0].as_deref(), key.hashes("alice@example.com").first().map(String::as_str), "keyed, findable");
         assert_eq!(h[1], None);
-        let t = ParamPolicy { mode: ParamMode::Truncate, max_bytes: 5 }.render(&ps).unwrap_or_default();
+        let t = ParamPolicy { mode: ParamMode::Truncate, max_bytes: 5 }.render(&ps, &key).unwrap_or_default();
         assert_eq!(t[0].as_deref(), Some("alice…"));
         assert_eq!(t[2].as_deref(), Some("\\x0001…"));
-        assert_eq!(ParamPolicy { mode: ParamMode::Omit, max_bytes: 5 }.render(&ps), None);
+        assert_eq!(ParamPolicy { mode: ParamMode::Omit, max_bytes: 5 }.render(&ps, &key), None);
     }
 }

@@ -41,6 +41,7 @@ use crate::{
         guard::{self, LabelLookup, StmtFacts, StmtKind, TableRef},
         mask::ValueType,
         plan::{self, ColAction, ColumnDesc, Plan, Source},
+        literals::Literal,
         recorder, Admitted, Denied, Outcome, Param, SessionPipeline, Statement, StatementKind, Verdict,
     },
     secrets::Credential,
@@ -76,6 +77,8 @@ struct Prepared {
     described: Option<Arc<Described>>,
     /// cordon's notices for each execution (mask at read).
     notes: Arc<ReadNotes>,
+    /// The literals in `text`, for the records.
+    literals: Arc<[Literal]>,
 }
 
 struct Portal {
@@ -89,6 +92,7 @@ struct Portal {
     result_formats: Vec<i16>,
     described: Option<Arc<Described>>,
     notes: Arc<ReadNotes>,
+    literals: Arc<[Literal]>,
 }
 
 /// A statement whose results are on their way.
@@ -218,7 +222,13 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
         db,
         key: ctx.shared.secrets().pseudonym_key.as_ref().map(|k| k.expose().as_bytes().to_vec()),
     };
-    let pipeline = SessionPipeline::new(ctx.shared.audit.clone(), &ctx.session, ctx.profile.record, recorder);
+    let pipeline = SessionPipeline::new(
+        ctx.shared.audit.clone(),
+        &ctx.session,
+        ctx.profile.record,
+        ctx.shared.literal_key(),
+        recorder,
+    );
     let tracker = Arc::new(Mutex::new(Tracker {
         pipeline,
         gov,
@@ -528,6 +538,28 @@ fn changes_catalog(facts: &[StmtFacts]) -> bool {
     facts.iter().any(|s| matches!(s.kind, StmtKind::Ddl { .. }))
 }
 
+/// `sensitive_literals`: a statement whose literals or parameters carry
+/// what the detectors flag (a card, an SSN, a cloud or private key) at or
+/// above the profile's minimum label.
+fn sensitive_values<'a>(t: &Tracker, values: impl IntoIterator<Item = &'a str>, what: &str) -> Verdict {
+    let g = &t.gov.profile.guardrails;
+    if g.sensitive_literals == guard::Outcome::Allow {
+        return Verdict::Allow;
+    }
+    match crate::pipeline::literals::sensitive(values, &t.gov.classifier, g.sensitive_literals_min_label) {
+        Some(kind) => guard::fire(
+            g.sensitive_literals,
+            "sensitive_literals",
+            format!(
+                "the statement carries a {} in {what}; this profile does not send such values to the database (they would land in its logs and pg_stat_activity)",
+                kind.name()
+            ),
+        )
+        .unwrap_or(Verdict::Allow),
+        None => Verdict::Allow,
+    }
+}
+
 /// What happens to a client message.
 enum Forward {
     AsIs,
@@ -593,6 +625,10 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
             let (mut verdict, facts) =
                 if std::str::from_utf8(raw).is_err() { (not_utf8(), None) } else { judge(t, ctx, &text, lookup_error) };
             let mut notes = Arc::default();
+            let literals = super::sql::literals(&text);
+            if verdict == Verdict::Allow {
+                verdict = sensitive_values(t, literals.iter().map(|l| l.value.as_str()), "its text");
+            }
             if verdict == Verdict::Allow {
                 match mask_at_read(t, &text) {
                     Ok((new_text, n)) => {
@@ -604,7 +640,8 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
                     Err(v) => verdict = v,
                 }
             }
-            let stmt = Statement { text: &text, kind: StatementKind::Simple, params: &[], prepared: None };
+            let stmt =
+                Statement { text: &text, literals: &literals, kind: StatementKind::Simple, params: &[], prepared: None };
             let (admitted, pending) = t.pipeline.statement(&stmt, &verdict);
             t.unconfirmed.push(pending);
             if let Verdict::Deny { rule, message } = verdict {
@@ -627,6 +664,10 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
             let (mut verdict, facts) =
                 if std::str::from_utf8(raw).is_err() { (not_utf8(), None) } else { judge(t, ctx, &text, lookup_error) };
             let mut notes = Arc::default();
+            let literals: Arc<[Literal]> = super::sql::literals(&text).into();
+            if verdict == Verdict::Allow {
+                verdict = sensitive_values(t, literals.iter().map(|l| l.value.as_str()), "its text");
+            }
             if verdict == Verdict::Allow {
                 match mask_at_read(t, &text) {
                     Ok((new_text, n)) => {
@@ -639,7 +680,13 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
                 }
             }
             if let Verdict::Deny { rule, message } = verdict.clone() {
-                let stmt = Statement { text: &text, kind: StatementKind::Execute, params: &[], prepared: None };
+                let stmt = Statement {
+                    text: &text,
+                    literals: &literals,
+                    kind: StatementKind::Execute,
+                    params: &[],
+                    prepared: None,
+                };
                 let (admitted, pending) = t.pipeline.statement(&stmt, &verdict);
                 t.unconfirmed.push(pending);
                 t.queue.push_back(Req::Denied { admitted, denied: Denied { rule, message }, simple: false });
@@ -657,7 +704,7 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
             let label = (!name.is_empty()).then(|| String::from_utf8_lossy(&name).into_owned());
             t.next_gen += 1;
             let gen = t.next_gen;
-            t.prepared.insert(name, Prepared { gen, text, label, described: None, notes });
+            t.prepared.insert(name, Prepared { gen, text, label, described: None, notes, literals });
             t.queue.push_back(Req::Parse);
         }
         b'B' => {
@@ -691,10 +738,33 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
             for _ in 0..nres {
                 result_formats.push(b.i16().unwrap_or(0));
             }
-            let (text, prepared, statement_gen, notes) = match t.prepared.get(&statement) {
-                Some(p) => (p.text.clone(), p.label.clone(), p.gen, p.notes.clone()),
-                None => (Arc::from("<unknown prepared statement>"), None, 0, Arc::default()),
+            let (text, prepared, statement_gen, notes, literals) = match t.prepared.get(&statement) {
+                Some(p) => (p.text.clone(), p.label.clone(), p.gen, p.notes.clone(), p.literals.clone()),
+                None => (Arc::from("<unknown prepared statement>"), None, 0, Arc::default(), Arc::from(Vec::new())),
             };
+            // Values a workload binds are checked like the ones it types:
+            // refused before they reach the server (and its logs).
+            let texts: Vec<String> = params
+                .iter()
+                .filter_map(|(v, _)| v.as_ref().and_then(|v| std::str::from_utf8(v).ok()).map(str::to_string))
+                .collect();
+            let verdict = sensitive_values(t, texts.iter().map(String::as_str), "its parameters");
+            if let Verdict::Deny { rule, message } = verdict.clone() {
+                let ps: Vec<Param<'_>> =
+                    params.iter().map(|(v, bin)| Param { value: v.as_deref(), binary: *bin }).collect();
+                let stmt = Statement {
+                    text: &text,
+                    literals: &literals,
+                    kind: StatementKind::Execute,
+                    params: &ps,
+                    prepared: prepared.as_deref(),
+                };
+                let (admitted, pending) = t.pipeline.statement(&stmt, &verdict);
+                t.unconfirmed.push(pending);
+                t.queue.push_back(Req::Denied { admitted, denied: Denied { rule, message }, simple: false });
+                t.skipping = true;
+                return Ok(Forward::Drop);
+            }
             if t.portals.len() >= MAX_NAMED && !t.portals.contains_key(&portal) {
                 bail!("protocol violation: more than {MAX_NAMED} portals in one session");
             }
@@ -712,6 +782,7 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
                     result_formats,
                     described: None,
                     notes,
+                    literals,
                 },
             );
             t.queue.push_back(Req::Bind);
@@ -730,14 +801,19 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
         }
         b'E' => {
             let portal = Bytes::copy_from_slice(b.cstr().context("protocol violation: Execute without a portal")?);
-            let (text, prepared, params) = match t.portals.get(&portal) {
-                Some(p) => (p.text.clone(), p.prepared.clone(), p.params.clone()),
-                None => (Arc::from("<unknown portal>"), None, Vec::new()),
+            let (text, prepared, params, literals) = match t.portals.get(&portal) {
+                Some(p) => (p.text.clone(), p.prepared.clone(), p.params.clone(), p.literals.clone()),
+                None => (Arc::from("<unknown portal>"), None, Vec::new(), Arc::from(Vec::new())),
             };
             let ps: Vec<Param<'_>> =
                 params.iter().map(|(v, bin)| Param { value: v.as_deref(), binary: *bin }).collect();
-            let stmt =
-                Statement { text: &text, kind: StatementKind::Execute, params: &ps, prepared: prepared.as_deref() };
+            let stmt = Statement {
+                text: &text,
+                literals: &literals,
+                kind: StatementKind::Execute,
+                params: &ps,
+                prepared: prepared.as_deref(),
+            };
             let (admitted, pending) = t.pipeline.statement(&stmt, &Verdict::Allow);
             t.unconfirmed.push(pending);
             let mut run = running(admitted);
@@ -760,7 +836,8 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
                     message: "fast-path function calls cannot be inspected and are not allowed".into(),
                 }
             };
-            let stmt = Statement { text: &text, kind: StatementKind::FunctionCall, params: &[], prepared: None };
+            let stmt =
+                Statement { text: &text, literals: &[], kind: StatementKind::FunctionCall, params: &[], prepared: None };
             let (admitted, pending) = t.pipeline.statement(&stmt, &verdict);
             t.unconfirmed.push(pending);
             if let Verdict::Deny { rule, message } = verdict {

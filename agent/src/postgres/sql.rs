@@ -81,6 +81,42 @@ pub fn analyse(sql: &str) -> Result<Vec<StmtFacts>, String> {
     Ok(out)
 }
 
+/// The literals of a statement text, by PostgreSQL's own scanner: strings
+/// (standard, E'', dollar-quoted, U&''), numbers, bit strings. A text the
+/// scanner rejects has none (it is refused as a parse error anyway).
+pub fn literals(sql: &str) -> Vec<crate::pipeline::literals::Literal> {
+    use pg_query::protobuf::Token;
+    let Ok(scan) = pg_query::scan(sql) else { return Vec::new() };
+    let mut out = Vec::new();
+    for t in scan.tokens {
+        let kind = Token::try_from(t.token).ok();
+        let string = matches!(kind, Some(Token::Sconst | Token::Usconst));
+        let number = matches!(kind, Some(Token::Iconst | Token::Fconst | Token::Bconst | Token::Xconst));
+        if !string && !number {
+            continue;
+        }
+        let (Ok(start), Ok(end)) = (usize::try_from(t.start), usize::try_from(t.end)) else { continue };
+        let Some(raw) = sql.get(start..end) else { continue };
+        let value = if string { string_value(raw) } else { raw.to_string() };
+        out.push(crate::pipeline::literals::Literal { start, end, value });
+    }
+    out
+}
+
+/// 'it''s' → it's; E'…' and U&'…' lose their prefix; $tag$…$tag$ its tags.
+fn string_value(raw: &str) -> String {
+    let body = raw.trim_start_matches(['E', 'e', 'N', 'n']).trim_start_matches("U&").trim_start_matches("u&");
+    if let Some(rest) = body.strip_prefix('$') {
+        if let Some(close) = rest.find('$') {
+            let tag_len = close + 2;
+            if body.len() >= 2 * tag_len {
+                return body.get(tag_len..body.len() - tag_len).unwrap_or_default().to_string();
+            }
+        }
+    }
+    body.strip_prefix('\'').and_then(|b| b.strip_suffix('\'')).unwrap_or(body).replace("''", "'")
+}
+
 fn range_var(r: &pg_query::protobuf::RangeVar) -> TableRef {
     TableRef { schema: (!r.schemaname.is_empty()).then(|| r.schemaname.clone()), name: r.relname.clone() }
 }
