@@ -631,7 +631,11 @@ impl Validator<'_> {
                 "equality" => true,
                 "none" => false,
                 other => {
-                    self.error(v.span(), &field, format!("unknown lookup mode {other:?}; use \"equality\" or \"none\""));
+                    self.error(
+                        v.span(),
+                        &field,
+                        format!("unknown lookup mode {other:?}; use \"equality\" or \"none\""),
+                    );
                     continue;
                 }
             };

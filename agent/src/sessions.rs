@@ -161,7 +161,11 @@ pub struct Found {
 
 /// `cordon audit find --value V`: the statements whose literals or bind
 /// parameters were V, by V's keyed hashes (V is never stored).
-pub fn find(dir: &std::path::Path, key: &crate::pipeline::literals::LiteralKey, value: &str) -> anyhow::Result<Vec<Found>> {
+pub fn find(
+    dir: &std::path::Path,
+    key: &crate::pipeline::literals::LiteralKey,
+    value: &str,
+) -> anyhow::Result<Vec<Found>> {
     let wanted = key.hashes(value);
     let has = |s: &str| s.split(' ').any(|h| wanted.iter().any(|w| w == h));
     let mut out = Vec::new();
@@ -170,14 +174,11 @@ pub fn find(dir: &std::path::Path, key: &crate::pipeline::literals::LiteralKey, 
             continue;
         }
         let f = &r.fields;
-        let in_text = f
-            .get("literals")
-            .and_then(|l| l.as_array())
-            .is_some_and(|ls| ls.iter().any(|l| l["hashes"].as_array().is_some_and(|hs| hs.iter().any(|h| h.as_str().is_some_and(has)))));
-        let in_params = f
-            .get("params")
-            .and_then(|p| p.as_array())
-            .is_some_and(|ps| ps.iter().any(|p| p.as_str().is_some_and(has)));
+        let in_text = f.get("literals").and_then(|l| l.as_array()).is_some_and(|ls| {
+            ls.iter().any(|l| l["hashes"].as_array().is_some_and(|hs| hs.iter().any(|h| h.as_str().is_some_and(has))))
+        });
+        let in_params =
+            f.get("params").and_then(|p| p.as_array()).is_some_and(|ps| ps.iter().any(|p| p.as_str().is_some_and(has)));
         if in_text || in_params {
             out.push(Found {
                 session: r.session.clone().unwrap_or_default(),

@@ -195,7 +195,11 @@ fn php_pdo_server_side_prepares() {
     let s = setup("php");
     let (_d, src) = workload_script("drv.php", PHP).unwrap();
     let dsn = |via: &Via| match via {
-        Via::Cordon => vec![format!("pgsql:host=127.0.0.2;port={};dbname=postgres;sslmode=disable", s.pg.port), "nobody".into(), "".into()],
+        Via::Cordon => vec![
+            format!("pgsql:host=127.0.0.2;port={};dbname=postgres;sslmode=disable", s.pg.port),
+            "nobody".into(),
+            "".into(),
+        ],
         Via::Direct => vec![
             format!("pgsql:host=127.0.0.2;port={};dbname=postgres;sslmode=require", s.pg.port),
             "app".into(),

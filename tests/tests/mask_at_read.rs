@@ -354,10 +354,14 @@ fn no_attack_query_gets_a_protected_value_out() {
             failures.push(format!("{q}\n  carries {f:?}: {text}"));
             continue;
         }
-        let error = a["error"].as_array().map(|e| e.iter().map(|v| v.as_str().unwrap_or_default()).collect::<Vec<_>>().join(" | "));
+        let error = a["error"]
+            .as_array()
+            .map(|e| e.iter().map(|v| v.as_str().unwrap_or_default()).collect::<Vec<_>>().join(" | "));
         let ok = match expect.split_once(':').unwrap_or((expect, "")) {
             ("ok", _) => error.is_none(),
-            ("rows", rows) => error.is_none() && a["rows"] == serde_json::from_str::<Value>(rows).expect("expected rows"),
+            ("rows", rows) => {
+                error.is_none() && a["rows"] == serde_json::from_str::<Value>(rows).expect("expected rows")
+            }
             ("refused", rule) => {
                 error.as_deref().is_some_and(|e| e.starts_with("42501") && e.contains(&format!("(rule {rule})")))
             }

@@ -205,7 +205,7 @@ fn pgbench_simple_extended_and_prepared() {
     );
     assert!(stmts
         .iter()
-        .any(|r| r["param_count"] == 1 && r["params"][0].as_str().is_some_and(|p| p.starts_with("sha256:"))));
+        .any(|r| r["param_count"] == 1 && r["params"][0].as_str().is_some_and(|p| p.starts_with("hmac:"))));
     let ends = s.agent.audit_events("statement_end");
     assert!(ends.iter().filter(|e| e["outcome"]["rows"] == 1).count() >= 300);
 }

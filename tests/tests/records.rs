@@ -135,7 +135,8 @@ fn state_directory_holds_no_typed_or_bound_value_and_audit_find_still_finds_them
 
     // Found by keyed hash: typed (with or without spaces) and bound.
     let find = |v: &str| s.agent.cli(&["audit", "find", "--json", "--value", v]);
-    for (v, place) in [(CARD_TYPED, "text"), ("4111111111111111", "text"), (AWS_KEY, "text"), (CARD_BOUND, "parameter")] {
+    for (v, place) in [(CARD_TYPED, "text"), ("4111111111111111", "text"), (AWS_KEY, "text"), (CARD_BOUND, "parameter")]
+    {
         let out = find(v);
         assert!(out.status.success(), "{v}: {}\n{}", stdout(&out), stderr(&out));
         let hits: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
@@ -161,24 +162,40 @@ fn sensitive_literals_deny_keeps_them_from_the_database() {
     assert!(err.contains("carries a card") && err.contains("carries a aws_key"), "{err}");
     assert_eq!(stdout(&out), "nothing sensitive");
     let bound = s.bind(CARD_BOUND);
-    assert!(stdout(&bound).contains("ERROR 42501") && stdout(&bound).contains("sensitive_literals"), "{}", stdout(&bound));
+    assert!(
+        stdout(&bound).contains("ERROR 42501") && stdout(&bound).contains("sensitive_literals"),
+        "{}",
+        stdout(&bound)
+    );
     let fine = s.bind("not a card");
     assert!(stdout(&fine).contains("[]"), "{}\n{}", stdout(&fine), stderr(&fine));
     // The server never saw them: it logs every statement it gets.
     let log = std::fs::read_to_string(s.pg.log_path()).unwrap_or_default();
     assert!(log.contains("nothing sensitive"), "the server logs statements: {log}");
-    assert!(!log.contains(CARD_TYPED) && !log.contains(AWS_KEY) && !log.contains(CARD_BOUND), "the server log has them");
+    assert!(
+        !log.contains(CARD_TYPED) && !log.contains(AWS_KEY) && !log.contains(CARD_BOUND),
+        "the server log has them"
+    );
 }
 
 #[test]
 fn policy_check_warns_about_full_text_and_rejects_unknown_modes() {
     require_e2e!();
     let s = setup("check", "record_text = \"full\"");
-    let out = std::process::Command::new(cordon_tests::cordon_bin()).args(["policy", "check"]).arg(&s.agent.config).output().unwrap();
+    let out = std::process::Command::new(cordon_tests::cordon_bin())
+        .args(["policy", "check"])
+        .arg(&s.agent.config)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("record_text = \"full\"") && stderr(&out).contains("in clear"), "{}", stderr(&out));
-    let bad = std::fs::read_to_string(&s.agent.config).unwrap().replace("record_text = \"full\"", "record_text = \"some\"");
+    let bad =
+        std::fs::read_to_string(&s.agent.config).unwrap().replace("record_text = \"full\"", "record_text = \"some\"");
     s.agent.write_raw_policy(&bad).unwrap();
-    let out = std::process::Command::new(cordon_tests::cordon_bin()).args(["policy", "check"]).arg(&s.agent.config).output().unwrap();
+    let out = std::process::Command::new(cordon_tests::cordon_bin())
+        .args(["policy", "check"])
+        .arg(&s.agent.config)
+        .output()
+        .unwrap();
     assert!(!out.status.success() && stderr(&out).contains("profiles.ci.record_text"), "{}", stderr(&out));
 }

@@ -192,7 +192,10 @@ fn generate(text: &str) -> Result<String> {
     }
     let _ = writeln!(out, "        _ => {{}}");
     let _ = writeln!(out, "    }}\n}}\n");
-    let _ = writeln!(out, "fn c_node(n: &mut Node) {{\n    if let Some(e) = n.node.as_mut() {{ clear_positions(e); }}\n}}\n");
+    let _ = writeln!(
+        out,
+        "fn c_node(n: &mut Node) {{\n    if let Some(e) = n.node.as_mut() {{ clear_positions(e); }}\n}}\n"
+    );
     for (name, fields) in &structs {
         if !clearable(name) {
             continue;

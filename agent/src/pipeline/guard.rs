@@ -31,7 +31,7 @@ pub enum CopyTarget {
     File,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum StmtKind {
     Read,
@@ -52,13 +52,8 @@ pub enum StmtKind {
     /// An anonymous code block: statements inside are invisible to the parser.
     Do,
     /// Session and transaction control, LISTEN/NOTIFY, SET, SHOW…
+    #[default]
     Control,
-}
-
-impl Default for StmtKind {
-    fn default() -> Self {
-        Self::Control
-    }
 }
 
 /// What one statement does.
@@ -443,7 +438,9 @@ mod tests {
         assert_eq!(check(&g, std::slice::from_ref(&read), &Open), Verdict::Allow);
         let mut call = facts(StmtKind::Write);
         call.calls = vec![(Some("public".into()), "wipe".into())];
-        assert!(matches!(check(&g, std::slice::from_ref(&call), &Open), Verdict::Deny { rule, .. } if rule == "user_function"));
+        assert!(
+            matches!(check(&g, std::slice::from_ref(&call), &Open), Verdict::Deny { rule, .. } if rule == "user_function")
+        );
         g.unbounded_write = Outcome::Allow;
         g.ddl = Outcome::Approve;
         assert!(

@@ -117,12 +117,7 @@ pub struct RecordedLiteral {
 }
 
 /// The text to record for a statement, and its replaced literals.
-pub fn render(
-    text: &str,
-    literals: &[Literal],
-    mode: TextMode,
-    key: &LiteralKey,
-) -> (String, Vec<RecordedLiteral>) {
+pub fn render(text: &str, literals: &[Literal], mode: TextMode, key: &LiteralKey) -> (String, Vec<RecordedLiteral>) {
     if mode == TextMode::Full {
         return (text.to_string(), Vec::new());
     }

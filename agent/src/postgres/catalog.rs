@@ -72,7 +72,7 @@ pub struct Catalog {
     /// definitions, so it lives and dies with the entries it was built on.
     rewrites: Mutex<HashMap<(String, String), (Instant, CachedRewrite)>>,
     /// Function or operator name → its definitions that are not built in.
-    user_code: Mutex<HashMap<(char, String), (Instant, Arc<Vec<UserCodeInfo>>)>>,
+    user_code: Mutex<HashMap<(char, String), (Instant, UserCodeList)>>,
 }
 
 /// A function, procedure or operator that is not built in (OID at or above
@@ -84,6 +84,8 @@ pub struct UserCodeInfo {
     /// provolatile is 'v', or a procedure.
     pub may_write: bool,
 }
+
+type UserCodeList = Arc<Vec<UserCodeInfo>>;
 
 /// PostgreSQL's FirstNormalObjectId: OIDs below it are the system's own.
 const FIRST_NORMAL_OID: u32 = 16384;
@@ -108,7 +110,13 @@ impl Catalog {
 
     /// Look up which of these function and operator names have
     /// definitions that are not built in (one query for all misses).
-    pub async fn resolve_code(&self, ctx: &Ctx, cred: &Credential, functions: &[String], operators: &[String]) -> Result<()> {
+    pub async fn resolve_code(
+        &self,
+        ctx: &Ctx,
+        cred: &Credential,
+        functions: &[String],
+        operators: &[String],
+    ) -> Result<()> {
         let fresh = |kind: char, n: &String| {
             self.user_code.lock().is_ok_and(|m| m.get(&(kind, n.clone())).is_some_and(|(at, _)| at.elapsed() < TTL))
         };

@@ -19,7 +19,7 @@ use super::{
     frame::Body,
     sqltree::{
         self,
-        rewrite::{self, Column, RelKind, Relation, Refusal, Rewritten, Treatment},
+        rewrite::{self, Column, Refusal, RelKind, Relation, Rewritten, Treatment},
     },
     types, Ctx,
 };
@@ -28,8 +28,8 @@ use crate::{
     pipeline::{
         classify::{Action, Classifier, Strategy},
         guard::TableRef,
-        plan::{self, ColAction},
         mask::ValueType,
+        plan::{self, ColAction},
     },
     secrets::Credential,
 };

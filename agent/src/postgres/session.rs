@@ -28,8 +28,8 @@ use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 
 use super::{
     catalog::Catalog,
-    read_mask::ReadNotes,
     frame::{Body, Frame, FrameReader},
+    read_mask::ReadNotes,
     startup::ClientHello,
     types, upstream, wire, CancelTarget, Ctx, End,
 };
@@ -39,9 +39,9 @@ use crate::{
     pipeline::{
         classify::Classifier,
         guard::{self, LabelLookup, StmtFacts, StmtKind, TableRef},
+        literals::Literal,
         mask::ValueType,
         plan::{self, ColAction, ColumnDesc, Plan, Source},
-        literals::Literal,
         recorder, Admitted, Denied, Outcome, Param, SessionPipeline, Statement, StatementKind, Verdict,
     },
     secrets::Credential,
@@ -123,7 +123,11 @@ enum Req {
     /// Closing a statement (true) or portal, forgotten when the server
     /// confirms: results of an Execute sent before the Close still need
     /// its description (sqlx sends Bind, Execute, Close, Sync).
-    Close { statement: bool, name: Bytes, gen: u64 },
+    Close {
+        statement: bool,
+        name: Bytes,
+        gen: u64,
+    },
     DescribeStmt(Bytes, u64),
     DescribePortal(Bytes, u64),
     Exec(Box<Running>),
@@ -640,8 +644,13 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
                     Err(v) => verdict = v,
                 }
             }
-            let stmt =
-                Statement { text: &text, literals: &literals, kind: StatementKind::Simple, params: &[], prepared: None };
+            let stmt = Statement {
+                text: &text,
+                literals: &literals,
+                kind: StatementKind::Simple,
+                params: &[],
+                prepared: None,
+            };
             let (admitted, pending) = t.pipeline.statement(&stmt, &verdict);
             t.unconfirmed.push(pending);
             if let Verdict::Deny { rule, message } = verdict {
@@ -836,8 +845,13 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
                     message: "fast-path function calls cannot be inspected and are not allowed".into(),
                 }
             };
-            let stmt =
-                Statement { text: &text, literals: &[], kind: StatementKind::FunctionCall, params: &[], prepared: None };
+            let stmt = Statement {
+                text: &text,
+                literals: &[],
+                kind: StatementKind::FunctionCall,
+                params: &[],
+                prepared: None,
+            };
             let (admitted, pending) = t.pipeline.statement(&stmt, &verdict);
             t.unconfirmed.push(pending);
             if let Verdict::Deny { rule, message } = verdict {

@@ -10,7 +10,13 @@ fn col(name: &str, t: Treatment) -> Column {
         "id" => ("integer", ValueType::Int4),
         _ => ("text", ValueType::Text { max_chars: None, fixed: false }),
     };
-    Column { name: name.into(), type_sql: type_sql.into(), type_oid: if name == "id" { 23 } else { 25 }, ty, treatment: t }
+    Column {
+        name: name.into(),
+        type_sql: type_sql.into(),
+        type_oid: if name == "id" { 23 } else { 25 },
+        ty,
+        treatment: t,
+    }
 }
 
 fn mask() -> Treatment {
@@ -32,7 +38,12 @@ impl Resolve for Cat {
             (None | Some("public"), "customers") => rel(
                 "customers",
                 RelKind::Table,
-                vec![col("id", Treatment::Clear), col("name", Treatment::Clear), col("ssn", mask()), col("card", mask())],
+                vec![
+                    col("id", Treatment::Clear),
+                    col("name", Treatment::Clear),
+                    col("ssn", mask()),
+                    col("card", mask()),
+                ],
                 None,
             ),
             (None | Some("public"), "secrets") => rel(
@@ -163,7 +174,10 @@ fn equality_lookups_compare_the_stored_value_and_nothing_else_does() {
     let out = text("select id from customers c where c.card in ('4111', $1)");
     assert!(out.contains("WHERE card IN ('4111', $1)"), "{out}");
     let r = rw("select id from customers where ssn like '1%'");
-    assert!(r.text.as_deref().is_some_and(|t| t.contains("WHERE ssn LIKE '1%'") && !t.contains("ONLY public.customers WHERE")));
+    assert!(r
+        .text
+        .as_deref()
+        .is_some_and(|t| t.contains("WHERE ssn LIKE '1%'") && !t.contains("ONLY public.customers WHERE")));
     assert_eq!(r.notices.len(), 1, "{r:?}");
     // An OR is not an equality lookup.
     let out = text("select id from customers where ssn = 'x' or true");

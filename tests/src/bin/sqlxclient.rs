@@ -9,7 +9,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = std::env::args().nth(1).ok_or("usage: cordon-sqlxclient URL")?;
     let opts: PgConnectOptions = url.parse()?;
     let mut conn = opts.connect().await?;
-    let sql = "select id, name, ssn, card, email, tier, active, balance::text, joined::text from customers where id = $1";
+    let sql =
+        "select id, name, ssn, card, email, tier, active, balance::text, joined::text from customers where id = $1";
     let mut rows = Vec::new();
     for i in 0..12 {
         for r in sqlx::query(sql).bind((i % 3) + 1).fetch_all(&mut conn).await? {

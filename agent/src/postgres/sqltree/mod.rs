@@ -125,7 +125,10 @@ fn row_dependent(n: &Node, alias: &str) -> bool {
         }
         Some(NodeEnum::AExpr(a)) => {
             let op = a.name.last().and_then(str_of).unwrap_or_default();
-            let same = match (a.lexpr.as_deref().and_then(|l| l.node.as_ref()), a.rexpr.as_deref().and_then(|r| r.node.as_ref())) {
+            let same = match (
+                a.lexpr.as_deref().and_then(|l| l.node.as_ref()),
+                a.rexpr.as_deref().and_then(|r| r.node.as_ref()),
+            ) {
                 (Some(NodeEnum::ColumnRef(l)), Some(NodeEnum::ColumnRef(r))) => l.fields == r.fields,
                 _ => false,
             };
@@ -157,7 +160,8 @@ fn refers_to_target(n: &Node, alias: &str) -> bool {
             }
             match n.node.as_ref() {
                 Some(NodeEnum::ColumnRef(c)) => {
-                    let qual = (c.fields.len() >= 2).then(|| c.fields.get(c.fields.len() - 2).and_then(str_of)).flatten();
+                    let qual =
+                        (c.fields.len() >= 2).then(|| c.fields.get(c.fields.len() - 2).and_then(str_of)).flatten();
                     self.found = match qual {
                         Some(q) => q == self.alias,
                         None => self.depth == 0 && c.fields.len() == 1,

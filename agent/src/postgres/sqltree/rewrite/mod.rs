@@ -38,13 +38,20 @@ use crate::pipeline::{classify::Strategy, guard::TableRef, mask::ValueType};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Treatment {
     Clear,
-    Mask { strategy: Strategy, lookups: bool },
+    Mask {
+        strategy: Strategy,
+        lookups: bool,
+    },
     /// Keyed pseudonym, computed by cordon on the way out: PostgreSQL reads
     /// the stored value, so the statement may only select it as it is,
     /// compare it with `=` (joins, lookups), group by it or test it for
     /// NULL. Anything else would compute on the real value.
-    Pseudonym { lookups: bool },
-    Deny { label: String },
+    Pseudonym {
+        lookups: bool,
+    },
+    Deny {
+        label: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -119,7 +126,8 @@ pub struct Rewritten {
 }
 
 /// Catalog views that hold samples of every column's values.
-const STATISTICS: [&str; 5] = ["pg_statistic", "pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic_ext_data"];
+const STATISTICS: [&str; 5] =
+    ["pg_statistic", "pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic_ext_data"];
 const MAX_VIEW_DEPTH: usize = 16;
 
 /// Rewrite every statement of `sql` for mask at read.
@@ -180,8 +188,10 @@ fn deparse(node: &Node, version: i32) -> R<String> {
         version,
         stmts: vec![pb::RawStmt { stmt: Some(Box::new(node.clone())), stmt_location: 0, stmt_len: 0 }],
     };
-    let text = pg_query::deparse(&tree, Default::default())
-        .map_err(|e| Refusal { rule: "mask", message: format!("cordon cannot write the masked statement back as SQL ({e})") })?;
+    let text = pg_query::deparse(&tree, Default::default()).map_err(|e| Refusal {
+        rule: "mask",
+        message: format!("cordon cannot write the masked statement back as SQL ({e})"),
+    })?;
     let again = pg_query::parse(&text, 0).map_err(|e| Refusal {
         rule: "mask",
         message: format!("the masked statement cordon wrote does not parse ({e})"),
@@ -287,10 +297,10 @@ impl<'r> Rw<'r> {
 
     fn resolve(&self, rv: &RangeVar) -> R<Option<Arc<Relation>>> {
         let t = table_ref(rv);
-        let rel = self.r.relation(&t).map_err(|e| Refusal {
-            rule: "catalog",
-            message: format!("cannot classify relation {t}: {e}"),
-        })?;
+        let rel = self
+            .r
+            .relation(&t)
+            .map_err(|e| Refusal { rule: "catalog", message: format!("cannot classify relation {t}: {e}") })?;
         if let Some(rel) = &rel {
             if rel.schema == "pg_catalog" && STATISTICS.contains(&rel.name.as_str()) && self.r.protects_anything() {
                 return refuse(
@@ -312,7 +322,7 @@ impl<'r> Rw<'r> {
     }
 
     fn is_cte(&self, rv: &RangeVar) -> bool {
-        rv.schemaname.is_empty() && self.ctes.iter().any(|s| s.iter().any(|c| *c == rv.relname))
+        rv.schemaname.is_empty() && self.ctes.iter().any(|s| s.contains(&rv.relname))
     }
 
     fn statement(&mut self, n: &mut Node) -> R<()> {
@@ -446,7 +456,7 @@ impl<'r> Rw<'r> {
         let before = (!s.from_clause.is_empty()).then(|| s.clone());
         let mut wrapped = Vec::new();
         for item in &mut s.from_clause {
-            self.from_item(item, &mut pushed, &mut wrapped)?;
+            self.read_item(item, &mut pushed, &mut wrapped)?;
         }
         if let Some(before) = before {
             self.notice_predicates(&before, &wrapped);
@@ -477,7 +487,7 @@ impl<'r> Rw<'r> {
 
     /// A FROM item: a relation (masked, inlined, or left), a join, a
     /// subquery, a function.
-    fn from_item(
+    fn read_item(
         &mut self,
         n: &mut Node,
         pushed: &mut HashMap<String, Vec<Node>>,
@@ -540,10 +550,10 @@ impl<'r> Rw<'r> {
             }
             Some(NodeEnum::JoinExpr(j)) => {
                 if let Some(l) = j.larg.as_deref_mut() {
-                    self.from_item(l, pushed, wrapped)?;
+                    self.read_item(l, pushed, wrapped)?;
                 }
                 if let Some(rg) = j.rarg.as_deref_mut() {
-                    self.from_item(rg, pushed, wrapped)?;
+                    self.read_item(rg, pushed, wrapped)?;
                 }
                 self.opt_expr(j.quals.as_deref_mut(), None)
             }
@@ -617,7 +627,10 @@ impl<'r> Rw<'r> {
             return refuse("catalog", format!("cannot read the definition of view {}.{}", rel.schema, rel.name));
         };
         if self.view_depth >= MAX_VIEW_DEPTH {
-            return refuse("mask", format!("views nest deeper than {MAX_VIEW_DEPTH} levels at {}.{}", rel.schema, rel.name));
+            return refuse(
+                "mask",
+                format!("views nest deeper than {MAX_VIEW_DEPTH} levels at {}.{}", rel.schema, rel.name),
+            );
         }
         let parsed = pg_query::parse(def, 0).map_err(|e| Refusal {
             rule: "mask",
@@ -638,27 +651,6 @@ impl<'r> Rw<'r> {
         r?;
         self.pseudonyms_through_view(&original)?;
         Ok(changed.then_some(body))
-    }
-
-    /// A view that shows a pseudonymized column as it is passes the rule on
-    /// under the name it gives the column; any other use inside the view is
-    /// refused like in a statement.
-    fn pseudonyms_through_view(&mut self, body: &Node) -> R<()> {
-        if self.pseudo.is_empty() {
-            return Ok(());
-        }
-        self.check_pseudonyms(body)?;
-        if let Some(NodeEnum::SelectStmt(s)) = body.node.as_ref() {
-            for t in &s.target_list {
-                let Some(NodeEnum::ResTarget(rt)) = t.node.as_ref() else { continue };
-                let Some(name) = rt.val.as_deref().and_then(|v| self.pseudo_ref(v)) else { continue };
-                let lookups = self.pseudo.get(&name).copied().unwrap_or(false);
-                if !rt.name.is_empty() {
-                    self.pseudo.insert(rt.name.clone(), lookups);
-                }
-            }
-        }
-        Ok(())
     }
 
     /// `SELECT <each column, masked where the profile says> FROM [ONLY]
@@ -762,7 +754,8 @@ impl<'r> Rw<'r> {
             super::each_node(n, &mut |e| {
                 if let NodeEnum::ColumnRef(c) = e {
                     if let Some(col) = c.fields.last().and_then(str_of) {
-                        let qual = if c.fields.len() >= 2 { c.fields.get(c.fields.len() - 2).and_then(str_of) } else { None };
+                        let qual =
+                            if c.fields.len() >= 2 { c.fields.get(c.fields.len() - 2).and_then(str_of) } else { None };
                         for (alias, rel) in wrapped {
                             if qual.is_some_and(|q| q != alias) {
                                 continue;
@@ -829,7 +822,9 @@ impl<'r> Rw<'r> {
                     return;
                 }
                 if let Some(NodeEnum::ColumnRef(c)) = n.node.as_ref() {
-                    if let Some(col) = target_column(c, self.t).filter(|c| !matches!(c.treatment, Treatment::Pseudonym { .. })) {
+                    if let Some(col) =
+                        target_column(c, self.t).filter(|c| !matches!(c.treatment, Treatment::Pseudonym { .. }))
+                    {
                         match self.rw.mask_expr_for(c, &col) {
                             Ok(m) => {
                                 *n = m;
@@ -949,7 +944,10 @@ impl<'r> Rw<'r> {
         if rel.kind != RelKind::Table && (rel.protected() || self.inline_view(&rel)?.is_some()) {
             return refuse(
                 "mask",
-                format!("{what} through view {}.{}, which reads masked columns, is not supported; write the base table", rel.schema, rel.name),
+                format!(
+                    "{what} through view {}.{}, which reads masked columns, is not supported; write the base table",
+                    rel.schema, rel.name
+                ),
             );
         }
         if !rel.protected() {
@@ -998,12 +996,16 @@ impl<'r> Rw<'r> {
             let star = match item.node.as_ref() {
                 Some(NodeEnum::ResTarget(rt)) => match rt.val.as_deref().and_then(|v| v.node.as_ref()) {
                     Some(NodeEnum::ColumnRef(c)) => {
-                        let last_star = matches!(c.fields.last().and_then(|f| f.node.as_ref()), Some(NodeEnum::AStar(_)));
+                        let last_star =
+                            matches!(c.fields.last().and_then(|f| f.node.as_ref()), Some(NodeEnum::AStar(_)));
                         let qual = c.fields.first().and_then(str_of);
                         if c.fields.len() == 1 && qual == Some(t.alias.as_str()) {
                             return refuse(
                                 "mask",
-                                format!("RETURNING the whole row of {}, which has masked columns: name the columns", t.alias),
+                                format!(
+                                    "RETURNING the whole row of {}, which has masked columns: name the columns",
+                                    t.alias
+                                ),
                             );
                         }
                         last_star && (c.fields.len() == 1 || qual == Some(t.alias.as_str()))
@@ -1076,7 +1078,7 @@ impl<'r> Rw<'r> {
             let mut pushed = HashMap::new();
             let mut wrapped = Vec::new();
             for item in &mut s.from_clause {
-                self.from_item(item, &mut pushed, &mut wrapped)?;
+                self.read_item(item, &mut pushed, &mut wrapped)?;
             }
             let sets = s.target_list.clone();
             self.expr_list(&mut s.target_list, t.as_ref())?;
@@ -1095,7 +1097,7 @@ impl<'r> Rw<'r> {
             let mut pushed = HashMap::new();
             let mut wrapped = Vec::new();
             for item in &mut s.using_clause {
-                self.from_item(item, &mut pushed, &mut wrapped)?;
+                self.read_item(item, &mut pushed, &mut wrapped)?;
             }
             self.write_where(&mut s.where_clause, t.as_ref())?;
             self.returning(s.returning_clause.as_mut(), t.as_ref())
@@ -1111,7 +1113,7 @@ impl<'r> Rw<'r> {
             let mut pushed = HashMap::new();
             let mut wrapped = Vec::new();
             if let Some(src) = s.source_relation.as_deref_mut() {
-                self.from_item(src, &mut pushed, &mut wrapped)?;
+                self.read_item(src, &mut pushed, &mut wrapped)?;
             }
             self.opt_expr(s.join_condition.as_deref_mut(), t.as_ref())?;
             for w in &mut s.merge_when_clauses {
@@ -1144,7 +1146,10 @@ impl<'r> Rw<'r> {
             return Ok(());
         }
         if let Some(c) = rel.columns.iter().find(|c| matches!(c.treatment, Treatment::Pseudonym { .. })) {
-            return refuse("pseudonym", format!("COPY would send {}, which is pseudonymized, as stored; use SELECT", c.name));
+            return refuse(
+                "pseudonym",
+                format!("COPY would send {}, which is pseudonymized, as stored; use SELECT", c.name),
+            );
         }
         // COPY t TO … becomes COPY (SELECT … FROM masked t) TO …
         let cols: Vec<String> = s.attlist.iter().filter_map(str_of).map(quote_ident).collect();
@@ -1158,7 +1163,7 @@ impl<'r> Rw<'r> {
             let only = RangeVar { inh: false, ..rv.clone() };
             sel.from_clause = vec![Node { node: Some(NodeEnum::RangeVar(only)) }];
             for item in &mut sel.from_clause {
-                self.from_item(item, &mut pushed, &mut wrapped)?;
+                self.read_item(item, &mut pushed, &mut wrapped)?;
             }
         }
         s.query = Some(Box::new(q));
@@ -1166,287 +1171,6 @@ impl<'r> Rw<'r> {
         s.attlist.clear();
         self.changed = true;
         Ok(())
-    }
-
-    /// INSERT … SELECT, SELECT INTO, CREATE TABLE AS, SET values: a masked
-    /// column in what is stored would store masked data (or, with a raw
-    /// read, leak it): refused under `labeled_flow`. Checked on the text as
-    /// the client wrote it, after the rewrite has found what is masked.
-    fn flow_check(&self, values: &Node, what: &str) -> R<()> {
-        match self.value_flow(values) {
-            Some(col) => refuse(
-                "labeled_flow",
-                format!("{what} would store {col}, which is masked for this workload: the stored copy would be masked data; refused"),
-            ),
-            None => Ok(()),
-        }
-    }
-
-    fn flow_check_list(&self, values: &[Node], what: &str) -> R<()> {
-        for v in values {
-            self.flow_check(v, what)?;
-        }
-        Ok(())
-    }
-
-    /// A masked column, a `*` or a whole row of a relation with masked
-    /// columns among the values `n` produces: its own column references, and
-    /// the output columns (not the filters) of the queries inside it.
-    fn value_flow(&self, n: &Node) -> Option<String> {
-        struct V<'a, 'r> {
-            rw: &'a Rw<'r>,
-            bad: Option<String>,
-        }
-        impl<'a> walk_gen::Visit<'a> for V<'_, '_> {
-            fn node(&mut self, n: &'a Node) {
-                if self.bad.is_some() {
-                    return;
-                }
-                match n.node.as_ref() {
-                    Some(NodeEnum::ColumnRef(c)) => {
-                        let last = c.fields.last();
-                        if matches!(last.and_then(|f| f.node.as_ref()), Some(NodeEnum::AStar(_))) {
-                            self.bad = Some("*".to_string());
-                        } else if let Some(name) = last.and_then(str_of) {
-                            if self.rw.masked_cols.contains(name)
-                                || (c.fields.len() == 1 && self.rw.masked_aliases.contains(name))
-                            {
-                                self.bad = Some(name.to_string());
-                            }
-                        }
-                    }
-                    Some(NodeEnum::SelectStmt(s)) => self.select(s),
-                    Some(e) => walk_gen::children(e, self),
-                    None => {}
-                }
-            }
-        }
-        impl<'a> V<'_, '_> {
-            fn select(&mut self, s: &'a pb::SelectStmt) {
-                for n in s.target_list.iter().chain(&s.values_lists).chain(&s.from_clause) {
-                    walk_gen::Visit::node(self, n);
-                }
-                for arm in s.larg.iter().chain(s.rarg.iter()) {
-                    self.select(arm);
-                }
-                if let Some(w) = &s.with_clause {
-                    for c in &w.ctes {
-                        if let Some(NodeEnum::CommonTableExpr(c)) = c.node.as_ref() {
-                            if let Some(q) = c.ctequery.as_deref() {
-                                walk_gen::Visit::node(self, q);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        let mut v = V { rw: self, bad: None };
-        walk_gen::Visit::node(&mut v, n);
-        v.bad
-    }
-
-    /// Pseudonymized columns are read as stored, so only the statement's
-    /// own top-level SELECT may use them, and only as a bare output column,
-    /// an `=` comparison, a GROUP BY key or a NULL test. Every other use,
-    /// anywhere, refuses the statement.
-    fn check_pseudonyms(&self, stmt: &Node) -> R<()> {
-        if self.pseudo.is_empty() {
-            return Ok(());
-        }
-        match stmt.node.as_ref() {
-            Some(NodeEnum::SelectStmt(s))
-                if s.op == pb::SetOperation::SetopNone as i32 && s.into_clause.is_none() && s.with_clause.is_none() =>
-            {
-                for t in &s.target_list {
-                    match t.node.as_ref() {
-                        Some(NodeEnum::ResTarget(rt)) if rt.val.as_deref().is_some_and(|v| self.bare(v)) => {}
-                        _ => self.no_pseudo(t)?,
-                    }
-                }
-                for d in s.distinct_clause.iter().chain(&s.group_clause) {
-                    if !self.bare(d) {
-                        self.no_pseudo(d)?;
-                    }
-                }
-                for f in &s.from_clause {
-                    self.pseudo_from(f)?;
-                }
-                if let Some(w) = s.where_clause.as_deref() {
-                    self.pseudo_predicate(w)?;
-                }
-                for n in s
-                    .having_clause
-                    .iter()
-                    .map(|b| b.as_ref())
-                    .chain(&s.sort_clause)
-                    .chain(&s.window_clause)
-                    .chain(&s.values_lists)
-                    .chain(&s.locking_clause)
-                    .chain(s.limit_count.as_deref())
-                    .chain(s.limit_offset.as_deref())
-                {
-                    self.no_pseudo(n)?;
-                }
-                Ok(())
-            }
-            Some(NodeEnum::UpdateStmt(_) | NodeEnum::DeleteStmt(_)) => {
-                let (where_clause, returning, rest): (Option<&Node>, Vec<&Node>, Vec<&Node>) = match stmt.node.as_ref() {
-                    Some(NodeEnum::UpdateStmt(u)) => (
-                        u.where_clause.as_deref(),
-                        u.returning_clause.iter().flat_map(|r| r.exprs.iter()).collect(),
-                        u.target_list.iter().chain(&u.from_clause).collect(),
-                    ),
-                    Some(NodeEnum::DeleteStmt(d)) => (
-                        d.where_clause.as_deref(),
-                        d.returning_clause.iter().flat_map(|r| r.exprs.iter()).collect(),
-                        d.using_clause.iter().collect(),
-                    ),
-                    _ => (None, vec![], vec![]),
-                };
-                if let Some(w) = where_clause {
-                    self.pseudo_predicate(w)?;
-                }
-                for r in returning {
-                    match r.node.as_ref() {
-                        Some(NodeEnum::ResTarget(rt)) if rt.val.as_deref().is_some_and(|v| self.bare(v)) => {}
-                        _ => self.no_pseudo(r)?,
-                    }
-                }
-                for n in rest {
-                    self.no_pseudo(n)?;
-                }
-                Ok(())
-            }
-            _ => self.no_pseudo(stmt),
-        }
-    }
-
-    /// A column as it is (or `*`), which cordon pseudonymizes on the way
-    /// out; a whole row would go out as a record it cannot.
-    fn bare(&self, n: &Node) -> bool {
-        match n.node.as_ref() {
-            Some(NodeEnum::ColumnRef(c)) => {
-                let whole_row =
-                    c.fields.len() == 1 && c.fields.first().and_then(str_of).is_some_and(|a| self.pseudo_aliases.contains(a));
-                !whole_row
-            }
-            _ => false,
-        }
-    }
-
-    fn pseudo_from(&self, n: &Node) -> R<()> {
-        match n.node.as_ref() {
-            Some(NodeEnum::RangeVar(_)) => Ok(()),
-            Some(NodeEnum::JoinExpr(j)) => {
-                for side in j.larg.iter().chain(j.rarg.iter()) {
-                    self.pseudo_from(side)?;
-                }
-                match j.quals.as_deref() {
-                    Some(q) => self.pseudo_predicate(q),
-                    None => Ok(()),
-                }
-            }
-            _ => self.no_pseudo(n),
-        }
-    }
-
-    /// AND/OR/NOT of `col = col`, `col = constant`, `col IS [NOT] NULL`
-    /// and predicates that do not touch a pseudonymized column.
-    fn pseudo_predicate(&self, n: &Node) -> R<()> {
-        match n.node.as_ref() {
-            Some(NodeEnum::BoolExpr(b)) => {
-                for a in &b.args {
-                    self.pseudo_predicate(a)?;
-                }
-                Ok(())
-            }
-            Some(NodeEnum::NullTest(t)) if t.arg.as_deref().is_some_and(is_column_ref) => Ok(()),
-            Some(NodeEnum::AExpr(a)) if a.kind == pb::AExprKind::AexprOp as i32 => {
-                let op: Vec<&str> = a.name.iter().filter_map(str_of).collect();
-                let (Some(l), Some(r)) = (a.lexpr.as_deref(), a.rexpr.as_deref()) else { return self.no_pseudo(n) };
-                let side_ok = |x: &Node| is_column_ref(x) || is_constant(x);
-                if op == ["="] && side_ok(l) && side_ok(r) {
-                    // An equality is a lookup: allowed where the label
-                    // allows lookups.
-                    for side in [l, r] {
-                        if let Some(name) = self.pseudo_ref(side) {
-                            if !self.pseudo.get(&name).copied().unwrap_or(false) {
-                                return refuse(
-                                    "pseudonym",
-                                    format!("{name} is pseudonymized and this profile allows no lookups on it"),
-                                );
-                            }
-                        }
-                    }
-                    return Ok(());
-                }
-                self.no_pseudo(n)
-            }
-            _ => self.no_pseudo(n),
-        }
-    }
-
-    fn pseudo_ref(&self, n: &Node) -> Option<String> {
-        let Some(NodeEnum::ColumnRef(c)) = n.node.as_ref() else { return None };
-        let name = c.fields.last().and_then(str_of)?;
-        self.pseudo.contains_key(name).then(|| name.to_string())
-    }
-
-    /// No pseudonymized column, `*` or whole row of its relation in `n`.
-    fn no_pseudo(&self, n: &Node) -> R<()> {
-        let mut bad = None;
-        super::each_node(n, &mut |e| {
-            if let NodeEnum::ColumnRef(c) = e {
-                let last = c.fields.last();
-                if matches!(last.and_then(|f| f.node.as_ref()), Some(NodeEnum::AStar(_))) {
-                    bad.get_or_insert_with(|| "*".to_string());
-                } else if let Some(name) = last.and_then(str_of) {
-                    if self.pseudo.contains_key(name) || (c.fields.len() == 1 && self.pseudo_aliases.contains(name)) {
-                        bad.get_or_insert_with(|| name.to_string());
-                    }
-                }
-            }
-        });
-        match bad {
-            None => Ok(()),
-            Some(col) if col == "*" => refuse(
-                "pseudonym",
-                "a * or whole row outside the SELECT list would carry pseudonymized columns as stored; name the columns",
-            ),
-            Some(col) => refuse("pseudonym", pseudonym_rule(&col)),
-        }
-    }
-
-    /// Denied columns: any reference to one, a `*`, or a whole-row reference
-    /// of its relation refuses the statement.
-    fn check_denied(&self, stmt: &Node) -> R<()> {
-        if self.denied.is_empty() {
-            return Ok(());
-        }
-        let mut bad: Option<(String, String)> = None;
-        super::each_node(stmt, &mut |e| {
-            if bad.is_some() {
-                return;
-            }
-            let NodeEnum::ColumnRef(c) = e else { return };
-            let last = c.fields.last();
-            let star = matches!(last.and_then(|f| f.node.as_ref()), Some(NodeEnum::AStar(_)));
-            let name = last.and_then(str_of).unwrap_or("*");
-            for (alias, cols, label) in &self.denied {
-                let whole_row = c.fields.len() == 1 && name == alias;
-                if star || whole_row || cols.iter().any(|d| d == name) {
-                    let what = if star || whole_row { format!("every column of {alias}, including {}", cols.join(", ")) } else { format!("column {name}") };
-                    bad = Some((what, label.clone()));
-                }
-            }
-        });
-        match bad {
-            Some((what, label)) => refuse(
-                "label",
-                format!("this statement reads {what}, labeled {label}; this profile may not read it"),
-            ),
-            None => Ok(()),
-        }
     }
 }
 
@@ -1481,8 +1205,10 @@ fn parse_select(sql: &str) -> R<Node> {
     if let Some(n) = PARSED.lock().ok().and_then(|m| m.get(sql).cloned()) {
         return Ok(n);
     }
-    let parsed = pg_query::parse(sql, 0)
-        .map_err(|e| Refusal { rule: "mask", message: format!("cordon built a masking query that does not parse ({e})") })?;
+    let parsed = pg_query::parse(sql, 0).map_err(|e| Refusal {
+        rule: "mask",
+        message: format!("cordon built a masking query that does not parse ({e})"),
+    })?;
     let node = parsed
         .protobuf
         .stmts
@@ -1612,6 +1338,8 @@ fn unqualify(n: &mut Node, col: &str) {
     walk_gen::VisitMut::node(&mut V(col), n);
 }
 
+mod rules;
+
 #[cfg(test)]
-#[path = "../../tests/pg_rewrite.rs"]
+#[path = "../../../tests/pg_rewrite.rs"]
 mod tests;
