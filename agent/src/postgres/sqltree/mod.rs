@@ -7,7 +7,9 @@
 
 pub mod masks;
 pub mod rewrite;
+// Generated: kept as `cargo xtask gen-walk` writes it (`--check` compares).
 #[allow(unreachable_pub)]
+#[rustfmt::skip]
 pub mod walk_gen;
 
 use pg_query::{protobuf::RangeVar, Node, NodeEnum};

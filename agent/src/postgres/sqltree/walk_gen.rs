@@ -266,18 +266,14 @@ pub fn clear_positions(e: &mut NodeEnum) {
 }
 
 fn c_node(n: &mut Node) {
-    if let Some(e) = n.node.as_mut() {
-        clear_positions(e);
-    }
+    if let Some(e) = n.node.as_mut() { clear_positions(e); }
 }
 
 fn c_AArrayExpr(x: &mut AArrayExpr) {
     x.list_start = 0;
     x.list_end = 0;
     x.location = 0;
-    for c in &mut x.elements {
-        c_node(c);
-    }
+    for c in &mut x.elements { c_node(c); }
 }
 
 fn c_AConst(x: &mut AConst) {
@@ -288,1017 +284,549 @@ fn c_AExpr(x: &mut AExpr) {
     x.rexpr_list_start = 0;
     x.rexpr_list_end = 0;
     x.location = 0;
-    for c in &mut x.name {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.lexpr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.rexpr {
-        c_node(c);
-    }
+    for c in &mut x.name { c_node(c); }
+    if let Some(c) = &mut x.lexpr { c_node(c); }
+    if let Some(c) = &mut x.rexpr { c_node(c); }
 }
 
 fn c_AIndices(x: &mut AIndices) {
-    if let Some(c) = &mut x.lidx {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.uidx {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.lidx { c_node(c); }
+    if let Some(c) = &mut x.uidx { c_node(c); }
 }
 
 fn c_AIndirection(x: &mut AIndirection) {
-    if let Some(c) = &mut x.arg {
-        c_node(c);
-    }
-    for c in &mut x.indirection {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.arg { c_node(c); }
+    for c in &mut x.indirection { c_node(c); }
 }
 
 fn c_AccessPriv(x: &mut AccessPriv) {
-    for c in &mut x.cols {
-        c_node(c);
-    }
+    for c in &mut x.cols { c_node(c); }
 }
 
 fn c_Aggref(x: &mut Aggref) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    for c in &mut x.aggargtypes {
-        c_node(c);
-    }
-    for c in &mut x.aggdirectargs {
-        c_node(c);
-    }
-    for c in &mut x.args {
-        c_node(c);
-    }
-    for c in &mut x.aggorder {
-        c_node(c);
-    }
-    for c in &mut x.aggdistinct {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.aggfilter {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.aggargtypes { c_node(c); }
+    for c in &mut x.aggdirectargs { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+    for c in &mut x.aggorder { c_node(c); }
+    for c in &mut x.aggdistinct { c_node(c); }
+    if let Some(c) = &mut x.aggfilter { c_node(c); }
 }
 
 fn c_Alias(x: &mut Alias) {
-    for c in &mut x.colnames {
-        c_node(c);
-    }
+    for c in &mut x.colnames { c_node(c); }
 }
 
 fn c_AlterCollationStmt(x: &mut AlterCollationStmt) {
-    for c in &mut x.collname {
-        c_node(c);
-    }
+    for c in &mut x.collname { c_node(c); }
 }
 
 fn c_AlterDatabaseSetStmt(x: &mut AlterDatabaseSetStmt) {
-    if let Some(c) = &mut x.setstmt {
-        c_VariableSetStmt(c);
-    }
+    if let Some(c) = &mut x.setstmt { c_VariableSetStmt(c); }
 }
 
 fn c_AlterDatabaseStmt(x: &mut AlterDatabaseStmt) {
-    for c in &mut x.options {
-        c_node(c);
-    }
+    for c in &mut x.options { c_node(c); }
 }
 
 fn c_AlterDefaultPrivilegesStmt(x: &mut AlterDefaultPrivilegesStmt) {
-    for c in &mut x.options {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.action {
-        c_GrantStmt(c);
-    }
+    for c in &mut x.options { c_node(c); }
+    if let Some(c) = &mut x.action { c_GrantStmt(c); }
 }
 
 fn c_AlterDomainStmt(x: &mut AlterDomainStmt) {
-    for c in &mut x.type_name {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.def {
-        c_node(c);
-    }
+    for c in &mut x.type_name { c_node(c); }
+    if let Some(c) = &mut x.def { c_node(c); }
 }
 
 fn c_AlterEnumStmt(x: &mut AlterEnumStmt) {
-    for c in &mut x.type_name {
-        c_node(c);
-    }
+    for c in &mut x.type_name { c_node(c); }
 }
 
 fn c_AlterExtensionContentsStmt(x: &mut AlterExtensionContentsStmt) {
-    if let Some(c) = &mut x.object {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.object { c_node(c); }
 }
 
 fn c_AlterExtensionStmt(x: &mut AlterExtensionStmt) {
-    for c in &mut x.options {
-        c_node(c);
-    }
+    for c in &mut x.options { c_node(c); }
 }
 
 fn c_AlterFdwStmt(x: &mut AlterFdwStmt) {
-    for c in &mut x.func_options {
-        c_node(c);
-    }
-    for c in &mut x.options {
-        c_node(c);
-    }
+    for c in &mut x.func_options { c_node(c); }
+    for c in &mut x.options { c_node(c); }
 }
 
 fn c_AlterForeignServerStmt(x: &mut AlterForeignServerStmt) {
-    for c in &mut x.options {
-        c_node(c);
-    }
+    for c in &mut x.options { c_node(c); }
 }
 
 fn c_AlterFunctionStmt(x: &mut AlterFunctionStmt) {
-    if let Some(c) = &mut x.func {
-        c_ObjectWithArgs(c);
-    }
-    for c in &mut x.actions {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.func { c_ObjectWithArgs(c); }
+    for c in &mut x.actions { c_node(c); }
 }
 
 fn c_AlterObjectDependsStmt(x: &mut AlterObjectDependsStmt) {
-    if let Some(c) = &mut x.relation {
-        c_RangeVar(c);
-    }
-    if let Some(c) = &mut x.object {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    if let Some(c) = &mut x.object { c_node(c); }
 }
 
 fn c_AlterObjectSchemaStmt(x: &mut AlterObjectSchemaStmt) {
-    if let Some(c) = &mut x.relation {
-        c_RangeVar(c);
-    }
-    if let Some(c) = &mut x.object {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    if let Some(c) = &mut x.object { c_node(c); }
 }
 
 fn c_AlterOpFamilyStmt(x: &mut AlterOpFamilyStmt) {
-    for c in &mut x.opfamilyname {
-        c_node(c);
-    }
-    for c in &mut x.items {
-        c_node(c);
-    }
+    for c in &mut x.opfamilyname { c_node(c); }
+    for c in &mut x.items { c_node(c); }
 }
 
 fn c_AlterOperatorStmt(x: &mut AlterOperatorStmt) {
-    if let Some(c) = &mut x.opername {
-        c_ObjectWithArgs(c);
-    }
-    for c in &mut x.options {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.opername { c_ObjectWithArgs(c); }
+    for c in &mut x.options { c_node(c); }
 }
 
 fn c_AlterOwnerStmt(x: &mut AlterOwnerStmt) {
-    if let Some(c) = &mut x.relation {
-        c_RangeVar(c);
-    }
-    if let Some(c) = &mut x.object {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.newowner {
-        c_RoleSpec(c);
-    }
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    if let Some(c) = &mut x.object { c_node(c); }
+    if let Some(c) = &mut x.newowner { c_RoleSpec(c); }
 }
 
 fn c_AlterPolicyStmt(x: &mut AlterPolicyStmt) {
-    if let Some(c) = &mut x.table {
-        c_RangeVar(c);
-    }
-    for c in &mut x.roles {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.qual {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.with_check {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.table { c_RangeVar(c); }
+    for c in &mut x.roles { c_node(c); }
+    if let Some(c) = &mut x.qual { c_node(c); }
+    if let Some(c) = &mut x.with_check { c_node(c); }
 }
 
 fn c_AlterPublicationStmt(x: &mut AlterPublicationStmt) {
-    for c in &mut x.options {
-        c_node(c);
-    }
-    for c in &mut x.pubobjects {
-        c_node(c);
-    }
+    for c in &mut x.options { c_node(c); }
+    for c in &mut x.pubobjects { c_node(c); }
 }
 
 fn c_AlterRoleSetStmt(x: &mut AlterRoleSetStmt) {
-    if let Some(c) = &mut x.role {
-        c_RoleSpec(c);
-    }
-    if let Some(c) = &mut x.setstmt {
-        c_VariableSetStmt(c);
-    }
+    if let Some(c) = &mut x.role { c_RoleSpec(c); }
+    if let Some(c) = &mut x.setstmt { c_VariableSetStmt(c); }
 }
 
 fn c_AlterRoleStmt(x: &mut AlterRoleStmt) {
-    if let Some(c) = &mut x.role {
-        c_RoleSpec(c);
-    }
-    for c in &mut x.options {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.role { c_RoleSpec(c); }
+    for c in &mut x.options { c_node(c); }
 }
 
 fn c_AlterSeqStmt(x: &mut AlterSeqStmt) {
-    if let Some(c) = &mut x.sequence {
-        c_RangeVar(c);
-    }
-    for c in &mut x.options {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.sequence { c_RangeVar(c); }
+    for c in &mut x.options { c_node(c); }
 }
 
 fn c_AlterStatsStmt(x: &mut AlterStatsStmt) {
-    for c in &mut x.defnames {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.stxstattarget {
-        c_node(c);
-    }
+    for c in &mut x.defnames { c_node(c); }
+    if let Some(c) = &mut x.stxstattarget { c_node(c); }
 }
 
 fn c_AlterSubscriptionStmt(x: &mut AlterSubscriptionStmt) {
     x.conninfo_location = 0;
-    for c in &mut x.publication {
-        c_node(c);
-    }
-    for c in &mut x.options {
-        c_node(c);
-    }
+    for c in &mut x.publication { c_node(c); }
+    for c in &mut x.options { c_node(c); }
 }
 
 fn c_AlterSystemStmt(x: &mut AlterSystemStmt) {
-    if let Some(c) = &mut x.setstmt {
-        c_VariableSetStmt(c);
-    }
+    if let Some(c) = &mut x.setstmt { c_VariableSetStmt(c); }
 }
 
 fn c_AlterTableCmd(x: &mut AlterTableCmd) {
-    if let Some(c) = &mut x.newowner {
-        c_RoleSpec(c);
-    }
-    if let Some(c) = &mut x.def {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.newowner { c_RoleSpec(c); }
+    if let Some(c) = &mut x.def { c_node(c); }
 }
 
 fn c_AlterTableMoveAllStmt(x: &mut AlterTableMoveAllStmt) {
-    for c in &mut x.roles {
-        c_node(c);
-    }
+    for c in &mut x.roles { c_node(c); }
 }
 
 fn c_AlterTableSpaceOptionsStmt(x: &mut AlterTableSpaceOptionsStmt) {
-    for c in &mut x.options {
-        c_node(c);
-    }
+    for c in &mut x.options { c_node(c); }
 }
 
 fn c_AlterTableStmt(x: &mut AlterTableStmt) {
-    if let Some(c) = &mut x.relation {
-        c_RangeVar(c);
-    }
-    for c in &mut x.cmds {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    for c in &mut x.cmds { c_node(c); }
 }
 
 fn c_AlterTsConfigurationStmt(x: &mut AlterTsConfigurationStmt) {
-    for c in &mut x.cfgname {
-        c_node(c);
-    }
-    for c in &mut x.tokentype {
-        c_node(c);
-    }
-    for c in &mut x.dicts {
-        c_node(c);
-    }
+    for c in &mut x.cfgname { c_node(c); }
+    for c in &mut x.tokentype { c_node(c); }
+    for c in &mut x.dicts { c_node(c); }
 }
 
 fn c_AlterTsDictionaryStmt(x: &mut AlterTsDictionaryStmt) {
-    for c in &mut x.dictname {
-        c_node(c);
-    }
-    for c in &mut x.options {
-        c_node(c);
-    }
+    for c in &mut x.dictname { c_node(c); }
+    for c in &mut x.options { c_node(c); }
 }
 
 fn c_AlterTypeStmt(x: &mut AlterTypeStmt) {
-    for c in &mut x.type_name {
-        c_node(c);
-    }
-    for c in &mut x.options {
-        c_node(c);
-    }
+    for c in &mut x.type_name { c_node(c); }
+    for c in &mut x.options { c_node(c); }
 }
 
 fn c_AlterUserMappingStmt(x: &mut AlterUserMappingStmt) {
-    if let Some(c) = &mut x.user {
-        c_RoleSpec(c);
-    }
-    for c in &mut x.options {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.user { c_RoleSpec(c); }
+    for c in &mut x.options { c_node(c); }
 }
 
 fn c_AlternativeSubPlan(x: &mut AlternativeSubPlan) {
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    for c in &mut x.subplans {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.subplans { c_node(c); }
 }
 
 fn c_ArrayCoerceExpr(x: &mut ArrayCoerceExpr) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.arg {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.elemexpr {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.arg { c_node(c); }
+    if let Some(c) = &mut x.elemexpr { c_node(c); }
 }
 
 fn c_ArrayExpr(x: &mut ArrayExpr) {
     x.list_start = 0;
     x.list_end = 0;
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    for c in &mut x.elements {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.elements { c_node(c); }
 }
 
 fn c_BoolExpr(x: &mut BoolExpr) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    for c in &mut x.args {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.args { c_node(c); }
 }
 
 fn c_BooleanTest(x: &mut BooleanTest) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.arg {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.arg { c_node(c); }
 }
 
 fn c_CallStmt(x: &mut CallStmt) {
-    if let Some(c) = &mut x.funccall {
-        c_FuncCall(c);
-    }
-    if let Some(c) = &mut x.funcexpr {
-        c_FuncExpr(c);
-    }
-    for c in &mut x.outargs {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.funccall { c_FuncCall(c); }
+    if let Some(c) = &mut x.funcexpr { c_FuncExpr(c); }
+    for c in &mut x.outargs { c_node(c); }
 }
 
 fn c_CaseExpr(x: &mut CaseExpr) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.arg {
-        c_node(c);
-    }
-    for c in &mut x.args {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.defresult {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.arg { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+    if let Some(c) = &mut x.defresult { c_node(c); }
 }
 
 fn c_CaseTestExpr(x: &mut CaseTestExpr) {
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
 }
 
 fn c_CaseWhen(x: &mut CaseWhen) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.expr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.result {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.expr { c_node(c); }
+    if let Some(c) = &mut x.result { c_node(c); }
 }
 
 fn c_ClusterStmt(x: &mut ClusterStmt) {
-    if let Some(c) = &mut x.relation {
-        c_RangeVar(c);
-    }
-    for c in &mut x.params {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    for c in &mut x.params { c_node(c); }
 }
 
 fn c_CoalesceExpr(x: &mut CoalesceExpr) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    for c in &mut x.args {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.args { c_node(c); }
 }
 
 fn c_CoerceToDomain(x: &mut CoerceToDomain) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.arg {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.arg { c_node(c); }
 }
 
 fn c_CoerceToDomainValue(x: &mut CoerceToDomainValue) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
 }
 
 fn c_CoerceViaIo(x: &mut CoerceViaIo) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.arg {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.arg { c_node(c); }
 }
 
 fn c_CollateClause(x: &mut CollateClause) {
     x.location = 0;
-    if let Some(c) = &mut x.arg {
-        c_node(c);
-    }
-    for c in &mut x.collname {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.arg { c_node(c); }
+    for c in &mut x.collname { c_node(c); }
 }
 
 fn c_CollateExpr(x: &mut CollateExpr) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.arg {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.arg { c_node(c); }
 }
 
 fn c_ColumnDef(x: &mut ColumnDef) {
     x.location = 0;
-    if let Some(c) = &mut x.type_name {
-        c_TypeName(c);
-    }
-    if let Some(c) = &mut x.raw_default {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.cooked_default {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.identity_sequence {
-        c_RangeVar(c);
-    }
-    if let Some(c) = &mut x.coll_clause {
-        c_CollateClause(c);
-    }
-    for c in &mut x.constraints {
-        c_node(c);
-    }
-    for c in &mut x.fdwoptions {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.type_name { c_TypeName(c); }
+    if let Some(c) = &mut x.raw_default { c_node(c); }
+    if let Some(c) = &mut x.cooked_default { c_node(c); }
+    if let Some(c) = &mut x.identity_sequence { c_RangeVar(c); }
+    if let Some(c) = &mut x.coll_clause { c_CollateClause(c); }
+    for c in &mut x.constraints { c_node(c); }
+    for c in &mut x.fdwoptions { c_node(c); }
 }
 
 fn c_ColumnRef(x: &mut ColumnRef) {
     x.location = 0;
-    for c in &mut x.fields {
-        c_node(c);
-    }
+    for c in &mut x.fields { c_node(c); }
 }
 
 fn c_CommentStmt(x: &mut CommentStmt) {
-    if let Some(c) = &mut x.object {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.object { c_node(c); }
 }
 
 fn c_CommonTableExpr(x: &mut CommonTableExpr) {
     x.location = 0;
-    for c in &mut x.aliascolnames {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.ctequery {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.search_clause {
-        c_CteSearchClause(c);
-    }
-    if let Some(c) = &mut x.cycle_clause {
-        c_CteCycleClause(c);
-    }
-    for c in &mut x.ctecolnames {
-        c_node(c);
-    }
-    for c in &mut x.ctecoltypes {
-        c_node(c);
-    }
-    for c in &mut x.ctecoltypmods {
-        c_node(c);
-    }
-    for c in &mut x.ctecolcollations {
-        c_node(c);
-    }
+    for c in &mut x.aliascolnames { c_node(c); }
+    if let Some(c) = &mut x.ctequery { c_node(c); }
+    if let Some(c) = &mut x.search_clause { c_CteSearchClause(c); }
+    if let Some(c) = &mut x.cycle_clause { c_CteCycleClause(c); }
+    for c in &mut x.ctecolnames { c_node(c); }
+    for c in &mut x.ctecoltypes { c_node(c); }
+    for c in &mut x.ctecoltypmods { c_node(c); }
+    for c in &mut x.ctecolcollations { c_node(c); }
 }
 
 fn c_CompositeTypeStmt(x: &mut CompositeTypeStmt) {
-    if let Some(c) = &mut x.typevar {
-        c_RangeVar(c);
-    }
-    for c in &mut x.coldeflist {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.typevar { c_RangeVar(c); }
+    for c in &mut x.coldeflist { c_node(c); }
 }
 
 fn c_Constraint(x: &mut Constraint) {
     x.location = 0;
-    if let Some(c) = &mut x.raw_expr {
-        c_node(c);
-    }
-    for c in &mut x.keys {
-        c_node(c);
-    }
-    for c in &mut x.including {
-        c_node(c);
-    }
-    for c in &mut x.exclusions {
-        c_node(c);
-    }
-    for c in &mut x.options {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.where_clause {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.pktable {
-        c_RangeVar(c);
-    }
-    for c in &mut x.fk_attrs {
-        c_node(c);
-    }
-    for c in &mut x.pk_attrs {
-        c_node(c);
-    }
-    for c in &mut x.fk_del_set_cols {
-        c_node(c);
-    }
-    for c in &mut x.old_conpfeqop {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.raw_expr { c_node(c); }
+    for c in &mut x.keys { c_node(c); }
+    for c in &mut x.including { c_node(c); }
+    for c in &mut x.exclusions { c_node(c); }
+    for c in &mut x.options { c_node(c); }
+    if let Some(c) = &mut x.where_clause { c_node(c); }
+    if let Some(c) = &mut x.pktable { c_RangeVar(c); }
+    for c in &mut x.fk_attrs { c_node(c); }
+    for c in &mut x.pk_attrs { c_node(c); }
+    for c in &mut x.fk_del_set_cols { c_node(c); }
+    for c in &mut x.old_conpfeqop { c_node(c); }
 }
 
 fn c_ConstraintsSetStmt(x: &mut ConstraintsSetStmt) {
-    for c in &mut x.constraints {
-        c_node(c);
-    }
+    for c in &mut x.constraints { c_node(c); }
 }
 
 fn c_ConvertRowtypeExpr(x: &mut ConvertRowtypeExpr) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.arg {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.arg { c_node(c); }
 }
 
 fn c_CopyStmt(x: &mut CopyStmt) {
-    if let Some(c) = &mut x.relation {
-        c_RangeVar(c);
-    }
-    if let Some(c) = &mut x.query {
-        c_node(c);
-    }
-    for c in &mut x.attlist {
-        c_node(c);
-    }
-    for c in &mut x.options {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.where_clause {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    if let Some(c) = &mut x.query { c_node(c); }
+    for c in &mut x.attlist { c_node(c); }
+    for c in &mut x.options { c_node(c); }
+    if let Some(c) = &mut x.where_clause { c_node(c); }
 }
 
 fn c_CreateAmStmt(x: &mut CreateAmStmt) {
-    for c in &mut x.handler_name {
-        c_node(c);
-    }
+    for c in &mut x.handler_name { c_node(c); }
 }
 
 fn c_CreateCastStmt(x: &mut CreateCastStmt) {
-    if let Some(c) = &mut x.sourcetype {
-        c_TypeName(c);
-    }
-    if let Some(c) = &mut x.targettype {
-        c_TypeName(c);
-    }
-    if let Some(c) = &mut x.func {
-        c_ObjectWithArgs(c);
-    }
+    if let Some(c) = &mut x.sourcetype { c_TypeName(c); }
+    if let Some(c) = &mut x.targettype { c_TypeName(c); }
+    if let Some(c) = &mut x.func { c_ObjectWithArgs(c); }
 }
 
 fn c_CreateConversionStmt(x: &mut CreateConversionStmt) {
-    for c in &mut x.conversion_name {
-        c_node(c);
-    }
-    for c in &mut x.func_name {
-        c_node(c);
-    }
+    for c in &mut x.conversion_name { c_node(c); }
+    for c in &mut x.func_name { c_node(c); }
 }
 
 fn c_CreateDomainStmt(x: &mut CreateDomainStmt) {
-    for c in &mut x.domainname {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.type_name {
-        c_TypeName(c);
-    }
-    if let Some(c) = &mut x.coll_clause {
-        c_CollateClause(c);
-    }
-    for c in &mut x.constraints {
-        c_node(c);
-    }
+    for c in &mut x.domainname { c_node(c); }
+    if let Some(c) = &mut x.type_name { c_TypeName(c); }
+    if let Some(c) = &mut x.coll_clause { c_CollateClause(c); }
+    for c in &mut x.constraints { c_node(c); }
 }
 
 fn c_CreateEnumStmt(x: &mut CreateEnumStmt) {
-    for c in &mut x.type_name {
-        c_node(c);
-    }
-    for c in &mut x.vals {
-        c_node(c);
-    }
+    for c in &mut x.type_name { c_node(c); }
+    for c in &mut x.vals { c_node(c); }
 }
 
 fn c_CreateEventTrigStmt(x: &mut CreateEventTrigStmt) {
-    for c in &mut x.whenclause {
-        c_node(c);
-    }
-    for c in &mut x.funcname {
-        c_node(c);
-    }
+    for c in &mut x.whenclause { c_node(c); }
+    for c in &mut x.funcname { c_node(c); }
 }
 
 fn c_CreateExtensionStmt(x: &mut CreateExtensionStmt) {
-    for c in &mut x.options {
-        c_node(c);
-    }
+    for c in &mut x.options { c_node(c); }
 }
 
 fn c_CreateFdwStmt(x: &mut CreateFdwStmt) {
-    for c in &mut x.func_options {
-        c_node(c);
-    }
-    for c in &mut x.options {
-        c_node(c);
-    }
+    for c in &mut x.func_options { c_node(c); }
+    for c in &mut x.options { c_node(c); }
 }
 
 fn c_CreateForeignServerStmt(x: &mut CreateForeignServerStmt) {
-    for c in &mut x.options {
-        c_node(c);
-    }
+    for c in &mut x.options { c_node(c); }
 }
 
 fn c_CreateForeignTableStmt(x: &mut CreateForeignTableStmt) {
-    if let Some(c) = &mut x.base_stmt {
-        c_CreateStmt(c);
-    }
-    for c in &mut x.options {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.base_stmt { c_CreateStmt(c); }
+    for c in &mut x.options { c_node(c); }
 }
 
 fn c_CreateFunctionStmt(x: &mut CreateFunctionStmt) {
-    for c in &mut x.funcname {
-        c_node(c);
-    }
-    for c in &mut x.parameters {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.return_type {
-        c_TypeName(c);
-    }
-    for c in &mut x.options {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.sql_body {
-        c_node(c);
-    }
+    for c in &mut x.funcname { c_node(c); }
+    for c in &mut x.parameters { c_node(c); }
+    if let Some(c) = &mut x.return_type { c_TypeName(c); }
+    for c in &mut x.options { c_node(c); }
+    if let Some(c) = &mut x.sql_body { c_node(c); }
 }
 
 fn c_CreateOpClassItem(x: &mut CreateOpClassItem) {
-    if let Some(c) = &mut x.name {
-        c_ObjectWithArgs(c);
-    }
-    for c in &mut x.order_family {
-        c_node(c);
-    }
-    for c in &mut x.class_args {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.storedtype {
-        c_TypeName(c);
-    }
+    if let Some(c) = &mut x.name { c_ObjectWithArgs(c); }
+    for c in &mut x.order_family { c_node(c); }
+    for c in &mut x.class_args { c_node(c); }
+    if let Some(c) = &mut x.storedtype { c_TypeName(c); }
 }
 
 fn c_CreateOpClassStmt(x: &mut CreateOpClassStmt) {
-    for c in &mut x.opclassname {
-        c_node(c);
-    }
-    for c in &mut x.opfamilyname {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.datatype {
-        c_TypeName(c);
-    }
-    for c in &mut x.items {
-        c_node(c);
-    }
+    for c in &mut x.opclassname { c_node(c); }
+    for c in &mut x.opfamilyname { c_node(c); }
+    if let Some(c) = &mut x.datatype { c_TypeName(c); }
+    for c in &mut x.items { c_node(c); }
 }
 
 fn c_CreateOpFamilyStmt(x: &mut CreateOpFamilyStmt) {
-    for c in &mut x.opfamilyname {
-        c_node(c);
-    }
+    for c in &mut x.opfamilyname { c_node(c); }
 }
 
 fn c_CreatePLangStmt(x: &mut CreatePLangStmt) {
-    for c in &mut x.plhandler {
-        c_node(c);
-    }
-    for c in &mut x.plinline {
-        c_node(c);
-    }
-    for c in &mut x.plvalidator {
-        c_node(c);
-    }
+    for c in &mut x.plhandler { c_node(c); }
+    for c in &mut x.plinline { c_node(c); }
+    for c in &mut x.plvalidator { c_node(c); }
 }
 
 fn c_CreatePolicyStmt(x: &mut CreatePolicyStmt) {
-    if let Some(c) = &mut x.table {
-        c_RangeVar(c);
-    }
-    for c in &mut x.roles {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.qual {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.with_check {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.table { c_RangeVar(c); }
+    for c in &mut x.roles { c_node(c); }
+    if let Some(c) = &mut x.qual { c_node(c); }
+    if let Some(c) = &mut x.with_check { c_node(c); }
 }
 
 fn c_CreatePublicationStmt(x: &mut CreatePublicationStmt) {
-    for c in &mut x.options {
-        c_node(c);
-    }
-    for c in &mut x.pubobjects {
-        c_node(c);
-    }
+    for c in &mut x.options { c_node(c); }
+    for c in &mut x.pubobjects { c_node(c); }
 }
 
 fn c_CreateRangeStmt(x: &mut CreateRangeStmt) {
-    for c in &mut x.type_name {
-        c_node(c);
-    }
-    for c in &mut x.params {
-        c_node(c);
-    }
+    for c in &mut x.type_name { c_node(c); }
+    for c in &mut x.params { c_node(c); }
 }
 
 fn c_CreateRoleStmt(x: &mut CreateRoleStmt) {
-    for c in &mut x.options {
-        c_node(c);
-    }
+    for c in &mut x.options { c_node(c); }
 }
 
 fn c_CreateSchemaStmt(x: &mut CreateSchemaStmt) {
-    if let Some(c) = &mut x.authrole {
-        c_RoleSpec(c);
-    }
-    for c in &mut x.schema_elts {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.authrole { c_RoleSpec(c); }
+    for c in &mut x.schema_elts { c_node(c); }
 }
 
 fn c_CreateSeqStmt(x: &mut CreateSeqStmt) {
-    if let Some(c) = &mut x.sequence {
-        c_RangeVar(c);
-    }
-    for c in &mut x.options {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.sequence { c_RangeVar(c); }
+    for c in &mut x.options { c_node(c); }
 }
 
 fn c_CreateStatsStmt(x: &mut CreateStatsStmt) {
-    for c in &mut x.defnames {
-        c_node(c);
-    }
-    for c in &mut x.stat_types {
-        c_node(c);
-    }
-    for c in &mut x.exprs {
-        c_node(c);
-    }
-    for c in &mut x.relations {
-        c_node(c);
-    }
+    for c in &mut x.defnames { c_node(c); }
+    for c in &mut x.stat_types { c_node(c); }
+    for c in &mut x.exprs { c_node(c); }
+    for c in &mut x.relations { c_node(c); }
 }
 
 fn c_CreateStmt(x: &mut CreateStmt) {
-    if let Some(c) = &mut x.relation {
-        c_RangeVar(c);
-    }
-    for c in &mut x.table_elts {
-        c_node(c);
-    }
-    for c in &mut x.inh_relations {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.partbound {
-        c_PartitionBoundSpec(c);
-    }
-    if let Some(c) = &mut x.partspec {
-        c_PartitionSpec(c);
-    }
-    if let Some(c) = &mut x.of_typename {
-        c_TypeName(c);
-    }
-    for c in &mut x.constraints {
-        c_node(c);
-    }
-    for c in &mut x.nnconstraints {
-        c_node(c);
-    }
-    for c in &mut x.options {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    for c in &mut x.table_elts { c_node(c); }
+    for c in &mut x.inh_relations { c_node(c); }
+    if let Some(c) = &mut x.partbound { c_PartitionBoundSpec(c); }
+    if let Some(c) = &mut x.partspec { c_PartitionSpec(c); }
+    if let Some(c) = &mut x.of_typename { c_TypeName(c); }
+    for c in &mut x.constraints { c_node(c); }
+    for c in &mut x.nnconstraints { c_node(c); }
+    for c in &mut x.options { c_node(c); }
 }
 
 fn c_CreateSubscriptionStmt(x: &mut CreateSubscriptionStmt) {
     x.conninfo_location = 0;
-    for c in &mut x.publication {
-        c_node(c);
-    }
-    for c in &mut x.options {
-        c_node(c);
-    }
+    for c in &mut x.publication { c_node(c); }
+    for c in &mut x.options { c_node(c); }
 }
 
 fn c_CreateTableAsStmt(x: &mut CreateTableAsStmt) {
-    if let Some(c) = &mut x.query {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.into {
-        c_IntoClause(c);
-    }
+    if let Some(c) = &mut x.query { c_node(c); }
+    if let Some(c) = &mut x.into { c_IntoClause(c); }
 }
 
 fn c_CreateTableSpaceStmt(x: &mut CreateTableSpaceStmt) {
-    if let Some(c) = &mut x.owner {
-        c_RoleSpec(c);
-    }
-    for c in &mut x.options {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.owner { c_RoleSpec(c); }
+    for c in &mut x.options { c_node(c); }
 }
 
 fn c_CreateTransformStmt(x: &mut CreateTransformStmt) {
-    if let Some(c) = &mut x.type_name {
-        c_TypeName(c);
-    }
-    if let Some(c) = &mut x.fromsql {
-        c_ObjectWithArgs(c);
-    }
-    if let Some(c) = &mut x.tosql {
-        c_ObjectWithArgs(c);
-    }
+    if let Some(c) = &mut x.type_name { c_TypeName(c); }
+    if let Some(c) = &mut x.fromsql { c_ObjectWithArgs(c); }
+    if let Some(c) = &mut x.tosql { c_ObjectWithArgs(c); }
 }
 
 fn c_CreateTrigStmt(x: &mut CreateTrigStmt) {
-    if let Some(c) = &mut x.relation {
-        c_RangeVar(c);
-    }
-    for c in &mut x.funcname {
-        c_node(c);
-    }
-    for c in &mut x.args {
-        c_node(c);
-    }
-    for c in &mut x.columns {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.when_clause {
-        c_node(c);
-    }
-    for c in &mut x.transition_rels {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.constrrel {
-        c_RangeVar(c);
-    }
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    for c in &mut x.funcname { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+    for c in &mut x.columns { c_node(c); }
+    if let Some(c) = &mut x.when_clause { c_node(c); }
+    for c in &mut x.transition_rels { c_node(c); }
+    if let Some(c) = &mut x.constrrel { c_RangeVar(c); }
 }
 
 fn c_CreateUserMappingStmt(x: &mut CreateUserMappingStmt) {
-    if let Some(c) = &mut x.user {
-        c_RoleSpec(c);
-    }
-    for c in &mut x.options {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.user { c_RoleSpec(c); }
+    for c in &mut x.options { c_node(c); }
 }
 
 fn c_CreatedbStmt(x: &mut CreatedbStmt) {
-    for c in &mut x.options {
-        c_node(c);
-    }
+    for c in &mut x.options { c_node(c); }
 }
 
 fn c_CteCycleClause(x: &mut CteCycleClause) {
     x.location = 0;
-    for c in &mut x.cycle_col_list {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.cycle_mark_value {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.cycle_mark_default {
-        c_node(c);
-    }
+    for c in &mut x.cycle_col_list { c_node(c); }
+    if let Some(c) = &mut x.cycle_mark_value { c_node(c); }
+    if let Some(c) = &mut x.cycle_mark_default { c_node(c); }
 }
 
 fn c_CteSearchClause(x: &mut CteSearchClause) {
     x.location = 0;
-    for c in &mut x.search_col_list {
-        c_node(c);
-    }
+    for c in &mut x.search_col_list { c_node(c); }
 }
 
 fn c_CurrentOfExpr(x: &mut CurrentOfExpr) {
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
 }
 
 fn c_DeallocateStmt(x: &mut DeallocateStmt) {
@@ -1306,462 +834,246 @@ fn c_DeallocateStmt(x: &mut DeallocateStmt) {
 }
 
 fn c_DeclareCursorStmt(x: &mut DeclareCursorStmt) {
-    if let Some(c) = &mut x.query {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.query { c_node(c); }
 }
 
 fn c_DefElem(x: &mut DefElem) {
     x.location = 0;
     x.arg_location = 0;
-    if let Some(c) = &mut x.arg {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.arg { c_node(c); }
 }
 
 fn c_DefineStmt(x: &mut DefineStmt) {
-    for c in &mut x.defnames {
-        c_node(c);
-    }
-    for c in &mut x.args {
-        c_node(c);
-    }
-    for c in &mut x.definition {
-        c_node(c);
-    }
+    for c in &mut x.defnames { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+    for c in &mut x.definition { c_node(c); }
 }
 
 fn c_DeleteStmt(x: &mut DeleteStmt) {
-    if let Some(c) = &mut x.relation {
-        c_RangeVar(c);
-    }
-    for c in &mut x.using_clause {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.where_clause {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.returning_clause {
-        c_ReturningClause(c);
-    }
-    if let Some(c) = &mut x.with_clause {
-        c_WithClause(c);
-    }
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    for c in &mut x.using_clause { c_node(c); }
+    if let Some(c) = &mut x.where_clause { c_node(c); }
+    if let Some(c) = &mut x.returning_clause { c_ReturningClause(c); }
+    if let Some(c) = &mut x.with_clause { c_WithClause(c); }
 }
 
 fn c_DistinctExpr(x: &mut DistinctExpr) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    for c in &mut x.args {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.args { c_node(c); }
 }
 
 fn c_DoStmt(x: &mut DoStmt) {
-    for c in &mut x.args {
-        c_node(c);
-    }
+    for c in &mut x.args { c_node(c); }
 }
 
 fn c_DropOwnedStmt(x: &mut DropOwnedStmt) {
-    for c in &mut x.roles {
-        c_node(c);
-    }
+    for c in &mut x.roles { c_node(c); }
 }
 
 fn c_DropRoleStmt(x: &mut DropRoleStmt) {
-    for c in &mut x.roles {
-        c_node(c);
-    }
+    for c in &mut x.roles { c_node(c); }
 }
 
 fn c_DropStmt(x: &mut DropStmt) {
-    for c in &mut x.objects {
-        c_node(c);
-    }
+    for c in &mut x.objects { c_node(c); }
 }
 
 fn c_DropUserMappingStmt(x: &mut DropUserMappingStmt) {
-    if let Some(c) = &mut x.user {
-        c_RoleSpec(c);
-    }
+    if let Some(c) = &mut x.user { c_RoleSpec(c); }
 }
 
 fn c_DropdbStmt(x: &mut DropdbStmt) {
-    for c in &mut x.options {
-        c_node(c);
-    }
+    for c in &mut x.options { c_node(c); }
 }
 
 fn c_ExecuteStmt(x: &mut ExecuteStmt) {
-    for c in &mut x.params {
-        c_node(c);
-    }
+    for c in &mut x.params { c_node(c); }
 }
 
 fn c_ExplainStmt(x: &mut ExplainStmt) {
-    if let Some(c) = &mut x.query {
-        c_node(c);
-    }
-    for c in &mut x.options {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.query { c_node(c); }
+    for c in &mut x.options { c_node(c); }
 }
 
 fn c_FieldSelect(x: &mut FieldSelect) {
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.arg {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.arg { c_node(c); }
 }
 
 fn c_FieldStore(x: &mut FieldStore) {
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.arg {
-        c_node(c);
-    }
-    for c in &mut x.newvals {
-        c_node(c);
-    }
-    for c in &mut x.fieldnums {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.arg { c_node(c); }
+    for c in &mut x.newvals { c_node(c); }
+    for c in &mut x.fieldnums { c_node(c); }
 }
 
 fn c_FromExpr(x: &mut FromExpr) {
-    for c in &mut x.fromlist {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.quals {
-        c_node(c);
-    }
+    for c in &mut x.fromlist { c_node(c); }
+    if let Some(c) = &mut x.quals { c_node(c); }
 }
 
 fn c_FuncCall(x: &mut FuncCall) {
     x.location = 0;
-    for c in &mut x.funcname {
-        c_node(c);
-    }
-    for c in &mut x.args {
-        c_node(c);
-    }
-    for c in &mut x.agg_order {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.agg_filter {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.over {
-        c_WindowDef(c);
-    }
+    for c in &mut x.funcname { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+    for c in &mut x.agg_order { c_node(c); }
+    if let Some(c) = &mut x.agg_filter { c_node(c); }
+    if let Some(c) = &mut x.over { c_WindowDef(c); }
 }
 
 fn c_FuncExpr(x: &mut FuncExpr) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    for c in &mut x.args {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.args { c_node(c); }
 }
 
 fn c_FunctionParameter(x: &mut FunctionParameter) {
     x.location = 0;
-    if let Some(c) = &mut x.arg_type {
-        c_TypeName(c);
-    }
-    if let Some(c) = &mut x.defexpr {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.arg_type { c_TypeName(c); }
+    if let Some(c) = &mut x.defexpr { c_node(c); }
 }
 
 fn c_GrantRoleStmt(x: &mut GrantRoleStmt) {
-    for c in &mut x.granted_roles {
-        c_node(c);
-    }
-    for c in &mut x.grantee_roles {
-        c_node(c);
-    }
-    for c in &mut x.opt {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.grantor {
-        c_RoleSpec(c);
-    }
+    for c in &mut x.granted_roles { c_node(c); }
+    for c in &mut x.grantee_roles { c_node(c); }
+    for c in &mut x.opt { c_node(c); }
+    if let Some(c) = &mut x.grantor { c_RoleSpec(c); }
 }
 
 fn c_GrantStmt(x: &mut GrantStmt) {
-    for c in &mut x.objects {
-        c_node(c);
-    }
-    for c in &mut x.privileges {
-        c_node(c);
-    }
-    for c in &mut x.grantees {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.grantor {
-        c_RoleSpec(c);
-    }
+    for c in &mut x.objects { c_node(c); }
+    for c in &mut x.privileges { c_node(c); }
+    for c in &mut x.grantees { c_node(c); }
+    if let Some(c) = &mut x.grantor { c_RoleSpec(c); }
 }
 
 fn c_GroupingFunc(x: &mut GroupingFunc) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    for c in &mut x.args {
-        c_node(c);
-    }
-    for c in &mut x.refs {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+    for c in &mut x.refs { c_node(c); }
 }
 
 fn c_GroupingSet(x: &mut GroupingSet) {
     x.location = 0;
-    for c in &mut x.content {
-        c_node(c);
-    }
+    for c in &mut x.content { c_node(c); }
 }
 
 fn c_ImportForeignSchemaStmt(x: &mut ImportForeignSchemaStmt) {
-    for c in &mut x.table_list {
-        c_node(c);
-    }
-    for c in &mut x.options {
-        c_node(c);
-    }
+    for c in &mut x.table_list { c_node(c); }
+    for c in &mut x.options { c_node(c); }
 }
 
 fn c_IndexElem(x: &mut IndexElem) {
-    if let Some(c) = &mut x.expr {
-        c_node(c);
-    }
-    for c in &mut x.collation {
-        c_node(c);
-    }
-    for c in &mut x.opclass {
-        c_node(c);
-    }
-    for c in &mut x.opclassopts {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.expr { c_node(c); }
+    for c in &mut x.collation { c_node(c); }
+    for c in &mut x.opclass { c_node(c); }
+    for c in &mut x.opclassopts { c_node(c); }
 }
 
 fn c_IndexStmt(x: &mut IndexStmt) {
-    if let Some(c) = &mut x.relation {
-        c_RangeVar(c);
-    }
-    for c in &mut x.index_params {
-        c_node(c);
-    }
-    for c in &mut x.index_including_params {
-        c_node(c);
-    }
-    for c in &mut x.options {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.where_clause {
-        c_node(c);
-    }
-    for c in &mut x.exclude_op_names {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    for c in &mut x.index_params { c_node(c); }
+    for c in &mut x.index_including_params { c_node(c); }
+    for c in &mut x.options { c_node(c); }
+    if let Some(c) = &mut x.where_clause { c_node(c); }
+    for c in &mut x.exclude_op_names { c_node(c); }
 }
 
 fn c_InferClause(x: &mut InferClause) {
     x.location = 0;
-    for c in &mut x.index_elems {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.where_clause {
-        c_node(c);
-    }
+    for c in &mut x.index_elems { c_node(c); }
+    if let Some(c) = &mut x.where_clause { c_node(c); }
 }
 
 fn c_InferenceElem(x: &mut InferenceElem) {
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.expr {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.expr { c_node(c); }
 }
 
 fn c_InsertStmt(x: &mut InsertStmt) {
-    if let Some(c) = &mut x.relation {
-        c_RangeVar(c);
-    }
-    for c in &mut x.cols {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.select_stmt {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.returning_clause {
-        c_ReturningClause(c);
-    }
-    if let Some(c) = &mut x.with_clause {
-        c_WithClause(c);
-    }
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    for c in &mut x.cols { c_node(c); }
+    if let Some(c) = &mut x.select_stmt { c_node(c); }
+    if let Some(c) = &mut x.returning_clause { c_ReturningClause(c); }
+    if let Some(c) = &mut x.with_clause { c_WithClause(c); }
 }
 
 fn c_IntList(x: &mut IntList) {
-    for c in &mut x.items {
-        c_node(c);
-    }
+    for c in &mut x.items { c_node(c); }
 }
 
 fn c_IntoClause(x: &mut IntoClause) {
-    if let Some(c) = &mut x.rel {
-        c_RangeVar(c);
-    }
-    for c in &mut x.col_names {
-        c_node(c);
-    }
-    for c in &mut x.options {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.view_query {
-        c_Query(c);
-    }
+    if let Some(c) = &mut x.rel { c_RangeVar(c); }
+    for c in &mut x.col_names { c_node(c); }
+    for c in &mut x.options { c_node(c); }
+    if let Some(c) = &mut x.view_query { c_Query(c); }
 }
 
 fn c_JoinExpr(x: &mut JoinExpr) {
-    if let Some(c) = &mut x.larg {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.rarg {
-        c_node(c);
-    }
-    for c in &mut x.using_clause {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.join_using_alias {
-        c_Alias(c);
-    }
-    if let Some(c) = &mut x.quals {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.alias {
-        c_Alias(c);
-    }
+    if let Some(c) = &mut x.larg { c_node(c); }
+    if let Some(c) = &mut x.rarg { c_node(c); }
+    for c in &mut x.using_clause { c_node(c); }
+    if let Some(c) = &mut x.join_using_alias { c_Alias(c); }
+    if let Some(c) = &mut x.quals { c_node(c); }
+    if let Some(c) = &mut x.alias { c_Alias(c); }
 }
 
 fn c_JsonAggConstructor(x: &mut JsonAggConstructor) {
     x.location = 0;
-    if let Some(c) = &mut x.output {
-        c_JsonOutput(c);
-    }
-    if let Some(c) = &mut x.agg_filter {
-        c_node(c);
-    }
-    for c in &mut x.agg_order {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.over {
-        c_WindowDef(c);
-    }
+    if let Some(c) = &mut x.output { c_JsonOutput(c); }
+    if let Some(c) = &mut x.agg_filter { c_node(c); }
+    for c in &mut x.agg_order { c_node(c); }
+    if let Some(c) = &mut x.over { c_WindowDef(c); }
 }
 
 fn c_JsonArgument(x: &mut JsonArgument) {
-    if let Some(c) = &mut x.val {
-        c_JsonValueExpr(c);
-    }
+    if let Some(c) = &mut x.val { c_JsonValueExpr(c); }
 }
 
 fn c_JsonArrayAgg(x: &mut JsonArrayAgg) {
-    if let Some(c) = &mut x.arg {
-        c_JsonValueExpr(c);
-    }
+    if let Some(c) = &mut x.arg { c_JsonValueExpr(c); }
 }
 
 fn c_JsonArrayConstructor(x: &mut JsonArrayConstructor) {
     x.location = 0;
-    for c in &mut x.exprs {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.output {
-        c_JsonOutput(c);
-    }
+    for c in &mut x.exprs { c_node(c); }
+    if let Some(c) = &mut x.output { c_JsonOutput(c); }
 }
 
 fn c_JsonArrayQueryConstructor(x: &mut JsonArrayQueryConstructor) {
     x.location = 0;
-    if let Some(c) = &mut x.query {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.output {
-        c_JsonOutput(c);
-    }
-    if let Some(c) = &mut x.format {
-        c_JsonFormat(c);
-    }
+    if let Some(c) = &mut x.query { c_node(c); }
+    if let Some(c) = &mut x.output { c_JsonOutput(c); }
+    if let Some(c) = &mut x.format { c_JsonFormat(c); }
 }
 
 fn c_JsonBehavior(x: &mut JsonBehavior) {
     x.location = 0;
-    if let Some(c) = &mut x.expr {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.expr { c_node(c); }
 }
 
 fn c_JsonConstructorExpr(x: &mut JsonConstructorExpr) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    for c in &mut x.args {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.func {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.coercion {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.returning {
-        c_JsonReturning(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+    if let Some(c) = &mut x.func { c_node(c); }
+    if let Some(c) = &mut x.coercion { c_node(c); }
+    if let Some(c) = &mut x.returning { c_JsonReturning(c); }
 }
 
 fn c_JsonExpr(x: &mut JsonExpr) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.formatted_expr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.format {
-        c_JsonFormat(c);
-    }
-    if let Some(c) = &mut x.path_spec {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.returning {
-        c_JsonReturning(c);
-    }
-    for c in &mut x.passing_names {
-        c_node(c);
-    }
-    for c in &mut x.passing_values {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.on_empty {
-        c_JsonBehavior(c);
-    }
-    if let Some(c) = &mut x.on_error {
-        c_JsonBehavior(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.formatted_expr { c_node(c); }
+    if let Some(c) = &mut x.format { c_JsonFormat(c); }
+    if let Some(c) = &mut x.path_spec { c_node(c); }
+    if let Some(c) = &mut x.returning { c_JsonReturning(c); }
+    for c in &mut x.passing_names { c_node(c); }
+    for c in &mut x.passing_values { c_node(c); }
+    if let Some(c) = &mut x.on_empty { c_JsonBehavior(c); }
+    if let Some(c) = &mut x.on_error { c_JsonBehavior(c); }
 }
 
 fn c_JsonFormat(x: &mut JsonFormat) {
@@ -1770,291 +1082,161 @@ fn c_JsonFormat(x: &mut JsonFormat) {
 
 fn c_JsonFuncExpr(x: &mut JsonFuncExpr) {
     x.location = 0;
-    if let Some(c) = &mut x.context_item {
-        c_JsonValueExpr(c);
-    }
-    if let Some(c) = &mut x.pathspec {
-        c_node(c);
-    }
-    for c in &mut x.passing {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.output {
-        c_JsonOutput(c);
-    }
-    if let Some(c) = &mut x.on_empty {
-        c_JsonBehavior(c);
-    }
-    if let Some(c) = &mut x.on_error {
-        c_JsonBehavior(c);
-    }
+    if let Some(c) = &mut x.context_item { c_JsonValueExpr(c); }
+    if let Some(c) = &mut x.pathspec { c_node(c); }
+    for c in &mut x.passing { c_node(c); }
+    if let Some(c) = &mut x.output { c_JsonOutput(c); }
+    if let Some(c) = &mut x.on_empty { c_JsonBehavior(c); }
+    if let Some(c) = &mut x.on_error { c_JsonBehavior(c); }
 }
 
 fn c_JsonIsPredicate(x: &mut JsonIsPredicate) {
     x.location = 0;
-    if let Some(c) = &mut x.expr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.format {
-        c_JsonFormat(c);
-    }
+    if let Some(c) = &mut x.expr { c_node(c); }
+    if let Some(c) = &mut x.format { c_JsonFormat(c); }
 }
 
 fn c_JsonKeyValue(x: &mut JsonKeyValue) {
-    if let Some(c) = &mut x.key {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.value {
-        c_JsonValueExpr(c);
-    }
+    if let Some(c) = &mut x.key { c_node(c); }
+    if let Some(c) = &mut x.value { c_JsonValueExpr(c); }
 }
 
 fn c_JsonObjectAgg(x: &mut JsonObjectAgg) {
-    if let Some(c) = &mut x.arg {
-        c_JsonKeyValue(c);
-    }
+    if let Some(c) = &mut x.arg { c_JsonKeyValue(c); }
 }
 
 fn c_JsonObjectConstructor(x: &mut JsonObjectConstructor) {
     x.location = 0;
-    for c in &mut x.exprs {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.output {
-        c_JsonOutput(c);
-    }
+    for c in &mut x.exprs { c_node(c); }
+    if let Some(c) = &mut x.output { c_JsonOutput(c); }
 }
 
 fn c_JsonOutput(x: &mut JsonOutput) {
-    if let Some(c) = &mut x.type_name {
-        c_TypeName(c);
-    }
-    if let Some(c) = &mut x.returning {
-        c_JsonReturning(c);
-    }
+    if let Some(c) = &mut x.type_name { c_TypeName(c); }
+    if let Some(c) = &mut x.returning { c_JsonReturning(c); }
 }
 
 fn c_JsonParseExpr(x: &mut JsonParseExpr) {
     x.location = 0;
-    if let Some(c) = &mut x.expr {
-        c_JsonValueExpr(c);
-    }
-    if let Some(c) = &mut x.output {
-        c_JsonOutput(c);
-    }
+    if let Some(c) = &mut x.expr { c_JsonValueExpr(c); }
+    if let Some(c) = &mut x.output { c_JsonOutput(c); }
 }
 
 fn c_JsonReturning(x: &mut JsonReturning) {
-    if let Some(c) = &mut x.format {
-        c_JsonFormat(c);
-    }
+    if let Some(c) = &mut x.format { c_JsonFormat(c); }
 }
 
 fn c_JsonScalarExpr(x: &mut JsonScalarExpr) {
     x.location = 0;
-    if let Some(c) = &mut x.expr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.output {
-        c_JsonOutput(c);
-    }
+    if let Some(c) = &mut x.expr { c_node(c); }
+    if let Some(c) = &mut x.output { c_JsonOutput(c); }
 }
 
 fn c_JsonSerializeExpr(x: &mut JsonSerializeExpr) {
     x.location = 0;
-    if let Some(c) = &mut x.expr {
-        c_JsonValueExpr(c);
-    }
-    if let Some(c) = &mut x.output {
-        c_JsonOutput(c);
-    }
+    if let Some(c) = &mut x.expr { c_JsonValueExpr(c); }
+    if let Some(c) = &mut x.output { c_JsonOutput(c); }
 }
 
 fn c_JsonTable(x: &mut JsonTable) {
     x.location = 0;
-    if let Some(c) = &mut x.context_item {
-        c_JsonValueExpr(c);
-    }
-    if let Some(c) = &mut x.pathspec {
-        c_JsonTablePathSpec(c);
-    }
-    for c in &mut x.passing {
-        c_node(c);
-    }
-    for c in &mut x.columns {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.on_error {
-        c_JsonBehavior(c);
-    }
-    if let Some(c) = &mut x.alias {
-        c_Alias(c);
-    }
+    if let Some(c) = &mut x.context_item { c_JsonValueExpr(c); }
+    if let Some(c) = &mut x.pathspec { c_JsonTablePathSpec(c); }
+    for c in &mut x.passing { c_node(c); }
+    for c in &mut x.columns { c_node(c); }
+    if let Some(c) = &mut x.on_error { c_JsonBehavior(c); }
+    if let Some(c) = &mut x.alias { c_Alias(c); }
 }
 
 fn c_JsonTableColumn(x: &mut JsonTableColumn) {
     x.location = 0;
-    if let Some(c) = &mut x.type_name {
-        c_TypeName(c);
-    }
-    if let Some(c) = &mut x.pathspec {
-        c_JsonTablePathSpec(c);
-    }
-    if let Some(c) = &mut x.format {
-        c_JsonFormat(c);
-    }
-    for c in &mut x.columns {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.on_empty {
-        c_JsonBehavior(c);
-    }
-    if let Some(c) = &mut x.on_error {
-        c_JsonBehavior(c);
-    }
+    if let Some(c) = &mut x.type_name { c_TypeName(c); }
+    if let Some(c) = &mut x.pathspec { c_JsonTablePathSpec(c); }
+    if let Some(c) = &mut x.format { c_JsonFormat(c); }
+    for c in &mut x.columns { c_node(c); }
+    if let Some(c) = &mut x.on_empty { c_JsonBehavior(c); }
+    if let Some(c) = &mut x.on_error { c_JsonBehavior(c); }
 }
 
 fn c_JsonTablePathScan(x: &mut JsonTablePathScan) {
-    if let Some(c) = &mut x.plan {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.child {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.plan { c_node(c); }
+    if let Some(c) = &mut x.child { c_node(c); }
 }
 
 fn c_JsonTablePathSpec(x: &mut JsonTablePathSpec) {
     x.name_location = 0;
     x.location = 0;
-    if let Some(c) = &mut x.string {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.string { c_node(c); }
 }
 
 fn c_JsonTableSiblingJoin(x: &mut JsonTableSiblingJoin) {
-    if let Some(c) = &mut x.plan {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.lplan {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.rplan {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.plan { c_node(c); }
+    if let Some(c) = &mut x.lplan { c_node(c); }
+    if let Some(c) = &mut x.rplan { c_node(c); }
 }
 
 fn c_JsonValueExpr(x: &mut JsonValueExpr) {
-    if let Some(c) = &mut x.raw_expr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.formatted_expr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.format {
-        c_JsonFormat(c);
-    }
+    if let Some(c) = &mut x.raw_expr { c_node(c); }
+    if let Some(c) = &mut x.formatted_expr { c_node(c); }
+    if let Some(c) = &mut x.format { c_JsonFormat(c); }
 }
 
 fn c_List(x: &mut List) {
-    for c in &mut x.items {
-        c_node(c);
-    }
+    for c in &mut x.items { c_node(c); }
 }
 
 fn c_LockStmt(x: &mut LockStmt) {
-    for c in &mut x.relations {
-        c_node(c);
-    }
+    for c in &mut x.relations { c_node(c); }
 }
 
 fn c_LockingClause(x: &mut LockingClause) {
-    for c in &mut x.locked_rels {
-        c_node(c);
-    }
+    for c in &mut x.locked_rels { c_node(c); }
 }
 
 fn c_MergeAction(x: &mut MergeAction) {
-    if let Some(c) = &mut x.qual {
-        c_node(c);
-    }
-    for c in &mut x.target_list {
-        c_node(c);
-    }
-    for c in &mut x.update_colnos {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.qual { c_node(c); }
+    for c in &mut x.target_list { c_node(c); }
+    for c in &mut x.update_colnos { c_node(c); }
 }
 
 fn c_MergeStmt(x: &mut MergeStmt) {
-    if let Some(c) = &mut x.relation {
-        c_RangeVar(c);
-    }
-    if let Some(c) = &mut x.source_relation {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.join_condition {
-        c_node(c);
-    }
-    for c in &mut x.merge_when_clauses {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.returning_clause {
-        c_ReturningClause(c);
-    }
-    if let Some(c) = &mut x.with_clause {
-        c_WithClause(c);
-    }
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    if let Some(c) = &mut x.source_relation { c_node(c); }
+    if let Some(c) = &mut x.join_condition { c_node(c); }
+    for c in &mut x.merge_when_clauses { c_node(c); }
+    if let Some(c) = &mut x.returning_clause { c_ReturningClause(c); }
+    if let Some(c) = &mut x.with_clause { c_WithClause(c); }
 }
 
 fn c_MergeSupportFunc(x: &mut MergeSupportFunc) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
 }
 
 fn c_MergeWhenClause(x: &mut MergeWhenClause) {
-    if let Some(c) = &mut x.condition {
-        c_node(c);
-    }
-    for c in &mut x.target_list {
-        c_node(c);
-    }
-    for c in &mut x.values {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.condition { c_node(c); }
+    for c in &mut x.target_list { c_node(c); }
+    for c in &mut x.values { c_node(c); }
 }
 
 fn c_MinMaxExpr(x: &mut MinMaxExpr) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    for c in &mut x.args {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.args { c_node(c); }
 }
 
 fn c_MultiAssignRef(x: &mut MultiAssignRef) {
-    if let Some(c) = &mut x.source {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.source { c_node(c); }
 }
 
 fn c_NamedArgExpr(x: &mut NamedArgExpr) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.arg {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.arg { c_node(c); }
 }
 
 fn c_NextValueExpr(x: &mut NextValueExpr) {
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
 }
 
 fn c_NotifyStmt(x: &mut NotifyStmt) {
@@ -2063,88 +1245,50 @@ fn c_NotifyStmt(x: &mut NotifyStmt) {
 
 fn c_NullIfExpr(x: &mut NullIfExpr) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    for c in &mut x.args {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.args { c_node(c); }
 }
 
 fn c_NullTest(x: &mut NullTest) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.arg {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.arg { c_node(c); }
 }
 
 fn c_ObjectWithArgs(x: &mut ObjectWithArgs) {
-    for c in &mut x.objname {
-        c_node(c);
-    }
-    for c in &mut x.objargs {
-        c_node(c);
-    }
-    for c in &mut x.objfuncargs {
-        c_node(c);
-    }
+    for c in &mut x.objname { c_node(c); }
+    for c in &mut x.objargs { c_node(c); }
+    for c in &mut x.objfuncargs { c_node(c); }
 }
 
 fn c_OidList(x: &mut OidList) {
-    for c in &mut x.items {
-        c_node(c);
-    }
+    for c in &mut x.items { c_node(c); }
 }
 
 fn c_OnConflictClause(x: &mut OnConflictClause) {
     x.location = 0;
-    if let Some(c) = &mut x.infer {
-        c_InferClause(c);
-    }
-    for c in &mut x.target_list {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.where_clause {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.infer { c_InferClause(c); }
+    for c in &mut x.target_list { c_node(c); }
+    if let Some(c) = &mut x.where_clause { c_node(c); }
 }
 
 fn c_OnConflictExpr(x: &mut OnConflictExpr) {
-    for c in &mut x.arbiter_elems {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.arbiter_where {
-        c_node(c);
-    }
-    for c in &mut x.on_conflict_set {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.on_conflict_where {
-        c_node(c);
-    }
-    for c in &mut x.excl_rel_tlist {
-        c_node(c);
-    }
+    for c in &mut x.arbiter_elems { c_node(c); }
+    if let Some(c) = &mut x.arbiter_where { c_node(c); }
+    for c in &mut x.on_conflict_set { c_node(c); }
+    if let Some(c) = &mut x.on_conflict_where { c_node(c); }
+    for c in &mut x.excl_rel_tlist { c_node(c); }
 }
 
 fn c_OpExpr(x: &mut OpExpr) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    for c in &mut x.args {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.args { c_node(c); }
 }
 
 fn c_Param(x: &mut Param) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
 }
 
 fn c_ParamRef(x: &mut ParamRef) {
@@ -2153,301 +1297,145 @@ fn c_ParamRef(x: &mut ParamRef) {
 
 fn c_PartitionBoundSpec(x: &mut PartitionBoundSpec) {
     x.location = 0;
-    for c in &mut x.listdatums {
-        c_node(c);
-    }
-    for c in &mut x.lowerdatums {
-        c_node(c);
-    }
-    for c in &mut x.upperdatums {
-        c_node(c);
-    }
+    for c in &mut x.listdatums { c_node(c); }
+    for c in &mut x.lowerdatums { c_node(c); }
+    for c in &mut x.upperdatums { c_node(c); }
 }
 
 fn c_PartitionCmd(x: &mut PartitionCmd) {
-    if let Some(c) = &mut x.name {
-        c_RangeVar(c);
-    }
-    if let Some(c) = &mut x.bound {
-        c_PartitionBoundSpec(c);
-    }
+    if let Some(c) = &mut x.name { c_RangeVar(c); }
+    if let Some(c) = &mut x.bound { c_PartitionBoundSpec(c); }
 }
 
 fn c_PartitionElem(x: &mut PartitionElem) {
     x.location = 0;
-    if let Some(c) = &mut x.expr {
-        c_node(c);
-    }
-    for c in &mut x.collation {
-        c_node(c);
-    }
-    for c in &mut x.opclass {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.expr { c_node(c); }
+    for c in &mut x.collation { c_node(c); }
+    for c in &mut x.opclass { c_node(c); }
 }
 
 fn c_PartitionRangeDatum(x: &mut PartitionRangeDatum) {
     x.location = 0;
-    if let Some(c) = &mut x.value {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.value { c_node(c); }
 }
 
 fn c_PartitionSpec(x: &mut PartitionSpec) {
     x.location = 0;
-    for c in &mut x.part_params {
-        c_node(c);
-    }
+    for c in &mut x.part_params { c_node(c); }
 }
 
 fn c_PlAssignStmt(x: &mut PlAssignStmt) {
     x.location = 0;
-    for c in &mut x.indirection {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.val {
-        c_SelectStmt(c);
-    }
+    for c in &mut x.indirection { c_node(c); }
+    if let Some(c) = &mut x.val { c_SelectStmt(c); }
 }
 
 fn c_PrepareStmt(x: &mut PrepareStmt) {
-    for c in &mut x.argtypes {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.query {
-        c_node(c);
-    }
+    for c in &mut x.argtypes { c_node(c); }
+    if let Some(c) = &mut x.query { c_node(c); }
 }
 
 fn c_PublicationObjSpec(x: &mut PublicationObjSpec) {
     x.location = 0;
-    if let Some(c) = &mut x.pubtable {
-        c_PublicationTable(c);
-    }
+    if let Some(c) = &mut x.pubtable { c_PublicationTable(c); }
 }
 
 fn c_PublicationTable(x: &mut PublicationTable) {
-    if let Some(c) = &mut x.relation {
-        c_RangeVar(c);
-    }
-    if let Some(c) = &mut x.where_clause {
-        c_node(c);
-    }
-    for c in &mut x.columns {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    if let Some(c) = &mut x.where_clause { c_node(c); }
+    for c in &mut x.columns { c_node(c); }
 }
 
 fn c_Query(x: &mut Query) {
     x.stmt_location = 0;
-    if let Some(c) = &mut x.utility_stmt {
-        c_node(c);
-    }
-    for c in &mut x.cte_list {
-        c_node(c);
-    }
-    for c in &mut x.rtable {
-        c_node(c);
-    }
-    for c in &mut x.rteperminfos {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.jointree {
-        c_FromExpr(c);
-    }
-    for c in &mut x.merge_action_list {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.merge_join_condition {
-        c_node(c);
-    }
-    for c in &mut x.target_list {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.on_conflict {
-        c_OnConflictExpr(c);
-    }
-    for c in &mut x.returning_list {
-        c_node(c);
-    }
-    for c in &mut x.group_clause {
-        c_node(c);
-    }
-    for c in &mut x.grouping_sets {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.having_qual {
-        c_node(c);
-    }
-    for c in &mut x.window_clause {
-        c_node(c);
-    }
-    for c in &mut x.distinct_clause {
-        c_node(c);
-    }
-    for c in &mut x.sort_clause {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.limit_offset {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.limit_count {
-        c_node(c);
-    }
-    for c in &mut x.row_marks {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.set_operations {
-        c_node(c);
-    }
-    for c in &mut x.constraint_deps {
-        c_node(c);
-    }
-    for c in &mut x.with_check_options {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.utility_stmt { c_node(c); }
+    for c in &mut x.cte_list { c_node(c); }
+    for c in &mut x.rtable { c_node(c); }
+    for c in &mut x.rteperminfos { c_node(c); }
+    if let Some(c) = &mut x.jointree { c_FromExpr(c); }
+    for c in &mut x.merge_action_list { c_node(c); }
+    if let Some(c) = &mut x.merge_join_condition { c_node(c); }
+    for c in &mut x.target_list { c_node(c); }
+    if let Some(c) = &mut x.on_conflict { c_OnConflictExpr(c); }
+    for c in &mut x.returning_list { c_node(c); }
+    for c in &mut x.group_clause { c_node(c); }
+    for c in &mut x.grouping_sets { c_node(c); }
+    if let Some(c) = &mut x.having_qual { c_node(c); }
+    for c in &mut x.window_clause { c_node(c); }
+    for c in &mut x.distinct_clause { c_node(c); }
+    for c in &mut x.sort_clause { c_node(c); }
+    if let Some(c) = &mut x.limit_offset { c_node(c); }
+    if let Some(c) = &mut x.limit_count { c_node(c); }
+    for c in &mut x.row_marks { c_node(c); }
+    if let Some(c) = &mut x.set_operations { c_node(c); }
+    for c in &mut x.constraint_deps { c_node(c); }
+    for c in &mut x.with_check_options { c_node(c); }
 }
 
 fn c_RangeFunction(x: &mut RangeFunction) {
-    for c in &mut x.functions {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.alias {
-        c_Alias(c);
-    }
-    for c in &mut x.coldeflist {
-        c_node(c);
-    }
+    for c in &mut x.functions { c_node(c); }
+    if let Some(c) = &mut x.alias { c_Alias(c); }
+    for c in &mut x.coldeflist { c_node(c); }
 }
 
 fn c_RangeSubselect(x: &mut RangeSubselect) {
-    if let Some(c) = &mut x.subquery {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.alias {
-        c_Alias(c);
-    }
+    if let Some(c) = &mut x.subquery { c_node(c); }
+    if let Some(c) = &mut x.alias { c_Alias(c); }
 }
 
 fn c_RangeTableFunc(x: &mut RangeTableFunc) {
     x.location = 0;
-    if let Some(c) = &mut x.docexpr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.rowexpr {
-        c_node(c);
-    }
-    for c in &mut x.namespaces {
-        c_node(c);
-    }
-    for c in &mut x.columns {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.alias {
-        c_Alias(c);
-    }
+    if let Some(c) = &mut x.docexpr { c_node(c); }
+    if let Some(c) = &mut x.rowexpr { c_node(c); }
+    for c in &mut x.namespaces { c_node(c); }
+    for c in &mut x.columns { c_node(c); }
+    if let Some(c) = &mut x.alias { c_Alias(c); }
 }
 
 fn c_RangeTableFuncCol(x: &mut RangeTableFuncCol) {
     x.location = 0;
-    if let Some(c) = &mut x.type_name {
-        c_TypeName(c);
-    }
-    if let Some(c) = &mut x.colexpr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.coldefexpr {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.type_name { c_TypeName(c); }
+    if let Some(c) = &mut x.colexpr { c_node(c); }
+    if let Some(c) = &mut x.coldefexpr { c_node(c); }
 }
 
 fn c_RangeTableSample(x: &mut RangeTableSample) {
     x.location = 0;
-    if let Some(c) = &mut x.relation {
-        c_node(c);
-    }
-    for c in &mut x.method {
-        c_node(c);
-    }
-    for c in &mut x.args {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.repeatable {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.relation { c_node(c); }
+    for c in &mut x.method { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+    if let Some(c) = &mut x.repeatable { c_node(c); }
 }
 
 fn c_RangeTblEntry(x: &mut RangeTblEntry) {
-    if let Some(c) = &mut x.alias {
-        c_Alias(c);
-    }
-    if let Some(c) = &mut x.eref {
-        c_Alias(c);
-    }
-    if let Some(c) = &mut x.subquery {
-        c_Query(c);
-    }
-    for c in &mut x.joinaliasvars {
-        c_node(c);
-    }
-    for c in &mut x.joinleftcols {
-        c_node(c);
-    }
-    for c in &mut x.joinrightcols {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.join_using_alias {
-        c_Alias(c);
-    }
-    for c in &mut x.functions {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.tablefunc {
-        c_TableFunc(c);
-    }
-    for c in &mut x.values_lists {
-        c_node(c);
-    }
-    for c in &mut x.coltypes {
-        c_node(c);
-    }
-    for c in &mut x.coltypmods {
-        c_node(c);
-    }
-    for c in &mut x.colcollations {
-        c_node(c);
-    }
-    for c in &mut x.groupexprs {
-        c_node(c);
-    }
-    for c in &mut x.security_quals {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.alias { c_Alias(c); }
+    if let Some(c) = &mut x.eref { c_Alias(c); }
+    if let Some(c) = &mut x.subquery { c_Query(c); }
+    for c in &mut x.joinaliasvars { c_node(c); }
+    for c in &mut x.joinleftcols { c_node(c); }
+    for c in &mut x.joinrightcols { c_node(c); }
+    if let Some(c) = &mut x.join_using_alias { c_Alias(c); }
+    for c in &mut x.functions { c_node(c); }
+    if let Some(c) = &mut x.tablefunc { c_TableFunc(c); }
+    for c in &mut x.values_lists { c_node(c); }
+    for c in &mut x.coltypes { c_node(c); }
+    for c in &mut x.coltypmods { c_node(c); }
+    for c in &mut x.colcollations { c_node(c); }
+    for c in &mut x.groupexprs { c_node(c); }
+    for c in &mut x.security_quals { c_node(c); }
 }
 
 fn c_RangeTblFunction(x: &mut RangeTblFunction) {
-    if let Some(c) = &mut x.funcexpr {
-        c_node(c);
-    }
-    for c in &mut x.funccolnames {
-        c_node(c);
-    }
-    for c in &mut x.funccoltypes {
-        c_node(c);
-    }
-    for c in &mut x.funccoltypmods {
-        c_node(c);
-    }
-    for c in &mut x.funccolcollations {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.funcexpr { c_node(c); }
+    for c in &mut x.funccolnames { c_node(c); }
+    for c in &mut x.funccoltypes { c_node(c); }
+    for c in &mut x.funccoltypmods { c_node(c); }
+    for c in &mut x.funccolcollations { c_node(c); }
 }
 
 fn c_RangeVar(x: &mut RangeVar) {
     x.location = 0;
-    if let Some(c) = &mut x.alias {
-        c_Alias(c);
-    }
+    if let Some(c) = &mut x.alias { c_Alias(c); }
 }
 
 fn c_RawStmt(x: &mut RawStmt) {
@@ -2455,80 +1443,48 @@ fn c_RawStmt(x: &mut RawStmt) {
 }
 
 fn c_ReassignOwnedStmt(x: &mut ReassignOwnedStmt) {
-    for c in &mut x.roles {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.newrole {
-        c_RoleSpec(c);
-    }
+    for c in &mut x.roles { c_node(c); }
+    if let Some(c) = &mut x.newrole { c_RoleSpec(c); }
 }
 
 fn c_RefreshMatViewStmt(x: &mut RefreshMatViewStmt) {
-    if let Some(c) = &mut x.relation {
-        c_RangeVar(c);
-    }
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
 }
 
 fn c_ReindexStmt(x: &mut ReindexStmt) {
-    if let Some(c) = &mut x.relation {
-        c_RangeVar(c);
-    }
-    for c in &mut x.params {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    for c in &mut x.params { c_node(c); }
 }
 
 fn c_RelabelType(x: &mut RelabelType) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.arg {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.arg { c_node(c); }
 }
 
 fn c_RenameStmt(x: &mut RenameStmt) {
-    if let Some(c) = &mut x.relation {
-        c_RangeVar(c);
-    }
-    if let Some(c) = &mut x.object {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    if let Some(c) = &mut x.object { c_node(c); }
 }
 
 fn c_ResTarget(x: &mut ResTarget) {
     x.location = 0;
-    for c in &mut x.indirection {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.val {
-        c_node(c);
-    }
+    for c in &mut x.indirection { c_node(c); }
+    if let Some(c) = &mut x.val { c_node(c); }
 }
 
 fn c_ReturnStmt(x: &mut ReturnStmt) {
-    if let Some(c) = &mut x.returnval {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.returnval { c_node(c); }
 }
 
 fn c_ReturningClause(x: &mut ReturningClause) {
-    for c in &mut x.options {
-        c_node(c);
-    }
-    for c in &mut x.exprs {
-        c_node(c);
-    }
+    for c in &mut x.options { c_node(c); }
+    for c in &mut x.exprs { c_node(c); }
 }
 
 fn c_ReturningExpr(x: &mut ReturningExpr) {
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.retexpr {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.retexpr { c_node(c); }
 }
 
 fn c_ReturningOption(x: &mut ReturningOption) {
@@ -2540,490 +1496,251 @@ fn c_RoleSpec(x: &mut RoleSpec) {
 }
 
 fn c_RowCompareExpr(x: &mut RowCompareExpr) {
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    for c in &mut x.opnos {
-        c_node(c);
-    }
-    for c in &mut x.opfamilies {
-        c_node(c);
-    }
-    for c in &mut x.inputcollids {
-        c_node(c);
-    }
-    for c in &mut x.largs {
-        c_node(c);
-    }
-    for c in &mut x.rargs {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.opnos { c_node(c); }
+    for c in &mut x.opfamilies { c_node(c); }
+    for c in &mut x.inputcollids { c_node(c); }
+    for c in &mut x.largs { c_node(c); }
+    for c in &mut x.rargs { c_node(c); }
 }
 
 fn c_RowExpr(x: &mut RowExpr) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    for c in &mut x.args {
-        c_node(c);
-    }
-    for c in &mut x.colnames {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+    for c in &mut x.colnames { c_node(c); }
 }
 
 fn c_RuleStmt(x: &mut RuleStmt) {
-    if let Some(c) = &mut x.relation {
-        c_RangeVar(c);
-    }
-    if let Some(c) = &mut x.where_clause {
-        c_node(c);
-    }
-    for c in &mut x.actions {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    if let Some(c) = &mut x.where_clause { c_node(c); }
+    for c in &mut x.actions { c_node(c); }
 }
 
 fn c_ScalarArrayOpExpr(x: &mut ScalarArrayOpExpr) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    for c in &mut x.args {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.args { c_node(c); }
 }
 
 fn c_SecLabelStmt(x: &mut SecLabelStmt) {
-    if let Some(c) = &mut x.object {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.object { c_node(c); }
 }
 
 fn c_SelectStmt(x: &mut SelectStmt) {
-    for c in &mut x.distinct_clause {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.into_clause {
-        c_IntoClause(c);
-    }
-    for c in &mut x.target_list {
-        c_node(c);
-    }
-    for c in &mut x.from_clause {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.where_clause {
-        c_node(c);
-    }
-    for c in &mut x.group_clause {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.having_clause {
-        c_node(c);
-    }
-    for c in &mut x.window_clause {
-        c_node(c);
-    }
-    for c in &mut x.values_lists {
-        c_node(c);
-    }
-    for c in &mut x.sort_clause {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.limit_offset {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.limit_count {
-        c_node(c);
-    }
-    for c in &mut x.locking_clause {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.with_clause {
-        c_WithClause(c);
-    }
-    if let Some(c) = &mut x.larg {
-        c_SelectStmt(c);
-    }
-    if let Some(c) = &mut x.rarg {
-        c_SelectStmt(c);
-    }
+    for c in &mut x.distinct_clause { c_node(c); }
+    if let Some(c) = &mut x.into_clause { c_IntoClause(c); }
+    for c in &mut x.target_list { c_node(c); }
+    for c in &mut x.from_clause { c_node(c); }
+    if let Some(c) = &mut x.where_clause { c_node(c); }
+    for c in &mut x.group_clause { c_node(c); }
+    if let Some(c) = &mut x.having_clause { c_node(c); }
+    for c in &mut x.window_clause { c_node(c); }
+    for c in &mut x.values_lists { c_node(c); }
+    for c in &mut x.sort_clause { c_node(c); }
+    if let Some(c) = &mut x.limit_offset { c_node(c); }
+    if let Some(c) = &mut x.limit_count { c_node(c); }
+    for c in &mut x.locking_clause { c_node(c); }
+    if let Some(c) = &mut x.with_clause { c_WithClause(c); }
+    if let Some(c) = &mut x.larg { c_SelectStmt(c); }
+    if let Some(c) = &mut x.rarg { c_SelectStmt(c); }
 }
 
 fn c_SetOperationStmt(x: &mut SetOperationStmt) {
-    if let Some(c) = &mut x.larg {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.rarg {
-        c_node(c);
-    }
-    for c in &mut x.col_types {
-        c_node(c);
-    }
-    for c in &mut x.col_typmods {
-        c_node(c);
-    }
-    for c in &mut x.col_collations {
-        c_node(c);
-    }
-    for c in &mut x.group_clauses {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.larg { c_node(c); }
+    if let Some(c) = &mut x.rarg { c_node(c); }
+    for c in &mut x.col_types { c_node(c); }
+    for c in &mut x.col_typmods { c_node(c); }
+    for c in &mut x.col_collations { c_node(c); }
+    for c in &mut x.group_clauses { c_node(c); }
 }
 
 fn c_SetToDefault(x: &mut SetToDefault) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
 }
 
 fn c_SortBy(x: &mut SortBy) {
     x.location = 0;
-    if let Some(c) = &mut x.node {
-        c_node(c);
-    }
-    for c in &mut x.use_op {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.node { c_node(c); }
+    for c in &mut x.use_op { c_node(c); }
 }
 
 fn c_SqlValueFunction(x: &mut SqlValueFunction) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
 }
 
 fn c_StatsElem(x: &mut StatsElem) {
-    if let Some(c) = &mut x.expr {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.expr { c_node(c); }
 }
 
 fn c_SubLink(x: &mut SubLink) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.testexpr {
-        c_node(c);
-    }
-    for c in &mut x.oper_name {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.subselect {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.testexpr { c_node(c); }
+    for c in &mut x.oper_name { c_node(c); }
+    if let Some(c) = &mut x.subselect { c_node(c); }
 }
 
 fn c_SubPlan(x: &mut SubPlan) {
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.testexpr {
-        c_node(c);
-    }
-    for c in &mut x.param_ids {
-        c_node(c);
-    }
-    for c in &mut x.set_param {
-        c_node(c);
-    }
-    for c in &mut x.par_param {
-        c_node(c);
-    }
-    for c in &mut x.args {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.testexpr { c_node(c); }
+    for c in &mut x.param_ids { c_node(c); }
+    for c in &mut x.set_param { c_node(c); }
+    for c in &mut x.par_param { c_node(c); }
+    for c in &mut x.args { c_node(c); }
 }
 
 fn c_SubscriptingRef(x: &mut SubscriptingRef) {
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    for c in &mut x.refupperindexpr {
-        c_node(c);
-    }
-    for c in &mut x.reflowerindexpr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.refexpr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.refassgnexpr {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.refupperindexpr { c_node(c); }
+    for c in &mut x.reflowerindexpr { c_node(c); }
+    if let Some(c) = &mut x.refexpr { c_node(c); }
+    if let Some(c) = &mut x.refassgnexpr { c_node(c); }
 }
 
-fn c_SummaryResult(x: &mut SummaryResult) {}
+fn c_SummaryResult(x: &mut SummaryResult) {
+}
 
 fn c_TableFunc(x: &mut TableFunc) {
     x.location = 0;
-    for c in &mut x.ns_uris {
-        c_node(c);
-    }
-    for c in &mut x.ns_names {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.docexpr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.rowexpr {
-        c_node(c);
-    }
-    for c in &mut x.colnames {
-        c_node(c);
-    }
-    for c in &mut x.coltypes {
-        c_node(c);
-    }
-    for c in &mut x.coltypmods {
-        c_node(c);
-    }
-    for c in &mut x.colcollations {
-        c_node(c);
-    }
-    for c in &mut x.colexprs {
-        c_node(c);
-    }
-    for c in &mut x.coldefexprs {
-        c_node(c);
-    }
-    for c in &mut x.colvalexprs {
-        c_node(c);
-    }
-    for c in &mut x.passingvalexprs {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.plan {
-        c_node(c);
-    }
+    for c in &mut x.ns_uris { c_node(c); }
+    for c in &mut x.ns_names { c_node(c); }
+    if let Some(c) = &mut x.docexpr { c_node(c); }
+    if let Some(c) = &mut x.rowexpr { c_node(c); }
+    for c in &mut x.colnames { c_node(c); }
+    for c in &mut x.coltypes { c_node(c); }
+    for c in &mut x.coltypmods { c_node(c); }
+    for c in &mut x.colcollations { c_node(c); }
+    for c in &mut x.colexprs { c_node(c); }
+    for c in &mut x.coldefexprs { c_node(c); }
+    for c in &mut x.colvalexprs { c_node(c); }
+    for c in &mut x.passingvalexprs { c_node(c); }
+    if let Some(c) = &mut x.plan { c_node(c); }
 }
 
 fn c_TableLikeClause(x: &mut TableLikeClause) {
-    if let Some(c) = &mut x.relation {
-        c_RangeVar(c);
-    }
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
 }
 
 fn c_TableSampleClause(x: &mut TableSampleClause) {
-    for c in &mut x.args {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.repeatable {
-        c_node(c);
-    }
+    for c in &mut x.args { c_node(c); }
+    if let Some(c) = &mut x.repeatable { c_node(c); }
 }
 
 fn c_TargetEntry(x: &mut TargetEntry) {
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.expr {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.expr { c_node(c); }
 }
 
 fn c_TransactionStmt(x: &mut TransactionStmt) {
     x.location = 0;
-    for c in &mut x.options {
-        c_node(c);
-    }
+    for c in &mut x.options { c_node(c); }
 }
 
 fn c_TruncateStmt(x: &mut TruncateStmt) {
-    for c in &mut x.relations {
-        c_node(c);
-    }
+    for c in &mut x.relations { c_node(c); }
 }
 
 fn c_TypeCast(x: &mut TypeCast) {
     x.location = 0;
-    if let Some(c) = &mut x.arg {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.type_name {
-        c_TypeName(c);
-    }
+    if let Some(c) = &mut x.arg { c_node(c); }
+    if let Some(c) = &mut x.type_name { c_TypeName(c); }
 }
 
 fn c_TypeName(x: &mut TypeName) {
     x.location = 0;
-    for c in &mut x.names {
-        c_node(c);
-    }
-    for c in &mut x.typmods {
-        c_node(c);
-    }
-    for c in &mut x.array_bounds {
-        c_node(c);
-    }
+    for c in &mut x.names { c_node(c); }
+    for c in &mut x.typmods { c_node(c); }
+    for c in &mut x.array_bounds { c_node(c); }
 }
 
 fn c_UpdateStmt(x: &mut UpdateStmt) {
-    if let Some(c) = &mut x.relation {
-        c_RangeVar(c);
-    }
-    for c in &mut x.target_list {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.where_clause {
-        c_node(c);
-    }
-    for c in &mut x.from_clause {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.returning_clause {
-        c_ReturningClause(c);
-    }
-    if let Some(c) = &mut x.with_clause {
-        c_WithClause(c);
-    }
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    for c in &mut x.target_list { c_node(c); }
+    if let Some(c) = &mut x.where_clause { c_node(c); }
+    for c in &mut x.from_clause { c_node(c); }
+    if let Some(c) = &mut x.returning_clause { c_ReturningClause(c); }
+    if let Some(c) = &mut x.with_clause { c_WithClause(c); }
 }
 
 fn c_VacuumRelation(x: &mut VacuumRelation) {
-    if let Some(c) = &mut x.relation {
-        c_RangeVar(c);
-    }
-    for c in &mut x.va_cols {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.relation { c_RangeVar(c); }
+    for c in &mut x.va_cols { c_node(c); }
 }
 
 fn c_VacuumStmt(x: &mut VacuumStmt) {
-    for c in &mut x.options {
-        c_node(c);
-    }
-    for c in &mut x.rels {
-        c_node(c);
-    }
+    for c in &mut x.options { c_node(c); }
+    for c in &mut x.rels { c_node(c); }
 }
 
 fn c_Var(x: &mut Var) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
 }
 
 fn c_VariableSetStmt(x: &mut VariableSetStmt) {
     x.location = 0;
-    for c in &mut x.args {
-        c_node(c);
-    }
+    for c in &mut x.args { c_node(c); }
 }
 
 fn c_ViewStmt(x: &mut ViewStmt) {
-    if let Some(c) = &mut x.view {
-        c_RangeVar(c);
-    }
-    for c in &mut x.aliases {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.query {
-        c_node(c);
-    }
-    for c in &mut x.options {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.view { c_RangeVar(c); }
+    for c in &mut x.aliases { c_node(c); }
+    if let Some(c) = &mut x.query { c_node(c); }
+    for c in &mut x.options { c_node(c); }
 }
 
 fn c_WindowClause(x: &mut WindowClause) {
-    for c in &mut x.partition_clause {
-        c_node(c);
-    }
-    for c in &mut x.order_clause {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.start_offset {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.end_offset {
-        c_node(c);
-    }
+    for c in &mut x.partition_clause { c_node(c); }
+    for c in &mut x.order_clause { c_node(c); }
+    if let Some(c) = &mut x.start_offset { c_node(c); }
+    if let Some(c) = &mut x.end_offset { c_node(c); }
 }
 
 fn c_WindowDef(x: &mut WindowDef) {
     x.location = 0;
-    for c in &mut x.partition_clause {
-        c_node(c);
-    }
-    for c in &mut x.order_clause {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.start_offset {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.end_offset {
-        c_node(c);
-    }
+    for c in &mut x.partition_clause { c_node(c); }
+    for c in &mut x.order_clause { c_node(c); }
+    if let Some(c) = &mut x.start_offset { c_node(c); }
+    if let Some(c) = &mut x.end_offset { c_node(c); }
 }
 
 fn c_WindowFunc(x: &mut WindowFunc) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    for c in &mut x.args {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.aggfilter {
-        c_node(c);
-    }
-    for c in &mut x.run_condition {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.args { c_node(c); }
+    if let Some(c) = &mut x.aggfilter { c_node(c); }
+    for c in &mut x.run_condition { c_node(c); }
 }
 
 fn c_WindowFuncRunCondition(x: &mut WindowFuncRunCondition) {
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.arg {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    if let Some(c) = &mut x.arg { c_node(c); }
 }
 
 fn c_WithCheckOption(x: &mut WithCheckOption) {
-    if let Some(c) = &mut x.qual {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.qual { c_node(c); }
 }
 
 fn c_WithClause(x: &mut WithClause) {
     x.location = 0;
-    for c in &mut x.ctes {
-        c_node(c);
-    }
+    for c in &mut x.ctes { c_node(c); }
 }
 
 fn c_XmlExpr(x: &mut XmlExpr) {
     x.location = 0;
-    if let Some(c) = &mut x.xpr {
-        c_node(c);
-    }
-    for c in &mut x.named_args {
-        c_node(c);
-    }
-    for c in &mut x.arg_names {
-        c_node(c);
-    }
-    for c in &mut x.args {
-        c_node(c);
-    }
+    if let Some(c) = &mut x.xpr { c_node(c); }
+    for c in &mut x.named_args { c_node(c); }
+    for c in &mut x.arg_names { c_node(c); }
+    for c in &mut x.args { c_node(c); }
 }
 
 fn c_XmlSerialize(x: &mut XmlSerialize) {
     x.location = 0;
-    if let Some(c) = &mut x.expr {
-        c_node(c);
-    }
-    if let Some(c) = &mut x.type_name {
-        c_TypeName(c);
-    }
+    if let Some(c) = &mut x.expr { c_node(c); }
+    if let Some(c) = &mut x.type_name { c_TypeName(c); }
 }
 
 /// The children of one node.
@@ -3265,2577 +1982,1334 @@ pub fn children<'a>(e: &'a NodeEnum, v: &mut dyn Visit<'a>) {
 }
 
 pub fn s_AArrayExpr<'a>(x: &'a AArrayExpr, v: &mut dyn Visit<'a>) {
-    for c in &x.elements {
-        v.node(c);
-    }
+    for c in &x.elements { v.node(c); }
 }
 
 pub fn s_AExpr<'a>(x: &'a AExpr, v: &mut dyn Visit<'a>) {
-    for c in &x.name {
-        v.node(c);
-    }
-    if let Some(c) = &x.lexpr {
-        v.node(c);
-    }
-    if let Some(c) = &x.rexpr {
-        v.node(c);
-    }
+    for c in &x.name { v.node(c); }
+    if let Some(c) = &x.lexpr { v.node(c); }
+    if let Some(c) = &x.rexpr { v.node(c); }
 }
 
 pub fn s_AIndices<'a>(x: &'a AIndices, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.lidx {
-        v.node(c);
-    }
-    if let Some(c) = &x.uidx {
-        v.node(c);
-    }
+    if let Some(c) = &x.lidx { v.node(c); }
+    if let Some(c) = &x.uidx { v.node(c); }
 }
 
 pub fn s_AIndirection<'a>(x: &'a AIndirection, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.arg {
-        v.node(c);
-    }
-    for c in &x.indirection {
-        v.node(c);
-    }
+    if let Some(c) = &x.arg { v.node(c); }
+    for c in &x.indirection { v.node(c); }
 }
 
 pub fn s_AccessPriv<'a>(x: &'a AccessPriv, v: &mut dyn Visit<'a>) {
-    for c in &x.cols {
-        v.node(c);
-    }
+    for c in &x.cols { v.node(c); }
 }
 
 pub fn s_Aggref<'a>(x: &'a Aggref, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    for c in &x.aggargtypes {
-        v.node(c);
-    }
-    for c in &x.aggdirectargs {
-        v.node(c);
-    }
-    for c in &x.args {
-        v.node(c);
-    }
-    for c in &x.aggorder {
-        v.node(c);
-    }
-    for c in &x.aggdistinct {
-        v.node(c);
-    }
-    if let Some(c) = &x.aggfilter {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    for c in &x.aggargtypes { v.node(c); }
+    for c in &x.aggdirectargs { v.node(c); }
+    for c in &x.args { v.node(c); }
+    for c in &x.aggorder { v.node(c); }
+    for c in &x.aggdistinct { v.node(c); }
+    if let Some(c) = &x.aggfilter { v.node(c); }
 }
 
 pub fn s_Alias<'a>(x: &'a Alias, v: &mut dyn Visit<'a>) {
-    for c in &x.colnames {
-        v.node(c);
-    }
+    for c in &x.colnames { v.node(c); }
 }
 
 pub fn s_AlterCollationStmt<'a>(x: &'a AlterCollationStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.collname {
-        v.node(c);
-    }
+    for c in &x.collname { v.node(c); }
 }
 
 pub fn s_AlterDatabaseSetStmt<'a>(x: &'a AlterDatabaseSetStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.setstmt {
-        s_VariableSetStmt(c, v);
-    }
+    if let Some(c) = &x.setstmt { s_VariableSetStmt(c, v); }
 }
 
 pub fn s_AlterDatabaseStmt<'a>(x: &'a AlterDatabaseStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.options {
-        v.node(c);
-    }
+    for c in &x.options { v.node(c); }
 }
 
 pub fn s_AlterDefaultPrivilegesStmt<'a>(x: &'a AlterDefaultPrivilegesStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.options {
-        v.node(c);
-    }
-    if let Some(c) = &x.action {
-        s_GrantStmt(c, v);
-    }
+    for c in &x.options { v.node(c); }
+    if let Some(c) = &x.action { s_GrantStmt(c, v); }
 }
 
 pub fn s_AlterDomainStmt<'a>(x: &'a AlterDomainStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.type_name {
-        v.node(c);
-    }
-    if let Some(c) = &x.def {
-        v.node(c);
-    }
+    for c in &x.type_name { v.node(c); }
+    if let Some(c) = &x.def { v.node(c); }
 }
 
 pub fn s_AlterEnumStmt<'a>(x: &'a AlterEnumStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.type_name {
-        v.node(c);
-    }
+    for c in &x.type_name { v.node(c); }
 }
 
 pub fn s_AlterExtensionContentsStmt<'a>(x: &'a AlterExtensionContentsStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.object {
-        v.node(c);
-    }
+    if let Some(c) = &x.object { v.node(c); }
 }
 
 pub fn s_AlterExtensionStmt<'a>(x: &'a AlterExtensionStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.options {
-        v.node(c);
-    }
+    for c in &x.options { v.node(c); }
 }
 
 pub fn s_AlterFdwStmt<'a>(x: &'a AlterFdwStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.func_options {
-        v.node(c);
-    }
-    for c in &x.options {
-        v.node(c);
-    }
+    for c in &x.func_options { v.node(c); }
+    for c in &x.options { v.node(c); }
 }
 
 pub fn s_AlterForeignServerStmt<'a>(x: &'a AlterForeignServerStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.options {
-        v.node(c);
-    }
+    for c in &x.options { v.node(c); }
 }
 
 pub fn s_AlterFunctionStmt<'a>(x: &'a AlterFunctionStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.func {
-        s_ObjectWithArgs(c, v);
-    }
-    for c in &x.actions {
-        v.node(c);
-    }
+    if let Some(c) = &x.func { s_ObjectWithArgs(c, v); }
+    for c in &x.actions { v.node(c); }
 }
 
 pub fn s_AlterObjectDependsStmt<'a>(x: &'a AlterObjectDependsStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.relation {
-        v.range_var(c);
-    }
-    if let Some(c) = &x.object {
-        v.node(c);
-    }
+    if let Some(c) = &x.relation { v.range_var(c); }
+    if let Some(c) = &x.object { v.node(c); }
 }
 
 pub fn s_AlterObjectSchemaStmt<'a>(x: &'a AlterObjectSchemaStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.relation {
-        v.range_var(c);
-    }
-    if let Some(c) = &x.object {
-        v.node(c);
-    }
+    if let Some(c) = &x.relation { v.range_var(c); }
+    if let Some(c) = &x.object { v.node(c); }
 }
 
 pub fn s_AlterOpFamilyStmt<'a>(x: &'a AlterOpFamilyStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.opfamilyname {
-        v.node(c);
-    }
-    for c in &x.items {
-        v.node(c);
-    }
+    for c in &x.opfamilyname { v.node(c); }
+    for c in &x.items { v.node(c); }
 }
 
 pub fn s_AlterOperatorStmt<'a>(x: &'a AlterOperatorStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.opername {
-        s_ObjectWithArgs(c, v);
-    }
-    for c in &x.options {
-        v.node(c);
-    }
+    if let Some(c) = &x.opername { s_ObjectWithArgs(c, v); }
+    for c in &x.options { v.node(c); }
 }
 
 pub fn s_AlterOwnerStmt<'a>(x: &'a AlterOwnerStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.relation {
-        v.range_var(c);
-    }
-    if let Some(c) = &x.object {
-        v.node(c);
-    }
+    if let Some(c) = &x.relation { v.range_var(c); }
+    if let Some(c) = &x.object { v.node(c); }
 }
 
 pub fn s_AlterPolicyStmt<'a>(x: &'a AlterPolicyStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.table {
-        v.range_var(c);
-    }
-    for c in &x.roles {
-        v.node(c);
-    }
-    if let Some(c) = &x.qual {
-        v.node(c);
-    }
-    if let Some(c) = &x.with_check {
-        v.node(c);
-    }
+    if let Some(c) = &x.table { v.range_var(c); }
+    for c in &x.roles { v.node(c); }
+    if let Some(c) = &x.qual { v.node(c); }
+    if let Some(c) = &x.with_check { v.node(c); }
 }
 
 pub fn s_AlterPublicationStmt<'a>(x: &'a AlterPublicationStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.options {
-        v.node(c);
-    }
-    for c in &x.pubobjects {
-        v.node(c);
-    }
+    for c in &x.options { v.node(c); }
+    for c in &x.pubobjects { v.node(c); }
 }
 
 pub fn s_AlterRoleSetStmt<'a>(x: &'a AlterRoleSetStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.setstmt {
-        s_VariableSetStmt(c, v);
-    }
+    if let Some(c) = &x.setstmt { s_VariableSetStmt(c, v); }
 }
 
 pub fn s_AlterRoleStmt<'a>(x: &'a AlterRoleStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.options {
-        v.node(c);
-    }
+    for c in &x.options { v.node(c); }
 }
 
 pub fn s_AlterSeqStmt<'a>(x: &'a AlterSeqStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.sequence {
-        v.range_var(c);
-    }
-    for c in &x.options {
-        v.node(c);
-    }
+    if let Some(c) = &x.sequence { v.range_var(c); }
+    for c in &x.options { v.node(c); }
 }
 
 pub fn s_AlterStatsStmt<'a>(x: &'a AlterStatsStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.defnames {
-        v.node(c);
-    }
-    if let Some(c) = &x.stxstattarget {
-        v.node(c);
-    }
+    for c in &x.defnames { v.node(c); }
+    if let Some(c) = &x.stxstattarget { v.node(c); }
 }
 
 pub fn s_AlterSubscriptionStmt<'a>(x: &'a AlterSubscriptionStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.publication {
-        v.node(c);
-    }
-    for c in &x.options {
-        v.node(c);
-    }
+    for c in &x.publication { v.node(c); }
+    for c in &x.options { v.node(c); }
 }
 
 pub fn s_AlterSystemStmt<'a>(x: &'a AlterSystemStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.setstmt {
-        s_VariableSetStmt(c, v);
-    }
+    if let Some(c) = &x.setstmt { s_VariableSetStmt(c, v); }
 }
 
 pub fn s_AlterTableCmd<'a>(x: &'a AlterTableCmd, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.def {
-        v.node(c);
-    }
+    if let Some(c) = &x.def { v.node(c); }
 }
 
 pub fn s_AlterTableMoveAllStmt<'a>(x: &'a AlterTableMoveAllStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.roles {
-        v.node(c);
-    }
+    for c in &x.roles { v.node(c); }
 }
 
 pub fn s_AlterTableSpaceOptionsStmt<'a>(x: &'a AlterTableSpaceOptionsStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.options {
-        v.node(c);
-    }
+    for c in &x.options { v.node(c); }
 }
 
 pub fn s_AlterTableStmt<'a>(x: &'a AlterTableStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.relation {
-        v.range_var(c);
-    }
-    for c in &x.cmds {
-        v.node(c);
-    }
+    if let Some(c) = &x.relation { v.range_var(c); }
+    for c in &x.cmds { v.node(c); }
 }
 
 pub fn s_AlterTsConfigurationStmt<'a>(x: &'a AlterTsConfigurationStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.cfgname {
-        v.node(c);
-    }
-    for c in &x.tokentype {
-        v.node(c);
-    }
-    for c in &x.dicts {
-        v.node(c);
-    }
+    for c in &x.cfgname { v.node(c); }
+    for c in &x.tokentype { v.node(c); }
+    for c in &x.dicts { v.node(c); }
 }
 
 pub fn s_AlterTsDictionaryStmt<'a>(x: &'a AlterTsDictionaryStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.dictname {
-        v.node(c);
-    }
-    for c in &x.options {
-        v.node(c);
-    }
+    for c in &x.dictname { v.node(c); }
+    for c in &x.options { v.node(c); }
 }
 
 pub fn s_AlterTypeStmt<'a>(x: &'a AlterTypeStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.type_name {
-        v.node(c);
-    }
-    for c in &x.options {
-        v.node(c);
-    }
+    for c in &x.type_name { v.node(c); }
+    for c in &x.options { v.node(c); }
 }
 
 pub fn s_AlterUserMappingStmt<'a>(x: &'a AlterUserMappingStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.options {
-        v.node(c);
-    }
+    for c in &x.options { v.node(c); }
 }
 
 pub fn s_AlternativeSubPlan<'a>(x: &'a AlternativeSubPlan, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    for c in &x.subplans {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    for c in &x.subplans { v.node(c); }
 }
 
 pub fn s_ArrayCoerceExpr<'a>(x: &'a ArrayCoerceExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &x.arg {
-        v.node(c);
-    }
-    if let Some(c) = &x.elemexpr {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    if let Some(c) = &x.arg { v.node(c); }
+    if let Some(c) = &x.elemexpr { v.node(c); }
 }
 
 pub fn s_ArrayExpr<'a>(x: &'a ArrayExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    for c in &x.elements {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    for c in &x.elements { v.node(c); }
 }
 
 pub fn s_BoolExpr<'a>(x: &'a BoolExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    for c in &x.args {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    for c in &x.args { v.node(c); }
 }
 
 pub fn s_BooleanTest<'a>(x: &'a BooleanTest, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &x.arg {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    if let Some(c) = &x.arg { v.node(c); }
 }
 
 pub fn s_CallStmt<'a>(x: &'a CallStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.funccall {
-        s_FuncCall(c, v);
-    }
-    if let Some(c) = &x.funcexpr {
-        s_FuncExpr(c, v);
-    }
-    for c in &x.outargs {
-        v.node(c);
-    }
+    if let Some(c) = &x.funccall { s_FuncCall(c, v); }
+    if let Some(c) = &x.funcexpr { s_FuncExpr(c, v); }
+    for c in &x.outargs { v.node(c); }
 }
 
 pub fn s_CaseExpr<'a>(x: &'a CaseExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &x.arg {
-        v.node(c);
-    }
-    for c in &x.args {
-        v.node(c);
-    }
-    if let Some(c) = &x.defresult {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    if let Some(c) = &x.arg { v.node(c); }
+    for c in &x.args { v.node(c); }
+    if let Some(c) = &x.defresult { v.node(c); }
 }
 
 pub fn s_CaseTestExpr<'a>(x: &'a CaseTestExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
 }
 
 pub fn s_CaseWhen<'a>(x: &'a CaseWhen, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &x.expr {
-        v.node(c);
-    }
-    if let Some(c) = &x.result {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    if let Some(c) = &x.expr { v.node(c); }
+    if let Some(c) = &x.result { v.node(c); }
 }
 
 pub fn s_ClusterStmt<'a>(x: &'a ClusterStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.relation {
-        v.range_var(c);
-    }
-    for c in &x.params {
-        v.node(c);
-    }
+    if let Some(c) = &x.relation { v.range_var(c); }
+    for c in &x.params { v.node(c); }
 }
 
 pub fn s_CoalesceExpr<'a>(x: &'a CoalesceExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    for c in &x.args {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    for c in &x.args { v.node(c); }
 }
 
 pub fn s_CoerceToDomain<'a>(x: &'a CoerceToDomain, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &x.arg {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    if let Some(c) = &x.arg { v.node(c); }
 }
 
 pub fn s_CoerceToDomainValue<'a>(x: &'a CoerceToDomainValue, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
 }
 
 pub fn s_CoerceViaIo<'a>(x: &'a CoerceViaIo, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &x.arg {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    if let Some(c) = &x.arg { v.node(c); }
 }
 
 pub fn s_CollateClause<'a>(x: &'a CollateClause, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.arg {
-        v.node(c);
-    }
-    for c in &x.collname {
-        v.node(c);
-    }
+    if let Some(c) = &x.arg { v.node(c); }
+    for c in &x.collname { v.node(c); }
 }
 
 pub fn s_CollateExpr<'a>(x: &'a CollateExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &x.arg {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    if let Some(c) = &x.arg { v.node(c); }
 }
 
 pub fn s_ColumnDef<'a>(x: &'a ColumnDef, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.type_name {
-        s_TypeName(c, v);
-    }
-    if let Some(c) = &x.raw_default {
-        v.node(c);
-    }
-    if let Some(c) = &x.cooked_default {
-        v.node(c);
-    }
-    if let Some(c) = &x.identity_sequence {
-        v.range_var(c);
-    }
-    if let Some(c) = &x.coll_clause {
-        s_CollateClause(c, v);
-    }
-    for c in &x.constraints {
-        v.node(c);
-    }
-    for c in &x.fdwoptions {
-        v.node(c);
-    }
+    if let Some(c) = &x.type_name { s_TypeName(c, v); }
+    if let Some(c) = &x.raw_default { v.node(c); }
+    if let Some(c) = &x.cooked_default { v.node(c); }
+    if let Some(c) = &x.identity_sequence { v.range_var(c); }
+    if let Some(c) = &x.coll_clause { s_CollateClause(c, v); }
+    for c in &x.constraints { v.node(c); }
+    for c in &x.fdwoptions { v.node(c); }
 }
 
 pub fn s_ColumnRef<'a>(x: &'a ColumnRef, v: &mut dyn Visit<'a>) {
-    for c in &x.fields {
-        v.node(c);
-    }
+    for c in &x.fields { v.node(c); }
 }
 
 pub fn s_CommentStmt<'a>(x: &'a CommentStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.object {
-        v.node(c);
-    }
+    if let Some(c) = &x.object { v.node(c); }
 }
 
 pub fn s_CommonTableExpr<'a>(x: &'a CommonTableExpr, v: &mut dyn Visit<'a>) {
-    for c in &x.aliascolnames {
-        v.node(c);
-    }
-    if let Some(c) = &x.ctequery {
-        v.node(c);
-    }
-    if let Some(c) = &x.search_clause {
-        s_CteSearchClause(c, v);
-    }
-    if let Some(c) = &x.cycle_clause {
-        s_CteCycleClause(c, v);
-    }
-    for c in &x.ctecolnames {
-        v.node(c);
-    }
-    for c in &x.ctecoltypes {
-        v.node(c);
-    }
-    for c in &x.ctecoltypmods {
-        v.node(c);
-    }
-    for c in &x.ctecolcollations {
-        v.node(c);
-    }
+    for c in &x.aliascolnames { v.node(c); }
+    if let Some(c) = &x.ctequery { v.node(c); }
+    if let Some(c) = &x.search_clause { s_CteSearchClause(c, v); }
+    if let Some(c) = &x.cycle_clause { s_CteCycleClause(c, v); }
+    for c in &x.ctecolnames { v.node(c); }
+    for c in &x.ctecoltypes { v.node(c); }
+    for c in &x.ctecoltypmods { v.node(c); }
+    for c in &x.ctecolcollations { v.node(c); }
 }
 
 pub fn s_CompositeTypeStmt<'a>(x: &'a CompositeTypeStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.typevar {
-        v.range_var(c);
-    }
-    for c in &x.coldeflist {
-        v.node(c);
-    }
+    if let Some(c) = &x.typevar { v.range_var(c); }
+    for c in &x.coldeflist { v.node(c); }
 }
 
 pub fn s_Constraint<'a>(x: &'a Constraint, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.raw_expr {
-        v.node(c);
-    }
-    for c in &x.keys {
-        v.node(c);
-    }
-    for c in &x.including {
-        v.node(c);
-    }
-    for c in &x.exclusions {
-        v.node(c);
-    }
-    for c in &x.options {
-        v.node(c);
-    }
-    if let Some(c) = &x.where_clause {
-        v.node(c);
-    }
-    if let Some(c) = &x.pktable {
-        v.range_var(c);
-    }
-    for c in &x.fk_attrs {
-        v.node(c);
-    }
-    for c in &x.pk_attrs {
-        v.node(c);
-    }
-    for c in &x.fk_del_set_cols {
-        v.node(c);
-    }
-    for c in &x.old_conpfeqop {
-        v.node(c);
-    }
+    if let Some(c) = &x.raw_expr { v.node(c); }
+    for c in &x.keys { v.node(c); }
+    for c in &x.including { v.node(c); }
+    for c in &x.exclusions { v.node(c); }
+    for c in &x.options { v.node(c); }
+    if let Some(c) = &x.where_clause { v.node(c); }
+    if let Some(c) = &x.pktable { v.range_var(c); }
+    for c in &x.fk_attrs { v.node(c); }
+    for c in &x.pk_attrs { v.node(c); }
+    for c in &x.fk_del_set_cols { v.node(c); }
+    for c in &x.old_conpfeqop { v.node(c); }
 }
 
 pub fn s_ConstraintsSetStmt<'a>(x: &'a ConstraintsSetStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.constraints {
-        v.node(c);
-    }
+    for c in &x.constraints { v.node(c); }
 }
 
 pub fn s_ConvertRowtypeExpr<'a>(x: &'a ConvertRowtypeExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &x.arg {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    if let Some(c) = &x.arg { v.node(c); }
 }
 
 pub fn s_CopyStmt<'a>(x: &'a CopyStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.relation {
-        v.range_var(c);
-    }
-    if let Some(c) = &x.query {
-        v.node(c);
-    }
-    for c in &x.attlist {
-        v.node(c);
-    }
-    for c in &x.options {
-        v.node(c);
-    }
-    if let Some(c) = &x.where_clause {
-        v.node(c);
-    }
+    if let Some(c) = &x.relation { v.range_var(c); }
+    if let Some(c) = &x.query { v.node(c); }
+    for c in &x.attlist { v.node(c); }
+    for c in &x.options { v.node(c); }
+    if let Some(c) = &x.where_clause { v.node(c); }
 }
 
 pub fn s_CreateAmStmt<'a>(x: &'a CreateAmStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.handler_name {
-        v.node(c);
-    }
+    for c in &x.handler_name { v.node(c); }
 }
 
 pub fn s_CreateCastStmt<'a>(x: &'a CreateCastStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.sourcetype {
-        s_TypeName(c, v);
-    }
-    if let Some(c) = &x.targettype {
-        s_TypeName(c, v);
-    }
-    if let Some(c) = &x.func {
-        s_ObjectWithArgs(c, v);
-    }
+    if let Some(c) = &x.sourcetype { s_TypeName(c, v); }
+    if let Some(c) = &x.targettype { s_TypeName(c, v); }
+    if let Some(c) = &x.func { s_ObjectWithArgs(c, v); }
 }
 
 pub fn s_CreateConversionStmt<'a>(x: &'a CreateConversionStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.conversion_name {
-        v.node(c);
-    }
-    for c in &x.func_name {
-        v.node(c);
-    }
+    for c in &x.conversion_name { v.node(c); }
+    for c in &x.func_name { v.node(c); }
 }
 
 pub fn s_CreateDomainStmt<'a>(x: &'a CreateDomainStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.domainname {
-        v.node(c);
-    }
-    if let Some(c) = &x.type_name {
-        s_TypeName(c, v);
-    }
-    if let Some(c) = &x.coll_clause {
-        s_CollateClause(c, v);
-    }
-    for c in &x.constraints {
-        v.node(c);
-    }
+    for c in &x.domainname { v.node(c); }
+    if let Some(c) = &x.type_name { s_TypeName(c, v); }
+    if let Some(c) = &x.coll_clause { s_CollateClause(c, v); }
+    for c in &x.constraints { v.node(c); }
 }
 
 pub fn s_CreateEnumStmt<'a>(x: &'a CreateEnumStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.type_name {
-        v.node(c);
-    }
-    for c in &x.vals {
-        v.node(c);
-    }
+    for c in &x.type_name { v.node(c); }
+    for c in &x.vals { v.node(c); }
 }
 
 pub fn s_CreateEventTrigStmt<'a>(x: &'a CreateEventTrigStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.whenclause {
-        v.node(c);
-    }
-    for c in &x.funcname {
-        v.node(c);
-    }
+    for c in &x.whenclause { v.node(c); }
+    for c in &x.funcname { v.node(c); }
 }
 
 pub fn s_CreateExtensionStmt<'a>(x: &'a CreateExtensionStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.options {
-        v.node(c);
-    }
+    for c in &x.options { v.node(c); }
 }
 
 pub fn s_CreateFdwStmt<'a>(x: &'a CreateFdwStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.func_options {
-        v.node(c);
-    }
-    for c in &x.options {
-        v.node(c);
-    }
+    for c in &x.func_options { v.node(c); }
+    for c in &x.options { v.node(c); }
 }
 
 pub fn s_CreateForeignServerStmt<'a>(x: &'a CreateForeignServerStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.options {
-        v.node(c);
-    }
+    for c in &x.options { v.node(c); }
 }
 
 pub fn s_CreateForeignTableStmt<'a>(x: &'a CreateForeignTableStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.base_stmt {
-        s_CreateStmt(c, v);
-    }
-    for c in &x.options {
-        v.node(c);
-    }
+    if let Some(c) = &x.base_stmt { s_CreateStmt(c, v); }
+    for c in &x.options { v.node(c); }
 }
 
 pub fn s_CreateFunctionStmt<'a>(x: &'a CreateFunctionStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.funcname {
-        v.node(c);
-    }
-    for c in &x.parameters {
-        v.node(c);
-    }
-    if let Some(c) = &x.return_type {
-        s_TypeName(c, v);
-    }
-    for c in &x.options {
-        v.node(c);
-    }
-    if let Some(c) = &x.sql_body {
-        v.node(c);
-    }
+    for c in &x.funcname { v.node(c); }
+    for c in &x.parameters { v.node(c); }
+    if let Some(c) = &x.return_type { s_TypeName(c, v); }
+    for c in &x.options { v.node(c); }
+    if let Some(c) = &x.sql_body { v.node(c); }
 }
 
 pub fn s_CreateOpClassItem<'a>(x: &'a CreateOpClassItem, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.name {
-        s_ObjectWithArgs(c, v);
-    }
-    for c in &x.order_family {
-        v.node(c);
-    }
-    for c in &x.class_args {
-        v.node(c);
-    }
-    if let Some(c) = &x.storedtype {
-        s_TypeName(c, v);
-    }
+    if let Some(c) = &x.name { s_ObjectWithArgs(c, v); }
+    for c in &x.order_family { v.node(c); }
+    for c in &x.class_args { v.node(c); }
+    if let Some(c) = &x.storedtype { s_TypeName(c, v); }
 }
 
 pub fn s_CreateOpClassStmt<'a>(x: &'a CreateOpClassStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.opclassname {
-        v.node(c);
-    }
-    for c in &x.opfamilyname {
-        v.node(c);
-    }
-    if let Some(c) = &x.datatype {
-        s_TypeName(c, v);
-    }
-    for c in &x.items {
-        v.node(c);
-    }
+    for c in &x.opclassname { v.node(c); }
+    for c in &x.opfamilyname { v.node(c); }
+    if let Some(c) = &x.datatype { s_TypeName(c, v); }
+    for c in &x.items { v.node(c); }
 }
 
 pub fn s_CreateOpFamilyStmt<'a>(x: &'a CreateOpFamilyStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.opfamilyname {
-        v.node(c);
-    }
+    for c in &x.opfamilyname { v.node(c); }
 }
 
 pub fn s_CreatePLangStmt<'a>(x: &'a CreatePLangStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.plhandler {
-        v.node(c);
-    }
-    for c in &x.plinline {
-        v.node(c);
-    }
-    for c in &x.plvalidator {
-        v.node(c);
-    }
+    for c in &x.plhandler { v.node(c); }
+    for c in &x.plinline { v.node(c); }
+    for c in &x.plvalidator { v.node(c); }
 }
 
 pub fn s_CreatePolicyStmt<'a>(x: &'a CreatePolicyStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.table {
-        v.range_var(c);
-    }
-    for c in &x.roles {
-        v.node(c);
-    }
-    if let Some(c) = &x.qual {
-        v.node(c);
-    }
-    if let Some(c) = &x.with_check {
-        v.node(c);
-    }
+    if let Some(c) = &x.table { v.range_var(c); }
+    for c in &x.roles { v.node(c); }
+    if let Some(c) = &x.qual { v.node(c); }
+    if let Some(c) = &x.with_check { v.node(c); }
 }
 
 pub fn s_CreatePublicationStmt<'a>(x: &'a CreatePublicationStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.options {
-        v.node(c);
-    }
-    for c in &x.pubobjects {
-        v.node(c);
-    }
+    for c in &x.options { v.node(c); }
+    for c in &x.pubobjects { v.node(c); }
 }
 
 pub fn s_CreateRangeStmt<'a>(x: &'a CreateRangeStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.type_name {
-        v.node(c);
-    }
-    for c in &x.params {
-        v.node(c);
-    }
+    for c in &x.type_name { v.node(c); }
+    for c in &x.params { v.node(c); }
 }
 
 pub fn s_CreateRoleStmt<'a>(x: &'a CreateRoleStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.options {
-        v.node(c);
-    }
+    for c in &x.options { v.node(c); }
 }
 
 pub fn s_CreateSchemaStmt<'a>(x: &'a CreateSchemaStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.schema_elts {
-        v.node(c);
-    }
+    for c in &x.schema_elts { v.node(c); }
 }
 
 pub fn s_CreateSeqStmt<'a>(x: &'a CreateSeqStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.sequence {
-        v.range_var(c);
-    }
-    for c in &x.options {
-        v.node(c);
-    }
+    if let Some(c) = &x.sequence { v.range_var(c); }
+    for c in &x.options { v.node(c); }
 }
 
 pub fn s_CreateStatsStmt<'a>(x: &'a CreateStatsStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.defnames {
-        v.node(c);
-    }
-    for c in &x.stat_types {
-        v.node(c);
-    }
-    for c in &x.exprs {
-        v.node(c);
-    }
-    for c in &x.relations {
-        v.node(c);
-    }
+    for c in &x.defnames { v.node(c); }
+    for c in &x.stat_types { v.node(c); }
+    for c in &x.exprs { v.node(c); }
+    for c in &x.relations { v.node(c); }
 }
 
 pub fn s_CreateStmt<'a>(x: &'a CreateStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.relation {
-        v.range_var(c);
-    }
-    for c in &x.table_elts {
-        v.node(c);
-    }
-    for c in &x.inh_relations {
-        v.node(c);
-    }
-    if let Some(c) = &x.partbound {
-        s_PartitionBoundSpec(c, v);
-    }
-    if let Some(c) = &x.partspec {
-        s_PartitionSpec(c, v);
-    }
-    if let Some(c) = &x.of_typename {
-        s_TypeName(c, v);
-    }
-    for c in &x.constraints {
-        v.node(c);
-    }
-    for c in &x.nnconstraints {
-        v.node(c);
-    }
-    for c in &x.options {
-        v.node(c);
-    }
+    if let Some(c) = &x.relation { v.range_var(c); }
+    for c in &x.table_elts { v.node(c); }
+    for c in &x.inh_relations { v.node(c); }
+    if let Some(c) = &x.partbound { s_PartitionBoundSpec(c, v); }
+    if let Some(c) = &x.partspec { s_PartitionSpec(c, v); }
+    if let Some(c) = &x.of_typename { s_TypeName(c, v); }
+    for c in &x.constraints { v.node(c); }
+    for c in &x.nnconstraints { v.node(c); }
+    for c in &x.options { v.node(c); }
 }
 
 pub fn s_CreateSubscriptionStmt<'a>(x: &'a CreateSubscriptionStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.publication {
-        v.node(c);
-    }
-    for c in &x.options {
-        v.node(c);
-    }
+    for c in &x.publication { v.node(c); }
+    for c in &x.options { v.node(c); }
 }
 
 pub fn s_CreateTableAsStmt<'a>(x: &'a CreateTableAsStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.query {
-        v.node(c);
-    }
-    if let Some(c) = &x.into {
-        s_IntoClause(c, v);
-    }
+    if let Some(c) = &x.query { v.node(c); }
+    if let Some(c) = &x.into { s_IntoClause(c, v); }
 }
 
 pub fn s_CreateTableSpaceStmt<'a>(x: &'a CreateTableSpaceStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.options {
-        v.node(c);
-    }
+    for c in &x.options { v.node(c); }
 }
 
 pub fn s_CreateTransformStmt<'a>(x: &'a CreateTransformStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.type_name {
-        s_TypeName(c, v);
-    }
-    if let Some(c) = &x.fromsql {
-        s_ObjectWithArgs(c, v);
-    }
-    if let Some(c) = &x.tosql {
-        s_ObjectWithArgs(c, v);
-    }
+    if let Some(c) = &x.type_name { s_TypeName(c, v); }
+    if let Some(c) = &x.fromsql { s_ObjectWithArgs(c, v); }
+    if let Some(c) = &x.tosql { s_ObjectWithArgs(c, v); }
 }
 
 pub fn s_CreateTrigStmt<'a>(x: &'a CreateTrigStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.relation {
-        v.range_var(c);
-    }
-    for c in &x.funcname {
-        v.node(c);
-    }
-    for c in &x.args {
-        v.node(c);
-    }
-    for c in &x.columns {
-        v.node(c);
-    }
-    if let Some(c) = &x.when_clause {
-        v.node(c);
-    }
-    for c in &x.transition_rels {
-        v.node(c);
-    }
-    if let Some(c) = &x.constrrel {
-        v.range_var(c);
-    }
+    if let Some(c) = &x.relation { v.range_var(c); }
+    for c in &x.funcname { v.node(c); }
+    for c in &x.args { v.node(c); }
+    for c in &x.columns { v.node(c); }
+    if let Some(c) = &x.when_clause { v.node(c); }
+    for c in &x.transition_rels { v.node(c); }
+    if let Some(c) = &x.constrrel { v.range_var(c); }
 }
 
 pub fn s_CreateUserMappingStmt<'a>(x: &'a CreateUserMappingStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.options {
-        v.node(c);
-    }
+    for c in &x.options { v.node(c); }
 }
 
 pub fn s_CreatedbStmt<'a>(x: &'a CreatedbStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.options {
-        v.node(c);
-    }
+    for c in &x.options { v.node(c); }
 }
 
 pub fn s_CteCycleClause<'a>(x: &'a CteCycleClause, v: &mut dyn Visit<'a>) {
-    for c in &x.cycle_col_list {
-        v.node(c);
-    }
-    if let Some(c) = &x.cycle_mark_value {
-        v.node(c);
-    }
-    if let Some(c) = &x.cycle_mark_default {
-        v.node(c);
-    }
+    for c in &x.cycle_col_list { v.node(c); }
+    if let Some(c) = &x.cycle_mark_value { v.node(c); }
+    if let Some(c) = &x.cycle_mark_default { v.node(c); }
 }
 
 pub fn s_CteSearchClause<'a>(x: &'a CteSearchClause, v: &mut dyn Visit<'a>) {
-    for c in &x.search_col_list {
-        v.node(c);
-    }
+    for c in &x.search_col_list { v.node(c); }
 }
 
 pub fn s_CurrentOfExpr<'a>(x: &'a CurrentOfExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
 }
 
 pub fn s_DeclareCursorStmt<'a>(x: &'a DeclareCursorStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.query {
-        v.node(c);
-    }
+    if let Some(c) = &x.query { v.node(c); }
 }
 
 pub fn s_DefElem<'a>(x: &'a DefElem, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.arg {
-        v.node(c);
-    }
+    if let Some(c) = &x.arg { v.node(c); }
 }
 
 pub fn s_DefineStmt<'a>(x: &'a DefineStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.defnames {
-        v.node(c);
-    }
-    for c in &x.args {
-        v.node(c);
-    }
-    for c in &x.definition {
-        v.node(c);
-    }
+    for c in &x.defnames { v.node(c); }
+    for c in &x.args { v.node(c); }
+    for c in &x.definition { v.node(c); }
 }
 
 pub fn s_DeleteStmt<'a>(x: &'a DeleteStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.relation {
-        v.range_var(c);
-    }
-    for c in &x.using_clause {
-        v.node(c);
-    }
-    if let Some(c) = &x.where_clause {
-        v.node(c);
-    }
-    if let Some(c) = &x.returning_clause {
-        s_ReturningClause(c, v);
-    }
-    if let Some(c) = &x.with_clause {
-        s_WithClause(c, v);
-    }
+    if let Some(c) = &x.relation { v.range_var(c); }
+    for c in &x.using_clause { v.node(c); }
+    if let Some(c) = &x.where_clause { v.node(c); }
+    if let Some(c) = &x.returning_clause { s_ReturningClause(c, v); }
+    if let Some(c) = &x.with_clause { s_WithClause(c, v); }
 }
 
 pub fn s_DistinctExpr<'a>(x: &'a DistinctExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    for c in &x.args {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    for c in &x.args { v.node(c); }
 }
 
 pub fn s_DoStmt<'a>(x: &'a DoStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.args {
-        v.node(c);
-    }
+    for c in &x.args { v.node(c); }
 }
 
 pub fn s_DropOwnedStmt<'a>(x: &'a DropOwnedStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.roles {
-        v.node(c);
-    }
+    for c in &x.roles { v.node(c); }
 }
 
 pub fn s_DropRoleStmt<'a>(x: &'a DropRoleStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.roles {
-        v.node(c);
-    }
+    for c in &x.roles { v.node(c); }
 }
 
 pub fn s_DropStmt<'a>(x: &'a DropStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.objects {
-        v.node(c);
-    }
+    for c in &x.objects { v.node(c); }
 }
 
-pub fn s_DropUserMappingStmt<'a>(x: &'a DropUserMappingStmt, v: &mut dyn Visit<'a>) {}
+pub fn s_DropUserMappingStmt<'a>(x: &'a DropUserMappingStmt, v: &mut dyn Visit<'a>) {
+}
 
 pub fn s_DropdbStmt<'a>(x: &'a DropdbStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.options {
-        v.node(c);
-    }
+    for c in &x.options { v.node(c); }
 }
 
 pub fn s_ExecuteStmt<'a>(x: &'a ExecuteStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.params {
-        v.node(c);
-    }
+    for c in &x.params { v.node(c); }
 }
 
 pub fn s_ExplainStmt<'a>(x: &'a ExplainStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.query {
-        v.node(c);
-    }
-    for c in &x.options {
-        v.node(c);
-    }
+    if let Some(c) = &x.query { v.node(c); }
+    for c in &x.options { v.node(c); }
 }
 
 pub fn s_FieldSelect<'a>(x: &'a FieldSelect, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &x.arg {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    if let Some(c) = &x.arg { v.node(c); }
 }
 
 pub fn s_FieldStore<'a>(x: &'a FieldStore, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &x.arg {
-        v.node(c);
-    }
-    for c in &x.newvals {
-        v.node(c);
-    }
-    for c in &x.fieldnums {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    if let Some(c) = &x.arg { v.node(c); }
+    for c in &x.newvals { v.node(c); }
+    for c in &x.fieldnums { v.node(c); }
 }
 
 pub fn s_FromExpr<'a>(x: &'a FromExpr, v: &mut dyn Visit<'a>) {
-    for c in &x.fromlist {
-        v.node(c);
-    }
-    if let Some(c) = &x.quals {
-        v.node(c);
-    }
+    for c in &x.fromlist { v.node(c); }
+    if let Some(c) = &x.quals { v.node(c); }
 }
 
 pub fn s_FuncCall<'a>(x: &'a FuncCall, v: &mut dyn Visit<'a>) {
-    for c in &x.funcname {
-        v.node(c);
-    }
-    for c in &x.args {
-        v.node(c);
-    }
-    for c in &x.agg_order {
-        v.node(c);
-    }
-    if let Some(c) = &x.agg_filter {
-        v.node(c);
-    }
-    if let Some(c) = &x.over {
-        s_WindowDef(c, v);
-    }
+    for c in &x.funcname { v.node(c); }
+    for c in &x.args { v.node(c); }
+    for c in &x.agg_order { v.node(c); }
+    if let Some(c) = &x.agg_filter { v.node(c); }
+    if let Some(c) = &x.over { s_WindowDef(c, v); }
 }
 
 pub fn s_FuncExpr<'a>(x: &'a FuncExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    for c in &x.args {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    for c in &x.args { v.node(c); }
 }
 
 pub fn s_FunctionParameter<'a>(x: &'a FunctionParameter, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.arg_type {
-        s_TypeName(c, v);
-    }
-    if let Some(c) = &x.defexpr {
-        v.node(c);
-    }
+    if let Some(c) = &x.arg_type { s_TypeName(c, v); }
+    if let Some(c) = &x.defexpr { v.node(c); }
 }
 
 pub fn s_GrantRoleStmt<'a>(x: &'a GrantRoleStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.granted_roles {
-        v.node(c);
-    }
-    for c in &x.grantee_roles {
-        v.node(c);
-    }
-    for c in &x.opt {
-        v.node(c);
-    }
+    for c in &x.granted_roles { v.node(c); }
+    for c in &x.grantee_roles { v.node(c); }
+    for c in &x.opt { v.node(c); }
 }
 
 pub fn s_GrantStmt<'a>(x: &'a GrantStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.objects {
-        v.node(c);
-    }
-    for c in &x.privileges {
-        v.node(c);
-    }
-    for c in &x.grantees {
-        v.node(c);
-    }
+    for c in &x.objects { v.node(c); }
+    for c in &x.privileges { v.node(c); }
+    for c in &x.grantees { v.node(c); }
 }
 
 pub fn s_GroupingFunc<'a>(x: &'a GroupingFunc, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    for c in &x.args {
-        v.node(c);
-    }
-    for c in &x.refs {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    for c in &x.args { v.node(c); }
+    for c in &x.refs { v.node(c); }
 }
 
 pub fn s_GroupingSet<'a>(x: &'a GroupingSet, v: &mut dyn Visit<'a>) {
-    for c in &x.content {
-        v.node(c);
-    }
+    for c in &x.content { v.node(c); }
 }
 
 pub fn s_ImportForeignSchemaStmt<'a>(x: &'a ImportForeignSchemaStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.table_list {
-        v.node(c);
-    }
-    for c in &x.options {
-        v.node(c);
-    }
+    for c in &x.table_list { v.node(c); }
+    for c in &x.options { v.node(c); }
 }
 
 pub fn s_IndexElem<'a>(x: &'a IndexElem, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.expr {
-        v.node(c);
-    }
-    for c in &x.collation {
-        v.node(c);
-    }
-    for c in &x.opclass {
-        v.node(c);
-    }
-    for c in &x.opclassopts {
-        v.node(c);
-    }
+    if let Some(c) = &x.expr { v.node(c); }
+    for c in &x.collation { v.node(c); }
+    for c in &x.opclass { v.node(c); }
+    for c in &x.opclassopts { v.node(c); }
 }
 
 pub fn s_IndexStmt<'a>(x: &'a IndexStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.relation {
-        v.range_var(c);
-    }
-    for c in &x.index_params {
-        v.node(c);
-    }
-    for c in &x.index_including_params {
-        v.node(c);
-    }
-    for c in &x.options {
-        v.node(c);
-    }
-    if let Some(c) = &x.where_clause {
-        v.node(c);
-    }
-    for c in &x.exclude_op_names {
-        v.node(c);
-    }
+    if let Some(c) = &x.relation { v.range_var(c); }
+    for c in &x.index_params { v.node(c); }
+    for c in &x.index_including_params { v.node(c); }
+    for c in &x.options { v.node(c); }
+    if let Some(c) = &x.where_clause { v.node(c); }
+    for c in &x.exclude_op_names { v.node(c); }
 }
 
 pub fn s_InferClause<'a>(x: &'a InferClause, v: &mut dyn Visit<'a>) {
-    for c in &x.index_elems {
-        v.node(c);
-    }
-    if let Some(c) = &x.where_clause {
-        v.node(c);
-    }
+    for c in &x.index_elems { v.node(c); }
+    if let Some(c) = &x.where_clause { v.node(c); }
 }
 
 pub fn s_InferenceElem<'a>(x: &'a InferenceElem, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &x.expr {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    if let Some(c) = &x.expr { v.node(c); }
 }
 
 pub fn s_InsertStmt<'a>(x: &'a InsertStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.relation {
-        v.range_var(c);
-    }
-    for c in &x.cols {
-        v.node(c);
-    }
-    if let Some(c) = &x.select_stmt {
-        v.node(c);
-    }
-    if let Some(c) = &x.returning_clause {
-        s_ReturningClause(c, v);
-    }
-    if let Some(c) = &x.with_clause {
-        s_WithClause(c, v);
-    }
+    if let Some(c) = &x.relation { v.range_var(c); }
+    for c in &x.cols { v.node(c); }
+    if let Some(c) = &x.select_stmt { v.node(c); }
+    if let Some(c) = &x.returning_clause { s_ReturningClause(c, v); }
+    if let Some(c) = &x.with_clause { s_WithClause(c, v); }
 }
 
 pub fn s_IntList<'a>(x: &'a IntList, v: &mut dyn Visit<'a>) {
-    for c in &x.items {
-        v.node(c);
-    }
+    for c in &x.items { v.node(c); }
 }
 
 pub fn s_IntoClause<'a>(x: &'a IntoClause, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.rel {
-        v.range_var(c);
-    }
-    for c in &x.col_names {
-        v.node(c);
-    }
-    for c in &x.options {
-        v.node(c);
-    }
-    if let Some(c) = &x.view_query {
-        s_Query(c, v);
-    }
+    if let Some(c) = &x.rel { v.range_var(c); }
+    for c in &x.col_names { v.node(c); }
+    for c in &x.options { v.node(c); }
+    if let Some(c) = &x.view_query { s_Query(c, v); }
 }
 
 pub fn s_JoinExpr<'a>(x: &'a JoinExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.larg {
-        v.node(c);
-    }
-    if let Some(c) = &x.rarg {
-        v.node(c);
-    }
-    for c in &x.using_clause {
-        v.node(c);
-    }
-    if let Some(c) = &x.join_using_alias {
-        s_Alias(c, v);
-    }
-    if let Some(c) = &x.quals {
-        v.node(c);
-    }
-    if let Some(c) = &x.alias {
-        s_Alias(c, v);
-    }
+    if let Some(c) = &x.larg { v.node(c); }
+    if let Some(c) = &x.rarg { v.node(c); }
+    for c in &x.using_clause { v.node(c); }
+    if let Some(c) = &x.join_using_alias { s_Alias(c, v); }
+    if let Some(c) = &x.quals { v.node(c); }
+    if let Some(c) = &x.alias { s_Alias(c, v); }
 }
 
 pub fn s_JsonAggConstructor<'a>(x: &'a JsonAggConstructor, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.output {
-        s_JsonOutput(c, v);
-    }
-    if let Some(c) = &x.agg_filter {
-        v.node(c);
-    }
-    for c in &x.agg_order {
-        v.node(c);
-    }
-    if let Some(c) = &x.over {
-        s_WindowDef(c, v);
-    }
+    if let Some(c) = &x.output { s_JsonOutput(c, v); }
+    if let Some(c) = &x.agg_filter { v.node(c); }
+    for c in &x.agg_order { v.node(c); }
+    if let Some(c) = &x.over { s_WindowDef(c, v); }
 }
 
 pub fn s_JsonArgument<'a>(x: &'a JsonArgument, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.val {
-        s_JsonValueExpr(c, v);
-    }
+    if let Some(c) = &x.val { s_JsonValueExpr(c, v); }
 }
 
 pub fn s_JsonArrayAgg<'a>(x: &'a JsonArrayAgg, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.arg {
-        s_JsonValueExpr(c, v);
-    }
+    if let Some(c) = &x.arg { s_JsonValueExpr(c, v); }
 }
 
 pub fn s_JsonArrayConstructor<'a>(x: &'a JsonArrayConstructor, v: &mut dyn Visit<'a>) {
-    for c in &x.exprs {
-        v.node(c);
-    }
-    if let Some(c) = &x.output {
-        s_JsonOutput(c, v);
-    }
+    for c in &x.exprs { v.node(c); }
+    if let Some(c) = &x.output { s_JsonOutput(c, v); }
 }
 
 pub fn s_JsonArrayQueryConstructor<'a>(x: &'a JsonArrayQueryConstructor, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.query {
-        v.node(c);
-    }
-    if let Some(c) = &x.output {
-        s_JsonOutput(c, v);
-    }
+    if let Some(c) = &x.query { v.node(c); }
+    if let Some(c) = &x.output { s_JsonOutput(c, v); }
 }
 
 pub fn s_JsonBehavior<'a>(x: &'a JsonBehavior, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.expr {
-        v.node(c);
-    }
+    if let Some(c) = &x.expr { v.node(c); }
 }
 
 pub fn s_JsonConstructorExpr<'a>(x: &'a JsonConstructorExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    for c in &x.args {
-        v.node(c);
-    }
-    if let Some(c) = &x.func {
-        v.node(c);
-    }
-    if let Some(c) = &x.coercion {
-        v.node(c);
-    }
-    if let Some(c) = &x.returning {
-        s_JsonReturning(c, v);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    for c in &x.args { v.node(c); }
+    if let Some(c) = &x.func { v.node(c); }
+    if let Some(c) = &x.coercion { v.node(c); }
+    if let Some(c) = &x.returning { s_JsonReturning(c, v); }
 }
 
 pub fn s_JsonExpr<'a>(x: &'a JsonExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &x.formatted_expr {
-        v.node(c);
-    }
-    if let Some(c) = &x.path_spec {
-        v.node(c);
-    }
-    if let Some(c) = &x.returning {
-        s_JsonReturning(c, v);
-    }
-    for c in &x.passing_names {
-        v.node(c);
-    }
-    for c in &x.passing_values {
-        v.node(c);
-    }
-    if let Some(c) = &x.on_empty {
-        s_JsonBehavior(c, v);
-    }
-    if let Some(c) = &x.on_error {
-        s_JsonBehavior(c, v);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    if let Some(c) = &x.formatted_expr { v.node(c); }
+    if let Some(c) = &x.path_spec { v.node(c); }
+    if let Some(c) = &x.returning { s_JsonReturning(c, v); }
+    for c in &x.passing_names { v.node(c); }
+    for c in &x.passing_values { v.node(c); }
+    if let Some(c) = &x.on_empty { s_JsonBehavior(c, v); }
+    if let Some(c) = &x.on_error { s_JsonBehavior(c, v); }
 }
 
 pub fn s_JsonFuncExpr<'a>(x: &'a JsonFuncExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.context_item {
-        s_JsonValueExpr(c, v);
-    }
-    if let Some(c) = &x.pathspec {
-        v.node(c);
-    }
-    for c in &x.passing {
-        v.node(c);
-    }
-    if let Some(c) = &x.output {
-        s_JsonOutput(c, v);
-    }
-    if let Some(c) = &x.on_empty {
-        s_JsonBehavior(c, v);
-    }
-    if let Some(c) = &x.on_error {
-        s_JsonBehavior(c, v);
-    }
+    if let Some(c) = &x.context_item { s_JsonValueExpr(c, v); }
+    if let Some(c) = &x.pathspec { v.node(c); }
+    for c in &x.passing { v.node(c); }
+    if let Some(c) = &x.output { s_JsonOutput(c, v); }
+    if let Some(c) = &x.on_empty { s_JsonBehavior(c, v); }
+    if let Some(c) = &x.on_error { s_JsonBehavior(c, v); }
 }
 
 pub fn s_JsonIsPredicate<'a>(x: &'a JsonIsPredicate, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.expr {
-        v.node(c);
-    }
+    if let Some(c) = &x.expr { v.node(c); }
 }
 
 pub fn s_JsonKeyValue<'a>(x: &'a JsonKeyValue, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.key {
-        v.node(c);
-    }
-    if let Some(c) = &x.value {
-        s_JsonValueExpr(c, v);
-    }
+    if let Some(c) = &x.key { v.node(c); }
+    if let Some(c) = &x.value { s_JsonValueExpr(c, v); }
 }
 
 pub fn s_JsonObjectAgg<'a>(x: &'a JsonObjectAgg, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.arg {
-        s_JsonKeyValue(c, v);
-    }
+    if let Some(c) = &x.arg { s_JsonKeyValue(c, v); }
 }
 
 pub fn s_JsonObjectConstructor<'a>(x: &'a JsonObjectConstructor, v: &mut dyn Visit<'a>) {
-    for c in &x.exprs {
-        v.node(c);
-    }
-    if let Some(c) = &x.output {
-        s_JsonOutput(c, v);
-    }
+    for c in &x.exprs { v.node(c); }
+    if let Some(c) = &x.output { s_JsonOutput(c, v); }
 }
 
 pub fn s_JsonOutput<'a>(x: &'a JsonOutput, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.type_name {
-        s_TypeName(c, v);
-    }
-    if let Some(c) = &x.returning {
-        s_JsonReturning(c, v);
-    }
+    if let Some(c) = &x.type_name { s_TypeName(c, v); }
+    if let Some(c) = &x.returning { s_JsonReturning(c, v); }
 }
 
 pub fn s_JsonParseExpr<'a>(x: &'a JsonParseExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.expr {
-        s_JsonValueExpr(c, v);
-    }
-    if let Some(c) = &x.output {
-        s_JsonOutput(c, v);
-    }
+    if let Some(c) = &x.expr { s_JsonValueExpr(c, v); }
+    if let Some(c) = &x.output { s_JsonOutput(c, v); }
 }
 
-pub fn s_JsonReturning<'a>(x: &'a JsonReturning, v: &mut dyn Visit<'a>) {}
+pub fn s_JsonReturning<'a>(x: &'a JsonReturning, v: &mut dyn Visit<'a>) {
+}
 
 pub fn s_JsonScalarExpr<'a>(x: &'a JsonScalarExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.expr {
-        v.node(c);
-    }
-    if let Some(c) = &x.output {
-        s_JsonOutput(c, v);
-    }
+    if let Some(c) = &x.expr { v.node(c); }
+    if let Some(c) = &x.output { s_JsonOutput(c, v); }
 }
 
 pub fn s_JsonSerializeExpr<'a>(x: &'a JsonSerializeExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.expr {
-        s_JsonValueExpr(c, v);
-    }
-    if let Some(c) = &x.output {
-        s_JsonOutput(c, v);
-    }
+    if let Some(c) = &x.expr { s_JsonValueExpr(c, v); }
+    if let Some(c) = &x.output { s_JsonOutput(c, v); }
 }
 
 pub fn s_JsonTable<'a>(x: &'a JsonTable, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.context_item {
-        s_JsonValueExpr(c, v);
-    }
-    if let Some(c) = &x.pathspec {
-        s_JsonTablePathSpec(c, v);
-    }
-    for c in &x.passing {
-        v.node(c);
-    }
-    for c in &x.columns {
-        v.node(c);
-    }
-    if let Some(c) = &x.on_error {
-        s_JsonBehavior(c, v);
-    }
-    if let Some(c) = &x.alias {
-        s_Alias(c, v);
-    }
+    if let Some(c) = &x.context_item { s_JsonValueExpr(c, v); }
+    if let Some(c) = &x.pathspec { s_JsonTablePathSpec(c, v); }
+    for c in &x.passing { v.node(c); }
+    for c in &x.columns { v.node(c); }
+    if let Some(c) = &x.on_error { s_JsonBehavior(c, v); }
+    if let Some(c) = &x.alias { s_Alias(c, v); }
 }
 
 pub fn s_JsonTableColumn<'a>(x: &'a JsonTableColumn, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.type_name {
-        s_TypeName(c, v);
-    }
-    if let Some(c) = &x.pathspec {
-        s_JsonTablePathSpec(c, v);
-    }
-    for c in &x.columns {
-        v.node(c);
-    }
-    if let Some(c) = &x.on_empty {
-        s_JsonBehavior(c, v);
-    }
-    if let Some(c) = &x.on_error {
-        s_JsonBehavior(c, v);
-    }
+    if let Some(c) = &x.type_name { s_TypeName(c, v); }
+    if let Some(c) = &x.pathspec { s_JsonTablePathSpec(c, v); }
+    for c in &x.columns { v.node(c); }
+    if let Some(c) = &x.on_empty { s_JsonBehavior(c, v); }
+    if let Some(c) = &x.on_error { s_JsonBehavior(c, v); }
 }
 
 pub fn s_JsonTablePathScan<'a>(x: &'a JsonTablePathScan, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.plan {
-        v.node(c);
-    }
-    if let Some(c) = &x.child {
-        v.node(c);
-    }
+    if let Some(c) = &x.plan { v.node(c); }
+    if let Some(c) = &x.child { v.node(c); }
 }
 
 pub fn s_JsonTablePathSpec<'a>(x: &'a JsonTablePathSpec, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.string {
-        v.node(c);
-    }
+    if let Some(c) = &x.string { v.node(c); }
 }
 
 pub fn s_JsonTableSiblingJoin<'a>(x: &'a JsonTableSiblingJoin, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.plan {
-        v.node(c);
-    }
-    if let Some(c) = &x.lplan {
-        v.node(c);
-    }
-    if let Some(c) = &x.rplan {
-        v.node(c);
-    }
+    if let Some(c) = &x.plan { v.node(c); }
+    if let Some(c) = &x.lplan { v.node(c); }
+    if let Some(c) = &x.rplan { v.node(c); }
 }
 
 pub fn s_JsonValueExpr<'a>(x: &'a JsonValueExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.raw_expr {
-        v.node(c);
-    }
-    if let Some(c) = &x.formatted_expr {
-        v.node(c);
-    }
+    if let Some(c) = &x.raw_expr { v.node(c); }
+    if let Some(c) = &x.formatted_expr { v.node(c); }
 }
 
 pub fn s_List<'a>(x: &'a List, v: &mut dyn Visit<'a>) {
-    for c in &x.items {
-        v.node(c);
-    }
+    for c in &x.items { v.node(c); }
 }
 
 pub fn s_LockStmt<'a>(x: &'a LockStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.relations {
-        v.node(c);
-    }
+    for c in &x.relations { v.node(c); }
 }
 
 pub fn s_LockingClause<'a>(x: &'a LockingClause, v: &mut dyn Visit<'a>) {
-    for c in &x.locked_rels {
-        v.node(c);
-    }
+    for c in &x.locked_rels { v.node(c); }
 }
 
 pub fn s_MergeAction<'a>(x: &'a MergeAction, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.qual {
-        v.node(c);
-    }
-    for c in &x.target_list {
-        v.node(c);
-    }
-    for c in &x.update_colnos {
-        v.node(c);
-    }
+    if let Some(c) = &x.qual { v.node(c); }
+    for c in &x.target_list { v.node(c); }
+    for c in &x.update_colnos { v.node(c); }
 }
 
 pub fn s_MergeStmt<'a>(x: &'a MergeStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.relation {
-        v.range_var(c);
-    }
-    if let Some(c) = &x.source_relation {
-        v.node(c);
-    }
-    if let Some(c) = &x.join_condition {
-        v.node(c);
-    }
-    for c in &x.merge_when_clauses {
-        v.node(c);
-    }
-    if let Some(c) = &x.returning_clause {
-        s_ReturningClause(c, v);
-    }
-    if let Some(c) = &x.with_clause {
-        s_WithClause(c, v);
-    }
+    if let Some(c) = &x.relation { v.range_var(c); }
+    if let Some(c) = &x.source_relation { v.node(c); }
+    if let Some(c) = &x.join_condition { v.node(c); }
+    for c in &x.merge_when_clauses { v.node(c); }
+    if let Some(c) = &x.returning_clause { s_ReturningClause(c, v); }
+    if let Some(c) = &x.with_clause { s_WithClause(c, v); }
 }
 
 pub fn s_MergeSupportFunc<'a>(x: &'a MergeSupportFunc, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
 }
 
 pub fn s_MergeWhenClause<'a>(x: &'a MergeWhenClause, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.condition {
-        v.node(c);
-    }
-    for c in &x.target_list {
-        v.node(c);
-    }
-    for c in &x.values {
-        v.node(c);
-    }
+    if let Some(c) = &x.condition { v.node(c); }
+    for c in &x.target_list { v.node(c); }
+    for c in &x.values { v.node(c); }
 }
 
 pub fn s_MinMaxExpr<'a>(x: &'a MinMaxExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    for c in &x.args {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    for c in &x.args { v.node(c); }
 }
 
 pub fn s_MultiAssignRef<'a>(x: &'a MultiAssignRef, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.source {
-        v.node(c);
-    }
+    if let Some(c) = &x.source { v.node(c); }
 }
 
 pub fn s_NamedArgExpr<'a>(x: &'a NamedArgExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &x.arg {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    if let Some(c) = &x.arg { v.node(c); }
 }
 
 pub fn s_NextValueExpr<'a>(x: &'a NextValueExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
 }
 
 pub fn s_NullIfExpr<'a>(x: &'a NullIfExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    for c in &x.args {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    for c in &x.args { v.node(c); }
 }
 
 pub fn s_NullTest<'a>(x: &'a NullTest, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &x.arg {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    if let Some(c) = &x.arg { v.node(c); }
 }
 
 pub fn s_ObjectWithArgs<'a>(x: &'a ObjectWithArgs, v: &mut dyn Visit<'a>) {
-    for c in &x.objname {
-        v.node(c);
-    }
-    for c in &x.objargs {
-        v.node(c);
-    }
-    for c in &x.objfuncargs {
-        v.node(c);
-    }
+    for c in &x.objname { v.node(c); }
+    for c in &x.objargs { v.node(c); }
+    for c in &x.objfuncargs { v.node(c); }
 }
 
 pub fn s_OidList<'a>(x: &'a OidList, v: &mut dyn Visit<'a>) {
-    for c in &x.items {
-        v.node(c);
-    }
+    for c in &x.items { v.node(c); }
 }
 
 pub fn s_OnConflictClause<'a>(x: &'a OnConflictClause, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.infer {
-        s_InferClause(c, v);
-    }
-    for c in &x.target_list {
-        v.node(c);
-    }
-    if let Some(c) = &x.where_clause {
-        v.node(c);
-    }
+    if let Some(c) = &x.infer { s_InferClause(c, v); }
+    for c in &x.target_list { v.node(c); }
+    if let Some(c) = &x.where_clause { v.node(c); }
 }
 
 pub fn s_OnConflictExpr<'a>(x: &'a OnConflictExpr, v: &mut dyn Visit<'a>) {
-    for c in &x.arbiter_elems {
-        v.node(c);
-    }
-    if let Some(c) = &x.arbiter_where {
-        v.node(c);
-    }
-    for c in &x.on_conflict_set {
-        v.node(c);
-    }
-    if let Some(c) = &x.on_conflict_where {
-        v.node(c);
-    }
-    for c in &x.excl_rel_tlist {
-        v.node(c);
-    }
+    for c in &x.arbiter_elems { v.node(c); }
+    if let Some(c) = &x.arbiter_where { v.node(c); }
+    for c in &x.on_conflict_set { v.node(c); }
+    if let Some(c) = &x.on_conflict_where { v.node(c); }
+    for c in &x.excl_rel_tlist { v.node(c); }
 }
 
 pub fn s_OpExpr<'a>(x: &'a OpExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    for c in &x.args {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    for c in &x.args { v.node(c); }
 }
 
 pub fn s_Param<'a>(x: &'a Param, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
 }
 
 pub fn s_PartitionBoundSpec<'a>(x: &'a PartitionBoundSpec, v: &mut dyn Visit<'a>) {
-    for c in &x.listdatums {
-        v.node(c);
-    }
-    for c in &x.lowerdatums {
-        v.node(c);
-    }
-    for c in &x.upperdatums {
-        v.node(c);
-    }
+    for c in &x.listdatums { v.node(c); }
+    for c in &x.lowerdatums { v.node(c); }
+    for c in &x.upperdatums { v.node(c); }
 }
 
 pub fn s_PartitionCmd<'a>(x: &'a PartitionCmd, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.name {
-        v.range_var(c);
-    }
-    if let Some(c) = &x.bound {
-        s_PartitionBoundSpec(c, v);
-    }
+    if let Some(c) = &x.name { v.range_var(c); }
+    if let Some(c) = &x.bound { s_PartitionBoundSpec(c, v); }
 }
 
 pub fn s_PartitionElem<'a>(x: &'a PartitionElem, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.expr {
-        v.node(c);
-    }
-    for c in &x.collation {
-        v.node(c);
-    }
-    for c in &x.opclass {
-        v.node(c);
-    }
+    if let Some(c) = &x.expr { v.node(c); }
+    for c in &x.collation { v.node(c); }
+    for c in &x.opclass { v.node(c); }
 }
 
 pub fn s_PartitionRangeDatum<'a>(x: &'a PartitionRangeDatum, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.value {
-        v.node(c);
-    }
+    if let Some(c) = &x.value { v.node(c); }
 }
 
 pub fn s_PartitionSpec<'a>(x: &'a PartitionSpec, v: &mut dyn Visit<'a>) {
-    for c in &x.part_params {
-        v.node(c);
-    }
+    for c in &x.part_params { v.node(c); }
 }
 
 pub fn s_PlAssignStmt<'a>(x: &'a PlAssignStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.indirection {
-        v.node(c);
-    }
-    if let Some(c) = &x.val {
-        s_SelectStmt(c, v);
-    }
+    for c in &x.indirection { v.node(c); }
+    if let Some(c) = &x.val { s_SelectStmt(c, v); }
 }
 
 pub fn s_PrepareStmt<'a>(x: &'a PrepareStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.argtypes {
-        v.node(c);
-    }
-    if let Some(c) = &x.query {
-        v.node(c);
-    }
+    for c in &x.argtypes { v.node(c); }
+    if let Some(c) = &x.query { v.node(c); }
 }
 
 pub fn s_PublicationObjSpec<'a>(x: &'a PublicationObjSpec, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.pubtable {
-        s_PublicationTable(c, v);
-    }
+    if let Some(c) = &x.pubtable { s_PublicationTable(c, v); }
 }
 
 pub fn s_PublicationTable<'a>(x: &'a PublicationTable, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.relation {
-        v.range_var(c);
-    }
-    if let Some(c) = &x.where_clause {
-        v.node(c);
-    }
-    for c in &x.columns {
-        v.node(c);
-    }
+    if let Some(c) = &x.relation { v.range_var(c); }
+    if let Some(c) = &x.where_clause { v.node(c); }
+    for c in &x.columns { v.node(c); }
 }
 
 pub fn s_Query<'a>(x: &'a Query, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.utility_stmt {
-        v.node(c);
-    }
-    for c in &x.cte_list {
-        v.node(c);
-    }
-    for c in &x.rtable {
-        v.node(c);
-    }
-    for c in &x.rteperminfos {
-        v.node(c);
-    }
-    if let Some(c) = &x.jointree {
-        s_FromExpr(c, v);
-    }
-    for c in &x.merge_action_list {
-        v.node(c);
-    }
-    if let Some(c) = &x.merge_join_condition {
-        v.node(c);
-    }
-    for c in &x.target_list {
-        v.node(c);
-    }
-    if let Some(c) = &x.on_conflict {
-        s_OnConflictExpr(c, v);
-    }
-    for c in &x.returning_list {
-        v.node(c);
-    }
-    for c in &x.group_clause {
-        v.node(c);
-    }
-    for c in &x.grouping_sets {
-        v.node(c);
-    }
-    if let Some(c) = &x.having_qual {
-        v.node(c);
-    }
-    for c in &x.window_clause {
-        v.node(c);
-    }
-    for c in &x.distinct_clause {
-        v.node(c);
-    }
-    for c in &x.sort_clause {
-        v.node(c);
-    }
-    if let Some(c) = &x.limit_offset {
-        v.node(c);
-    }
-    if let Some(c) = &x.limit_count {
-        v.node(c);
-    }
-    for c in &x.row_marks {
-        v.node(c);
-    }
-    if let Some(c) = &x.set_operations {
-        v.node(c);
-    }
-    for c in &x.constraint_deps {
-        v.node(c);
-    }
-    for c in &x.with_check_options {
-        v.node(c);
-    }
+    if let Some(c) = &x.utility_stmt { v.node(c); }
+    for c in &x.cte_list { v.node(c); }
+    for c in &x.rtable { v.node(c); }
+    for c in &x.rteperminfos { v.node(c); }
+    if let Some(c) = &x.jointree { s_FromExpr(c, v); }
+    for c in &x.merge_action_list { v.node(c); }
+    if let Some(c) = &x.merge_join_condition { v.node(c); }
+    for c in &x.target_list { v.node(c); }
+    if let Some(c) = &x.on_conflict { s_OnConflictExpr(c, v); }
+    for c in &x.returning_list { v.node(c); }
+    for c in &x.group_clause { v.node(c); }
+    for c in &x.grouping_sets { v.node(c); }
+    if let Some(c) = &x.having_qual { v.node(c); }
+    for c in &x.window_clause { v.node(c); }
+    for c in &x.distinct_clause { v.node(c); }
+    for c in &x.sort_clause { v.node(c); }
+    if let Some(c) = &x.limit_offset { v.node(c); }
+    if let Some(c) = &x.limit_count { v.node(c); }
+    for c in &x.row_marks { v.node(c); }
+    if let Some(c) = &x.set_operations { v.node(c); }
+    for c in &x.constraint_deps { v.node(c); }
+    for c in &x.with_check_options { v.node(c); }
 }
 
 pub fn s_RangeFunction<'a>(x: &'a RangeFunction, v: &mut dyn Visit<'a>) {
-    for c in &x.functions {
-        v.node(c);
-    }
-    if let Some(c) = &x.alias {
-        s_Alias(c, v);
-    }
-    for c in &x.coldeflist {
-        v.node(c);
-    }
+    for c in &x.functions { v.node(c); }
+    if let Some(c) = &x.alias { s_Alias(c, v); }
+    for c in &x.coldeflist { v.node(c); }
 }
 
 pub fn s_RangeSubselect<'a>(x: &'a RangeSubselect, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.subquery {
-        v.node(c);
-    }
-    if let Some(c) = &x.alias {
-        s_Alias(c, v);
-    }
+    if let Some(c) = &x.subquery { v.node(c); }
+    if let Some(c) = &x.alias { s_Alias(c, v); }
 }
 
 pub fn s_RangeTableFunc<'a>(x: &'a RangeTableFunc, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.docexpr {
-        v.node(c);
-    }
-    if let Some(c) = &x.rowexpr {
-        v.node(c);
-    }
-    for c in &x.namespaces {
-        v.node(c);
-    }
-    for c in &x.columns {
-        v.node(c);
-    }
-    if let Some(c) = &x.alias {
-        s_Alias(c, v);
-    }
+    if let Some(c) = &x.docexpr { v.node(c); }
+    if let Some(c) = &x.rowexpr { v.node(c); }
+    for c in &x.namespaces { v.node(c); }
+    for c in &x.columns { v.node(c); }
+    if let Some(c) = &x.alias { s_Alias(c, v); }
 }
 
 pub fn s_RangeTableFuncCol<'a>(x: &'a RangeTableFuncCol, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.type_name {
-        s_TypeName(c, v);
-    }
-    if let Some(c) = &x.colexpr {
-        v.node(c);
-    }
-    if let Some(c) = &x.coldefexpr {
-        v.node(c);
-    }
+    if let Some(c) = &x.type_name { s_TypeName(c, v); }
+    if let Some(c) = &x.colexpr { v.node(c); }
+    if let Some(c) = &x.coldefexpr { v.node(c); }
 }
 
 pub fn s_RangeTableSample<'a>(x: &'a RangeTableSample, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.relation {
-        v.node(c);
-    }
-    for c in &x.method {
-        v.node(c);
-    }
-    for c in &x.args {
-        v.node(c);
-    }
-    if let Some(c) = &x.repeatable {
-        v.node(c);
-    }
+    if let Some(c) = &x.relation { v.node(c); }
+    for c in &x.method { v.node(c); }
+    for c in &x.args { v.node(c); }
+    if let Some(c) = &x.repeatable { v.node(c); }
 }
 
 pub fn s_RangeTblEntry<'a>(x: &'a RangeTblEntry, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.alias {
-        s_Alias(c, v);
-    }
-    if let Some(c) = &x.eref {
-        s_Alias(c, v);
-    }
-    if let Some(c) = &x.subquery {
-        s_Query(c, v);
-    }
-    for c in &x.joinaliasvars {
-        v.node(c);
-    }
-    for c in &x.joinleftcols {
-        v.node(c);
-    }
-    for c in &x.joinrightcols {
-        v.node(c);
-    }
-    if let Some(c) = &x.join_using_alias {
-        s_Alias(c, v);
-    }
-    for c in &x.functions {
-        v.node(c);
-    }
-    if let Some(c) = &x.tablefunc {
-        s_TableFunc(c, v);
-    }
-    for c in &x.values_lists {
-        v.node(c);
-    }
-    for c in &x.coltypes {
-        v.node(c);
-    }
-    for c in &x.coltypmods {
-        v.node(c);
-    }
-    for c in &x.colcollations {
-        v.node(c);
-    }
-    for c in &x.groupexprs {
-        v.node(c);
-    }
-    for c in &x.security_quals {
-        v.node(c);
-    }
+    if let Some(c) = &x.alias { s_Alias(c, v); }
+    if let Some(c) = &x.eref { s_Alias(c, v); }
+    if let Some(c) = &x.subquery { s_Query(c, v); }
+    for c in &x.joinaliasvars { v.node(c); }
+    for c in &x.joinleftcols { v.node(c); }
+    for c in &x.joinrightcols { v.node(c); }
+    if let Some(c) = &x.join_using_alias { s_Alias(c, v); }
+    for c in &x.functions { v.node(c); }
+    if let Some(c) = &x.tablefunc { s_TableFunc(c, v); }
+    for c in &x.values_lists { v.node(c); }
+    for c in &x.coltypes { v.node(c); }
+    for c in &x.coltypmods { v.node(c); }
+    for c in &x.colcollations { v.node(c); }
+    for c in &x.groupexprs { v.node(c); }
+    for c in &x.security_quals { v.node(c); }
 }
 
 pub fn s_RangeTblFunction<'a>(x: &'a RangeTblFunction, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.funcexpr {
-        v.node(c);
-    }
-    for c in &x.funccolnames {
-        v.node(c);
-    }
-    for c in &x.funccoltypes {
-        v.node(c);
-    }
-    for c in &x.funccoltypmods {
-        v.node(c);
-    }
-    for c in &x.funccolcollations {
-        v.node(c);
-    }
+    if let Some(c) = &x.funcexpr { v.node(c); }
+    for c in &x.funccolnames { v.node(c); }
+    for c in &x.funccoltypes { v.node(c); }
+    for c in &x.funccoltypmods { v.node(c); }
+    for c in &x.funccolcollations { v.node(c); }
 }
 
 pub fn s_RangeVar<'a>(x: &'a RangeVar, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.alias {
-        s_Alias(c, v);
-    }
+    if let Some(c) = &x.alias { s_Alias(c, v); }
 }
 
 pub fn s_ReassignOwnedStmt<'a>(x: &'a ReassignOwnedStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.roles {
-        v.node(c);
-    }
+    for c in &x.roles { v.node(c); }
 }
 
 pub fn s_RefreshMatViewStmt<'a>(x: &'a RefreshMatViewStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.relation {
-        v.range_var(c);
-    }
+    if let Some(c) = &x.relation { v.range_var(c); }
 }
 
 pub fn s_ReindexStmt<'a>(x: &'a ReindexStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.relation {
-        v.range_var(c);
-    }
-    for c in &x.params {
-        v.node(c);
-    }
+    if let Some(c) = &x.relation { v.range_var(c); }
+    for c in &x.params { v.node(c); }
 }
 
 pub fn s_RelabelType<'a>(x: &'a RelabelType, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &x.arg {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    if let Some(c) = &x.arg { v.node(c); }
 }
 
 pub fn s_RenameStmt<'a>(x: &'a RenameStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.relation {
-        v.range_var(c);
-    }
-    if let Some(c) = &x.object {
-        v.node(c);
-    }
+    if let Some(c) = &x.relation { v.range_var(c); }
+    if let Some(c) = &x.object { v.node(c); }
 }
 
 pub fn s_ResTarget<'a>(x: &'a ResTarget, v: &mut dyn Visit<'a>) {
-    for c in &x.indirection {
-        v.node(c);
-    }
-    if let Some(c) = &x.val {
-        v.node(c);
-    }
+    for c in &x.indirection { v.node(c); }
+    if let Some(c) = &x.val { v.node(c); }
 }
 
 pub fn s_ReturnStmt<'a>(x: &'a ReturnStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.returnval {
-        v.node(c);
-    }
+    if let Some(c) = &x.returnval { v.node(c); }
 }
 
 pub fn s_ReturningClause<'a>(x: &'a ReturningClause, v: &mut dyn Visit<'a>) {
-    for c in &x.options {
-        v.node(c);
-    }
-    for c in &x.exprs {
-        v.node(c);
-    }
+    for c in &x.options { v.node(c); }
+    for c in &x.exprs { v.node(c); }
 }
 
 pub fn s_ReturningExpr<'a>(x: &'a ReturningExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &x.retexpr {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    if let Some(c) = &x.retexpr { v.node(c); }
 }
 
 pub fn s_RowCompareExpr<'a>(x: &'a RowCompareExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    for c in &x.opnos {
-        v.node(c);
-    }
-    for c in &x.opfamilies {
-        v.node(c);
-    }
-    for c in &x.inputcollids {
-        v.node(c);
-    }
-    for c in &x.largs {
-        v.node(c);
-    }
-    for c in &x.rargs {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    for c in &x.opnos { v.node(c); }
+    for c in &x.opfamilies { v.node(c); }
+    for c in &x.inputcollids { v.node(c); }
+    for c in &x.largs { v.node(c); }
+    for c in &x.rargs { v.node(c); }
 }
 
 pub fn s_RowExpr<'a>(x: &'a RowExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    for c in &x.args {
-        v.node(c);
-    }
-    for c in &x.colnames {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    for c in &x.args { v.node(c); }
+    for c in &x.colnames { v.node(c); }
 }
 
 pub fn s_RuleStmt<'a>(x: &'a RuleStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.relation {
-        v.range_var(c);
-    }
-    if let Some(c) = &x.where_clause {
-        v.node(c);
-    }
-    for c in &x.actions {
-        v.node(c);
-    }
+    if let Some(c) = &x.relation { v.range_var(c); }
+    if let Some(c) = &x.where_clause { v.node(c); }
+    for c in &x.actions { v.node(c); }
 }
 
 pub fn s_ScalarArrayOpExpr<'a>(x: &'a ScalarArrayOpExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    for c in &x.args {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    for c in &x.args { v.node(c); }
 }
 
 pub fn s_SecLabelStmt<'a>(x: &'a SecLabelStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.object {
-        v.node(c);
-    }
+    if let Some(c) = &x.object { v.node(c); }
 }
 
 pub fn s_SelectStmt<'a>(x: &'a SelectStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.distinct_clause {
-        v.node(c);
-    }
-    if let Some(c) = &x.into_clause {
-        s_IntoClause(c, v);
-    }
-    for c in &x.target_list {
-        v.node(c);
-    }
-    for c in &x.from_clause {
-        v.node(c);
-    }
-    if let Some(c) = &x.where_clause {
-        v.node(c);
-    }
-    for c in &x.group_clause {
-        v.node(c);
-    }
-    if let Some(c) = &x.having_clause {
-        v.node(c);
-    }
-    for c in &x.window_clause {
-        v.node(c);
-    }
-    for c in &x.values_lists {
-        v.node(c);
-    }
-    for c in &x.sort_clause {
-        v.node(c);
-    }
-    if let Some(c) = &x.limit_offset {
-        v.node(c);
-    }
-    if let Some(c) = &x.limit_count {
-        v.node(c);
-    }
-    for c in &x.locking_clause {
-        v.node(c);
-    }
-    if let Some(c) = &x.with_clause {
-        s_WithClause(c, v);
-    }
-    if let Some(c) = &x.larg {
-        s_SelectStmt(c, v);
-    }
-    if let Some(c) = &x.rarg {
-        s_SelectStmt(c, v);
-    }
+    for c in &x.distinct_clause { v.node(c); }
+    if let Some(c) = &x.into_clause { s_IntoClause(c, v); }
+    for c in &x.target_list { v.node(c); }
+    for c in &x.from_clause { v.node(c); }
+    if let Some(c) = &x.where_clause { v.node(c); }
+    for c in &x.group_clause { v.node(c); }
+    if let Some(c) = &x.having_clause { v.node(c); }
+    for c in &x.window_clause { v.node(c); }
+    for c in &x.values_lists { v.node(c); }
+    for c in &x.sort_clause { v.node(c); }
+    if let Some(c) = &x.limit_offset { v.node(c); }
+    if let Some(c) = &x.limit_count { v.node(c); }
+    for c in &x.locking_clause { v.node(c); }
+    if let Some(c) = &x.with_clause { s_WithClause(c, v); }
+    if let Some(c) = &x.larg { s_SelectStmt(c, v); }
+    if let Some(c) = &x.rarg { s_SelectStmt(c, v); }
 }
 
 pub fn s_SetOperationStmt<'a>(x: &'a SetOperationStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.larg {
-        v.node(c);
-    }
-    if let Some(c) = &x.rarg {
-        v.node(c);
-    }
-    for c in &x.col_types {
-        v.node(c);
-    }
-    for c in &x.col_typmods {
-        v.node(c);
-    }
-    for c in &x.col_collations {
-        v.node(c);
-    }
-    for c in &x.group_clauses {
-        v.node(c);
-    }
+    if let Some(c) = &x.larg { v.node(c); }
+    if let Some(c) = &x.rarg { v.node(c); }
+    for c in &x.col_types { v.node(c); }
+    for c in &x.col_typmods { v.node(c); }
+    for c in &x.col_collations { v.node(c); }
+    for c in &x.group_clauses { v.node(c); }
 }
 
 pub fn s_SetToDefault<'a>(x: &'a SetToDefault, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
 }
 
 pub fn s_SortBy<'a>(x: &'a SortBy, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.node {
-        v.node(c);
-    }
-    for c in &x.use_op {
-        v.node(c);
-    }
+    if let Some(c) = &x.node { v.node(c); }
+    for c in &x.use_op { v.node(c); }
 }
 
 pub fn s_SqlValueFunction<'a>(x: &'a SqlValueFunction, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
 }
 
 pub fn s_StatsElem<'a>(x: &'a StatsElem, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.expr {
-        v.node(c);
-    }
+    if let Some(c) = &x.expr { v.node(c); }
 }
 
 pub fn s_SubLink<'a>(x: &'a SubLink, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &x.testexpr {
-        v.node(c);
-    }
-    for c in &x.oper_name {
-        v.node(c);
-    }
-    if let Some(c) = &x.subselect {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    if let Some(c) = &x.testexpr { v.node(c); }
+    for c in &x.oper_name { v.node(c); }
+    if let Some(c) = &x.subselect { v.node(c); }
 }
 
 pub fn s_SubPlan<'a>(x: &'a SubPlan, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &x.testexpr {
-        v.node(c);
-    }
-    for c in &x.param_ids {
-        v.node(c);
-    }
-    for c in &x.set_param {
-        v.node(c);
-    }
-    for c in &x.par_param {
-        v.node(c);
-    }
-    for c in &x.args {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    if let Some(c) = &x.testexpr { v.node(c); }
+    for c in &x.param_ids { v.node(c); }
+    for c in &x.set_param { v.node(c); }
+    for c in &x.par_param { v.node(c); }
+    for c in &x.args { v.node(c); }
 }
 
 pub fn s_SubscriptingRef<'a>(x: &'a SubscriptingRef, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    for c in &x.refupperindexpr {
-        v.node(c);
-    }
-    for c in &x.reflowerindexpr {
-        v.node(c);
-    }
-    if let Some(c) = &x.refexpr {
-        v.node(c);
-    }
-    if let Some(c) = &x.refassgnexpr {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    for c in &x.refupperindexpr { v.node(c); }
+    for c in &x.reflowerindexpr { v.node(c); }
+    if let Some(c) = &x.refexpr { v.node(c); }
+    if let Some(c) = &x.refassgnexpr { v.node(c); }
 }
 
-pub fn s_SummaryResult<'a>(x: &'a SummaryResult, v: &mut dyn Visit<'a>) {}
+pub fn s_SummaryResult<'a>(x: &'a SummaryResult, v: &mut dyn Visit<'a>) {
+}
 
 pub fn s_TableFunc<'a>(x: &'a TableFunc, v: &mut dyn Visit<'a>) {
-    for c in &x.ns_uris {
-        v.node(c);
-    }
-    for c in &x.ns_names {
-        v.node(c);
-    }
-    if let Some(c) = &x.docexpr {
-        v.node(c);
-    }
-    if let Some(c) = &x.rowexpr {
-        v.node(c);
-    }
-    for c in &x.colnames {
-        v.node(c);
-    }
-    for c in &x.coltypes {
-        v.node(c);
-    }
-    for c in &x.coltypmods {
-        v.node(c);
-    }
-    for c in &x.colcollations {
-        v.node(c);
-    }
-    for c in &x.colexprs {
-        v.node(c);
-    }
-    for c in &x.coldefexprs {
-        v.node(c);
-    }
-    for c in &x.colvalexprs {
-        v.node(c);
-    }
-    for c in &x.passingvalexprs {
-        v.node(c);
-    }
-    if let Some(c) = &x.plan {
-        v.node(c);
-    }
+    for c in &x.ns_uris { v.node(c); }
+    for c in &x.ns_names { v.node(c); }
+    if let Some(c) = &x.docexpr { v.node(c); }
+    if let Some(c) = &x.rowexpr { v.node(c); }
+    for c in &x.colnames { v.node(c); }
+    for c in &x.coltypes { v.node(c); }
+    for c in &x.coltypmods { v.node(c); }
+    for c in &x.colcollations { v.node(c); }
+    for c in &x.colexprs { v.node(c); }
+    for c in &x.coldefexprs { v.node(c); }
+    for c in &x.colvalexprs { v.node(c); }
+    for c in &x.passingvalexprs { v.node(c); }
+    if let Some(c) = &x.plan { v.node(c); }
 }
 
 pub fn s_TableLikeClause<'a>(x: &'a TableLikeClause, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.relation {
-        v.range_var(c);
-    }
+    if let Some(c) = &x.relation { v.range_var(c); }
 }
 
 pub fn s_TableSampleClause<'a>(x: &'a TableSampleClause, v: &mut dyn Visit<'a>) {
-    for c in &x.args {
-        v.node(c);
-    }
-    if let Some(c) = &x.repeatable {
-        v.node(c);
-    }
+    for c in &x.args { v.node(c); }
+    if let Some(c) = &x.repeatable { v.node(c); }
 }
 
 pub fn s_TargetEntry<'a>(x: &'a TargetEntry, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &x.expr {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    if let Some(c) = &x.expr { v.node(c); }
 }
 
 pub fn s_TransactionStmt<'a>(x: &'a TransactionStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.options {
-        v.node(c);
-    }
+    for c in &x.options { v.node(c); }
 }
 
 pub fn s_TruncateStmt<'a>(x: &'a TruncateStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.relations {
-        v.node(c);
-    }
+    for c in &x.relations { v.node(c); }
 }
 
 pub fn s_TypeCast<'a>(x: &'a TypeCast, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.arg {
-        v.node(c);
-    }
-    if let Some(c) = &x.type_name {
-        s_TypeName(c, v);
-    }
+    if let Some(c) = &x.arg { v.node(c); }
+    if let Some(c) = &x.type_name { s_TypeName(c, v); }
 }
 
 pub fn s_TypeName<'a>(x: &'a TypeName, v: &mut dyn Visit<'a>) {
-    for c in &x.names {
-        v.node(c);
-    }
-    for c in &x.typmods {
-        v.node(c);
-    }
-    for c in &x.array_bounds {
-        v.node(c);
-    }
+    for c in &x.names { v.node(c); }
+    for c in &x.typmods { v.node(c); }
+    for c in &x.array_bounds { v.node(c); }
 }
 
 pub fn s_UpdateStmt<'a>(x: &'a UpdateStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.relation {
-        v.range_var(c);
-    }
-    for c in &x.target_list {
-        v.node(c);
-    }
-    if let Some(c) = &x.where_clause {
-        v.node(c);
-    }
-    for c in &x.from_clause {
-        v.node(c);
-    }
-    if let Some(c) = &x.returning_clause {
-        s_ReturningClause(c, v);
-    }
-    if let Some(c) = &x.with_clause {
-        s_WithClause(c, v);
-    }
+    if let Some(c) = &x.relation { v.range_var(c); }
+    for c in &x.target_list { v.node(c); }
+    if let Some(c) = &x.where_clause { v.node(c); }
+    for c in &x.from_clause { v.node(c); }
+    if let Some(c) = &x.returning_clause { s_ReturningClause(c, v); }
+    if let Some(c) = &x.with_clause { s_WithClause(c, v); }
 }
 
 pub fn s_VacuumRelation<'a>(x: &'a VacuumRelation, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.relation {
-        v.range_var(c);
-    }
-    for c in &x.va_cols {
-        v.node(c);
-    }
+    if let Some(c) = &x.relation { v.range_var(c); }
+    for c in &x.va_cols { v.node(c); }
 }
 
 pub fn s_VacuumStmt<'a>(x: &'a VacuumStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.options {
-        v.node(c);
-    }
-    for c in &x.rels {
-        v.node(c);
-    }
+    for c in &x.options { v.node(c); }
+    for c in &x.rels { v.node(c); }
 }
 
 pub fn s_Var<'a>(x: &'a Var, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
 }
 
 pub fn s_VariableSetStmt<'a>(x: &'a VariableSetStmt, v: &mut dyn Visit<'a>) {
-    for c in &x.args {
-        v.node(c);
-    }
+    for c in &x.args { v.node(c); }
 }
 
 pub fn s_ViewStmt<'a>(x: &'a ViewStmt, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.view {
-        v.range_var(c);
-    }
-    for c in &x.aliases {
-        v.node(c);
-    }
-    if let Some(c) = &x.query {
-        v.node(c);
-    }
-    for c in &x.options {
-        v.node(c);
-    }
+    if let Some(c) = &x.view { v.range_var(c); }
+    for c in &x.aliases { v.node(c); }
+    if let Some(c) = &x.query { v.node(c); }
+    for c in &x.options { v.node(c); }
 }
 
 pub fn s_WindowClause<'a>(x: &'a WindowClause, v: &mut dyn Visit<'a>) {
-    for c in &x.partition_clause {
-        v.node(c);
-    }
-    for c in &x.order_clause {
-        v.node(c);
-    }
-    if let Some(c) = &x.start_offset {
-        v.node(c);
-    }
-    if let Some(c) = &x.end_offset {
-        v.node(c);
-    }
+    for c in &x.partition_clause { v.node(c); }
+    for c in &x.order_clause { v.node(c); }
+    if let Some(c) = &x.start_offset { v.node(c); }
+    if let Some(c) = &x.end_offset { v.node(c); }
 }
 
 pub fn s_WindowDef<'a>(x: &'a WindowDef, v: &mut dyn Visit<'a>) {
-    for c in &x.partition_clause {
-        v.node(c);
-    }
-    for c in &x.order_clause {
-        v.node(c);
-    }
-    if let Some(c) = &x.start_offset {
-        v.node(c);
-    }
-    if let Some(c) = &x.end_offset {
-        v.node(c);
-    }
+    for c in &x.partition_clause { v.node(c); }
+    for c in &x.order_clause { v.node(c); }
+    if let Some(c) = &x.start_offset { v.node(c); }
+    if let Some(c) = &x.end_offset { v.node(c); }
 }
 
 pub fn s_WindowFunc<'a>(x: &'a WindowFunc, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    for c in &x.args {
-        v.node(c);
-    }
-    if let Some(c) = &x.aggfilter {
-        v.node(c);
-    }
-    for c in &x.run_condition {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    for c in &x.args { v.node(c); }
+    if let Some(c) = &x.aggfilter { v.node(c); }
+    for c in &x.run_condition { v.node(c); }
 }
 
 pub fn s_WindowFuncRunCondition<'a>(x: &'a WindowFuncRunCondition, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &x.arg {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    if let Some(c) = &x.arg { v.node(c); }
 }
 
 pub fn s_WithCheckOption<'a>(x: &'a WithCheckOption, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.qual {
-        v.node(c);
-    }
+    if let Some(c) = &x.qual { v.node(c); }
 }
 
 pub fn s_WithClause<'a>(x: &'a WithClause, v: &mut dyn Visit<'a>) {
-    for c in &x.ctes {
-        v.node(c);
-    }
+    for c in &x.ctes { v.node(c); }
 }
 
 pub fn s_XmlExpr<'a>(x: &'a XmlExpr, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.xpr {
-        v.node(c);
-    }
-    for c in &x.named_args {
-        v.node(c);
-    }
-    for c in &x.arg_names {
-        v.node(c);
-    }
-    for c in &x.args {
-        v.node(c);
-    }
+    if let Some(c) = &x.xpr { v.node(c); }
+    for c in &x.named_args { v.node(c); }
+    for c in &x.arg_names { v.node(c); }
+    for c in &x.args { v.node(c); }
 }
 
 pub fn s_XmlSerialize<'a>(x: &'a XmlSerialize, v: &mut dyn Visit<'a>) {
-    if let Some(c) = &x.expr {
-        v.node(c);
-    }
-    if let Some(c) = &x.type_name {
-        s_TypeName(c, v);
-    }
+    if let Some(c) = &x.expr { v.node(c); }
+    if let Some(c) = &x.type_name { s_TypeName(c, v); }
 }
 
 /// The children of one node.
@@ -6077,2575 +3551,1333 @@ pub fn children_mut(e: &mut NodeEnum, v: &mut dyn VisitMut) {
 }
 
 pub fn s_mut_AArrayExpr(x: &mut AArrayExpr, v: &mut dyn VisitMut) {
-    for c in &mut x.elements {
-        v.node(c);
-    }
+    for c in &mut x.elements { v.node(c); }
 }
 
 pub fn s_mut_AExpr(x: &mut AExpr, v: &mut dyn VisitMut) {
-    for c in &mut x.name {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.lexpr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.rexpr {
-        v.node(c);
-    }
+    for c in &mut x.name { v.node(c); }
+    if let Some(c) = &mut x.lexpr { v.node(c); }
+    if let Some(c) = &mut x.rexpr { v.node(c); }
 }
 
 pub fn s_mut_AIndices(x: &mut AIndices, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.lidx {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.uidx {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.lidx { v.node(c); }
+    if let Some(c) = &mut x.uidx { v.node(c); }
 }
 
 pub fn s_mut_AIndirection(x: &mut AIndirection, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.arg {
-        v.node(c);
-    }
-    for c in &mut x.indirection {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.arg { v.node(c); }
+    for c in &mut x.indirection { v.node(c); }
 }
 
 pub fn s_mut_AccessPriv(x: &mut AccessPriv, v: &mut dyn VisitMut) {
-    for c in &mut x.cols {
-        v.node(c);
-    }
+    for c in &mut x.cols { v.node(c); }
 }
 
 pub fn s_mut_Aggref(x: &mut Aggref, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    for c in &mut x.aggargtypes {
-        v.node(c);
-    }
-    for c in &mut x.aggdirectargs {
-        v.node(c);
-    }
-    for c in &mut x.args {
-        v.node(c);
-    }
-    for c in &mut x.aggorder {
-        v.node(c);
-    }
-    for c in &mut x.aggdistinct {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.aggfilter {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    for c in &mut x.aggargtypes { v.node(c); }
+    for c in &mut x.aggdirectargs { v.node(c); }
+    for c in &mut x.args { v.node(c); }
+    for c in &mut x.aggorder { v.node(c); }
+    for c in &mut x.aggdistinct { v.node(c); }
+    if let Some(c) = &mut x.aggfilter { v.node(c); }
 }
 
 pub fn s_mut_Alias(x: &mut Alias, v: &mut dyn VisitMut) {
-    for c in &mut x.colnames {
-        v.node(c);
-    }
+    for c in &mut x.colnames { v.node(c); }
 }
 
 pub fn s_mut_AlterCollationStmt(x: &mut AlterCollationStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.collname {
-        v.node(c);
-    }
+    for c in &mut x.collname { v.node(c); }
 }
 
 pub fn s_mut_AlterDatabaseSetStmt(x: &mut AlterDatabaseSetStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.setstmt {
-        s_mut_VariableSetStmt(c, v);
-    }
+    if let Some(c) = &mut x.setstmt { s_mut_VariableSetStmt(c, v); }
 }
 
 pub fn s_mut_AlterDatabaseStmt(x: &mut AlterDatabaseStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.options {
-        v.node(c);
-    }
+    for c in &mut x.options { v.node(c); }
 }
 
 pub fn s_mut_AlterDefaultPrivilegesStmt(x: &mut AlterDefaultPrivilegesStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.options {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.action {
-        s_mut_GrantStmt(c, v);
-    }
+    for c in &mut x.options { v.node(c); }
+    if let Some(c) = &mut x.action { s_mut_GrantStmt(c, v); }
 }
 
 pub fn s_mut_AlterDomainStmt(x: &mut AlterDomainStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.type_name {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.def {
-        v.node(c);
-    }
+    for c in &mut x.type_name { v.node(c); }
+    if let Some(c) = &mut x.def { v.node(c); }
 }
 
 pub fn s_mut_AlterEnumStmt(x: &mut AlterEnumStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.type_name {
-        v.node(c);
-    }
+    for c in &mut x.type_name { v.node(c); }
 }
 
 pub fn s_mut_AlterExtensionContentsStmt(x: &mut AlterExtensionContentsStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.object {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.object { v.node(c); }
 }
 
 pub fn s_mut_AlterExtensionStmt(x: &mut AlterExtensionStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.options {
-        v.node(c);
-    }
+    for c in &mut x.options { v.node(c); }
 }
 
 pub fn s_mut_AlterFdwStmt(x: &mut AlterFdwStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.func_options {
-        v.node(c);
-    }
-    for c in &mut x.options {
-        v.node(c);
-    }
+    for c in &mut x.func_options { v.node(c); }
+    for c in &mut x.options { v.node(c); }
 }
 
 pub fn s_mut_AlterForeignServerStmt(x: &mut AlterForeignServerStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.options {
-        v.node(c);
-    }
+    for c in &mut x.options { v.node(c); }
 }
 
 pub fn s_mut_AlterFunctionStmt(x: &mut AlterFunctionStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.func {
-        s_mut_ObjectWithArgs(c, v);
-    }
-    for c in &mut x.actions {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.func { s_mut_ObjectWithArgs(c, v); }
+    for c in &mut x.actions { v.node(c); }
 }
 
 pub fn s_mut_AlterObjectDependsStmt(x: &mut AlterObjectDependsStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.relation {
-        v.range_var(c);
-    }
-    if let Some(c) = &mut x.object {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.relation { v.range_var(c); }
+    if let Some(c) = &mut x.object { v.node(c); }
 }
 
 pub fn s_mut_AlterObjectSchemaStmt(x: &mut AlterObjectSchemaStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.relation {
-        v.range_var(c);
-    }
-    if let Some(c) = &mut x.object {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.relation { v.range_var(c); }
+    if let Some(c) = &mut x.object { v.node(c); }
 }
 
 pub fn s_mut_AlterOpFamilyStmt(x: &mut AlterOpFamilyStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.opfamilyname {
-        v.node(c);
-    }
-    for c in &mut x.items {
-        v.node(c);
-    }
+    for c in &mut x.opfamilyname { v.node(c); }
+    for c in &mut x.items { v.node(c); }
 }
 
 pub fn s_mut_AlterOperatorStmt(x: &mut AlterOperatorStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.opername {
-        s_mut_ObjectWithArgs(c, v);
-    }
-    for c in &mut x.options {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.opername { s_mut_ObjectWithArgs(c, v); }
+    for c in &mut x.options { v.node(c); }
 }
 
 pub fn s_mut_AlterOwnerStmt(x: &mut AlterOwnerStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.relation {
-        v.range_var(c);
-    }
-    if let Some(c) = &mut x.object {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.relation { v.range_var(c); }
+    if let Some(c) = &mut x.object { v.node(c); }
 }
 
 pub fn s_mut_AlterPolicyStmt(x: &mut AlterPolicyStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.table {
-        v.range_var(c);
-    }
-    for c in &mut x.roles {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.qual {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.with_check {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.table { v.range_var(c); }
+    for c in &mut x.roles { v.node(c); }
+    if let Some(c) = &mut x.qual { v.node(c); }
+    if let Some(c) = &mut x.with_check { v.node(c); }
 }
 
 pub fn s_mut_AlterPublicationStmt(x: &mut AlterPublicationStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.options {
-        v.node(c);
-    }
-    for c in &mut x.pubobjects {
-        v.node(c);
-    }
+    for c in &mut x.options { v.node(c); }
+    for c in &mut x.pubobjects { v.node(c); }
 }
 
 pub fn s_mut_AlterRoleSetStmt(x: &mut AlterRoleSetStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.setstmt {
-        s_mut_VariableSetStmt(c, v);
-    }
+    if let Some(c) = &mut x.setstmt { s_mut_VariableSetStmt(c, v); }
 }
 
 pub fn s_mut_AlterRoleStmt(x: &mut AlterRoleStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.options {
-        v.node(c);
-    }
+    for c in &mut x.options { v.node(c); }
 }
 
 pub fn s_mut_AlterSeqStmt(x: &mut AlterSeqStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.sequence {
-        v.range_var(c);
-    }
-    for c in &mut x.options {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.sequence { v.range_var(c); }
+    for c in &mut x.options { v.node(c); }
 }
 
 pub fn s_mut_AlterStatsStmt(x: &mut AlterStatsStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.defnames {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.stxstattarget {
-        v.node(c);
-    }
+    for c in &mut x.defnames { v.node(c); }
+    if let Some(c) = &mut x.stxstattarget { v.node(c); }
 }
 
 pub fn s_mut_AlterSubscriptionStmt(x: &mut AlterSubscriptionStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.publication {
-        v.node(c);
-    }
-    for c in &mut x.options {
-        v.node(c);
-    }
+    for c in &mut x.publication { v.node(c); }
+    for c in &mut x.options { v.node(c); }
 }
 
 pub fn s_mut_AlterSystemStmt(x: &mut AlterSystemStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.setstmt {
-        s_mut_VariableSetStmt(c, v);
-    }
+    if let Some(c) = &mut x.setstmt { s_mut_VariableSetStmt(c, v); }
 }
 
 pub fn s_mut_AlterTableCmd(x: &mut AlterTableCmd, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.def {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.def { v.node(c); }
 }
 
 pub fn s_mut_AlterTableMoveAllStmt(x: &mut AlterTableMoveAllStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.roles {
-        v.node(c);
-    }
+    for c in &mut x.roles { v.node(c); }
 }
 
 pub fn s_mut_AlterTableSpaceOptionsStmt(x: &mut AlterTableSpaceOptionsStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.options {
-        v.node(c);
-    }
+    for c in &mut x.options { v.node(c); }
 }
 
 pub fn s_mut_AlterTableStmt(x: &mut AlterTableStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.relation {
-        v.range_var(c);
-    }
-    for c in &mut x.cmds {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.relation { v.range_var(c); }
+    for c in &mut x.cmds { v.node(c); }
 }
 
 pub fn s_mut_AlterTsConfigurationStmt(x: &mut AlterTsConfigurationStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.cfgname {
-        v.node(c);
-    }
-    for c in &mut x.tokentype {
-        v.node(c);
-    }
-    for c in &mut x.dicts {
-        v.node(c);
-    }
+    for c in &mut x.cfgname { v.node(c); }
+    for c in &mut x.tokentype { v.node(c); }
+    for c in &mut x.dicts { v.node(c); }
 }
 
 pub fn s_mut_AlterTsDictionaryStmt(x: &mut AlterTsDictionaryStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.dictname {
-        v.node(c);
-    }
-    for c in &mut x.options {
-        v.node(c);
-    }
+    for c in &mut x.dictname { v.node(c); }
+    for c in &mut x.options { v.node(c); }
 }
 
 pub fn s_mut_AlterTypeStmt(x: &mut AlterTypeStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.type_name {
-        v.node(c);
-    }
-    for c in &mut x.options {
-        v.node(c);
-    }
+    for c in &mut x.type_name { v.node(c); }
+    for c in &mut x.options { v.node(c); }
 }
 
 pub fn s_mut_AlterUserMappingStmt(x: &mut AlterUserMappingStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.options {
-        v.node(c);
-    }
+    for c in &mut x.options { v.node(c); }
 }
 
 pub fn s_mut_AlternativeSubPlan(x: &mut AlternativeSubPlan, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    for c in &mut x.subplans {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    for c in &mut x.subplans { v.node(c); }
 }
 
 pub fn s_mut_ArrayCoerceExpr(x: &mut ArrayCoerceExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.arg {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.elemexpr {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    if let Some(c) = &mut x.arg { v.node(c); }
+    if let Some(c) = &mut x.elemexpr { v.node(c); }
 }
 
 pub fn s_mut_ArrayExpr(x: &mut ArrayExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    for c in &mut x.elements {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    for c in &mut x.elements { v.node(c); }
 }
 
 pub fn s_mut_BoolExpr(x: &mut BoolExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    for c in &mut x.args {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    for c in &mut x.args { v.node(c); }
 }
 
 pub fn s_mut_BooleanTest(x: &mut BooleanTest, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.arg {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    if let Some(c) = &mut x.arg { v.node(c); }
 }
 
 pub fn s_mut_CallStmt(x: &mut CallStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.funccall {
-        s_mut_FuncCall(c, v);
-    }
-    if let Some(c) = &mut x.funcexpr {
-        s_mut_FuncExpr(c, v);
-    }
-    for c in &mut x.outargs {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.funccall { s_mut_FuncCall(c, v); }
+    if let Some(c) = &mut x.funcexpr { s_mut_FuncExpr(c, v); }
+    for c in &mut x.outargs { v.node(c); }
 }
 
 pub fn s_mut_CaseExpr(x: &mut CaseExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.arg {
-        v.node(c);
-    }
-    for c in &mut x.args {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.defresult {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    if let Some(c) = &mut x.arg { v.node(c); }
+    for c in &mut x.args { v.node(c); }
+    if let Some(c) = &mut x.defresult { v.node(c); }
 }
 
 pub fn s_mut_CaseTestExpr(x: &mut CaseTestExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
 }
 
 pub fn s_mut_CaseWhen(x: &mut CaseWhen, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.expr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.result {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    if let Some(c) = &mut x.expr { v.node(c); }
+    if let Some(c) = &mut x.result { v.node(c); }
 }
 
 pub fn s_mut_ClusterStmt(x: &mut ClusterStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.relation {
-        v.range_var(c);
-    }
-    for c in &mut x.params {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.relation { v.range_var(c); }
+    for c in &mut x.params { v.node(c); }
 }
 
 pub fn s_mut_CoalesceExpr(x: &mut CoalesceExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    for c in &mut x.args {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    for c in &mut x.args { v.node(c); }
 }
 
 pub fn s_mut_CoerceToDomain(x: &mut CoerceToDomain, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.arg {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    if let Some(c) = &mut x.arg { v.node(c); }
 }
 
 pub fn s_mut_CoerceToDomainValue(x: &mut CoerceToDomainValue, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
 }
 
 pub fn s_mut_CoerceViaIo(x: &mut CoerceViaIo, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.arg {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    if let Some(c) = &mut x.arg { v.node(c); }
 }
 
 pub fn s_mut_CollateClause(x: &mut CollateClause, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.arg {
-        v.node(c);
-    }
-    for c in &mut x.collname {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.arg { v.node(c); }
+    for c in &mut x.collname { v.node(c); }
 }
 
 pub fn s_mut_CollateExpr(x: &mut CollateExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.arg {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    if let Some(c) = &mut x.arg { v.node(c); }
 }
 
 pub fn s_mut_ColumnDef(x: &mut ColumnDef, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.type_name {
-        s_mut_TypeName(c, v);
-    }
-    if let Some(c) = &mut x.raw_default {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.cooked_default {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.identity_sequence {
-        v.range_var(c);
-    }
-    if let Some(c) = &mut x.coll_clause {
-        s_mut_CollateClause(c, v);
-    }
-    for c in &mut x.constraints {
-        v.node(c);
-    }
-    for c in &mut x.fdwoptions {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.type_name { s_mut_TypeName(c, v); }
+    if let Some(c) = &mut x.raw_default { v.node(c); }
+    if let Some(c) = &mut x.cooked_default { v.node(c); }
+    if let Some(c) = &mut x.identity_sequence { v.range_var(c); }
+    if let Some(c) = &mut x.coll_clause { s_mut_CollateClause(c, v); }
+    for c in &mut x.constraints { v.node(c); }
+    for c in &mut x.fdwoptions { v.node(c); }
 }
 
 pub fn s_mut_ColumnRef(x: &mut ColumnRef, v: &mut dyn VisitMut) {
-    for c in &mut x.fields {
-        v.node(c);
-    }
+    for c in &mut x.fields { v.node(c); }
 }
 
 pub fn s_mut_CommentStmt(x: &mut CommentStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.object {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.object { v.node(c); }
 }
 
 pub fn s_mut_CommonTableExpr(x: &mut CommonTableExpr, v: &mut dyn VisitMut) {
-    for c in &mut x.aliascolnames {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.ctequery {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.search_clause {
-        s_mut_CteSearchClause(c, v);
-    }
-    if let Some(c) = &mut x.cycle_clause {
-        s_mut_CteCycleClause(c, v);
-    }
-    for c in &mut x.ctecolnames {
-        v.node(c);
-    }
-    for c in &mut x.ctecoltypes {
-        v.node(c);
-    }
-    for c in &mut x.ctecoltypmods {
-        v.node(c);
-    }
-    for c in &mut x.ctecolcollations {
-        v.node(c);
-    }
+    for c in &mut x.aliascolnames { v.node(c); }
+    if let Some(c) = &mut x.ctequery { v.node(c); }
+    if let Some(c) = &mut x.search_clause { s_mut_CteSearchClause(c, v); }
+    if let Some(c) = &mut x.cycle_clause { s_mut_CteCycleClause(c, v); }
+    for c in &mut x.ctecolnames { v.node(c); }
+    for c in &mut x.ctecoltypes { v.node(c); }
+    for c in &mut x.ctecoltypmods { v.node(c); }
+    for c in &mut x.ctecolcollations { v.node(c); }
 }
 
 pub fn s_mut_CompositeTypeStmt(x: &mut CompositeTypeStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.typevar {
-        v.range_var(c);
-    }
-    for c in &mut x.coldeflist {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.typevar { v.range_var(c); }
+    for c in &mut x.coldeflist { v.node(c); }
 }
 
 pub fn s_mut_Constraint(x: &mut Constraint, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.raw_expr {
-        v.node(c);
-    }
-    for c in &mut x.keys {
-        v.node(c);
-    }
-    for c in &mut x.including {
-        v.node(c);
-    }
-    for c in &mut x.exclusions {
-        v.node(c);
-    }
-    for c in &mut x.options {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.where_clause {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.pktable {
-        v.range_var(c);
-    }
-    for c in &mut x.fk_attrs {
-        v.node(c);
-    }
-    for c in &mut x.pk_attrs {
-        v.node(c);
-    }
-    for c in &mut x.fk_del_set_cols {
-        v.node(c);
-    }
-    for c in &mut x.old_conpfeqop {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.raw_expr { v.node(c); }
+    for c in &mut x.keys { v.node(c); }
+    for c in &mut x.including { v.node(c); }
+    for c in &mut x.exclusions { v.node(c); }
+    for c in &mut x.options { v.node(c); }
+    if let Some(c) = &mut x.where_clause { v.node(c); }
+    if let Some(c) = &mut x.pktable { v.range_var(c); }
+    for c in &mut x.fk_attrs { v.node(c); }
+    for c in &mut x.pk_attrs { v.node(c); }
+    for c in &mut x.fk_del_set_cols { v.node(c); }
+    for c in &mut x.old_conpfeqop { v.node(c); }
 }
 
 pub fn s_mut_ConstraintsSetStmt(x: &mut ConstraintsSetStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.constraints {
-        v.node(c);
-    }
+    for c in &mut x.constraints { v.node(c); }
 }
 
 pub fn s_mut_ConvertRowtypeExpr(x: &mut ConvertRowtypeExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.arg {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    if let Some(c) = &mut x.arg { v.node(c); }
 }
 
 pub fn s_mut_CopyStmt(x: &mut CopyStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.relation {
-        v.range_var(c);
-    }
-    if let Some(c) = &mut x.query {
-        v.node(c);
-    }
-    for c in &mut x.attlist {
-        v.node(c);
-    }
-    for c in &mut x.options {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.where_clause {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.relation { v.range_var(c); }
+    if let Some(c) = &mut x.query { v.node(c); }
+    for c in &mut x.attlist { v.node(c); }
+    for c in &mut x.options { v.node(c); }
+    if let Some(c) = &mut x.where_clause { v.node(c); }
 }
 
 pub fn s_mut_CreateAmStmt(x: &mut CreateAmStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.handler_name {
-        v.node(c);
-    }
+    for c in &mut x.handler_name { v.node(c); }
 }
 
 pub fn s_mut_CreateCastStmt(x: &mut CreateCastStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.sourcetype {
-        s_mut_TypeName(c, v);
-    }
-    if let Some(c) = &mut x.targettype {
-        s_mut_TypeName(c, v);
-    }
-    if let Some(c) = &mut x.func {
-        s_mut_ObjectWithArgs(c, v);
-    }
+    if let Some(c) = &mut x.sourcetype { s_mut_TypeName(c, v); }
+    if let Some(c) = &mut x.targettype { s_mut_TypeName(c, v); }
+    if let Some(c) = &mut x.func { s_mut_ObjectWithArgs(c, v); }
 }
 
 pub fn s_mut_CreateConversionStmt(x: &mut CreateConversionStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.conversion_name {
-        v.node(c);
-    }
-    for c in &mut x.func_name {
-        v.node(c);
-    }
+    for c in &mut x.conversion_name { v.node(c); }
+    for c in &mut x.func_name { v.node(c); }
 }
 
 pub fn s_mut_CreateDomainStmt(x: &mut CreateDomainStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.domainname {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.type_name {
-        s_mut_TypeName(c, v);
-    }
-    if let Some(c) = &mut x.coll_clause {
-        s_mut_CollateClause(c, v);
-    }
-    for c in &mut x.constraints {
-        v.node(c);
-    }
+    for c in &mut x.domainname { v.node(c); }
+    if let Some(c) = &mut x.type_name { s_mut_TypeName(c, v); }
+    if let Some(c) = &mut x.coll_clause { s_mut_CollateClause(c, v); }
+    for c in &mut x.constraints { v.node(c); }
 }
 
 pub fn s_mut_CreateEnumStmt(x: &mut CreateEnumStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.type_name {
-        v.node(c);
-    }
-    for c in &mut x.vals {
-        v.node(c);
-    }
+    for c in &mut x.type_name { v.node(c); }
+    for c in &mut x.vals { v.node(c); }
 }
 
 pub fn s_mut_CreateEventTrigStmt(x: &mut CreateEventTrigStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.whenclause {
-        v.node(c);
-    }
-    for c in &mut x.funcname {
-        v.node(c);
-    }
+    for c in &mut x.whenclause { v.node(c); }
+    for c in &mut x.funcname { v.node(c); }
 }
 
 pub fn s_mut_CreateExtensionStmt(x: &mut CreateExtensionStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.options {
-        v.node(c);
-    }
+    for c in &mut x.options { v.node(c); }
 }
 
 pub fn s_mut_CreateFdwStmt(x: &mut CreateFdwStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.func_options {
-        v.node(c);
-    }
-    for c in &mut x.options {
-        v.node(c);
-    }
+    for c in &mut x.func_options { v.node(c); }
+    for c in &mut x.options { v.node(c); }
 }
 
 pub fn s_mut_CreateForeignServerStmt(x: &mut CreateForeignServerStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.options {
-        v.node(c);
-    }
+    for c in &mut x.options { v.node(c); }
 }
 
 pub fn s_mut_CreateForeignTableStmt(x: &mut CreateForeignTableStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.base_stmt {
-        s_mut_CreateStmt(c, v);
-    }
-    for c in &mut x.options {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.base_stmt { s_mut_CreateStmt(c, v); }
+    for c in &mut x.options { v.node(c); }
 }
 
 pub fn s_mut_CreateFunctionStmt(x: &mut CreateFunctionStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.funcname {
-        v.node(c);
-    }
-    for c in &mut x.parameters {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.return_type {
-        s_mut_TypeName(c, v);
-    }
-    for c in &mut x.options {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.sql_body {
-        v.node(c);
-    }
+    for c in &mut x.funcname { v.node(c); }
+    for c in &mut x.parameters { v.node(c); }
+    if let Some(c) = &mut x.return_type { s_mut_TypeName(c, v); }
+    for c in &mut x.options { v.node(c); }
+    if let Some(c) = &mut x.sql_body { v.node(c); }
 }
 
 pub fn s_mut_CreateOpClassItem(x: &mut CreateOpClassItem, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.name {
-        s_mut_ObjectWithArgs(c, v);
-    }
-    for c in &mut x.order_family {
-        v.node(c);
-    }
-    for c in &mut x.class_args {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.storedtype {
-        s_mut_TypeName(c, v);
-    }
+    if let Some(c) = &mut x.name { s_mut_ObjectWithArgs(c, v); }
+    for c in &mut x.order_family { v.node(c); }
+    for c in &mut x.class_args { v.node(c); }
+    if let Some(c) = &mut x.storedtype { s_mut_TypeName(c, v); }
 }
 
 pub fn s_mut_CreateOpClassStmt(x: &mut CreateOpClassStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.opclassname {
-        v.node(c);
-    }
-    for c in &mut x.opfamilyname {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.datatype {
-        s_mut_TypeName(c, v);
-    }
-    for c in &mut x.items {
-        v.node(c);
-    }
+    for c in &mut x.opclassname { v.node(c); }
+    for c in &mut x.opfamilyname { v.node(c); }
+    if let Some(c) = &mut x.datatype { s_mut_TypeName(c, v); }
+    for c in &mut x.items { v.node(c); }
 }
 
 pub fn s_mut_CreateOpFamilyStmt(x: &mut CreateOpFamilyStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.opfamilyname {
-        v.node(c);
-    }
+    for c in &mut x.opfamilyname { v.node(c); }
 }
 
 pub fn s_mut_CreatePLangStmt(x: &mut CreatePLangStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.plhandler {
-        v.node(c);
-    }
-    for c in &mut x.plinline {
-        v.node(c);
-    }
-    for c in &mut x.plvalidator {
-        v.node(c);
-    }
+    for c in &mut x.plhandler { v.node(c); }
+    for c in &mut x.plinline { v.node(c); }
+    for c in &mut x.plvalidator { v.node(c); }
 }
 
 pub fn s_mut_CreatePolicyStmt(x: &mut CreatePolicyStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.table {
-        v.range_var(c);
-    }
-    for c in &mut x.roles {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.qual {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.with_check {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.table { v.range_var(c); }
+    for c in &mut x.roles { v.node(c); }
+    if let Some(c) = &mut x.qual { v.node(c); }
+    if let Some(c) = &mut x.with_check { v.node(c); }
 }
 
 pub fn s_mut_CreatePublicationStmt(x: &mut CreatePublicationStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.options {
-        v.node(c);
-    }
-    for c in &mut x.pubobjects {
-        v.node(c);
-    }
+    for c in &mut x.options { v.node(c); }
+    for c in &mut x.pubobjects { v.node(c); }
 }
 
 pub fn s_mut_CreateRangeStmt(x: &mut CreateRangeStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.type_name {
-        v.node(c);
-    }
-    for c in &mut x.params {
-        v.node(c);
-    }
+    for c in &mut x.type_name { v.node(c); }
+    for c in &mut x.params { v.node(c); }
 }
 
 pub fn s_mut_CreateRoleStmt(x: &mut CreateRoleStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.options {
-        v.node(c);
-    }
+    for c in &mut x.options { v.node(c); }
 }
 
 pub fn s_mut_CreateSchemaStmt(x: &mut CreateSchemaStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.schema_elts {
-        v.node(c);
-    }
+    for c in &mut x.schema_elts { v.node(c); }
 }
 
 pub fn s_mut_CreateSeqStmt(x: &mut CreateSeqStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.sequence {
-        v.range_var(c);
-    }
-    for c in &mut x.options {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.sequence { v.range_var(c); }
+    for c in &mut x.options { v.node(c); }
 }
 
 pub fn s_mut_CreateStatsStmt(x: &mut CreateStatsStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.defnames {
-        v.node(c);
-    }
-    for c in &mut x.stat_types {
-        v.node(c);
-    }
-    for c in &mut x.exprs {
-        v.node(c);
-    }
-    for c in &mut x.relations {
-        v.node(c);
-    }
+    for c in &mut x.defnames { v.node(c); }
+    for c in &mut x.stat_types { v.node(c); }
+    for c in &mut x.exprs { v.node(c); }
+    for c in &mut x.relations { v.node(c); }
 }
 
 pub fn s_mut_CreateStmt(x: &mut CreateStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.relation {
-        v.range_var(c);
-    }
-    for c in &mut x.table_elts {
-        v.node(c);
-    }
-    for c in &mut x.inh_relations {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.partbound {
-        s_mut_PartitionBoundSpec(c, v);
-    }
-    if let Some(c) = &mut x.partspec {
-        s_mut_PartitionSpec(c, v);
-    }
-    if let Some(c) = &mut x.of_typename {
-        s_mut_TypeName(c, v);
-    }
-    for c in &mut x.constraints {
-        v.node(c);
-    }
-    for c in &mut x.nnconstraints {
-        v.node(c);
-    }
-    for c in &mut x.options {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.relation { v.range_var(c); }
+    for c in &mut x.table_elts { v.node(c); }
+    for c in &mut x.inh_relations { v.node(c); }
+    if let Some(c) = &mut x.partbound { s_mut_PartitionBoundSpec(c, v); }
+    if let Some(c) = &mut x.partspec { s_mut_PartitionSpec(c, v); }
+    if let Some(c) = &mut x.of_typename { s_mut_TypeName(c, v); }
+    for c in &mut x.constraints { v.node(c); }
+    for c in &mut x.nnconstraints { v.node(c); }
+    for c in &mut x.options { v.node(c); }
 }
 
 pub fn s_mut_CreateSubscriptionStmt(x: &mut CreateSubscriptionStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.publication {
-        v.node(c);
-    }
-    for c in &mut x.options {
-        v.node(c);
-    }
+    for c in &mut x.publication { v.node(c); }
+    for c in &mut x.options { v.node(c); }
 }
 
 pub fn s_mut_CreateTableAsStmt(x: &mut CreateTableAsStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.query {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.into {
-        s_mut_IntoClause(c, v);
-    }
+    if let Some(c) = &mut x.query { v.node(c); }
+    if let Some(c) = &mut x.into { s_mut_IntoClause(c, v); }
 }
 
 pub fn s_mut_CreateTableSpaceStmt(x: &mut CreateTableSpaceStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.options {
-        v.node(c);
-    }
+    for c in &mut x.options { v.node(c); }
 }
 
 pub fn s_mut_CreateTransformStmt(x: &mut CreateTransformStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.type_name {
-        s_mut_TypeName(c, v);
-    }
-    if let Some(c) = &mut x.fromsql {
-        s_mut_ObjectWithArgs(c, v);
-    }
-    if let Some(c) = &mut x.tosql {
-        s_mut_ObjectWithArgs(c, v);
-    }
+    if let Some(c) = &mut x.type_name { s_mut_TypeName(c, v); }
+    if let Some(c) = &mut x.fromsql { s_mut_ObjectWithArgs(c, v); }
+    if let Some(c) = &mut x.tosql { s_mut_ObjectWithArgs(c, v); }
 }
 
 pub fn s_mut_CreateTrigStmt(x: &mut CreateTrigStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.relation {
-        v.range_var(c);
-    }
-    for c in &mut x.funcname {
-        v.node(c);
-    }
-    for c in &mut x.args {
-        v.node(c);
-    }
-    for c in &mut x.columns {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.when_clause {
-        v.node(c);
-    }
-    for c in &mut x.transition_rels {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.constrrel {
-        v.range_var(c);
-    }
+    if let Some(c) = &mut x.relation { v.range_var(c); }
+    for c in &mut x.funcname { v.node(c); }
+    for c in &mut x.args { v.node(c); }
+    for c in &mut x.columns { v.node(c); }
+    if let Some(c) = &mut x.when_clause { v.node(c); }
+    for c in &mut x.transition_rels { v.node(c); }
+    if let Some(c) = &mut x.constrrel { v.range_var(c); }
 }
 
 pub fn s_mut_CreateUserMappingStmt(x: &mut CreateUserMappingStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.options {
-        v.node(c);
-    }
+    for c in &mut x.options { v.node(c); }
 }
 
 pub fn s_mut_CreatedbStmt(x: &mut CreatedbStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.options {
-        v.node(c);
-    }
+    for c in &mut x.options { v.node(c); }
 }
 
 pub fn s_mut_CteCycleClause(x: &mut CteCycleClause, v: &mut dyn VisitMut) {
-    for c in &mut x.cycle_col_list {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.cycle_mark_value {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.cycle_mark_default {
-        v.node(c);
-    }
+    for c in &mut x.cycle_col_list { v.node(c); }
+    if let Some(c) = &mut x.cycle_mark_value { v.node(c); }
+    if let Some(c) = &mut x.cycle_mark_default { v.node(c); }
 }
 
 pub fn s_mut_CteSearchClause(x: &mut CteSearchClause, v: &mut dyn VisitMut) {
-    for c in &mut x.search_col_list {
-        v.node(c);
-    }
+    for c in &mut x.search_col_list { v.node(c); }
 }
 
 pub fn s_mut_CurrentOfExpr(x: &mut CurrentOfExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
 }
 
 pub fn s_mut_DeclareCursorStmt(x: &mut DeclareCursorStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.query {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.query { v.node(c); }
 }
 
 pub fn s_mut_DefElem(x: &mut DefElem, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.arg {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.arg { v.node(c); }
 }
 
 pub fn s_mut_DefineStmt(x: &mut DefineStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.defnames {
-        v.node(c);
-    }
-    for c in &mut x.args {
-        v.node(c);
-    }
-    for c in &mut x.definition {
-        v.node(c);
-    }
+    for c in &mut x.defnames { v.node(c); }
+    for c in &mut x.args { v.node(c); }
+    for c in &mut x.definition { v.node(c); }
 }
 
 pub fn s_mut_DeleteStmt(x: &mut DeleteStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.relation {
-        v.range_var(c);
-    }
-    for c in &mut x.using_clause {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.where_clause {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.returning_clause {
-        s_mut_ReturningClause(c, v);
-    }
-    if let Some(c) = &mut x.with_clause {
-        s_mut_WithClause(c, v);
-    }
+    if let Some(c) = &mut x.relation { v.range_var(c); }
+    for c in &mut x.using_clause { v.node(c); }
+    if let Some(c) = &mut x.where_clause { v.node(c); }
+    if let Some(c) = &mut x.returning_clause { s_mut_ReturningClause(c, v); }
+    if let Some(c) = &mut x.with_clause { s_mut_WithClause(c, v); }
 }
 
 pub fn s_mut_DistinctExpr(x: &mut DistinctExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    for c in &mut x.args {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    for c in &mut x.args { v.node(c); }
 }
 
 pub fn s_mut_DoStmt(x: &mut DoStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.args {
-        v.node(c);
-    }
+    for c in &mut x.args { v.node(c); }
 }
 
 pub fn s_mut_DropOwnedStmt(x: &mut DropOwnedStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.roles {
-        v.node(c);
-    }
+    for c in &mut x.roles { v.node(c); }
 }
 
 pub fn s_mut_DropRoleStmt(x: &mut DropRoleStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.roles {
-        v.node(c);
-    }
+    for c in &mut x.roles { v.node(c); }
 }
 
 pub fn s_mut_DropStmt(x: &mut DropStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.objects {
-        v.node(c);
-    }
+    for c in &mut x.objects { v.node(c); }
 }
 
-pub fn s_mut_DropUserMappingStmt(x: &mut DropUserMappingStmt, v: &mut dyn VisitMut) {}
+pub fn s_mut_DropUserMappingStmt(x: &mut DropUserMappingStmt, v: &mut dyn VisitMut) {
+}
 
 pub fn s_mut_DropdbStmt(x: &mut DropdbStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.options {
-        v.node(c);
-    }
+    for c in &mut x.options { v.node(c); }
 }
 
 pub fn s_mut_ExecuteStmt(x: &mut ExecuteStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.params {
-        v.node(c);
-    }
+    for c in &mut x.params { v.node(c); }
 }
 
 pub fn s_mut_ExplainStmt(x: &mut ExplainStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.query {
-        v.node(c);
-    }
-    for c in &mut x.options {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.query { v.node(c); }
+    for c in &mut x.options { v.node(c); }
 }
 
 pub fn s_mut_FieldSelect(x: &mut FieldSelect, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.arg {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    if let Some(c) = &mut x.arg { v.node(c); }
 }
 
 pub fn s_mut_FieldStore(x: &mut FieldStore, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.arg {
-        v.node(c);
-    }
-    for c in &mut x.newvals {
-        v.node(c);
-    }
-    for c in &mut x.fieldnums {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    if let Some(c) = &mut x.arg { v.node(c); }
+    for c in &mut x.newvals { v.node(c); }
+    for c in &mut x.fieldnums { v.node(c); }
 }
 
 pub fn s_mut_FromExpr(x: &mut FromExpr, v: &mut dyn VisitMut) {
-    for c in &mut x.fromlist {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.quals {
-        v.node(c);
-    }
+    for c in &mut x.fromlist { v.node(c); }
+    if let Some(c) = &mut x.quals { v.node(c); }
 }
 
 pub fn s_mut_FuncCall(x: &mut FuncCall, v: &mut dyn VisitMut) {
-    for c in &mut x.funcname {
-        v.node(c);
-    }
-    for c in &mut x.args {
-        v.node(c);
-    }
-    for c in &mut x.agg_order {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.agg_filter {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.over {
-        s_mut_WindowDef(c, v);
-    }
+    for c in &mut x.funcname { v.node(c); }
+    for c in &mut x.args { v.node(c); }
+    for c in &mut x.agg_order { v.node(c); }
+    if let Some(c) = &mut x.agg_filter { v.node(c); }
+    if let Some(c) = &mut x.over { s_mut_WindowDef(c, v); }
 }
 
 pub fn s_mut_FuncExpr(x: &mut FuncExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    for c in &mut x.args {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    for c in &mut x.args { v.node(c); }
 }
 
 pub fn s_mut_FunctionParameter(x: &mut FunctionParameter, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.arg_type {
-        s_mut_TypeName(c, v);
-    }
-    if let Some(c) = &mut x.defexpr {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.arg_type { s_mut_TypeName(c, v); }
+    if let Some(c) = &mut x.defexpr { v.node(c); }
 }
 
 pub fn s_mut_GrantRoleStmt(x: &mut GrantRoleStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.granted_roles {
-        v.node(c);
-    }
-    for c in &mut x.grantee_roles {
-        v.node(c);
-    }
-    for c in &mut x.opt {
-        v.node(c);
-    }
+    for c in &mut x.granted_roles { v.node(c); }
+    for c in &mut x.grantee_roles { v.node(c); }
+    for c in &mut x.opt { v.node(c); }
 }
 
 pub fn s_mut_GrantStmt(x: &mut GrantStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.objects {
-        v.node(c);
-    }
-    for c in &mut x.privileges {
-        v.node(c);
-    }
-    for c in &mut x.grantees {
-        v.node(c);
-    }
+    for c in &mut x.objects { v.node(c); }
+    for c in &mut x.privileges { v.node(c); }
+    for c in &mut x.grantees { v.node(c); }
 }
 
 pub fn s_mut_GroupingFunc(x: &mut GroupingFunc, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    for c in &mut x.args {
-        v.node(c);
-    }
-    for c in &mut x.refs {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    for c in &mut x.args { v.node(c); }
+    for c in &mut x.refs { v.node(c); }
 }
 
 pub fn s_mut_GroupingSet(x: &mut GroupingSet, v: &mut dyn VisitMut) {
-    for c in &mut x.content {
-        v.node(c);
-    }
+    for c in &mut x.content { v.node(c); }
 }
 
 pub fn s_mut_ImportForeignSchemaStmt(x: &mut ImportForeignSchemaStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.table_list {
-        v.node(c);
-    }
-    for c in &mut x.options {
-        v.node(c);
-    }
+    for c in &mut x.table_list { v.node(c); }
+    for c in &mut x.options { v.node(c); }
 }
 
 pub fn s_mut_IndexElem(x: &mut IndexElem, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.expr {
-        v.node(c);
-    }
-    for c in &mut x.collation {
-        v.node(c);
-    }
-    for c in &mut x.opclass {
-        v.node(c);
-    }
-    for c in &mut x.opclassopts {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.expr { v.node(c); }
+    for c in &mut x.collation { v.node(c); }
+    for c in &mut x.opclass { v.node(c); }
+    for c in &mut x.opclassopts { v.node(c); }
 }
 
 pub fn s_mut_IndexStmt(x: &mut IndexStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.relation {
-        v.range_var(c);
-    }
-    for c in &mut x.index_params {
-        v.node(c);
-    }
-    for c in &mut x.index_including_params {
-        v.node(c);
-    }
-    for c in &mut x.options {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.where_clause {
-        v.node(c);
-    }
-    for c in &mut x.exclude_op_names {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.relation { v.range_var(c); }
+    for c in &mut x.index_params { v.node(c); }
+    for c in &mut x.index_including_params { v.node(c); }
+    for c in &mut x.options { v.node(c); }
+    if let Some(c) = &mut x.where_clause { v.node(c); }
+    for c in &mut x.exclude_op_names { v.node(c); }
 }
 
 pub fn s_mut_InferClause(x: &mut InferClause, v: &mut dyn VisitMut) {
-    for c in &mut x.index_elems {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.where_clause {
-        v.node(c);
-    }
+    for c in &mut x.index_elems { v.node(c); }
+    if let Some(c) = &mut x.where_clause { v.node(c); }
 }
 
 pub fn s_mut_InferenceElem(x: &mut InferenceElem, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.expr {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    if let Some(c) = &mut x.expr { v.node(c); }
 }
 
 pub fn s_mut_InsertStmt(x: &mut InsertStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.relation {
-        v.range_var(c);
-    }
-    for c in &mut x.cols {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.select_stmt {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.returning_clause {
-        s_mut_ReturningClause(c, v);
-    }
-    if let Some(c) = &mut x.with_clause {
-        s_mut_WithClause(c, v);
-    }
+    if let Some(c) = &mut x.relation { v.range_var(c); }
+    for c in &mut x.cols { v.node(c); }
+    if let Some(c) = &mut x.select_stmt { v.node(c); }
+    if let Some(c) = &mut x.returning_clause { s_mut_ReturningClause(c, v); }
+    if let Some(c) = &mut x.with_clause { s_mut_WithClause(c, v); }
 }
 
 pub fn s_mut_IntList(x: &mut IntList, v: &mut dyn VisitMut) {
-    for c in &mut x.items {
-        v.node(c);
-    }
+    for c in &mut x.items { v.node(c); }
 }
 
 pub fn s_mut_IntoClause(x: &mut IntoClause, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.rel {
-        v.range_var(c);
-    }
-    for c in &mut x.col_names {
-        v.node(c);
-    }
-    for c in &mut x.options {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.view_query {
-        s_mut_Query(c, v);
-    }
+    if let Some(c) = &mut x.rel { v.range_var(c); }
+    for c in &mut x.col_names { v.node(c); }
+    for c in &mut x.options { v.node(c); }
+    if let Some(c) = &mut x.view_query { s_mut_Query(c, v); }
 }
 
 pub fn s_mut_JoinExpr(x: &mut JoinExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.larg {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.rarg {
-        v.node(c);
-    }
-    for c in &mut x.using_clause {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.join_using_alias {
-        s_mut_Alias(c, v);
-    }
-    if let Some(c) = &mut x.quals {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.alias {
-        s_mut_Alias(c, v);
-    }
+    if let Some(c) = &mut x.larg { v.node(c); }
+    if let Some(c) = &mut x.rarg { v.node(c); }
+    for c in &mut x.using_clause { v.node(c); }
+    if let Some(c) = &mut x.join_using_alias { s_mut_Alias(c, v); }
+    if let Some(c) = &mut x.quals { v.node(c); }
+    if let Some(c) = &mut x.alias { s_mut_Alias(c, v); }
 }
 
 pub fn s_mut_JsonAggConstructor(x: &mut JsonAggConstructor, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.output {
-        s_mut_JsonOutput(c, v);
-    }
-    if let Some(c) = &mut x.agg_filter {
-        v.node(c);
-    }
-    for c in &mut x.agg_order {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.over {
-        s_mut_WindowDef(c, v);
-    }
+    if let Some(c) = &mut x.output { s_mut_JsonOutput(c, v); }
+    if let Some(c) = &mut x.agg_filter { v.node(c); }
+    for c in &mut x.agg_order { v.node(c); }
+    if let Some(c) = &mut x.over { s_mut_WindowDef(c, v); }
 }
 
 pub fn s_mut_JsonArgument(x: &mut JsonArgument, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.val {
-        s_mut_JsonValueExpr(c, v);
-    }
+    if let Some(c) = &mut x.val { s_mut_JsonValueExpr(c, v); }
 }
 
 pub fn s_mut_JsonArrayAgg(x: &mut JsonArrayAgg, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.arg {
-        s_mut_JsonValueExpr(c, v);
-    }
+    if let Some(c) = &mut x.arg { s_mut_JsonValueExpr(c, v); }
 }
 
 pub fn s_mut_JsonArrayConstructor(x: &mut JsonArrayConstructor, v: &mut dyn VisitMut) {
-    for c in &mut x.exprs {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.output {
-        s_mut_JsonOutput(c, v);
-    }
+    for c in &mut x.exprs { v.node(c); }
+    if let Some(c) = &mut x.output { s_mut_JsonOutput(c, v); }
 }
 
 pub fn s_mut_JsonArrayQueryConstructor(x: &mut JsonArrayQueryConstructor, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.query {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.output {
-        s_mut_JsonOutput(c, v);
-    }
+    if let Some(c) = &mut x.query { v.node(c); }
+    if let Some(c) = &mut x.output { s_mut_JsonOutput(c, v); }
 }
 
 pub fn s_mut_JsonBehavior(x: &mut JsonBehavior, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.expr {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.expr { v.node(c); }
 }
 
 pub fn s_mut_JsonConstructorExpr(x: &mut JsonConstructorExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    for c in &mut x.args {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.func {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.coercion {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.returning {
-        s_mut_JsonReturning(c, v);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    for c in &mut x.args { v.node(c); }
+    if let Some(c) = &mut x.func { v.node(c); }
+    if let Some(c) = &mut x.coercion { v.node(c); }
+    if let Some(c) = &mut x.returning { s_mut_JsonReturning(c, v); }
 }
 
 pub fn s_mut_JsonExpr(x: &mut JsonExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.formatted_expr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.path_spec {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.returning {
-        s_mut_JsonReturning(c, v);
-    }
-    for c in &mut x.passing_names {
-        v.node(c);
-    }
-    for c in &mut x.passing_values {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.on_empty {
-        s_mut_JsonBehavior(c, v);
-    }
-    if let Some(c) = &mut x.on_error {
-        s_mut_JsonBehavior(c, v);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    if let Some(c) = &mut x.formatted_expr { v.node(c); }
+    if let Some(c) = &mut x.path_spec { v.node(c); }
+    if let Some(c) = &mut x.returning { s_mut_JsonReturning(c, v); }
+    for c in &mut x.passing_names { v.node(c); }
+    for c in &mut x.passing_values { v.node(c); }
+    if let Some(c) = &mut x.on_empty { s_mut_JsonBehavior(c, v); }
+    if let Some(c) = &mut x.on_error { s_mut_JsonBehavior(c, v); }
 }
 
 pub fn s_mut_JsonFuncExpr(x: &mut JsonFuncExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.context_item {
-        s_mut_JsonValueExpr(c, v);
-    }
-    if let Some(c) = &mut x.pathspec {
-        v.node(c);
-    }
-    for c in &mut x.passing {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.output {
-        s_mut_JsonOutput(c, v);
-    }
-    if let Some(c) = &mut x.on_empty {
-        s_mut_JsonBehavior(c, v);
-    }
-    if let Some(c) = &mut x.on_error {
-        s_mut_JsonBehavior(c, v);
-    }
+    if let Some(c) = &mut x.context_item { s_mut_JsonValueExpr(c, v); }
+    if let Some(c) = &mut x.pathspec { v.node(c); }
+    for c in &mut x.passing { v.node(c); }
+    if let Some(c) = &mut x.output { s_mut_JsonOutput(c, v); }
+    if let Some(c) = &mut x.on_empty { s_mut_JsonBehavior(c, v); }
+    if let Some(c) = &mut x.on_error { s_mut_JsonBehavior(c, v); }
 }
 
 pub fn s_mut_JsonIsPredicate(x: &mut JsonIsPredicate, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.expr {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.expr { v.node(c); }
 }
 
 pub fn s_mut_JsonKeyValue(x: &mut JsonKeyValue, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.key {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.value {
-        s_mut_JsonValueExpr(c, v);
-    }
+    if let Some(c) = &mut x.key { v.node(c); }
+    if let Some(c) = &mut x.value { s_mut_JsonValueExpr(c, v); }
 }
 
 pub fn s_mut_JsonObjectAgg(x: &mut JsonObjectAgg, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.arg {
-        s_mut_JsonKeyValue(c, v);
-    }
+    if let Some(c) = &mut x.arg { s_mut_JsonKeyValue(c, v); }
 }
 
 pub fn s_mut_JsonObjectConstructor(x: &mut JsonObjectConstructor, v: &mut dyn VisitMut) {
-    for c in &mut x.exprs {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.output {
-        s_mut_JsonOutput(c, v);
-    }
+    for c in &mut x.exprs { v.node(c); }
+    if let Some(c) = &mut x.output { s_mut_JsonOutput(c, v); }
 }
 
 pub fn s_mut_JsonOutput(x: &mut JsonOutput, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.type_name {
-        s_mut_TypeName(c, v);
-    }
-    if let Some(c) = &mut x.returning {
-        s_mut_JsonReturning(c, v);
-    }
+    if let Some(c) = &mut x.type_name { s_mut_TypeName(c, v); }
+    if let Some(c) = &mut x.returning { s_mut_JsonReturning(c, v); }
 }
 
 pub fn s_mut_JsonParseExpr(x: &mut JsonParseExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.expr {
-        s_mut_JsonValueExpr(c, v);
-    }
-    if let Some(c) = &mut x.output {
-        s_mut_JsonOutput(c, v);
-    }
+    if let Some(c) = &mut x.expr { s_mut_JsonValueExpr(c, v); }
+    if let Some(c) = &mut x.output { s_mut_JsonOutput(c, v); }
 }
 
-pub fn s_mut_JsonReturning(x: &mut JsonReturning, v: &mut dyn VisitMut) {}
+pub fn s_mut_JsonReturning(x: &mut JsonReturning, v: &mut dyn VisitMut) {
+}
 
 pub fn s_mut_JsonScalarExpr(x: &mut JsonScalarExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.expr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.output {
-        s_mut_JsonOutput(c, v);
-    }
+    if let Some(c) = &mut x.expr { v.node(c); }
+    if let Some(c) = &mut x.output { s_mut_JsonOutput(c, v); }
 }
 
 pub fn s_mut_JsonSerializeExpr(x: &mut JsonSerializeExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.expr {
-        s_mut_JsonValueExpr(c, v);
-    }
-    if let Some(c) = &mut x.output {
-        s_mut_JsonOutput(c, v);
-    }
+    if let Some(c) = &mut x.expr { s_mut_JsonValueExpr(c, v); }
+    if let Some(c) = &mut x.output { s_mut_JsonOutput(c, v); }
 }
 
 pub fn s_mut_JsonTable(x: &mut JsonTable, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.context_item {
-        s_mut_JsonValueExpr(c, v);
-    }
-    if let Some(c) = &mut x.pathspec {
-        s_mut_JsonTablePathSpec(c, v);
-    }
-    for c in &mut x.passing {
-        v.node(c);
-    }
-    for c in &mut x.columns {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.on_error {
-        s_mut_JsonBehavior(c, v);
-    }
-    if let Some(c) = &mut x.alias {
-        s_mut_Alias(c, v);
-    }
+    if let Some(c) = &mut x.context_item { s_mut_JsonValueExpr(c, v); }
+    if let Some(c) = &mut x.pathspec { s_mut_JsonTablePathSpec(c, v); }
+    for c in &mut x.passing { v.node(c); }
+    for c in &mut x.columns { v.node(c); }
+    if let Some(c) = &mut x.on_error { s_mut_JsonBehavior(c, v); }
+    if let Some(c) = &mut x.alias { s_mut_Alias(c, v); }
 }
 
 pub fn s_mut_JsonTableColumn(x: &mut JsonTableColumn, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.type_name {
-        s_mut_TypeName(c, v);
-    }
-    if let Some(c) = &mut x.pathspec {
-        s_mut_JsonTablePathSpec(c, v);
-    }
-    for c in &mut x.columns {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.on_empty {
-        s_mut_JsonBehavior(c, v);
-    }
-    if let Some(c) = &mut x.on_error {
-        s_mut_JsonBehavior(c, v);
-    }
+    if let Some(c) = &mut x.type_name { s_mut_TypeName(c, v); }
+    if let Some(c) = &mut x.pathspec { s_mut_JsonTablePathSpec(c, v); }
+    for c in &mut x.columns { v.node(c); }
+    if let Some(c) = &mut x.on_empty { s_mut_JsonBehavior(c, v); }
+    if let Some(c) = &mut x.on_error { s_mut_JsonBehavior(c, v); }
 }
 
 pub fn s_mut_JsonTablePathScan(x: &mut JsonTablePathScan, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.plan {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.child {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.plan { v.node(c); }
+    if let Some(c) = &mut x.child { v.node(c); }
 }
 
 pub fn s_mut_JsonTablePathSpec(x: &mut JsonTablePathSpec, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.string {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.string { v.node(c); }
 }
 
 pub fn s_mut_JsonTableSiblingJoin(x: &mut JsonTableSiblingJoin, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.plan {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.lplan {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.rplan {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.plan { v.node(c); }
+    if let Some(c) = &mut x.lplan { v.node(c); }
+    if let Some(c) = &mut x.rplan { v.node(c); }
 }
 
 pub fn s_mut_JsonValueExpr(x: &mut JsonValueExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.raw_expr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.formatted_expr {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.raw_expr { v.node(c); }
+    if let Some(c) = &mut x.formatted_expr { v.node(c); }
 }
 
 pub fn s_mut_List(x: &mut List, v: &mut dyn VisitMut) {
-    for c in &mut x.items {
-        v.node(c);
-    }
+    for c in &mut x.items { v.node(c); }
 }
 
 pub fn s_mut_LockStmt(x: &mut LockStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.relations {
-        v.node(c);
-    }
+    for c in &mut x.relations { v.node(c); }
 }
 
 pub fn s_mut_LockingClause(x: &mut LockingClause, v: &mut dyn VisitMut) {
-    for c in &mut x.locked_rels {
-        v.node(c);
-    }
+    for c in &mut x.locked_rels { v.node(c); }
 }
 
 pub fn s_mut_MergeAction(x: &mut MergeAction, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.qual {
-        v.node(c);
-    }
-    for c in &mut x.target_list {
-        v.node(c);
-    }
-    for c in &mut x.update_colnos {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.qual { v.node(c); }
+    for c in &mut x.target_list { v.node(c); }
+    for c in &mut x.update_colnos { v.node(c); }
 }
 
 pub fn s_mut_MergeStmt(x: &mut MergeStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.relation {
-        v.range_var(c);
-    }
-    if let Some(c) = &mut x.source_relation {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.join_condition {
-        v.node(c);
-    }
-    for c in &mut x.merge_when_clauses {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.returning_clause {
-        s_mut_ReturningClause(c, v);
-    }
-    if let Some(c) = &mut x.with_clause {
-        s_mut_WithClause(c, v);
-    }
+    if let Some(c) = &mut x.relation { v.range_var(c); }
+    if let Some(c) = &mut x.source_relation { v.node(c); }
+    if let Some(c) = &mut x.join_condition { v.node(c); }
+    for c in &mut x.merge_when_clauses { v.node(c); }
+    if let Some(c) = &mut x.returning_clause { s_mut_ReturningClause(c, v); }
+    if let Some(c) = &mut x.with_clause { s_mut_WithClause(c, v); }
 }
 
 pub fn s_mut_MergeSupportFunc(x: &mut MergeSupportFunc, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
 }
 
 pub fn s_mut_MergeWhenClause(x: &mut MergeWhenClause, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.condition {
-        v.node(c);
-    }
-    for c in &mut x.target_list {
-        v.node(c);
-    }
-    for c in &mut x.values {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.condition { v.node(c); }
+    for c in &mut x.target_list { v.node(c); }
+    for c in &mut x.values { v.node(c); }
 }
 
 pub fn s_mut_MinMaxExpr(x: &mut MinMaxExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    for c in &mut x.args {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    for c in &mut x.args { v.node(c); }
 }
 
 pub fn s_mut_MultiAssignRef(x: &mut MultiAssignRef, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.source {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.source { v.node(c); }
 }
 
 pub fn s_mut_NamedArgExpr(x: &mut NamedArgExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.arg {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    if let Some(c) = &mut x.arg { v.node(c); }
 }
 
 pub fn s_mut_NextValueExpr(x: &mut NextValueExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
 }
 
 pub fn s_mut_NullIfExpr(x: &mut NullIfExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    for c in &mut x.args {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    for c in &mut x.args { v.node(c); }
 }
 
 pub fn s_mut_NullTest(x: &mut NullTest, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.arg {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    if let Some(c) = &mut x.arg { v.node(c); }
 }
 
 pub fn s_mut_ObjectWithArgs(x: &mut ObjectWithArgs, v: &mut dyn VisitMut) {
-    for c in &mut x.objname {
-        v.node(c);
-    }
-    for c in &mut x.objargs {
-        v.node(c);
-    }
-    for c in &mut x.objfuncargs {
-        v.node(c);
-    }
+    for c in &mut x.objname { v.node(c); }
+    for c in &mut x.objargs { v.node(c); }
+    for c in &mut x.objfuncargs { v.node(c); }
 }
 
 pub fn s_mut_OidList(x: &mut OidList, v: &mut dyn VisitMut) {
-    for c in &mut x.items {
-        v.node(c);
-    }
+    for c in &mut x.items { v.node(c); }
 }
 
 pub fn s_mut_OnConflictClause(x: &mut OnConflictClause, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.infer {
-        s_mut_InferClause(c, v);
-    }
-    for c in &mut x.target_list {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.where_clause {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.infer { s_mut_InferClause(c, v); }
+    for c in &mut x.target_list { v.node(c); }
+    if let Some(c) = &mut x.where_clause { v.node(c); }
 }
 
 pub fn s_mut_OnConflictExpr(x: &mut OnConflictExpr, v: &mut dyn VisitMut) {
-    for c in &mut x.arbiter_elems {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.arbiter_where {
-        v.node(c);
-    }
-    for c in &mut x.on_conflict_set {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.on_conflict_where {
-        v.node(c);
-    }
-    for c in &mut x.excl_rel_tlist {
-        v.node(c);
-    }
+    for c in &mut x.arbiter_elems { v.node(c); }
+    if let Some(c) = &mut x.arbiter_where { v.node(c); }
+    for c in &mut x.on_conflict_set { v.node(c); }
+    if let Some(c) = &mut x.on_conflict_where { v.node(c); }
+    for c in &mut x.excl_rel_tlist { v.node(c); }
 }
 
 pub fn s_mut_OpExpr(x: &mut OpExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    for c in &mut x.args {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    for c in &mut x.args { v.node(c); }
 }
 
 pub fn s_mut_Param(x: &mut Param, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
 }
 
 pub fn s_mut_PartitionBoundSpec(x: &mut PartitionBoundSpec, v: &mut dyn VisitMut) {
-    for c in &mut x.listdatums {
-        v.node(c);
-    }
-    for c in &mut x.lowerdatums {
-        v.node(c);
-    }
-    for c in &mut x.upperdatums {
-        v.node(c);
-    }
+    for c in &mut x.listdatums { v.node(c); }
+    for c in &mut x.lowerdatums { v.node(c); }
+    for c in &mut x.upperdatums { v.node(c); }
 }
 
 pub fn s_mut_PartitionCmd(x: &mut PartitionCmd, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.name {
-        v.range_var(c);
-    }
-    if let Some(c) = &mut x.bound {
-        s_mut_PartitionBoundSpec(c, v);
-    }
+    if let Some(c) = &mut x.name { v.range_var(c); }
+    if let Some(c) = &mut x.bound { s_mut_PartitionBoundSpec(c, v); }
 }
 
 pub fn s_mut_PartitionElem(x: &mut PartitionElem, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.expr {
-        v.node(c);
-    }
-    for c in &mut x.collation {
-        v.node(c);
-    }
-    for c in &mut x.opclass {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.expr { v.node(c); }
+    for c in &mut x.collation { v.node(c); }
+    for c in &mut x.opclass { v.node(c); }
 }
 
 pub fn s_mut_PartitionRangeDatum(x: &mut PartitionRangeDatum, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.value {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.value { v.node(c); }
 }
 
 pub fn s_mut_PartitionSpec(x: &mut PartitionSpec, v: &mut dyn VisitMut) {
-    for c in &mut x.part_params {
-        v.node(c);
-    }
+    for c in &mut x.part_params { v.node(c); }
 }
 
 pub fn s_mut_PlAssignStmt(x: &mut PlAssignStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.indirection {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.val {
-        s_mut_SelectStmt(c, v);
-    }
+    for c in &mut x.indirection { v.node(c); }
+    if let Some(c) = &mut x.val { s_mut_SelectStmt(c, v); }
 }
 
 pub fn s_mut_PrepareStmt(x: &mut PrepareStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.argtypes {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.query {
-        v.node(c);
-    }
+    for c in &mut x.argtypes { v.node(c); }
+    if let Some(c) = &mut x.query { v.node(c); }
 }
 
 pub fn s_mut_PublicationObjSpec(x: &mut PublicationObjSpec, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.pubtable {
-        s_mut_PublicationTable(c, v);
-    }
+    if let Some(c) = &mut x.pubtable { s_mut_PublicationTable(c, v); }
 }
 
 pub fn s_mut_PublicationTable(x: &mut PublicationTable, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.relation {
-        v.range_var(c);
-    }
-    if let Some(c) = &mut x.where_clause {
-        v.node(c);
-    }
-    for c in &mut x.columns {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.relation { v.range_var(c); }
+    if let Some(c) = &mut x.where_clause { v.node(c); }
+    for c in &mut x.columns { v.node(c); }
 }
 
 pub fn s_mut_Query(x: &mut Query, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.utility_stmt {
-        v.node(c);
-    }
-    for c in &mut x.cte_list {
-        v.node(c);
-    }
-    for c in &mut x.rtable {
-        v.node(c);
-    }
-    for c in &mut x.rteperminfos {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.jointree {
-        s_mut_FromExpr(c, v);
-    }
-    for c in &mut x.merge_action_list {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.merge_join_condition {
-        v.node(c);
-    }
-    for c in &mut x.target_list {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.on_conflict {
-        s_mut_OnConflictExpr(c, v);
-    }
-    for c in &mut x.returning_list {
-        v.node(c);
-    }
-    for c in &mut x.group_clause {
-        v.node(c);
-    }
-    for c in &mut x.grouping_sets {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.having_qual {
-        v.node(c);
-    }
-    for c in &mut x.window_clause {
-        v.node(c);
-    }
-    for c in &mut x.distinct_clause {
-        v.node(c);
-    }
-    for c in &mut x.sort_clause {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.limit_offset {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.limit_count {
-        v.node(c);
-    }
-    for c in &mut x.row_marks {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.set_operations {
-        v.node(c);
-    }
-    for c in &mut x.constraint_deps {
-        v.node(c);
-    }
-    for c in &mut x.with_check_options {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.utility_stmt { v.node(c); }
+    for c in &mut x.cte_list { v.node(c); }
+    for c in &mut x.rtable { v.node(c); }
+    for c in &mut x.rteperminfos { v.node(c); }
+    if let Some(c) = &mut x.jointree { s_mut_FromExpr(c, v); }
+    for c in &mut x.merge_action_list { v.node(c); }
+    if let Some(c) = &mut x.merge_join_condition { v.node(c); }
+    for c in &mut x.target_list { v.node(c); }
+    if let Some(c) = &mut x.on_conflict { s_mut_OnConflictExpr(c, v); }
+    for c in &mut x.returning_list { v.node(c); }
+    for c in &mut x.group_clause { v.node(c); }
+    for c in &mut x.grouping_sets { v.node(c); }
+    if let Some(c) = &mut x.having_qual { v.node(c); }
+    for c in &mut x.window_clause { v.node(c); }
+    for c in &mut x.distinct_clause { v.node(c); }
+    for c in &mut x.sort_clause { v.node(c); }
+    if let Some(c) = &mut x.limit_offset { v.node(c); }
+    if let Some(c) = &mut x.limit_count { v.node(c); }
+    for c in &mut x.row_marks { v.node(c); }
+    if let Some(c) = &mut x.set_operations { v.node(c); }
+    for c in &mut x.constraint_deps { v.node(c); }
+    for c in &mut x.with_check_options { v.node(c); }
 }
 
 pub fn s_mut_RangeFunction(x: &mut RangeFunction, v: &mut dyn VisitMut) {
-    for c in &mut x.functions {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.alias {
-        s_mut_Alias(c, v);
-    }
-    for c in &mut x.coldeflist {
-        v.node(c);
-    }
+    for c in &mut x.functions { v.node(c); }
+    if let Some(c) = &mut x.alias { s_mut_Alias(c, v); }
+    for c in &mut x.coldeflist { v.node(c); }
 }
 
 pub fn s_mut_RangeSubselect(x: &mut RangeSubselect, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.subquery {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.alias {
-        s_mut_Alias(c, v);
-    }
+    if let Some(c) = &mut x.subquery { v.node(c); }
+    if let Some(c) = &mut x.alias { s_mut_Alias(c, v); }
 }
 
 pub fn s_mut_RangeTableFunc(x: &mut RangeTableFunc, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.docexpr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.rowexpr {
-        v.node(c);
-    }
-    for c in &mut x.namespaces {
-        v.node(c);
-    }
-    for c in &mut x.columns {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.alias {
-        s_mut_Alias(c, v);
-    }
+    if let Some(c) = &mut x.docexpr { v.node(c); }
+    if let Some(c) = &mut x.rowexpr { v.node(c); }
+    for c in &mut x.namespaces { v.node(c); }
+    for c in &mut x.columns { v.node(c); }
+    if let Some(c) = &mut x.alias { s_mut_Alias(c, v); }
 }
 
 pub fn s_mut_RangeTableFuncCol(x: &mut RangeTableFuncCol, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.type_name {
-        s_mut_TypeName(c, v);
-    }
-    if let Some(c) = &mut x.colexpr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.coldefexpr {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.type_name { s_mut_TypeName(c, v); }
+    if let Some(c) = &mut x.colexpr { v.node(c); }
+    if let Some(c) = &mut x.coldefexpr { v.node(c); }
 }
 
 pub fn s_mut_RangeTableSample(x: &mut RangeTableSample, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.relation {
-        v.node(c);
-    }
-    for c in &mut x.method {
-        v.node(c);
-    }
-    for c in &mut x.args {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.repeatable {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.relation { v.node(c); }
+    for c in &mut x.method { v.node(c); }
+    for c in &mut x.args { v.node(c); }
+    if let Some(c) = &mut x.repeatable { v.node(c); }
 }
 
 pub fn s_mut_RangeTblEntry(x: &mut RangeTblEntry, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.alias {
-        s_mut_Alias(c, v);
-    }
-    if let Some(c) = &mut x.eref {
-        s_mut_Alias(c, v);
-    }
-    if let Some(c) = &mut x.subquery {
-        s_mut_Query(c, v);
-    }
-    for c in &mut x.joinaliasvars {
-        v.node(c);
-    }
-    for c in &mut x.joinleftcols {
-        v.node(c);
-    }
-    for c in &mut x.joinrightcols {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.join_using_alias {
-        s_mut_Alias(c, v);
-    }
-    for c in &mut x.functions {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.tablefunc {
-        s_mut_TableFunc(c, v);
-    }
-    for c in &mut x.values_lists {
-        v.node(c);
-    }
-    for c in &mut x.coltypes {
-        v.node(c);
-    }
-    for c in &mut x.coltypmods {
-        v.node(c);
-    }
-    for c in &mut x.colcollations {
-        v.node(c);
-    }
-    for c in &mut x.groupexprs {
-        v.node(c);
-    }
-    for c in &mut x.security_quals {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.alias { s_mut_Alias(c, v); }
+    if let Some(c) = &mut x.eref { s_mut_Alias(c, v); }
+    if let Some(c) = &mut x.subquery { s_mut_Query(c, v); }
+    for c in &mut x.joinaliasvars { v.node(c); }
+    for c in &mut x.joinleftcols { v.node(c); }
+    for c in &mut x.joinrightcols { v.node(c); }
+    if let Some(c) = &mut x.join_using_alias { s_mut_Alias(c, v); }
+    for c in &mut x.functions { v.node(c); }
+    if let Some(c) = &mut x.tablefunc { s_mut_TableFunc(c, v); }
+    for c in &mut x.values_lists { v.node(c); }
+    for c in &mut x.coltypes { v.node(c); }
+    for c in &mut x.coltypmods { v.node(c); }
+    for c in &mut x.colcollations { v.node(c); }
+    for c in &mut x.groupexprs { v.node(c); }
+    for c in &mut x.security_quals { v.node(c); }
 }
 
 pub fn s_mut_RangeTblFunction(x: &mut RangeTblFunction, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.funcexpr {
-        v.node(c);
-    }
-    for c in &mut x.funccolnames {
-        v.node(c);
-    }
-    for c in &mut x.funccoltypes {
-        v.node(c);
-    }
-    for c in &mut x.funccoltypmods {
-        v.node(c);
-    }
-    for c in &mut x.funccolcollations {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.funcexpr { v.node(c); }
+    for c in &mut x.funccolnames { v.node(c); }
+    for c in &mut x.funccoltypes { v.node(c); }
+    for c in &mut x.funccoltypmods { v.node(c); }
+    for c in &mut x.funccolcollations { v.node(c); }
 }
 
 pub fn s_mut_RangeVar(x: &mut RangeVar, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.alias {
-        s_mut_Alias(c, v);
-    }
+    if let Some(c) = &mut x.alias { s_mut_Alias(c, v); }
 }
 
 pub fn s_mut_ReassignOwnedStmt(x: &mut ReassignOwnedStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.roles {
-        v.node(c);
-    }
+    for c in &mut x.roles { v.node(c); }
 }
 
 pub fn s_mut_RefreshMatViewStmt(x: &mut RefreshMatViewStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.relation {
-        v.range_var(c);
-    }
+    if let Some(c) = &mut x.relation { v.range_var(c); }
 }
 
 pub fn s_mut_ReindexStmt(x: &mut ReindexStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.relation {
-        v.range_var(c);
-    }
-    for c in &mut x.params {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.relation { v.range_var(c); }
+    for c in &mut x.params { v.node(c); }
 }
 
 pub fn s_mut_RelabelType(x: &mut RelabelType, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.arg {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    if let Some(c) = &mut x.arg { v.node(c); }
 }
 
 pub fn s_mut_RenameStmt(x: &mut RenameStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.relation {
-        v.range_var(c);
-    }
-    if let Some(c) = &mut x.object {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.relation { v.range_var(c); }
+    if let Some(c) = &mut x.object { v.node(c); }
 }
 
 pub fn s_mut_ResTarget(x: &mut ResTarget, v: &mut dyn VisitMut) {
-    for c in &mut x.indirection {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.val {
-        v.node(c);
-    }
+    for c in &mut x.indirection { v.node(c); }
+    if let Some(c) = &mut x.val { v.node(c); }
 }
 
 pub fn s_mut_ReturnStmt(x: &mut ReturnStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.returnval {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.returnval { v.node(c); }
 }
 
 pub fn s_mut_ReturningClause(x: &mut ReturningClause, v: &mut dyn VisitMut) {
-    for c in &mut x.options {
-        v.node(c);
-    }
-    for c in &mut x.exprs {
-        v.node(c);
-    }
+    for c in &mut x.options { v.node(c); }
+    for c in &mut x.exprs { v.node(c); }
 }
 
 pub fn s_mut_ReturningExpr(x: &mut ReturningExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.retexpr {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    if let Some(c) = &mut x.retexpr { v.node(c); }
 }
 
 pub fn s_mut_RowCompareExpr(x: &mut RowCompareExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    for c in &mut x.opnos {
-        v.node(c);
-    }
-    for c in &mut x.opfamilies {
-        v.node(c);
-    }
-    for c in &mut x.inputcollids {
-        v.node(c);
-    }
-    for c in &mut x.largs {
-        v.node(c);
-    }
-    for c in &mut x.rargs {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    for c in &mut x.opnos { v.node(c); }
+    for c in &mut x.opfamilies { v.node(c); }
+    for c in &mut x.inputcollids { v.node(c); }
+    for c in &mut x.largs { v.node(c); }
+    for c in &mut x.rargs { v.node(c); }
 }
 
 pub fn s_mut_RowExpr(x: &mut RowExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    for c in &mut x.args {
-        v.node(c);
-    }
-    for c in &mut x.colnames {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    for c in &mut x.args { v.node(c); }
+    for c in &mut x.colnames { v.node(c); }
 }
 
 pub fn s_mut_RuleStmt(x: &mut RuleStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.relation {
-        v.range_var(c);
-    }
-    if let Some(c) = &mut x.where_clause {
-        v.node(c);
-    }
-    for c in &mut x.actions {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.relation { v.range_var(c); }
+    if let Some(c) = &mut x.where_clause { v.node(c); }
+    for c in &mut x.actions { v.node(c); }
 }
 
 pub fn s_mut_ScalarArrayOpExpr(x: &mut ScalarArrayOpExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    for c in &mut x.args {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    for c in &mut x.args { v.node(c); }
 }
 
 pub fn s_mut_SecLabelStmt(x: &mut SecLabelStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.object {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.object { v.node(c); }
 }
 
 pub fn s_mut_SelectStmt(x: &mut SelectStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.distinct_clause {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.into_clause {
-        s_mut_IntoClause(c, v);
-    }
-    for c in &mut x.target_list {
-        v.node(c);
-    }
-    for c in &mut x.from_clause {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.where_clause {
-        v.node(c);
-    }
-    for c in &mut x.group_clause {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.having_clause {
-        v.node(c);
-    }
-    for c in &mut x.window_clause {
-        v.node(c);
-    }
-    for c in &mut x.values_lists {
-        v.node(c);
-    }
-    for c in &mut x.sort_clause {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.limit_offset {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.limit_count {
-        v.node(c);
-    }
-    for c in &mut x.locking_clause {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.with_clause {
-        s_mut_WithClause(c, v);
-    }
-    if let Some(c) = &mut x.larg {
-        s_mut_SelectStmt(c, v);
-    }
-    if let Some(c) = &mut x.rarg {
-        s_mut_SelectStmt(c, v);
-    }
+    for c in &mut x.distinct_clause { v.node(c); }
+    if let Some(c) = &mut x.into_clause { s_mut_IntoClause(c, v); }
+    for c in &mut x.target_list { v.node(c); }
+    for c in &mut x.from_clause { v.node(c); }
+    if let Some(c) = &mut x.where_clause { v.node(c); }
+    for c in &mut x.group_clause { v.node(c); }
+    if let Some(c) = &mut x.having_clause { v.node(c); }
+    for c in &mut x.window_clause { v.node(c); }
+    for c in &mut x.values_lists { v.node(c); }
+    for c in &mut x.sort_clause { v.node(c); }
+    if let Some(c) = &mut x.limit_offset { v.node(c); }
+    if let Some(c) = &mut x.limit_count { v.node(c); }
+    for c in &mut x.locking_clause { v.node(c); }
+    if let Some(c) = &mut x.with_clause { s_mut_WithClause(c, v); }
+    if let Some(c) = &mut x.larg { s_mut_SelectStmt(c, v); }
+    if let Some(c) = &mut x.rarg { s_mut_SelectStmt(c, v); }
 }
 
 pub fn s_mut_SetOperationStmt(x: &mut SetOperationStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.larg {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.rarg {
-        v.node(c);
-    }
-    for c in &mut x.col_types {
-        v.node(c);
-    }
-    for c in &mut x.col_typmods {
-        v.node(c);
-    }
-    for c in &mut x.col_collations {
-        v.node(c);
-    }
-    for c in &mut x.group_clauses {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.larg { v.node(c); }
+    if let Some(c) = &mut x.rarg { v.node(c); }
+    for c in &mut x.col_types { v.node(c); }
+    for c in &mut x.col_typmods { v.node(c); }
+    for c in &mut x.col_collations { v.node(c); }
+    for c in &mut x.group_clauses { v.node(c); }
 }
 
 pub fn s_mut_SetToDefault(x: &mut SetToDefault, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
 }
 
 pub fn s_mut_SortBy(x: &mut SortBy, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.node {
-        v.node(c);
-    }
-    for c in &mut x.use_op {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.node { v.node(c); }
+    for c in &mut x.use_op { v.node(c); }
 }
 
 pub fn s_mut_SqlValueFunction(x: &mut SqlValueFunction, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
 }
 
 pub fn s_mut_StatsElem(x: &mut StatsElem, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.expr {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.expr { v.node(c); }
 }
 
 pub fn s_mut_SubLink(x: &mut SubLink, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.testexpr {
-        v.node(c);
-    }
-    for c in &mut x.oper_name {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.subselect {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    if let Some(c) = &mut x.testexpr { v.node(c); }
+    for c in &mut x.oper_name { v.node(c); }
+    if let Some(c) = &mut x.subselect { v.node(c); }
 }
 
 pub fn s_mut_SubPlan(x: &mut SubPlan, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.testexpr {
-        v.node(c);
-    }
-    for c in &mut x.param_ids {
-        v.node(c);
-    }
-    for c in &mut x.set_param {
-        v.node(c);
-    }
-    for c in &mut x.par_param {
-        v.node(c);
-    }
-    for c in &mut x.args {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    if let Some(c) = &mut x.testexpr { v.node(c); }
+    for c in &mut x.param_ids { v.node(c); }
+    for c in &mut x.set_param { v.node(c); }
+    for c in &mut x.par_param { v.node(c); }
+    for c in &mut x.args { v.node(c); }
 }
 
 pub fn s_mut_SubscriptingRef(x: &mut SubscriptingRef, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    for c in &mut x.refupperindexpr {
-        v.node(c);
-    }
-    for c in &mut x.reflowerindexpr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.refexpr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.refassgnexpr {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    for c in &mut x.refupperindexpr { v.node(c); }
+    for c in &mut x.reflowerindexpr { v.node(c); }
+    if let Some(c) = &mut x.refexpr { v.node(c); }
+    if let Some(c) = &mut x.refassgnexpr { v.node(c); }
 }
 
-pub fn s_mut_SummaryResult(x: &mut SummaryResult, v: &mut dyn VisitMut) {}
+pub fn s_mut_SummaryResult(x: &mut SummaryResult, v: &mut dyn VisitMut) {
+}
 
 pub fn s_mut_TableFunc(x: &mut TableFunc, v: &mut dyn VisitMut) {
-    for c in &mut x.ns_uris {
-        v.node(c);
-    }
-    for c in &mut x.ns_names {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.docexpr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.rowexpr {
-        v.node(c);
-    }
-    for c in &mut x.colnames {
-        v.node(c);
-    }
-    for c in &mut x.coltypes {
-        v.node(c);
-    }
-    for c in &mut x.coltypmods {
-        v.node(c);
-    }
-    for c in &mut x.colcollations {
-        v.node(c);
-    }
-    for c in &mut x.colexprs {
-        v.node(c);
-    }
-    for c in &mut x.coldefexprs {
-        v.node(c);
-    }
-    for c in &mut x.colvalexprs {
-        v.node(c);
-    }
-    for c in &mut x.passingvalexprs {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.plan {
-        v.node(c);
-    }
+    for c in &mut x.ns_uris { v.node(c); }
+    for c in &mut x.ns_names { v.node(c); }
+    if let Some(c) = &mut x.docexpr { v.node(c); }
+    if let Some(c) = &mut x.rowexpr { v.node(c); }
+    for c in &mut x.colnames { v.node(c); }
+    for c in &mut x.coltypes { v.node(c); }
+    for c in &mut x.coltypmods { v.node(c); }
+    for c in &mut x.colcollations { v.node(c); }
+    for c in &mut x.colexprs { v.node(c); }
+    for c in &mut x.coldefexprs { v.node(c); }
+    for c in &mut x.colvalexprs { v.node(c); }
+    for c in &mut x.passingvalexprs { v.node(c); }
+    if let Some(c) = &mut x.plan { v.node(c); }
 }
 
 pub fn s_mut_TableLikeClause(x: &mut TableLikeClause, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.relation {
-        v.range_var(c);
-    }
+    if let Some(c) = &mut x.relation { v.range_var(c); }
 }
 
 pub fn s_mut_TableSampleClause(x: &mut TableSampleClause, v: &mut dyn VisitMut) {
-    for c in &mut x.args {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.repeatable {
-        v.node(c);
-    }
+    for c in &mut x.args { v.node(c); }
+    if let Some(c) = &mut x.repeatable { v.node(c); }
 }
 
 pub fn s_mut_TargetEntry(x: &mut TargetEntry, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.expr {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    if let Some(c) = &mut x.expr { v.node(c); }
 }
 
 pub fn s_mut_TransactionStmt(x: &mut TransactionStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.options {
-        v.node(c);
-    }
+    for c in &mut x.options { v.node(c); }
 }
 
 pub fn s_mut_TruncateStmt(x: &mut TruncateStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.relations {
-        v.node(c);
-    }
+    for c in &mut x.relations { v.node(c); }
 }
 
 pub fn s_mut_TypeCast(x: &mut TypeCast, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.arg {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.type_name {
-        s_mut_TypeName(c, v);
-    }
+    if let Some(c) = &mut x.arg { v.node(c); }
+    if let Some(c) = &mut x.type_name { s_mut_TypeName(c, v); }
 }
 
 pub fn s_mut_TypeName(x: &mut TypeName, v: &mut dyn VisitMut) {
-    for c in &mut x.names {
-        v.node(c);
-    }
-    for c in &mut x.typmods {
-        v.node(c);
-    }
-    for c in &mut x.array_bounds {
-        v.node(c);
-    }
+    for c in &mut x.names { v.node(c); }
+    for c in &mut x.typmods { v.node(c); }
+    for c in &mut x.array_bounds { v.node(c); }
 }
 
 pub fn s_mut_UpdateStmt(x: &mut UpdateStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.relation {
-        v.range_var(c);
-    }
-    for c in &mut x.target_list {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.where_clause {
-        v.node(c);
-    }
-    for c in &mut x.from_clause {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.returning_clause {
-        s_mut_ReturningClause(c, v);
-    }
-    if let Some(c) = &mut x.with_clause {
-        s_mut_WithClause(c, v);
-    }
+    if let Some(c) = &mut x.relation { v.range_var(c); }
+    for c in &mut x.target_list { v.node(c); }
+    if let Some(c) = &mut x.where_clause { v.node(c); }
+    for c in &mut x.from_clause { v.node(c); }
+    if let Some(c) = &mut x.returning_clause { s_mut_ReturningClause(c, v); }
+    if let Some(c) = &mut x.with_clause { s_mut_WithClause(c, v); }
 }
 
 pub fn s_mut_VacuumRelation(x: &mut VacuumRelation, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.relation {
-        v.range_var(c);
-    }
-    for c in &mut x.va_cols {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.relation { v.range_var(c); }
+    for c in &mut x.va_cols { v.node(c); }
 }
 
 pub fn s_mut_VacuumStmt(x: &mut VacuumStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.options {
-        v.node(c);
-    }
-    for c in &mut x.rels {
-        v.node(c);
-    }
+    for c in &mut x.options { v.node(c); }
+    for c in &mut x.rels { v.node(c); }
 }
 
 pub fn s_mut_Var(x: &mut Var, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
 }
 
 pub fn s_mut_VariableSetStmt(x: &mut VariableSetStmt, v: &mut dyn VisitMut) {
-    for c in &mut x.args {
-        v.node(c);
-    }
+    for c in &mut x.args { v.node(c); }
 }
 
 pub fn s_mut_ViewStmt(x: &mut ViewStmt, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.view {
-        v.range_var(c);
-    }
-    for c in &mut x.aliases {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.query {
-        v.node(c);
-    }
-    for c in &mut x.options {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.view { v.range_var(c); }
+    for c in &mut x.aliases { v.node(c); }
+    if let Some(c) = &mut x.query { v.node(c); }
+    for c in &mut x.options { v.node(c); }
 }
 
 pub fn s_mut_WindowClause(x: &mut WindowClause, v: &mut dyn VisitMut) {
-    for c in &mut x.partition_clause {
-        v.node(c);
-    }
-    for c in &mut x.order_clause {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.start_offset {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.end_offset {
-        v.node(c);
-    }
+    for c in &mut x.partition_clause { v.node(c); }
+    for c in &mut x.order_clause { v.node(c); }
+    if let Some(c) = &mut x.start_offset { v.node(c); }
+    if let Some(c) = &mut x.end_offset { v.node(c); }
 }
 
 pub fn s_mut_WindowDef(x: &mut WindowDef, v: &mut dyn VisitMut) {
-    for c in &mut x.partition_clause {
-        v.node(c);
-    }
-    for c in &mut x.order_clause {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.start_offset {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.end_offset {
-        v.node(c);
-    }
+    for c in &mut x.partition_clause { v.node(c); }
+    for c in &mut x.order_clause { v.node(c); }
+    if let Some(c) = &mut x.start_offset { v.node(c); }
+    if let Some(c) = &mut x.end_offset { v.node(c); }
 }
 
 pub fn s_mut_WindowFunc(x: &mut WindowFunc, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    for c in &mut x.args {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.aggfilter {
-        v.node(c);
-    }
-    for c in &mut x.run_condition {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    for c in &mut x.args { v.node(c); }
+    if let Some(c) = &mut x.aggfilter { v.node(c); }
+    for c in &mut x.run_condition { v.node(c); }
 }
 
 pub fn s_mut_WindowFuncRunCondition(x: &mut WindowFuncRunCondition, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.arg {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    if let Some(c) = &mut x.arg { v.node(c); }
 }
 
 pub fn s_mut_WithCheckOption(x: &mut WithCheckOption, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.qual {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.qual { v.node(c); }
 }
 
 pub fn s_mut_WithClause(x: &mut WithClause, v: &mut dyn VisitMut) {
-    for c in &mut x.ctes {
-        v.node(c);
-    }
+    for c in &mut x.ctes { v.node(c); }
 }
 
 pub fn s_mut_XmlExpr(x: &mut XmlExpr, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.xpr {
-        v.node(c);
-    }
-    for c in &mut x.named_args {
-        v.node(c);
-    }
-    for c in &mut x.arg_names {
-        v.node(c);
-    }
-    for c in &mut x.args {
-        v.node(c);
-    }
+    if let Some(c) = &mut x.xpr { v.node(c); }
+    for c in &mut x.named_args { v.node(c); }
+    for c in &mut x.arg_names { v.node(c); }
+    for c in &mut x.args { v.node(c); }
 }
 
 pub fn s_mut_XmlSerialize(x: &mut XmlSerialize, v: &mut dyn VisitMut) {
-    if let Some(c) = &mut x.expr {
-        v.node(c);
-    }
-    if let Some(c) = &mut x.type_name {
-        s_mut_TypeName(c, v);
-    }
+    if let Some(c) = &mut x.expr { v.node(c); }
+    if let Some(c) = &mut x.type_name { s_mut_TypeName(c, v); }
 }
+
