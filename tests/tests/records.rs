@@ -39,6 +39,10 @@ destinations = ["127.0.0.2/32"]
 credentials = "app"
 upstream_ca = "{ca}"
 
+[[classify]]
+column = "*.public.customers.name"
+label = "confidential"
+
 [profiles.ci]
 record_results = true
 {profile_extra}
@@ -198,4 +202,30 @@ fn policy_check_warns_about_full_text_and_rejects_unknown_modes() {
         .output()
         .unwrap();
     assert!(!out.status.success() && stderr(&out).contains("profiles.ci.record_text"), "{}", stderr(&out));
+}
+
+#[test]
+fn literals_compared_with_or_written_to_labeled_columns_are_hashed_too() {
+    require_e2e!();
+    let s = setup(
+        "labeled",
+        "[profiles.ci.labels]\nconfidential = \"allow\"\n[profiles.ci.guardrails]\nlabeled_write = \"allow\"",
+    );
+    let out = s.psql(&[
+        "select id from customers where name = 'zebulon'",
+        "update customers set name = 'quincy' where id = 1",
+        "insert into customers (id, name, card) values (7, 'xavier', 'none')",
+        "select 'plain', id from customers where id = 1",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let texts: Vec<String> =
+        s.agent.audit_events("statement").iter().filter_map(|r| r["text"].as_str().map(str::to_string)).collect();
+    let all = texts.join("\n");
+    for v in ["zebulon", "quincy", "xavier"] {
+        assert!(!all.contains(v), "{v} is recorded in clear:\n{all}");
+    }
+    assert!(all.contains("where name = $L1"), "{all}");
+    assert!(all.contains("'plain'") && all.contains("where id = 1"), "other literals stay readable:\n{all}");
+    let find = s.agent.cli(&["audit", "find", "--value", "zebulon"]);
+    assert!(find.status.success(), "{}", stdout(&find));
 }

@@ -66,6 +66,13 @@ pub fn run(what: &str) -> Result<()> {
     if what == "micro" || what == "all" {
         micro(&mut report)?;
     }
+    if what == "detectors" || what == "all" {
+        let d = crate::detector_eval::run()?;
+        if !d.met {
+            report.misses.push("detectors".into());
+        }
+        report.sections.push(d.section);
+    }
     write_report(&report, what, started.elapsed())
 }
 

@@ -5,6 +5,7 @@
 
 mod bench;
 mod demo;
+mod detector_eval;
 mod gen_walk;
 mod setup;
 mod util;
@@ -31,7 +32,7 @@ fn main() {
 fn usage() -> Result<()> {
     bail!(
         "usage: cargo xtask <command>\n  setup  install prerequisites (idempotent)\n  build  build the agent (and its eBPF programs)\n  \
-         test   unit tests and end-to-end tests (root for the e2e part)\n  demo   the end-to-end demo\n  bench  [pg|micro|all] benchmarks, written to BENCHMARKS.md\n  \
+         test   unit tests and end-to-end tests (root for the e2e part)\n  demo   the end-to-end demo\n  bench  [pg|micro|detectors|all] benchmarks, written to BENCHMARKS.md\n  \
          gen-walk [--check]  regenerate the SQL parse-tree walker from pg_query"
     )
 }

@@ -34,7 +34,7 @@ const NPM_PACKAGES: &[&str] = &["pg@8"];
 /// Python clients the end-to-end tests drive, in a venv every user can
 /// read (workloads run as `nobody`).
 pub const TEST_VENV: &str = "/opt/cordon-test-venv";
-const PIP_PACKAGES: &[&str] = &["psycopg[binary]>=3.1,<3.4"];
+const PIP_PACKAGES: &[&str] = &["psycopg[binary]>=3.1,<3.4", "faker>=30"];
 
 pub fn run() -> Result<()> {
     rust_nightly()?;
@@ -71,7 +71,7 @@ fn node_clients() -> Result<()> {
 fn python_clients() -> Result<()> {
     let py = format!("{TEST_VENV}/bin/python3");
     let usable = Command::new("runuser")
-        .args(["-u", "nobody", "--", &py, "-c", "import psycopg"])
+        .args(["-u", "nobody", "--", &py, "-c", "import psycopg, faker"])
         .output()
         .is_ok_and(|o| o.status.success());
     if usable {

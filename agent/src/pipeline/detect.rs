@@ -233,12 +233,17 @@ fn find_digit_runs(s: &str, ctx: Context, out: &mut Vec<Finding>) {
 fn classify_run(run: &str, digits: &[u8], ctx: Context) -> Option<Kind> {
     let n = digits.len();
     let bare = run.bytes().all(|c| c.is_ascii_digit());
-    if (13..=19).contains(&n) && luhn(digits) && card_brand(digits, n) {
+    if (12..=19).contains(&n) && luhn(digits) {
         let grouped = card_grouping(run);
-        // A bare digit string in an id-like column is an id that happens to
-        // pass Luhn, not a card.
-        if ctx.card_like || grouped || (bare && !ctx.id_like) {
-            return Some(Kind::Card);
+        match card_brand(digits, n) {
+            // A bare digit string in an id-like column is an id that happens
+            // to pass Luhn, not a card.
+            Some(Brand::Common) if ctx.card_like || grouped || (bare && !ctx.id_like) => return Some(Kind::Card),
+            // 12- and 13-digit numbers (old Visa, short Maestro) share their
+            // length with EAN-13 barcodes and epoch milliseconds: only
+            // written as a card, or in a card column.
+            Some(Brand::Short) if ctx.card_like || grouped => return Some(Kind::Card),
+            _ => {}
         }
     }
     if n == 9 && is_ssn(run, digits) {
@@ -269,19 +274,39 @@ fn prefix(d: &[u8], len: usize) -> u32 {
     d.iter().take(len).fold(0, |a, &x| a * 10 + u32::from(x))
 }
 
-fn card_brand(d: &[u8], n: usize) -> bool {
+enum Brand {
+    /// A brand's usual length (14 to 19 digits).
+    Common,
+    /// 12 or 13 digits: a card only when written or labeled as one.
+    Short,
+}
+
+/// Issuer ranges (IIN/BIN) and lengths: Visa, Mastercard (51–55,
+/// 2221–2720), Amex, Discover, JCB (3528–3589, and 1800/2131 at 15),
+/// Diners (300–305, 3095, 36, 38, 39), UnionPay (62), Maestro (50, 56–58,
+/// 6304, 6390, 67), Mir (2200–2204), RuPay (60, 65, 81, 82, 508, 353, 356).
+fn card_brand(d: &[u8], n: usize) -> Option<Brand> {
     let p1 = prefix(d, 1);
     let p2 = prefix(d, 2);
     let p3 = prefix(d, 3);
     let p4 = prefix(d, 4);
-    let visa = p1 == 4 && (n == 13 || n == 16 || n == 19);
+    let visa = p1 == 4 && (n == 16 || n == 19);
     let mc = ((51..=55).contains(&p2) || (2221..=2720).contains(&p4)) && n == 16;
     let amex = (p2 == 34 || p2 == 37) && n == 15;
     let discover = (p4 == 6011 || p2 == 65 || (644..=649).contains(&p3)) && (16..=19).contains(&n);
-    let jcb = (3528..=3589).contains(&p4) && (16..=19).contains(&n);
-    let diners = ((300..=305).contains(&p3) || p2 == 36 || p2 == 38) && (14..=19).contains(&n);
+    let jcb = ((3528..=3589).contains(&p4) && (16..=19).contains(&n)) || ((p4 == 1800 || p4 == 2131) && n == 15);
+    let diners =
+        ((300..=305).contains(&p3) || p4 == 3095 || p2 == 36 || p2 == 38 || p2 == 39) && (14..=19).contains(&n);
     let unionpay = p2 == 62 && (16..=19).contains(&n);
-    visa || mc || amex || discover || jcb || diners || unionpay
+    let maestro_prefix = p2 == 50 || (56..=58).contains(&p2) || p2 == 67 || p4 == 6304 || p4 == 6390;
+    let maestro = maestro_prefix && (16..=19).contains(&n);
+    let mir = (2200..=2204).contains(&p4) && (16..=19).contains(&n);
+    let rupay = (p2 == 60 || p2 == 65 || p2 == 81 || p2 == 82 || p3 == 508 || p3 == 353 || p3 == 356) && n == 16;
+    if visa || mc || amex || discover || jcb || diners || unionpay || maestro || mir || rupay {
+        return Some(Brand::Common);
+    }
+    let short = (p1 == 4 && n == 13) || (maestro_prefix && (12..=15).contains(&n));
+    short.then_some(Brand::Short)
 }
 
 /// "4111 1111 1111 1111", "4111-1111-1111-1111", "3782 822463 10005".

@@ -48,6 +48,9 @@ pub struct Literal {
     pub start: usize,
     pub end: usize,
     pub value: String,
+    /// Compared with or written to a labeled column: recorded as a hash
+    /// even when the detectors find nothing in it.
+    pub labeled: bool,
 }
 
 /// The HMAC key for recorded literals.
@@ -126,7 +129,7 @@ pub fn render(text: &str, literals: &[Literal], mode: TextMode, key: &LiteralKey
     let mut at = 0;
     for l in literals {
         let kind = detect::scan(&l.value, Context::default()).first().map(|f| f.kind.name());
-        if mode == TextMode::Redacted && kind.is_none() {
+        if mode == TextMode::Redacted && kind.is_none() && !l.labeled {
             continue;
         }
         let (Some(before), true) = (text.get(at..l.start), l.end <= text.len() && l.start >= at) else { continue };
@@ -172,7 +175,7 @@ mod tests {
 
     fn lit(text: &str, v: &str) -> Literal {
         let start = text.find(v).unwrap_or(0) - 1;
-        Literal { start, end: start + v.len() + 2, value: v.into() }
+        Literal { start, end: start + v.len() + 2, value: v.into(), labeled: false }
     }
 
     #[test]

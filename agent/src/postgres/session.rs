@@ -564,6 +564,45 @@ fn sensitive_values<'a>(t: &Tracker, values: impl IntoIterator<Item = &'a str>, 
     }
 }
 
+/// Literals compared with or written to a labeled column are recorded as
+/// hashes too (record_text = "redacted"), whatever the detectors say.
+fn mark_labeled(t: &Tracker, facts: Option<&[StmtFacts]>, text: &str, literals: &mut [Literal]) {
+    let Some(facts) = facts else { return };
+    if literals.is_empty() {
+        return;
+    }
+    let lookup = Lookup(&t.gov);
+    let mut names = std::collections::BTreeSet::new();
+    let mut tables = Vec::new();
+    for s in facts {
+        for tbl in s.reads.iter().chain(s.writes.iter().map(|(t, _)| t)) {
+            let cols: Vec<String> =
+                lookup.column_labels(tbl).into_iter().filter(|(_, l)| *l > 0).map(|(c, _)| c).collect();
+            let whole = lookup.table_label(tbl).is_some_and(|l| l > 0);
+            if whole || !cols.is_empty() {
+                tables.push((tbl.name.clone(), whole));
+            }
+            names.extend(cols);
+        }
+    }
+    if tables.is_empty() {
+        return;
+    }
+    let whole_table = tables.iter().any(|(_, w)| *w);
+    let Ok(parsed) = pg_query::parse(text, 0) else { return };
+    let labeled = |c: &str| whole_table || names.contains(c);
+    let table_labeled = |r: &pg_query::protobuf::RangeVar| tables.iter().any(|(n, _)| *n == r.relname);
+    for raw in &parsed.protobuf.stmts {
+        let Some(stmt) = raw.stmt.as_deref() else { continue };
+        for at in super::sqltree::labeled_literals(stmt, &labeled, &table_labeled) {
+            // A negative number's constant starts at its minus sign.
+            if let Some(l) = literals.iter_mut().find(|l| l.start == at || l.start == at + 1) {
+                l.labeled = true;
+            }
+        }
+    }
+}
+
 /// What happens to a client message.
 enum Forward {
     AsIs,
@@ -629,7 +668,8 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
             let (mut verdict, facts) =
                 if std::str::from_utf8(raw).is_err() { (not_utf8(), None) } else { judge(t, ctx, &text, lookup_error) };
             let mut notes = Arc::default();
-            let literals = super::sql::literals(&text);
+            let mut literals = super::sql::literals(&text);
+            mark_labeled(t, facts.as_deref().map(|f| f.as_slice()), &text, &mut literals);
             if verdict == Verdict::Allow {
                 verdict = sensitive_values(t, literals.iter().map(|l| l.value.as_str()), "its text");
             }
@@ -673,7 +713,9 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
             let (mut verdict, facts) =
                 if std::str::from_utf8(raw).is_err() { (not_utf8(), None) } else { judge(t, ctx, &text, lookup_error) };
             let mut notes = Arc::default();
-            let literals: Arc<[Literal]> = super::sql::literals(&text).into();
+            let mut found = super::sql::literals(&text);
+            mark_labeled(t, facts.as_deref().map(|f| f.as_slice()), &text, &mut found);
+            let literals: Arc<[Literal]> = found.into();
             if verdict == Verdict::Allow {
                 verdict = sensitive_values(t, literals.iter().map(|l| l.value.as_str()), "its text");
             }

@@ -98,7 +98,7 @@ pub fn literals(sql: &str) -> Vec<crate::pipeline::literals::Literal> {
         let (Ok(start), Ok(end)) = (usize::try_from(t.start), usize::try_from(t.end)) else { continue };
         let Some(raw) = sql.get(start..end) else { continue };
         let value = if string { string_value(raw) } else { raw.to_string() };
-        out.push(crate::pipeline::literals::Literal { start, end, value });
+        out.push(crate::pipeline::literals::Literal { start, end, value, labeled: false });
     }
     out
 }

@@ -30,6 +30,58 @@ fn cards() {
     assert!(Context::from_column("card_number").card_like);
 }
 
+/// A card number that passes Luhn, from a prefix and a length.
+fn pan(prefix: &str, len: usize) -> String {
+    let mut body: Vec<u8> = prefix.bytes().map(|b| b - b'0').collect();
+    body.resize(len - 1, 3);
+    for check in 0..10u8 {
+        let mut d = body.clone();
+        d.push(check);
+        if luhn(&d) {
+            return d.iter().map(|x| char::from(b'0' + x)).collect();
+        }
+    }
+    String::new()
+}
+
+#[test]
+fn every_brand_by_its_issuer_range() {
+    for (brand, prefix, len) in [
+        ("JCB", "3528", 16),
+        ("JCB", "3589", 16),
+        ("JCB 15", "2131", 15),
+        ("UnionPay", "6212", 16),
+        ("UnionPay 19", "6282", 19),
+        ("Maestro", "6759", 16),
+        ("Maestro", "5018", 16),
+        ("Mir", "2200", 16),
+        ("Mir", "2204", 16),
+        ("RuPay", "6521", 16),
+        ("RuPay", "8171", 16),
+        ("RuPay", "508", 16),
+        ("Diners", "3095", 14),
+        ("Diners", "39", 14),
+        ("Diners", "36", 14),
+    ] {
+        let p = pan(prefix, len);
+        assert_eq!(kinds(&p), [Kind::Card], "{brand} {p}");
+    }
+}
+
+#[test]
+fn thirteen_digit_numbers_are_barcodes_and_timestamps_unless_written_as_cards() {
+    // EAN-13 barcodes and epoch milliseconds that pass Luhn.
+    let ean = pan("400638", 13);
+    assert!(kinds(&ean).is_empty(), "{ean}");
+    let ms = pan("17", 13);
+    assert!(kinds(&ms).is_empty(), "{ms}");
+    let old_visa = pan("4", 13);
+    assert!(kinds(&old_visa).is_empty(), "a bare 13-digit 4… is not taken for an old Visa");
+    assert_eq!(scan(&old_visa, Context::from_column("card")).len(), 1, "in a card column it is one");
+    let short_maestro = pan("6759", 12);
+    assert!(kinds(&short_maestro).is_empty());
+}
+
 #[test]
 fn ssns() {
     assert_eq!(spans("ssn 123-45-6789."), [(Kind::Ssn, "123-45-6789")]);

@@ -184,6 +184,95 @@ fn refers_to_target(n: &Node, alias: &str) -> bool {
     v.found
 }
 
+/// Where the literals compared with or written to a labeled column start
+/// (byte offsets): `col = 'x'`, `col IN ('x', 'y')`, `SET col = 'x'`,
+/// `INSERT … (col) VALUES ('x')`. `labeled` says whether a column name is
+/// labeled in a relation the statement touches; `table_labeled` whether a
+/// table has any labeled column (an INSERT without a column list).
+pub fn labeled_literals(
+    stmt: &Node,
+    labeled: &dyn Fn(&str) -> bool,
+    table_labeled: &dyn Fn(&RangeVar) -> bool,
+) -> Vec<usize> {
+    fn consts(n: &Node, out: &mut Vec<usize>) {
+        each_node(n, &mut |e| {
+            if let NodeEnum::AConst(c) = e {
+                if let Ok(at) = usize::try_from(c.location) {
+                    out.push(at);
+                }
+            }
+        });
+    }
+    let col_named = |n: &Node| match n.node.as_ref() {
+        Some(NodeEnum::ColumnRef(c)) => c.fields.last().and_then(str_of).is_some_and(|name| labeled(name)),
+        _ => false,
+    };
+    let mut out = Vec::new();
+    each_node(stmt, &mut |e| match e {
+        NodeEnum::AExpr(a) => {
+            let (Some(l), Some(r)) = (a.lexpr.as_deref(), a.rexpr.as_deref()) else { return };
+            if col_named(l) {
+                consts(r, &mut out);
+            }
+            if col_named(r) {
+                consts(l, &mut out);
+            }
+        }
+        NodeEnum::UpdateStmt(u) => {
+            for t in &u.target_list {
+                if let Some(NodeEnum::ResTarget(rt)) = t.node.as_ref() {
+                    if labeled(&rt.name) {
+                        if let Some(v) = rt.val.as_deref() {
+                            consts(v, &mut out);
+                        }
+                    }
+                }
+            }
+        }
+        NodeEnum::InsertStmt(i) => {
+            let Some(rel) = i.relation.as_ref() else { return };
+            let cols: Vec<&str> = i
+                .cols
+                .iter()
+                .filter_map(|c| match c.node.as_ref() {
+                    Some(NodeEnum::ResTarget(rt)) => Some(rt.name.as_str()),
+                    _ => None,
+                })
+                .collect();
+            let Some(NodeEnum::SelectStmt(sel)) = i.select_stmt.as_deref().and_then(|s| s.node.as_ref()) else {
+                return;
+            };
+            for row in &sel.values_lists {
+                let Some(NodeEnum::List(items)) = row.node.as_ref() else { continue };
+                for (k, v) in items.items.iter().enumerate() {
+                    let hit = match cols.get(k) {
+                        Some(c) => labeled(c),
+                        None => cols.is_empty() && table_labeled(rel),
+                    };
+                    if hit {
+                        consts(v, &mut out);
+                    }
+                }
+            }
+            if let Some(oc) = i.on_conflict_clause.as_deref() {
+                for t in &oc.target_list {
+                    if let Some(NodeEnum::ResTarget(rt)) = t.node.as_ref() {
+                        if labeled(&rt.name) {
+                            if let Some(v) = rt.val.as_deref() {
+                                consts(v, &mut out);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        _ => {}
+    });
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
 pub fn table_ref(r: &RangeVar) -> TableRef {
     TableRef { schema: (!r.schemaname.is_empty()).then(|| r.schemaname.clone()), name: r.relname.clone() }
 }
