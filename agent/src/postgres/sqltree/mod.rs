@@ -204,7 +204,7 @@ pub fn labeled_literals(
         });
     }
     let col_named = |n: &Node| match n.node.as_ref() {
-        Some(NodeEnum::ColumnRef(c)) => c.fields.last().and_then(str_of).is_some_and(|name| labeled(name)),
+        Some(NodeEnum::ColumnRef(c)) => c.fields.last().and_then(str_of).is_some_and(labeled),
         _ => false,
     };
     let mut out = Vec::new();
