@@ -234,7 +234,9 @@ fn denied_columns_refuse_when_referenced_in_any_way() {
 #[test]
 fn what_cordon_cannot_mask_is_refused() {
     assert_eq!(refused("select * from pg_stats").rule, "restricted_read");
-    assert_eq!(refused("select * from cust_mv").rule, "mask");
+    // A materialized view's ssn was computed from the masked customers.ssn.
+    let out = text("select * from cust_mv");
+    assert!(out.contains("AS ssn") && out.contains("FROM public.cust_mv"), "{out}");
     assert_eq!(refused("select * from customers tablesample system (50)").rule, "mask");
     assert_eq!(refused("select * from unknown_to_cordon").rule, "catalog");
     assert_eq!(refused("update cust_view set id = 1").rule, "mask");

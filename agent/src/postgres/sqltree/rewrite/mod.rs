@@ -526,19 +526,22 @@ impl<'r> Rw<'r> {
                         }
                     }
                     RelKind::MatView => {
-                        if self.inline_view(&rel)?.is_some() {
-                            return refuse(
-                                "mask",
-                                format!(
-                                    "materialized view {}.{} stores values computed from masked columns, which cordon cannot mask inside it; read its base tables instead",
-                                    rel.schema, rel.name
-                                ),
-                            );
-                        }
+                        // A materialized view stores what its definition
+                        // computed from the raw values: its columns inherit
+                        // the labels of what they were computed from.
+                        let rel = match self.inline_view(&rel)? {
+                            Some(_) => Arc::new(self.inherited(&rel)?),
+                            None => rel.clone(),
+                        };
                         if !rel.protected() {
                             return Ok(());
                         }
-                        self.masked_read(&rel, rv.inh, pushed.remove(&alias).unwrap_or_default(), None)?
+                        let r = self.masked_read(&rel, rv.inh, pushed.remove(&alias).unwrap_or_default(), None)?;
+                        self.note_read(&alias, &rel);
+                        wrapped.push((alias.clone(), rel.clone()));
+                        *n = subselect(r, rv_alias(rv));
+                        self.changed = true;
+                        return Ok(());
                     }
                 };
                 self.note_read(&alias, &rel);
@@ -651,6 +654,54 @@ impl<'r> Rw<'r> {
         r?;
         self.pseudonyms_through_view(&original)?;
         Ok(changed.then_some(body))
+    }
+
+    /// A materialized view's columns with the labels of the columns their
+    /// definition computed them from (found by name while the definition
+    /// was expanded): a denied one denies, a masked one masks (redact), and
+    /// a definition cordon cannot line up with the columns masks them all.
+    fn inherited(&self, rel: &Relation) -> R<Relation> {
+        let def = rel.definition.as_deref().unwrap_or_default();
+        let parsed = pg_query::parse(def, 0).map_err(|e| Refusal {
+            rule: "mask",
+            message: format!("the definition of materialized view {}.{} does not parse ({e})", rel.schema, rel.name),
+        })?;
+        let targets: Option<Vec<Node>> = match parsed.protobuf.stmts.first().and_then(|s| s.stmt.as_deref()).and_then(|n| n.node.as_ref()) {
+            Some(NodeEnum::SelectStmt(s)) if s.op == pb::SetOperation::SetopNone as i32 && s.target_list.len() == rel.columns.len() => {
+                Some(s.target_list.clone())
+            }
+            _ => None,
+        };
+        let denied: Vec<(&String, &String)> =
+            self.denied.iter().flat_map(|(_, cols, label)| cols.iter().map(move |c| (c, label))).collect();
+        let columns = rel
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let mut names = Vec::new();
+                match targets.as_ref().and_then(|t| t.get(i)) {
+                    Some(t) => super::each_node(t, &mut |e| {
+                        if let NodeEnum::ColumnRef(r) = e {
+                            if let Some(n) = r.fields.last().and_then(str_of) {
+                                names.push(n.to_string());
+                            }
+                        }
+                    }),
+                    None => names.push(String::from("*")),
+                }
+                let deny = denied.iter().find(|(d, _)| names.iter().any(|n| n == *d)).map(|(_, l)| (*l).clone());
+                let masked = names.iter().any(|n| n == "*" || self.masked_cols.contains(n));
+                let treatment = match (deny, &c.treatment) {
+                    (Some(label), _) => Treatment::Deny { label },
+                    (None, Treatment::Deny { label }) => Treatment::Deny { label: label.clone() },
+                    (None, Treatment::Clear) if masked => Treatment::Mask { strategy: Strategy::Redact, lookups: false },
+                    (None, t) => t.clone(),
+                };
+                Column { treatment, ..c.clone() }
+            })
+            .collect();
+        Ok(Relation { columns, ..rel.clone() })
     }
 
     /// `SELECT <each column, masked where the profile says> FROM [ONLY]
