@@ -88,7 +88,7 @@ fn install_pgbouncer() -> Result<()> {
     )
 }
 
-fn release_bin() -> PathBuf {
+pub(crate) fn release_bin() -> PathBuf {
     cordon_tests::workspace_root().join("target/release/cordon")
 }
 

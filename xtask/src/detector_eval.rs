@@ -90,6 +90,7 @@ profile = "eval"
         port = pg.port,
         cg = cg.rel,
     );
+    std::env::set_var("CORDON_BIN", crate::bench::release_bin());
     let agent = Agent::new(&body)?;
     std::fs::write(
         agent.dir.path().join("secrets.toml"),

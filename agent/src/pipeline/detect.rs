@@ -282,7 +282,7 @@ enum Brand {
 }
 
 /// Issuer ranges (IIN/BIN) and lengths: Visa, Mastercard (51–55,
-/// 2221–2720), Amex, Discover, JCB (3528–3589, and 1800/2131 at 15),
+/// 2221–2720), Amex, Discover, JCB (35xx, and 1800/2131 at 15),
 /// Diners (300–305, 3095, 36, 38, 39), UnionPay (62), Maestro (50, 56–58,
 /// 6304, 6390, 67), Mir (2200–2204), RuPay (60, 65, 81, 82, 508, 353, 356).
 fn card_brand(d: &[u8], n: usize) -> Option<Brand> {
@@ -294,7 +294,9 @@ fn card_brand(d: &[u8], n: usize) -> Option<Brand> {
     let mc = ((51..=55).contains(&p2) || (2221..=2720).contains(&p4)) && n == 16;
     let amex = (p2 == 34 || p2 == 37) && n == 15;
     let discover = (p4 == 6011 || p2 == 65 || (644..=649).contains(&p3)) && (16..=19).contains(&n);
-    let jcb = ((3528..=3589).contains(&p4) && (16..=19).contains(&n)) || ((p4 == 1800 || p4 == 2131) && n == 15);
+    // JCB's registered range is 3528–3589; numbers in the wild (and
+    // Faker's) use all of 35xx.
+    let jcb = ((3500..=3589).contains(&p4) && (16..=19).contains(&n)) || ((p4 == 1800 || p4 == 2131) && n == 15);
     let diners =
         ((300..=305).contains(&p3) || p4 == 3095 || p2 == 36 || p2 == 38 || p2 == 39) && (14..=19).contains(&n);
     let unionpay = p2 == 62 && (16..=19).contains(&n);
@@ -338,12 +340,11 @@ fn is_phone(run: &str, n: usize) -> bool {
         // E.164: + and 8 to 15 digits, separators allowed.
         return (8..=15).contains(&n) && rest.bytes().next().is_some_and(|c| c != b'0');
     }
-    // North American "(415) 555-0132" or "415-555-0132".
+    // North American "(415) 555-0132", "415-555-0132" or "415.555.0132":
+    // exactly 3-3-4 (a dotted quad such as 150.190.169.5 is an address).
     let b = run.as_bytes();
-    n == 10
-        && (run.starts_with('(') && b.get(4) == Some(&b')')
-            || (b.get(3) == Some(&b'-') && b.get(7) == Some(&b'-'))
-            || (b.get(3) == Some(&b'.') && b.get(7) == Some(&b'.')))
+    let grouped = |sep: u8| b.len() == 12 && b.get(3) == Some(&sep) && b.get(7) == Some(&sep);
+    n == 10 && (run.starts_with('(') && b.get(4) == Some(&b')') || grouped(b'-') || grouped(b'.'))
 }
 
 // --- IBAN ---------------------------------------------------------------
@@ -509,15 +510,20 @@ fn find_ipv6(s: &str, out: &mut Vec<Finding>) {
         while i < b.len() && tok(b[i]) {
             i += 1;
         }
-        let cand = s.get(start..i).unwrap_or("");
+        // A sentence's full stop is not part of the address.
+        let mut end = i;
+        while end > start && b[end - 1] == b'.' {
+            end -= 1;
+        }
+        let cand = s.get(start..end).unwrap_or("");
         let colons = cand.bytes().filter(|c| *c == b':').count();
         // At least two colons and a real parse; times ("12:30:00") fail it.
         if colons >= 2
-            && bounded(b, start, i)
+            && bounded(b, start, end)
             && cand.parse::<std::net::Ipv6Addr>().is_ok()
             && (cand.contains("::") || colons == 7)
         {
-            out.push(Finding { kind: Kind::Ipv6, start, end: i });
+            out.push(Finding { kind: Kind::Ipv6, start, end });
         }
     }
 }
