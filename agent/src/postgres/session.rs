@@ -795,11 +795,11 @@ fn on_client_frame(t: &mut Tracker, f: &Frame, ctx: &Ctx, lookup_error: Option<&
             };
             // Values a workload binds are checked like the ones it types:
             // refused before they reach the server (and its logs).
-            let texts: Vec<String> = params
-                .iter()
-                .filter_map(|(v, _)| v.as_ref().and_then(|v| std::str::from_utf8(v).ok()).map(str::to_string))
-                .collect();
-            let verdict = sensitive_values(t, texts.iter().map(String::as_str), "its parameters");
+            let verdict = sensitive_values(
+                t,
+                params.iter().filter_map(|(v, _)| v.as_deref().and_then(|v| std::str::from_utf8(v).ok())),
+                "its parameters",
+            );
             if let Verdict::Deny { rule, message } = verdict.clone() {
                 let ps: Vec<Param<'_>> =
                     params.iter().map(|(v, bin)| Param { value: v.as_deref(), binary: *bin }).collect();
