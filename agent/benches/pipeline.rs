@@ -13,7 +13,11 @@ use cordon::{
         mask::ValueType,
         plan::{self, ColAction},
     },
-    postgres::{catalog::Catalog, frame::FrameReader, sqltree::rewrite},
+    postgres::{
+        catalog::Catalog,
+        frame::FrameReader,
+        sqltree::rewrite::{self, template},
+    },
 };
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 
@@ -134,6 +138,23 @@ fn mask_at_read(c: &mut Criterion) {
     let mut g = c.benchmark_group("rewrite");
     g.throughput(Throughput::Elements(1));
     g.bench_function("cold", |b| b.iter(|| black_box(rewrite::rewrite(black_box(sql), &Cat))));
+    // A statement of a shape seen before, with other constants (what a
+    // workload that inlines its values sends): parse, shape, fill.
+    let first = pg_query::parse(sql.replace("$1", "'4111'").as_str(), 0).unwrap_or_else(|e| panic!("{e}"));
+    let stmt = first.protobuf.stmts.first().and_then(|s| s.stmt.clone()).map(|b| *b).unwrap_or_default();
+    let shape = template::shape(&stmt);
+    let t = template::build(&stmt, first.protobuf.version, &shape, &Cat)
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .unwrap_or_else(|| panic!("no template"));
+    let next = sql.replace("$1", "'5500'").replace("> 10", "> 99");
+    g.bench_function("shape_hit", |b| {
+        b.iter(|| {
+            let p = pg_query::parse(black_box(&next), 0).unwrap_or_else(|e| panic!("{e}"));
+            let s =
+                template::shape(p.protobuf.stmts.first().and_then(|s| s.stmt.as_deref()).unwrap_or_else(|| panic!()));
+            black_box(t.fits(&s).then(|| t.apply(&s)))
+        })
+    });
     let catalog = Catalog::new(([127, 0, 0, 1], 5432).into(), "db");
     let r = Arc::new(rewrite::rewrite(sql, &Cat));
     catalog.cache_rewrite("bench", sql, r);

@@ -394,7 +394,11 @@ fn equality_lookups_see_the_stored_value_and_say_what_they_reveal() {
         "select id from customers c where c.email is not null order by id",
         "select count(*) from customers where ssn like '123%'",
         "update customers set tier = 3 where ssn = '123-45-6789'",
+        // The same shape as got[1]: one rewrite template, each statement's
+        // own constants.
+        "select id from customers where ssn = '123-45-6789'",
     ]);
+    assert_eq!(got[6]["rows"], serde_json::json!([["1"]]), "{}", got[6]);
     assert_eq!(got[0]["rows"], serde_json::json!([["1", "REDACTED"]]), "{}", got[0]);
     assert!(got[0]["notices"].as_array().is_some_and(Vec::is_empty), "an equality lookup needs no notice: {}", got[0]);
     assert_eq!(got[1]["rows"], serde_json::json!([]));

@@ -71,6 +71,8 @@ pub struct Catalog {
     /// (profile, exact text) → rewrite. It depends on labels and
     /// definitions, so it lives and dies with the entries it was built on.
     rewrites: Mutex<HashMap<(String, String), (Instant, CachedRewrite)>>,
+    /// (profile, statement shape) → the shape's rewrite template.
+    templates: Mutex<HashMap<(String, u64), (Instant, Arc<super::sqltree::rewrite::template::Template>)>>,
     /// Function or operator name → its definitions that are not built in.
     user_code: Mutex<HashMap<(char, String), (Instant, UserCodeList)>>,
 }
@@ -98,6 +100,7 @@ impl Catalog {
             by_oid: Mutex::new(HashMap::new()),
             by_name: Mutex::new(HashMap::new()),
             rewrites: Mutex::new(HashMap::new()),
+            templates: Mutex::new(HashMap::new()),
             user_code: Mutex::new(HashMap::new()),
         }
     }
@@ -170,6 +173,21 @@ impl Catalog {
         (at.elapsed() < TTL).then(|| r.clone())
     }
 
+    pub fn cached_template(&self, profile: &str, key: u64) -> Option<Arc<super::sqltree::rewrite::template::Template>> {
+        let m = self.templates.lock().ok()?;
+        let (at, t) = m.get(&(profile.to_string(), key))?;
+        (at.elapsed() < TTL).then(|| t.clone())
+    }
+
+    pub fn cache_template(&self, profile: &str, key: u64, t: super::sqltree::rewrite::template::Template) {
+        if let Ok(mut m) = self.templates.lock() {
+            if m.len() >= REWRITES_MAX {
+                m.clear();
+            }
+            m.insert((profile.to_string(), key), (Instant::now(), Arc::new(t)));
+        }
+    }
+
     pub fn cache_rewrite(&self, profile: &str, sql: &str, r: CachedRewrite) {
         if sql.len() > REWRITE_MAX_TEXT {
             return;
@@ -184,6 +202,9 @@ impl Catalog {
 
     pub fn invalidate(&self) {
         if let Ok(mut m) = self.rewrites.lock() {
+            m.clear();
+        }
+        if let Ok(mut m) = self.templates.lock() {
             m.clear();
         }
         if let Ok(mut m) = self.user_code.lock() {

@@ -19,7 +19,7 @@ use super::{
     frame::Body,
     sqltree::{
         self,
-        rewrite::{self, Column, Refusal, RelKind, Relation, Rewritten, Treatment},
+        rewrite::{self, template, Column, Refusal, RelKind, Relation, Rewritten, Treatment},
     },
     types, Ctx,
 };
@@ -166,13 +166,39 @@ pub fn rewrite(
         return (*hit).clone();
     }
     let resolver = Resolver::new(classifier, profile, catalog, has_key);
-    let r = rewrite::rewrite(sql, &resolver);
+    let r = by_shape(catalog, profile, sql, &resolver);
     // A refusal because a name was not looked up is not cached: the next
     // lookup may find it.
     if !matches!(&r, Err(e) if e.rule == "catalog") {
         catalog.cache_rewrite(&profile.name, sql, Arc::new(r.clone()));
     }
     r
+}
+
+/// A single statement is rewritten through its shape's template (built on
+/// the first statement of that shape); anything else directly.
+fn by_shape(catalog: &Catalog, profile: &Profile, sql: &str, resolver: &Resolver<'_>) -> Result<Rewritten, Refusal> {
+    let parsed = rewrite::parse(sql)?;
+    if let [raw] = parsed.protobuf.stmts.as_slice() {
+        if let Some(stmt) = raw.stmt.as_deref() {
+            let shape = template::shape(stmt);
+            if let Some(t) = catalog.cached_template(&profile.name, shape.key) {
+                if t.fits(&shape) {
+                    if let Some(r) = t.apply(&shape) {
+                        return Ok(r);
+                    }
+                }
+            }
+            if let Some(t) = template::build(stmt, parsed.protobuf.version, &shape, resolver)? {
+                let r = t.apply(&shape);
+                catalog.cache_template(&profile.name, shape.key, t);
+                if let Some(r) = r {
+                    return Ok(r);
+                }
+            }
+        }
+    }
+    rewrite::rewrite_parsed(sql, &parsed, resolver)
 }
 
 /// An ErrorResponse, NoticeResponse or NotificationResponse with what the

@@ -73,7 +73,10 @@ fn addresses_are_not_phones_and_a_full_stop_is_not_part_of_one() {
     assert_eq!(kinds("150.190.169.5"), [Kind::Ipv4]);
     assert_eq!(kinds("148.239.5.243 -- updated"), [Kind::Ipv4]);
     assert_eq!(kinds("415.555.0132"), [Kind::Phone]);
-    assert_eq!(spans("said 910b:bde3:a64:b9a1:338f:2e5b:91f3:f706."), [(Kind::Ipv6, "910b:bde3:a64:b9a1:338f:2e5b:91f3:f706")]);
+    assert_eq!(
+        spans("said 910b:bde3:a64:b9a1:338f:2e5b:91f3:f706."),
+        [(Kind::Ipv6, "910b:bde3:a64:b9a1:338f:2e5b:91f3:f706")]
+    );
 }
 
 #[test]

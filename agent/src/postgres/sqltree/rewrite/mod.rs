@@ -132,8 +132,17 @@ const MAX_VIEW_DEPTH: usize = 16;
 
 /// Rewrite every statement of `sql` for mask at read.
 pub fn rewrite(sql: &str, r: &dyn Resolve) -> R<Rewritten> {
-    let parsed = pg_query::parse(sql, 0)
-        .map_err(|e| Refusal { rule: "parse_error", message: format!("the statement does not parse ({e})") })?;
+    let parsed = parse(sql)?;
+    rewrite_parsed(sql, &parsed, r)
+}
+
+pub fn parse(sql: &str) -> R<pg_query::ParseResult> {
+    pg_query::parse(sql, 0)
+        .map_err(|e| Refusal { rule: "parse_error", message: format!("the statement does not parse ({e})") })
+}
+
+/// The rewrite of an already parsed text.
+pub fn rewrite_parsed(sql: &str, parsed: &pg_query::ParseResult, r: &dyn Resolve) -> R<Rewritten> {
     let mut out = String::with_capacity(sql.len() + 256);
     let mut at = 0usize;
     let mut changed = false;
@@ -146,28 +155,11 @@ pub fn rewrite(sql: &str, r: &dyn Resolve) -> R<Rewritten> {
             Ok(0) | Err(_) => sql.len(),
             Ok(l) => start.saturating_add(l).min(sql.len()),
         };
-        let total = count_protected(stmt, r);
-        let mut node = stmt.clone();
-        let mut rw = Rw::new(r);
-        rw.statement(&mut node)?;
-        if rw.handled != total {
-            return refuse(
-                "mask",
-                format!(
-                    "cordon could not follow {} of the {total} references to masked tables in this statement; it is refused rather than run unmasked",
-                    total.saturating_sub(rw.handled)
-                ),
-            );
-        }
-        rw.check_denied(stmt)?;
-        rw.check_pseudonyms(stmt)?;
-        notices.extend(rw.notices);
-        masked.extend(rw.masked_counters);
-        if !rw.changed {
-            continue;
-        }
+        let one = rewrite_statement(stmt, parsed.protobuf.version, r)?;
+        notices.extend(one.notices);
+        masked.extend(one.masked);
+        let Some(text) = one.text else { continue };
         changed = true;
-        let text = deparse(&node, parsed.protobuf.version)?;
         out.push_str(sql.get(at..start).unwrap_or_default());
         out.push_str(&text);
         at = end;
@@ -179,6 +171,29 @@ pub fn rewrite(sql: &str, r: &dyn Resolve) -> R<Rewritten> {
     }
     out.push_str(sql.get(at..).unwrap_or_default());
     Ok(Rewritten { text: Some(out), notices, masked })
+}
+
+/// One statement: its rewrite as SQL (None when nothing is masked).
+fn rewrite_statement(stmt: &Node, version: i32, r: &dyn Resolve) -> R<Rewritten> {
+    let total = count_protected(stmt, r);
+    let mut node = stmt.clone();
+    let mut rw = Rw::new(r);
+    rw.statement(&mut node)?;
+    if rw.handled != total {
+        return refuse(
+            "mask",
+            format!(
+                "cordon could not follow {} of the {total} references to masked tables in this statement; it is refused rather than run unmasked",
+                total.saturating_sub(rw.handled)
+            ),
+        );
+    }
+    rw.check_denied(stmt)?;
+    rw.check_pseudonyms(stmt)?;
+    let notices = rw.notices.into_iter().collect();
+    let masked = rw.masked_counters.into_iter().collect();
+    let text = if rw.changed { Some(deparse(&node, version)?) } else { None };
+    Ok(Rewritten { text, notices, masked })
 }
 
 /// One statement back to SQL, checked: its parse must be the tree cordon
@@ -209,7 +224,7 @@ fn deparse(node: &Node, version: i32) -> R<String> {
     Ok(text)
 }
 
-fn without_positions(n: &Node) -> Node {
+pub(crate) fn without_positions(n: &Node) -> Node {
     let mut n = n.clone();
     if let Some(e) = n.node.as_mut() {
         walk_gen::clear_positions(e);
@@ -666,12 +681,15 @@ impl<'r> Rw<'r> {
             rule: "mask",
             message: format!("the definition of materialized view {}.{} does not parse ({e})", rel.schema, rel.name),
         })?;
-        let targets: Option<Vec<Node>> = match parsed.protobuf.stmts.first().and_then(|s| s.stmt.as_deref()).and_then(|n| n.node.as_ref()) {
-            Some(NodeEnum::SelectStmt(s)) if s.op == pb::SetOperation::SetopNone as i32 && s.target_list.len() == rel.columns.len() => {
-                Some(s.target_list.clone())
-            }
-            _ => None,
-        };
+        let targets: Option<Vec<Node>> =
+            match parsed.protobuf.stmts.first().and_then(|s| s.stmt.as_deref()).and_then(|n| n.node.as_ref()) {
+                Some(NodeEnum::SelectStmt(s))
+                    if s.op == pb::SetOperation::SetopNone as i32 && s.target_list.len() == rel.columns.len() =>
+                {
+                    Some(s.target_list.clone())
+                }
+                _ => None,
+            };
         let denied: Vec<(&String, &String)> =
             self.denied.iter().flat_map(|(_, cols, label)| cols.iter().map(move |c| (c, label))).collect();
         let columns = rel
@@ -695,7 +713,9 @@ impl<'r> Rw<'r> {
                 let treatment = match (deny, &c.treatment) {
                     (Some(label), _) => Treatment::Deny { label },
                     (None, Treatment::Deny { label }) => Treatment::Deny { label: label.clone() },
-                    (None, Treatment::Clear) if masked => Treatment::Mask { strategy: Strategy::Redact, lookups: false },
+                    (None, Treatment::Clear) if masked => {
+                        Treatment::Mask { strategy: Strategy::Redact, lookups: false }
+                    }
                     (None, t) => t.clone(),
                 };
                 Column { treatment, ..c.clone() }
@@ -1390,6 +1410,7 @@ fn unqualify(n: &mut Node, col: &str) {
 }
 
 mod rules;
+pub mod template;
 
 #[cfg(test)]
 #[path = "../../../tests/pg_rewrite.rs"]
