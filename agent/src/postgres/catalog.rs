@@ -72,7 +72,7 @@ pub struct Catalog {
     /// definitions, so it lives and dies with the entries it was built on.
     rewrites: Mutex<HashMap<(String, String), (Instant, CachedRewrite)>>,
     /// (profile, statement shape) → the shape's rewrite template.
-    templates: Mutex<HashMap<(String, u64), (Instant, Arc<super::sqltree::rewrite::template::Template>)>>,
+    templates: Mutex<HashMap<(String, u64), (Instant, Arc<Template>)>>,
     /// Function or operator name → its definitions that are not built in.
     user_code: Mutex<HashMap<(char, String), (Instant, UserCodeList)>>,
 }
@@ -88,6 +88,7 @@ pub struct UserCodeInfo {
 }
 
 type UserCodeList = Arc<Vec<UserCodeInfo>>;
+use super::sqltree::rewrite::template::Template;
 
 /// PostgreSQL's FirstNormalObjectId: OIDs below it are the system's own.
 const FIRST_NORMAL_OID: u32 = 16384;
@@ -173,13 +174,13 @@ impl Catalog {
         (at.elapsed() < TTL).then(|| r.clone())
     }
 
-    pub fn cached_template(&self, profile: &str, key: u64) -> Option<Arc<super::sqltree::rewrite::template::Template>> {
+    pub fn cached_template(&self, profile: &str, key: u64) -> Option<Arc<Template>> {
         let m = self.templates.lock().ok()?;
         let (at, t) = m.get(&(profile.to_string(), key))?;
         (at.elapsed() < TTL).then(|| t.clone())
     }
 
-    pub fn cache_template(&self, profile: &str, key: u64, t: super::sqltree::rewrite::template::Template) {
+    pub fn cache_template(&self, profile: &str, key: u64, t: Template) {
         if let Ok(mut m) = self.templates.lock() {
             if m.len() >= REWRITES_MAX {
                 m.clear();
