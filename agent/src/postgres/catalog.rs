@@ -72,7 +72,7 @@ pub struct Catalog {
     /// definitions, so it lives and dies with the entries it was built on.
     rewrites: Mutex<HashMap<(String, String), (Instant, CachedRewrite)>>,
     /// (profile, statement shape) → the shape's rewrite template.
-    templates: Mutex<HashMap<(String, u64), (Instant, Arc<Template>)>>,
+    templates: Mutex<Templates>,
     /// Function or operator name → its definitions that are not built in.
     user_code: Mutex<HashMap<(char, String), (Instant, UserCodeList)>>,
 }
@@ -89,6 +89,8 @@ pub struct UserCodeInfo {
 
 type UserCodeList = Arc<Vec<UserCodeInfo>>;
 use super::sqltree::rewrite::template::Template;
+/// (profile, statement shape) → template, with when it was built.
+type Templates = HashMap<(String, u64), (Instant, Arc<Template>)>;
 
 /// PostgreSQL's FirstNormalObjectId: OIDs below it are the system's own.
 const FIRST_NORMAL_OID: u32 = 16384;
