@@ -429,8 +429,8 @@ fn guardrails_see_merge_tautologies_and_user_code() {
         "merge into orders o using customers c on o.customer_id = c.id when matched and c.id = 1 then update set total = 11",
     ]);
     let rule = |i: usize| got[i]["error"][1].as_str().unwrap_or_default().to_string();
-    for i in 0..5 {
-        assert!(rule(i).contains("(rule unbounded_write)"), "{}", got[i]);
+    for (i, g) in got.iter().enumerate().take(5) {
+        assert!(rule(i).contains("(rule unbounded_write)"), "{g}");
     }
     assert!(rule(5).contains("(rule user_function)") && rule(5).contains("allowed_functions"), "{}", got[5]);
     assert!(rule(6).contains("(rule user_function)"), "{}", got[6]);
