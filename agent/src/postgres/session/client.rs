@@ -1,0 +1,605 @@
+//! The client's side of a session: its messages judged (guardrails,
+//! sensitive literals), rewritten for mask at read, recorded, and queued in
+//! the request FIFO the server's answers are matched against.
+
+use super::*;
+
+pub(super) async fn client_to_server(
+    mut cr: ReadHalf<Stream>,
+    mut reader: FrameReader,
+    mut uw: WriteHalf<Stream>,
+    tracker: &Mutex<Tracker>,
+    ctx: &Ctx,
+    cred: Option<&Credential>,
+    wake: &tokio::sync::Notify,
+) -> Result<()> {
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    loop {
+        let (frames, violation) = take_frames(&mut reader);
+        // Look up, before taking the lock, the tables these statements touch.
+        let lookup_error = resolve_statement_tables(&frames, tracker, ctx, cred).await.err();
+        let mut terminate = false;
+        let mut denied_any = false;
+        {
+            let mut t = tracker.lock().map_err(|_| anyhow::anyhow!("session state poisoned"))?;
+            for frame in &frames {
+                t.bytes_up += frame.bytes.len() as u64;
+                match on_client_frame(&mut t, frame, ctx, lookup_error.as_ref())? {
+                    Forward::AsIs => out.extend_from_slice(&frame.bytes),
+                    Forward::Rewritten(b) => out.extend_from_slice(&b),
+                    Forward::Drop => denied_any = true,
+                }
+                if frame.tag == b'X' {
+                    terminate = true;
+                }
+            }
+            t.last_activity = Instant::now();
+        }
+        if denied_any {
+            wake.notify_one();
+        }
+        if !out.is_empty() {
+            uw.write_all(&out).await.context("writing to the server")?;
+            out.clear();
+        }
+        if let Some(e) = violation {
+            let _ = uw.shutdown().await;
+            return Err(e.context("protocol violation from the client"));
+        }
+        if terminate {
+            let _ = uw.shutdown().await;
+            return Ok(());
+        }
+        if reader.fill(&mut cr).await.context("reading from the client")? == 0 {
+            if reader.buffered() > 0 {
+                bail!("protocol violation: the client closed mid-message ({} bytes of a message)", reader.buffered());
+            }
+            let _ = uw.shutdown().await;
+            return Ok(());
+        }
+    }
+}
+
+/// The SQL text of a Query or Parse message.
+pub(super) fn sql_of(f: &Frame) -> Option<String> {
+    let mut b = Body::new(f.body());
+    match f.tag {
+        b'Q' => Some(String::from_utf8_lossy(b.cstr()?).into_owned()),
+        b'P' => {
+            b.cstr()?;
+            Some(String::from_utf8_lossy(b.cstr()?).into_owned())
+        }
+        _ => None,
+    }
+}
+
+pub(super) async fn resolve_statement_tables(
+    frames: &[Frame],
+    tracker: &Mutex<Tracker>,
+    ctx: &Ctx,
+    cred: Option<&Credential>,
+) -> Result<()> {
+    let (Some(cred), Some(catalog)) = (cred, tracker.lock().ok().and_then(|t| t.gov.catalog.clone())) else {
+        return Ok(());
+    };
+    let mut tables = Vec::new();
+    let mut functions = Vec::new();
+    let mut operators = Vec::new();
+    for f in frames {
+        let Some(sql) = sql_of(f) else { continue };
+        if let Ok(facts) = ctx.shared.sql.analyse(&sql) {
+            for s in facts.iter() {
+                tables.extend(s.reads.iter().cloned());
+                tables.extend(s.writes.iter().map(|(t, _)| t.clone()));
+                functions.extend(s.calls.iter().map(|(_, n)| n.clone()));
+                operators.extend(s.operators.iter().cloned());
+            }
+        }
+    }
+    if !functions.is_empty() || !operators.is_empty() {
+        functions.sort();
+        functions.dedup();
+        operators.sort();
+        operators.dedup();
+        catalog.resolve_code(ctx, cred, &functions, &operators).await?;
+    }
+    if tables.is_empty() {
+        return Ok(());
+    }
+    crate::postgres::read_mask::resolve(&catalog, ctx, cred, tables).await
+}
+
+/// Labels for the guardrails, from the catalog cache and the policy.
+pub(super) struct Lookup<'a>(&'a Governance);
+
+impl Lookup<'_> {
+    fn info(&self, t: &TableRef) -> Option<Arc<crate::postgres::catalog::TableInfo>> {
+        self.0.catalog.as_ref()?.by_name(t).flatten()
+    }
+}
+
+impl LabelLookup for Lookup<'_> {
+    fn table_label(&self, t: &TableRef) -> Option<usize> {
+        let c = &self.0.classifier;
+        match self.info(t) {
+            Some(i) => c.table(&i.db, &i.schema, &i.name, c.labels.from_comment(&i.labels_text)),
+            None => c.table(&self.0.db, t.schema.as_deref().unwrap_or("public"), &t.name, None),
+        }
+    }
+    fn column_labels(&self, t: &TableRef) -> Vec<(String, usize)> {
+        let c = &self.0.classifier;
+        let Some(i) = self.info(t) else { return Vec::new() };
+        i.columns
+            .iter()
+            .filter_map(|col| {
+                c.column(&i.db, &i.schema, &i.name, &col.name, c.labels.from_comment(&col.labels_text))
+                    .map(|l| (col.name.clone(), l.label))
+            })
+            .collect()
+    }
+    fn label_name(&self, rank: usize) -> String {
+        self.0.classifier.labels.name(rank).to_string()
+    }
+    fn user_function(&self, schema: Option<&str>, name: &str) -> Option<guard::UserCode> {
+        let found = self.0.catalog.as_ref()?.user_code('f', name)?;
+        user_code(&found, schema)
+    }
+    fn user_operator(&self, name: &str) -> Option<guard::UserCode> {
+        let found = self.0.catalog.as_ref()?.user_code('o', name)?;
+        user_code(&found, None)
+    }
+    fn protects_anything(&self) -> bool {
+        self.0.profile.protects_anything()
+    }
+}
+
+/// The user-defined definitions a name may reach: in the schema written,
+/// or in any schema when unqualified (overloads resolve by argument types,
+/// which cordon does not know; any of them may be the one called).
+pub(super) fn user_code(
+    found: &[crate::postgres::catalog::UserCodeInfo],
+    schema: Option<&str>,
+) -> Option<guard::UserCode> {
+    let mut hits = found.iter().filter(|f| schema.is_none_or(|s| s == f.schema)).peekable();
+    let first = hits.peek().map(|f| format!("{}.{}", f.schema, f.name))?;
+    let may_write = hits.any(|f| f.may_write);
+    Some(guard::UserCode { qualified: first, may_write })
+}
+
+/// The guardrails' verdict on a statement text.
+pub(super) fn judge(
+    t: &Tracker,
+    ctx: &Ctx,
+    sql: &str,
+    lookup_error: Option<&anyhow::Error>,
+) -> (Verdict, Option<Arc<Vec<StmtFacts>>>) {
+    let facts = match ctx.shared.sql.analyse(sql) {
+        Ok(f) => f,
+        Err(e) => {
+            let v = Verdict::Deny {
+                rule: "parse_error".into(),
+                message: format!("the statement does not parse ({e}); cordon lets through only what it can read"),
+            };
+            return (v, None);
+        }
+    };
+    if let Some(e) = lookup_error {
+        let v = Verdict::Deny {
+            rule: "catalog".into(),
+            message: format!("cannot read the database catalog to classify this statement: {e:#}"),
+        };
+        return (v, Some(facts));
+    }
+    let lookup = Lookup(&t.gov);
+    let verdict = guard::check(&t.gov.profile.guardrails, &facts, &lookup);
+    (verdict, Some(facts))
+}
+
+pub(super) fn not_utf8() -> Verdict {
+    Verdict::Deny {
+        rule: "encoding".into(),
+        message: "the statement is not valid UTF-8; the session's client_encoding is UTF8".into(),
+    }
+}
+
+pub(super) fn changes_catalog(facts: &[StmtFacts]) -> bool {
+    facts.iter().any(|s| matches!(s.kind, StmtKind::Ddl { .. }))
+}
+
+/// `sensitive_literals`: a statement whose literals or parameters carry
+/// what the detectors flag (a card, an SSN, a cloud or private key) at or
+/// above the profile's minimum label.
+pub(super) fn sensitive_values<'a>(t: &Tracker, values: impl IntoIterator<Item = &'a str>, what: &str) -> Verdict {
+    let g = &t.gov.profile.guardrails;
+    if g.sensitive_literals == guard::Outcome::Allow {
+        return Verdict::Allow;
+    }
+    match crate::pipeline::literals::sensitive(values, &t.gov.classifier, g.sensitive_literals_min_label) {
+        Some(kind) => guard::fire(
+            g.sensitive_literals,
+            "sensitive_literals",
+            format!(
+                "the statement carries a {} in {what}; this profile does not send such values to the database (they would land in its logs and pg_stat_activity)",
+                kind.name()
+            ),
+        )
+        .unwrap_or(Verdict::Allow),
+        None => Verdict::Allow,
+    }
+}
+
+/// Literals compared with or written to a labeled column are recorded as
+/// hashes too (record_text = "redacted"), whatever the detectors say.
+pub(super) fn mark_labeled(t: &Tracker, facts: Option<&[StmtFacts]>, text: &str, literals: &mut [Literal]) {
+    let Some(facts) = facts else { return };
+    if literals.is_empty() {
+        return;
+    }
+    let lookup = Lookup(&t.gov);
+    let mut names = std::collections::BTreeSet::new();
+    let mut tables = Vec::new();
+    for s in facts {
+        for tbl in s.reads.iter().chain(s.writes.iter().map(|(t, _)| t)) {
+            let cols: Vec<String> =
+                lookup.column_labels(tbl).into_iter().filter(|(_, l)| *l > 0).map(|(c, _)| c).collect();
+            let whole = lookup.table_label(tbl).is_some_and(|l| l > 0);
+            if whole || !cols.is_empty() {
+                tables.push((tbl.name.clone(), whole));
+            }
+            names.extend(cols);
+        }
+    }
+    if tables.is_empty() {
+        return;
+    }
+    let whole_table = tables.iter().any(|(_, w)| *w);
+    let Ok(parsed) = pg_query::parse(text, 0) else { return };
+    let labeled = |c: &str| whole_table || names.contains(c);
+    let table_labeled = |r: &pg_query::protobuf::RangeVar| tables.iter().any(|(n, _)| *n == r.relname);
+    for raw in &parsed.protobuf.stmts {
+        let Some(stmt) = raw.stmt.as_deref() else { continue };
+        for at in crate::postgres::sqltree::labeled_literals(stmt, &labeled, &table_labeled) {
+            // A negative number's constant starts at its minus sign.
+            if let Some(l) = literals.iter_mut().find(|l| l.start == at || l.start == at + 1) {
+                l.labeled = true;
+            }
+        }
+    }
+}
+
+/// What happens to a client message.
+pub(super) enum Forward {
+    AsIs,
+    /// The statement text was rewritten (mask at read).
+    Rewritten(Bytes),
+    /// Refused or skipped: not sent.
+    Drop,
+}
+
+/// The mask-at-read rewrite of an admitted statement: the text to send
+/// instead (None = unchanged) and the notices, or the refusal.
+pub(super) fn mask_at_read(t: &Tracker, text: &str) -> std::result::Result<(Option<String>, Arc<ReadNotes>), Verdict> {
+    let Some(catalog) = t.gov.catalog.as_deref() else {
+        // Passthrough: no catalog session; results are masked as they
+        // come back (README: limits).
+        return Ok((None, Arc::default()));
+    };
+    match crate::postgres::read_mask::rewrite(catalog, &t.gov.classifier, &t.gov.profile, t.gov.key.is_some(), text) {
+        Ok(r) => Ok((r.text, Arc::new(ReadNotes { notices: r.notices, masked: r.masked }))),
+        Err(e) => Err(Verdict::Deny { rule: e.rule.to_string(), message: e.message }),
+    }
+}
+
+/// A Query message with new text.
+pub(super) fn query_frame(text: &str) -> Bytes {
+    let mut out = BytesMut::with_capacity(text.len() + 6);
+    out.put_u8(b'Q');
+    out.put_i32((4 + text.len() + 1) as i32);
+    out.put_slice(text.as_bytes());
+    out.put_u8(0);
+    out.freeze()
+}
+
+/// A Parse message with new text and the client's parameter types.
+pub(super) fn parse_frame(name: &[u8], text: &str, rest: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(name.len() + text.len() + rest.len() + 7);
+    out.put_u8(b'P');
+    out.put_i32((4 + name.len() + 1 + text.len() + 1 + rest.len()) as i32);
+    out.put_slice(name);
+    out.put_u8(0);
+    out.put_slice(text.as_bytes());
+    out.put_u8(0);
+    out.put_slice(rest);
+    out.freeze()
+}
+
+/// Handle one client message.
+pub(super) fn on_client_frame(
+    t: &mut Tracker,
+    f: &Frame,
+    ctx: &Ctx,
+    lookup_error: Option<&anyhow::Error>,
+) -> Result<Forward> {
+    let mut b = Body::new(f.body());
+    if t.skipping {
+        if f.tag == b'S' {
+            t.skipping = false;
+            t.queue.push_back(Req::Sync);
+            return Ok(Forward::AsIs);
+        }
+        return Ok(if f.tag == b'X' { Forward::AsIs } else { Forward::Drop });
+    }
+    let mut forward = Forward::AsIs;
+    match f.tag {
+        b'Q' => {
+            let raw = b.cstr().context("protocol violation: Query without a terminated string")?;
+            let text = String::from_utf8_lossy(raw).into_owned();
+            let (mut verdict, facts) =
+                if std::str::from_utf8(raw).is_err() { (not_utf8(), None) } else { judge(t, ctx, &text, lookup_error) };
+            let mut notes = Arc::default();
+            let mut literals = crate::postgres::sql::literals(&text);
+            mark_labeled(t, facts.as_deref().map(|f| f.as_slice()), &text, &mut literals);
+            if verdict == Verdict::Allow {
+                verdict = sensitive_values(t, literals.iter().map(|l| l.value.as_str()), "its text");
+            }
+            if verdict == Verdict::Allow {
+                match mask_at_read(t, &text) {
+                    Ok((new_text, n)) => {
+                        notes = n;
+                        if let Some(new_text) = new_text {
+                            forward = Forward::Rewritten(query_frame(&new_text));
+                        }
+                    }
+                    Err(v) => verdict = v,
+                }
+            }
+            let stmt = Statement {
+                text: &text,
+                literals: &literals,
+                kind: StatementKind::Simple,
+                params: &[],
+                prepared: None,
+            };
+            let (admitted, pending) = t.pipeline.statement(&stmt, &verdict);
+            t.unconfirmed.push(pending);
+            if let Verdict::Deny { rule, message } = verdict {
+                t.queue.push_back(Req::Denied { admitted, denied: Denied { rule, message }, simple: true });
+                return Ok(Forward::Drop);
+            }
+            if facts.as_deref().is_some_and(|f| changes_catalog(f)) {
+                if let Some(c) = &t.gov.catalog {
+                    c.invalidate();
+                }
+            }
+            let mut run = running(admitted);
+            run.notes = notes;
+            t.queue.push_back(Req::Simple(Box::new(run)));
+        }
+        b'P' => {
+            let name = Bytes::copy_from_slice(b.cstr().context("protocol violation: Parse without a name")?);
+            let raw = b.cstr().context("protocol violation: Parse without a query")?;
+            let text: Arc<str> = String::from_utf8_lossy(raw).into();
+            let (mut verdict, facts) =
+                if std::str::from_utf8(raw).is_err() { (not_utf8(), None) } else { judge(t, ctx, &text, lookup_error) };
+            let mut notes = Arc::default();
+            let mut found = crate::postgres::sql::literals(&text);
+            mark_labeled(t, facts.as_deref().map(|f| f.as_slice()), &text, &mut found);
+            let literals: Arc<[Literal]> = found.into();
+            if verdict == Verdict::Allow {
+                verdict = sensitive_values(t, literals.iter().map(|l| l.value.as_str()), "its text");
+            }
+            if verdict == Verdict::Allow {
+                match mask_at_read(t, &text) {
+                    Ok((new_text, n)) => {
+                        notes = n;
+                        if let Some(new_text) = new_text {
+                            forward = Forward::Rewritten(parse_frame(&name, &new_text, b.rest()));
+                        }
+                    }
+                    Err(v) => verdict = v,
+                }
+            }
+            if let Verdict::Deny { rule, message } = verdict.clone() {
+                let stmt = Statement {
+                    text: &text,
+                    literals: &literals,
+                    kind: StatementKind::Execute,
+                    params: &[],
+                    prepared: None,
+                };
+                let (admitted, pending) = t.pipeline.statement(&stmt, &verdict);
+                t.unconfirmed.push(pending);
+                t.queue.push_back(Req::Denied { admitted, denied: Denied { rule, message }, simple: false });
+                t.skipping = true;
+                return Ok(Forward::Drop);
+            }
+            if facts.as_deref().is_some_and(|f| changes_catalog(f)) {
+                if let Some(c) = &t.gov.catalog {
+                    c.invalidate();
+                }
+            }
+            if t.prepared.len() >= MAX_NAMED && !t.prepared.contains_key(&name) {
+                bail!("protocol violation: more than {MAX_NAMED} prepared statements in one session");
+            }
+            let label = (!name.is_empty()).then(|| String::from_utf8_lossy(&name).into_owned());
+            t.next_gen += 1;
+            let gen = t.next_gen;
+            t.prepared.insert(name, Prepared { gen, text, label, described: None, notes, literals });
+            t.queue.push_back(Req::Parse);
+        }
+        b'B' => {
+            let portal = Bytes::copy_from_slice(b.cstr().context("protocol violation: Bind without a portal")?);
+            let statement = Bytes::copy_from_slice(b.cstr().context("protocol violation: Bind without a statement")?);
+            let nfmt = b.i16().context("protocol violation: Bind without format count")?.max(0) as usize;
+            let mut formats = Vec::with_capacity(nfmt.min(1024));
+            for _ in 0..nfmt {
+                formats.push(b.i16().context("protocol violation: Bind format codes cut short")? == 1);
+            }
+            let n = b.i16().context("protocol violation: Bind without parameter count")?.max(0) as usize;
+            let mut params = Vec::with_capacity(n.min(1024));
+            for i in 0..n {
+                let len = b.i32().context("protocol violation: Bind parameters cut short")?;
+                let v = if len < 0 {
+                    None
+                } else {
+                    Some(Bytes::copy_from_slice(
+                        b.bytes(len as usize).context("protocol violation: Bind parameter cut short")?,
+                    ))
+                };
+                let binary = match formats.len() {
+                    0 => false,
+                    1 => formats.first().copied().unwrap_or(false),
+                    _ => formats.get(i).copied().unwrap_or(false),
+                };
+                params.push((v, binary));
+            }
+            let nres = b.i16().unwrap_or(0).max(0) as usize;
+            let mut result_formats = Vec::with_capacity(nres.min(1600));
+            for _ in 0..nres {
+                result_formats.push(b.i16().unwrap_or(0));
+            }
+            let (text, prepared, statement_gen, notes, literals) = match t.prepared.get(&statement) {
+                Some(p) => (p.text.clone(), p.label.clone(), p.gen, p.notes.clone(), p.literals.clone()),
+                None => (Arc::from("<unknown prepared statement>"), None, 0, Arc::default(), Arc::from(Vec::new())),
+            };
+            // Values a workload binds are checked like the ones it types:
+            // refused before they reach the server (and its logs).
+            let verdict = sensitive_values(
+                t,
+                params.iter().filter_map(|(v, _)| v.as_deref().and_then(|v| std::str::from_utf8(v).ok())),
+                "its parameters",
+            );
+            if let Verdict::Deny { rule, message } = verdict.clone() {
+                let ps: Vec<Param<'_>> =
+                    params.iter().map(|(v, bin)| Param { value: v.as_deref(), binary: *bin }).collect();
+                let stmt = Statement {
+                    text: &text,
+                    literals: &literals,
+                    kind: StatementKind::Execute,
+                    params: &ps,
+                    prepared: prepared.as_deref(),
+                };
+                let (admitted, pending) = t.pipeline.statement(&stmt, &verdict);
+                t.unconfirmed.push(pending);
+                t.queue.push_back(Req::Denied { admitted, denied: Denied { rule, message }, simple: false });
+                t.skipping = true;
+                return Ok(Forward::Drop);
+            }
+            if t.portals.len() >= MAX_NAMED && !t.portals.contains_key(&portal) {
+                bail!("protocol violation: more than {MAX_NAMED} portals in one session");
+            }
+            t.next_gen += 1;
+            let gen = t.next_gen;
+            t.portals.insert(
+                portal,
+                Portal {
+                    gen,
+                    statement_gen,
+                    text,
+                    prepared,
+                    statement,
+                    params,
+                    result_formats,
+                    described: None,
+                    notes,
+                    literals,
+                },
+            );
+            t.queue.push_back(Req::Bind);
+        }
+        b'D' => {
+            let kind = b.u8().context("protocol violation: Describe without a kind")?;
+            let name = Bytes::copy_from_slice(b.cstr().context("protocol violation: Describe without a name")?);
+            let req = if kind == b'S' {
+                let gen = t.prepared.get(&name).map_or(0, |p| p.gen);
+                Req::DescribeStmt(name, gen)
+            } else {
+                let gen = t.portals.get(&name).map_or(0, |p| p.gen);
+                Req::DescribePortal(name, gen)
+            };
+            t.queue.push_back(req);
+        }
+        b'E' => {
+            let portal = Bytes::copy_from_slice(b.cstr().context("protocol violation: Execute without a portal")?);
+            let (text, prepared, params, literals) = match t.portals.get(&portal) {
+                Some(p) => (p.text.clone(), p.prepared.clone(), p.params.clone(), p.literals.clone()),
+                None => (Arc::from("<unknown portal>"), None, Vec::new(), Arc::from(Vec::new())),
+            };
+            let ps: Vec<Param<'_>> =
+                params.iter().map(|(v, bin)| Param { value: v.as_deref(), binary: *bin }).collect();
+            let stmt = Statement {
+                text: &text,
+                literals: &literals,
+                kind: StatementKind::Execute,
+                params: &ps,
+                prepared: prepared.as_deref(),
+            };
+            let (admitted, pending) = t.pipeline.statement(&stmt, &Verdict::Allow);
+            t.unconfirmed.push(pending);
+            let mut run = running(admitted);
+            run.portal_gen = t.portals.get(&portal).map_or(0, |p| p.gen);
+            run.notes = t.portals.get(&portal).map_or_else(Arc::default, |p| p.notes.clone());
+            run.portal = Some(portal);
+            t.queue.push_back(Req::Exec(Box::new(run)));
+        }
+        b'F' => {
+            let oid = b.i32().context("protocol violation: FunctionCall without an oid")?;
+            let text = format!("<fast-path function call, oid {oid}>");
+            // Fast-path calls name functions by OID only: the guardrails
+            // cannot see which function runs, so they are refused unless the
+            // profile allows dangerous functions.
+            let verdict = if t.gov.profile.guardrails.dangerous_functions == guard::Outcome::Allow {
+                Verdict::Allow
+            } else {
+                Verdict::Deny {
+                    rule: "dangerous_function".into(),
+                    message: "fast-path function calls cannot be inspected and are not allowed".into(),
+                }
+            };
+            let stmt = Statement {
+                text: &text,
+                literals: &[],
+                kind: StatementKind::FunctionCall,
+                params: &[],
+                prepared: None,
+            };
+            let (admitted, pending) = t.pipeline.statement(&stmt, &verdict);
+            t.unconfirmed.push(pending);
+            if let Verdict::Deny { rule, message } = verdict {
+                t.queue.push_back(Req::Denied { admitted, denied: Denied { rule, message }, simple: true });
+                return Ok(Forward::Drop);
+            }
+            t.queue.push_back(Req::Func(Box::new(running(admitted))));
+        }
+        b'C' => {
+            let kind = b.u8().context("protocol violation: Close without a kind")?;
+            let name = Bytes::copy_from_slice(b.cstr().context("protocol violation: Close without a name")?);
+            let statement = kind == b'S';
+            let gen = if statement {
+                t.prepared.get(&name).map_or(0, |p| p.gen)
+            } else {
+                t.portals.get(&name).map_or(0, |p| p.gen)
+            };
+            t.queue.push_back(Req::Close { statement, name, gen });
+        }
+        b'S' => t.queue.push_back(Req::Sync),
+        b'H' | b'X' | b'd' | b'c' | b'f' | b'p' => {}
+        other => bail!("protocol violation: unknown message type {:?} from the client", other as char),
+    }
+    Ok(forward)
+}
+
+pub(super) fn running(admitted: Admitted) -> Running {
+    Running {
+        admitted,
+        outcome: Outcome::default(),
+        described: None,
+        binary: Vec::new(),
+        refused: None,
+        copy_out: false,
+        portal: None,
+        portal_gen: 0,
+        notes: Arc::default(),
+        noticed: false,
+    }
+}

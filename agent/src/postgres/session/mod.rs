@@ -1,0 +1,368 @@
+//! The PostgreSQL session after authentication: both directions relayed at
+//! once, statements judged and recorded by the pipeline, results masked on
+//! their way back.
+//!
+//! Two loops share one `Tracker` behind a mutex, held only while a batch of
+//! frames is examined and never across I/O. One loop reads the client and
+//! one the server, so neither side can stall the other, and each loop writes
+//! its whole batch in one call. Lookups that need I/O (the catalog) are done
+//! for a whole batch before the lock is taken.
+//!
+//! The tracker keeps a FIFO of the client's requests in order (Parse, Bind,
+//! Describe, Execute, Sync, Query…). Each server message is matched to the
+//! request at the head, so a DataRow always meets the mask plan of the
+//! statement that produced it. A denied statement never reaches the server:
+//! its ErrorResponse (SQLSTATE 42501, naming the rule) waits in the FIFO for
+//! its turn. Extended-protocol messages are then skipped until Sync, and the
+//! server's ReadyForQuery carries the real transaction status.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+
+use super::{
+    catalog::Catalog,
+    frame::{Body, Frame, FrameReader},
+    read_mask::ReadNotes,
+    startup::ClientHello,
+    types, upstream, wire, CancelTarget, Ctx, End,
+};
+use crate::{
+    config::{PgAuth, Profile},
+    net::Stream,
+    pipeline::{
+        classify::Classifier,
+        guard::{self, LabelLookup, StmtFacts, StmtKind, TableRef},
+        literals::Literal,
+        mask::ValueType,
+        plan::{self, ColAction, ColumnDesc, Plan, Source},
+        recorder, Admitted, Denied, Outcome, Param, SessionPipeline, Statement, StatementKind, Verdict,
+    },
+    secrets::Credential,
+};
+
+mod client;
+mod server;
+
+use client::*;
+use server::*;
+
+/// Most prepared statements / portals one session may hold.
+const MAX_NAMED: usize = 100_000;
+
+/// One column of a RowDescription.
+#[derive(Debug, Clone)]
+struct Field {
+    name: String,
+    table_oid: u32,
+    attnum: i16,
+    type_oid: u32,
+    typmod: i32,
+    binary: bool,
+}
+
+/// A result description with its mask plan.
+#[derive(Debug, Clone)]
+struct Described {
+    fields: Vec<Field>,
+    plan: Arc<Plan>,
+}
+
+struct Prepared {
+    /// Which Parse this is: a Describe answer applies only to the
+    /// statement that was current when the Describe was sent.
+    gen: u64,
+    text: Arc<str>,
+    label: Option<String>,
+    described: Option<Arc<Described>>,
+    /// cordon's notices for each execution (mask at read).
+    notes: Arc<ReadNotes>,
+    /// The literals in `text`, for the records.
+    literals: Arc<[Literal]>,
+}
+
+struct Portal {
+    gen: u64,
+    /// The statement's generation when it was bound.
+    statement_gen: u64,
+    text: Arc<str>,
+    prepared: Option<String>,
+    statement: Bytes,
+    params: Vec<(Option<Bytes>, bool)>,
+    result_formats: Vec<i16>,
+    described: Option<Arc<Described>>,
+    notes: Arc<ReadNotes>,
+    literals: Arc<[Literal]>,
+}
+
+/// A statement whose results are on their way.
+struct Running {
+    admitted: Admitted,
+    outcome: Outcome,
+    /// The plan and per-column binary flags for DataRows (None: not yet known).
+    described: Option<Arc<Described>>,
+    binary: Vec<bool>,
+    /// Results refused after the fact (a denied label): swallow them and
+    /// answer with this error instead.
+    refused: Option<Denied>,
+    copy_out: bool,
+    /// The portal an Execute runs (its description may arrive after the
+    /// Execute was sent, from a Describe earlier in the same batch).
+    portal: Option<Bytes>,
+    /// The portal's generation when the Execute was sent.
+    portal_gen: u64,
+    /// cordon's notices (sent before the first response) and what the
+    /// rewrite masked.
+    notes: Arc<ReadNotes>,
+    noticed: bool,
+}
+
+enum Req {
+    Parse,
+    Bind,
+    /// Closing a statement (true) or portal, forgotten when the server
+    /// confirms: results of an Execute sent before the Close still need
+    /// its description (sqlx sends Bind, Execute, Close, Sync).
+    Close {
+        statement: bool,
+        name: Bytes,
+        gen: u64,
+    },
+    DescribeStmt(Bytes, u64),
+    DescribePortal(Bytes, u64),
+    Exec(Box<Running>),
+    Simple(Box<Running>),
+    Func(Box<Running>),
+    Sync,
+    /// Refused by cordon: the error to send when its turn comes, and for a
+    /// simple query the ReadyForQuery that follows it.
+    Denied {
+        admitted: Admitted,
+        denied: Denied,
+        simple: bool,
+    },
+}
+
+struct Governance {
+    classifier: Arc<Classifier>,
+    profile: Profile,
+    catalog: Option<Arc<Catalog>>,
+    db: String,
+    key: Option<Vec<u8>>,
+}
+
+struct Tracker {
+    pipeline: SessionPipeline,
+    gov: Governance,
+    prepared: HashMap<Bytes, Prepared>,
+    portals: HashMap<Bytes, Portal>,
+    queue: VecDeque<Req>,
+    unconfirmed: Vec<crate::audit::Pending>,
+    cancel: Option<(i32, Vec<u8>)>,
+    bytes_up: u64,
+    bytes_down: u64,
+    last_activity: Instant,
+    /// Transaction status from the server's last ReadyForQuery.
+    status: u8,
+    /// After a refused extended-protocol message: drop until Sync.
+    skipping: bool,
+    /// After an error replaced a result: drop server messages until the
+    /// next ReadyForQuery.
+    swallowing: bool,
+    /// The request FIFO lost step with the server: the session ends.
+    desync: bool,
+    /// Generation counter for Parse and Bind.
+    next_gen: u64,
+}
+
+pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
+    let client_tls = hello.stream.is_tls();
+    let database = hello
+        .params
+        .iter()
+        .find(|(k, _)| k == "database")
+        .or_else(|| hello.params.iter().find(|(k, _)| k == "user"))
+        .map(|(_, v)| v.clone());
+    let mut end = End { client_tls, database: database.clone(), ..End::default() };
+    let up = match upstream::start(&mut hello, ctx).await {
+        Ok(u) => u,
+        Err(e) => {
+            let mut buf = BytesMut::new();
+            wire::error(&mut buf, "FATAL", "08006", &format!("cordon: cannot start the session upstream: {e:#}"));
+            let _ = hello.stream.write_all(&buf).await;
+            end.outcome = "upstream_failed";
+            end.error = Some(format!("{e:#}"));
+            return end;
+        }
+    };
+    end.upstream_tls = up.stream.is_tls();
+    end.upstream_user = Some(up.user.clone());
+    let open = ctx.open_durable.lock().ok().and_then(|mut p| p.take());
+    if let Some(p) = open {
+        if let Err(e) = p.durable().await {
+            end.outcome = "audit_failed";
+            end.error = Some(format!("{e:#}"));
+            return end;
+        }
+    }
+
+    let recorder = if ctx.profile.record.results {
+        match recorder::Recorder::create(&ctx.shared.recordings_dir(), &ctx.session) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!("cannot create the session recording: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let db = database.unwrap_or_default();
+    let credential = credential(ctx);
+    let gov = Governance {
+        classifier: ctx.shared.policy().classifier.clone(),
+        profile: ctx.profile.clone(),
+        catalog: credential.as_ref().map(|_| ctx.shared.catalog(ctx.upstream, &db)),
+        db,
+        key: ctx.shared.secrets().pseudonym_key.as_ref().map(|k| k.expose().as_bytes().to_vec()),
+    };
+    let pipeline = SessionPipeline::new(
+        ctx.shared.audit.clone(),
+        &ctx.session,
+        ctx.profile.record,
+        ctx.shared.literal_key(),
+        recorder,
+    );
+    let tracker = Arc::new(Mutex::new(Tracker {
+        pipeline,
+        gov,
+        prepared: HashMap::new(),
+        portals: HashMap::new(),
+        queue: VecDeque::new(),
+        unconfirmed: Vec::new(),
+        cancel: None,
+        bytes_up: 0,
+        bytes_down: 0,
+        last_activity: Instant::now(),
+        status: b'I',
+        skipping: false,
+        swallowing: false,
+        desync: false,
+        next_gen: 0,
+    }));
+
+    let wake = tokio::sync::Notify::new();
+    let (cr, cw) = tokio::io::split(hello.stream);
+    let (ur, uw) = tokio::io::split(up.stream);
+    let c2s = client_to_server(cr, hello.reader, uw, &tracker, ctx, credential.as_ref(), &wake);
+    let s2c = server_to_client(ur, up.reader, cw, &tracker, ctx, credential.as_ref(), &wake);
+    tokio::pin!(c2s, s2c);
+    let idle = ctx.shared.idle_timeout();
+    let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(100)));
+    let result: Result<&'static str> = loop {
+        tokio::select! {
+            r = &mut c2s => match r {
+                // The client finished: let the server's last words through.
+                Ok(()) => match tokio::time::timeout(Duration::from_secs(5), &mut s2c).await {
+                    Ok(Ok(())) | Err(_) => break Ok("closed"),
+                    Ok(Err(e)) => break Err(e),
+                },
+                Err(e) => break Err(e),
+            },
+            r = &mut s2c => match r {
+                Ok(()) => break Ok("server_closed"),
+                Err(e) => break Err(e),
+            },
+            _ = tick.tick() => {
+                let quiet = tracker.lock().map(|t| t.last_activity.elapsed()).unwrap_or_default();
+                if quiet >= idle {
+                    break Ok("idle_timeout");
+                }
+            }
+        }
+    };
+
+    let Ok(mut t) = tracker.lock() else {
+        end.outcome = "internal_error";
+        return end;
+    };
+    let open: Vec<Req> = t.queue.drain(..).collect();
+    for r in open {
+        match r {
+            Req::Exec(run) | Req::Simple(run) | Req::Func(run) => {
+                let mut o = run.outcome;
+                o.skipped = o.tags.is_empty() && o.error.is_none();
+                t.pipeline.finish(&run.admitted, &o);
+            }
+            Req::Denied { admitted, denied, .. } => {
+                let o = Outcome { denied: Some(denied), ..Outcome::default() };
+                t.pipeline.finish(&admitted, &o);
+            }
+            _ => {}
+        }
+    }
+    if let Some((pid, key)) = t.cancel.take() {
+        ctx.shared.forget_cancel(pid, &key);
+    }
+    end.bytes_up = t.bytes_up;
+    end.bytes_down = t.bytes_down;
+    end.statements = t.pipeline.statements();
+    end.recording = t.pipeline.close();
+    match result {
+        Ok(o) => end.outcome = o,
+        Err(e) => {
+            end.outcome = if e.downcast_ref::<super::frame::FrameError>().is_some()
+                || format!("{e:#}").contains("protocol violation")
+            {
+                "protocol_error"
+            } else {
+                "error"
+            };
+            end.error = Some(format!("{e:#}"));
+        }
+    }
+    end
+}
+
+/// The credential cordon reads the catalog with: the injected one.
+fn credential(ctx: &Ctx) -> Option<Credential> {
+    match ctx.rule.postgres.as_ref().map(|p| &p.auth) {
+        Some(PgAuth::Inject { credentials }) => ctx.shared.secrets().get(credentials).cloned(),
+        _ => None,
+    }
+}
+
+fn take_frames(reader: &mut FrameReader) -> (Vec<Frame>, Option<anyhow::Error>) {
+    let mut frames = Vec::new();
+    loop {
+        match reader.next_frame() {
+            Ok(Some(f)) => frames.push(f),
+            Ok(None) => return (frames, None),
+            Err(e) => return (frames, Some(e.into())),
+        }
+    }
+}
+
+fn current_run(t: &mut Tracker) -> Option<&mut Running> {
+    match t.queue.front_mut() {
+        Some(Req::Exec(r) | Req::Simple(r) | Req::Func(r)) => Some(r),
+        _ => None,
+    }
+}
+
+fn head_id(t: &Tracker) -> u64 {
+    match t.queue.front() {
+        Some(Req::Exec(r) | Req::Simple(r) | Req::Func(r)) => r.admitted.id,
+        _ => 0,
+    }
+}
+
+fn finish_run(t: &mut Tracker, run: &Running) {
+    t.pipeline.finish(&run.admitted, &run.outcome);
+}
