@@ -267,6 +267,25 @@ pub(super) fn mark_labeled(t: &Tracker, facts: Option<&[StmtFacts]>, text: &str,
     }
 }
 
+/// Record a statement with its verdict (durably, before any of its result
+/// reaches the client). A refused one is queued for its error in turn and
+/// None is returned; in the extended protocol the rest up to Sync is
+/// skipped.
+fn admit(t: &mut Tracker, stmt: &Statement<'_>, verdict: Verdict, simple: bool) -> Option<Admitted> {
+    let (admitted, pending) = t.pipeline.statement(stmt, &verdict);
+    t.unconfirmed.push(pending);
+    match verdict {
+        Verdict::Allow => Some(admitted),
+        Verdict::Deny { rule, message } => {
+            t.queue.push_back(Req::Denied { admitted, denied: Denied { rule, message }, simple });
+            if !simple {
+                t.skipping = true;
+            }
+            None
+        }
+    }
+}
+
 /// What happens to a client message.
 pub(super) enum Forward {
     AsIs,
@@ -360,12 +379,7 @@ pub(super) fn on_client_frame(
                 params: &[],
                 prepared: None,
             };
-            let (admitted, pending) = t.pipeline.statement(&stmt, &verdict);
-            t.unconfirmed.push(pending);
-            if let Verdict::Deny { rule, message } = verdict {
-                t.queue.push_back(Req::Denied { admitted, denied: Denied { rule, message }, simple: true });
-                return Ok(Forward::Drop);
-            }
+            let Some(admitted) = admit(t, &stmt, verdict, true) else { return Ok(Forward::Drop) };
             if facts.as_deref().is_some_and(|f| changes_catalog(f)) {
                 if let Some(c) = &t.gov.catalog {
                     c.invalidate();
@@ -399,7 +413,7 @@ pub(super) fn on_client_frame(
                     Err(v) => verdict = v,
                 }
             }
-            if let Verdict::Deny { rule, message } = verdict.clone() {
+            if verdict != Verdict::Allow {
                 let stmt = Statement {
                     text: &text,
                     literals: &literals,
@@ -407,10 +421,7 @@ pub(super) fn on_client_frame(
                     params: &[],
                     prepared: None,
                 };
-                let (admitted, pending) = t.pipeline.statement(&stmt, &verdict);
-                t.unconfirmed.push(pending);
-                t.queue.push_back(Req::Denied { admitted, denied: Denied { rule, message }, simple: false });
-                t.skipping = true;
+                admit(t, &stmt, verdict, false);
                 return Ok(Forward::Drop);
             }
             if facts.as_deref().is_some_and(|f| changes_catalog(f)) {
@@ -469,7 +480,7 @@ pub(super) fn on_client_frame(
                 params.iter().filter_map(|(v, _)| v.as_deref().and_then(|v| std::str::from_utf8(v).ok())),
                 "its parameters",
             );
-            if let Verdict::Deny { rule, message } = verdict.clone() {
+            if verdict != Verdict::Allow {
                 let ps: Vec<Param<'_>> =
                     params.iter().map(|(v, bin)| Param { value: v.as_deref(), binary: *bin }).collect();
                 let stmt = Statement {
@@ -479,10 +490,7 @@ pub(super) fn on_client_frame(
                     params: &ps,
                     prepared: prepared.as_deref(),
                 };
-                let (admitted, pending) = t.pipeline.statement(&stmt, &verdict);
-                t.unconfirmed.push(pending);
-                t.queue.push_back(Req::Denied { admitted, denied: Denied { rule, message }, simple: false });
-                t.skipping = true;
+                admit(t, &stmt, verdict, false);
                 return Ok(Forward::Drop);
             }
             if t.portals.len() >= MAX_NAMED && !t.portals.contains_key(&portal) {
@@ -534,8 +542,7 @@ pub(super) fn on_client_frame(
                 params: &ps,
                 prepared: prepared.as_deref(),
             };
-            let (admitted, pending) = t.pipeline.statement(&stmt, &Verdict::Allow);
-            t.unconfirmed.push(pending);
+            let Some(admitted) = admit(t, &stmt, Verdict::Allow, false) else { return Ok(Forward::Drop) };
             let mut run = running(admitted);
             run.portal_gen = t.portals.get(&portal).map_or(0, |p| p.gen);
             run.notes = t.portals.get(&portal).map_or_else(Arc::default, |p| p.notes.clone());
@@ -563,12 +570,7 @@ pub(super) fn on_client_frame(
                 params: &[],
                 prepared: None,
             };
-            let (admitted, pending) = t.pipeline.statement(&stmt, &verdict);
-            t.unconfirmed.push(pending);
-            if let Verdict::Deny { rule, message } = verdict {
-                t.queue.push_back(Req::Denied { admitted, denied: Denied { rule, message }, simple: true });
-                return Ok(Forward::Drop);
-            }
+            let Some(admitted) = admit(t, &stmt, verdict, true) else { return Ok(Forward::Drop) };
             t.queue.push_back(Req::Func(Box::new(running(admitted))));
         }
         b'C' => {
