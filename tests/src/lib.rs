@@ -146,6 +146,27 @@ pub struct Postgres {
     pub ca_file: Option<PathBuf>,
 }
 
+/// A governed PostgreSQL: a throwaway secure server on 127.0.0.2 (TLS,
+/// SCRAM) with `schema` loaded, a cgroup `cordon-<test>-<pid>` tagged with
+/// profile `ci`, and a running agent whose policy intercepts the server
+/// with the `app` credential and adds `policy` (classify rules, the `ci`
+/// profile).
+pub fn governed(test: &str, schema: &str, policy: &str) -> Result<(Postgres, Cgroup, Agent)> {
+    let pg = Postgres::start_secure(&["127.0.0.2"], free_port())?;
+    pg.admin_sql(schema)?;
+    let name = format!("cordon-{test}-{}", std::process::id());
+    let cg = Cgroup::create(&name)?;
+    let body = format!(
+        "[[intercept]]\nname = \"shop\"\nprotocol = \"postgres\"\nport = {port}\ndestinations = [\"127.0.0.2/32\"]\n\
+         credentials = \"app\"\nupstream_ca = \"{ca}\"\n\n{policy}\n\n[[tag]]\ncgroup = \"{name}\"\nprofile = \"ci\"\n",
+        port = pg.port,
+        ca = pg.ca_file.as_ref().context("a secure server has a CA")?.display(),
+    );
+    let mut agent = Agent::new(&body)?;
+    agent.start()?;
+    Ok((pg, cg, agent))
+}
+
 /// Passwords of the roles a secure server has; tests grep for them.
 pub const APP_PASSWORD: &str = "app-Secret-7f3e91c2";
 pub const LEGACY_PASSWORD: &str = "legacy-Secret-0b8d4a6e";

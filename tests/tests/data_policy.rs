@@ -29,20 +29,8 @@ insert into orders values (1, 10), (2, 20);
 grant all on all tables in schema public to app;";
 
 fn setup(test: &str, profile_extra: &str) -> Setup {
-    let pg = Postgres::start_secure(&["127.0.0.2"], cordon_tests::free_port()).expect("postgres");
-    pg.admin_sql(SCHEMA).expect("schema");
-    let name = format!("cordon-dp-{}-{test}", std::process::id());
-    let cg = Cgroup::create(&name).expect("cgroup");
-    let body = format!(
+    let policy = format!(
         r#"
-[[intercept]]
-name = "shop"
-protocol = "postgres"
-port = {port}
-destinations = ["127.0.0.2/32"]
-credentials = "app"
-upstream_ca = "{ca}"
-
 [[classify]]
 column = "*.public.customers.ssn"
 label = "restricted"
@@ -61,16 +49,9 @@ label = "restricted"
 description = "CI"
 record_results = true
 {profile_extra}
-
-[[tag]]
-cgroup = "{name}"
-profile = "ci"
-"#,
-        port = pg.port,
-        ca = pg.ca_file.as_ref().expect("ca").display(),
+"#
     );
-    let mut agent = Agent::new(&body).expect("agent");
-    agent.start().expect("agent start");
+    let (pg, cg, agent) = cordon_tests::governed(&format!("dp-{test}"), SCHEMA, &policy).expect("governed postgres");
     Setup { pg, cg, agent }
 }
 

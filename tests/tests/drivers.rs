@@ -37,20 +37,7 @@ struct Setup {
 }
 
 fn setup(test: &str) -> Setup {
-    let pg = Postgres::start_secure(&["127.0.0.2"], cordon_tests::free_port()).expect("postgres");
-    pg.admin_sql(SCHEMA).expect("schema");
-    let name = format!("cordon-drv-{}-{test}", std::process::id());
-    let cg = Cgroup::create(&name).expect("cgroup");
-    let body = format!(
-        r#"
-[[intercept]]
-name = "shop"
-protocol = "postgres"
-port = {port}
-destinations = ["127.0.0.2/32"]
-credentials = "app"
-upstream_ca = "{ca}"
-
+    let policy = r#"
 [[classify]]
 column = "*.public.customers.ssn"
 label = "restricted"
@@ -62,16 +49,8 @@ label = "confidential"
 mask = "partial"
 
 [profiles.ci]
-
-[[tag]]
-cgroup = "{name}"
-profile = "ci"
-"#,
-        port = pg.port,
-        ca = pg.ca_file.as_ref().expect("ca").display(),
-    );
-    let mut agent = Agent::new(&body).expect("agent");
-    agent.start().expect("agent start");
+"#;
+    let (pg, cg, agent) = cordon_tests::governed(&format!("drv-{test}"), SCHEMA, policy).expect("governed postgres");
     Setup { pg, cg, _agent: agent }
 }
 

@@ -10,8 +10,7 @@ use std::{
 };
 
 use cordon_tests::{
-    psql, require_e2e, stderr, stdout, workload_script, Agent, Cgroup, Postgres, APP_PASSWORD, LEGACY_PASSWORD,
-    TEST_PYTHON,
+    require_e2e, stderr, stdout, workload_script, Agent, Cgroup, Postgres, APP_PASSWORD, LEGACY_PASSWORD, TEST_PYTHON,
 };
 use serde_json::Value;
 

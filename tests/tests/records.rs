@@ -25,20 +25,8 @@ struct Setup {
 }
 
 fn setup(test: &str, profile_extra: &str) -> Setup {
-    let pg = Postgres::start_secure(&["127.0.0.2"], cordon_tests::free_port()).expect("postgres");
-    pg.admin_sql(SCHEMA).expect("schema");
-    let name = format!("cordon-rec-{}-{test}", std::process::id());
-    let cg = Cgroup::create(&name).expect("cgroup");
-    let body = format!(
+    let policy = format!(
         r#"
-[[intercept]]
-name = "shop"
-protocol = "postgres"
-port = {port}
-destinations = ["127.0.0.2/32"]
-credentials = "app"
-upstream_ca = "{ca}"
-
 [[classify]]
 column = "*.public.customers.name"
 label = "confidential"
@@ -46,16 +34,9 @@ label = "confidential"
 [profiles.ci]
 record_results = true
 {profile_extra}
-
-[[tag]]
-cgroup = "{name}"
-profile = "ci"
-"#,
-        port = pg.port,
-        ca = pg.ca_file.as_ref().expect("ca").display(),
+"#
     );
-    let mut agent = Agent::new(&body).expect("agent");
-    agent.start().expect("agent start");
+    let (pg, cg, agent) = cordon_tests::governed(&format!("rec-{test}"), SCHEMA, &policy).expect("governed postgres");
     Setup { pg, cg, agent }
 }
 
