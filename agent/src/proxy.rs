@@ -20,9 +20,7 @@ use crate::{
     audit::Record,
     config::Intercept,
     identity::{self, Workload},
-    kernel,
-    protocol::Protocol,
-    relay::{self, RelayEnd},
+    kernel, relay,
     state::Shared,
 };
 
@@ -118,55 +116,29 @@ async fn session(
     info!(rule = %rule.name, upstream = %upstream_addr, "session open");
     shared.sessions_open.fetch_add(1, Ordering::Relaxed);
 
-    let mut close = base("close");
-    let (outcome, counts, error) = match rule.protocol {
-        Protocol::Tcp => match tokio::join!(connect_upstream(upstream_addr, &shared), open_durable.durable()) {
-            (_, Err(e)) => ("audit_failed", relay::Counts::default(), Some(format!("{e:#}"))),
-            (Err(e), _) => ("upstream_connect_failed", relay::Counts::default(), Some(format!("{e:#}"))),
-            (Ok(mut upstream), Ok(())) => {
-                let mut client = client;
-                match relay::relay(&mut client, &mut upstream, shared.idle_timeout()).await {
-                    RelayEnd::Closed(c) => ("closed", c, None),
-                    RelayEnd::Idle(c) => ("idle_timeout", c, None),
-                    RelayEnd::Error(c, e) => ("error", c, Some(e.to_string())),
-                }
-            }
-        },
-        Protocol::Postgres => {
-            let Some(profile) = policy.profiles.get(profile_id as usize).cloned() else {
-                let rec = base("reject")
-                    .with("reason", "no_profile")
-                    .with("detail", "the tag's profile is no longer in the policy");
-                audit(&shared, rec).await;
-                shared.sessions_open.fetch_sub(1, Ordering::Relaxed);
-                return;
-            };
-            let ctx = crate::postgres::Ctx {
-                shared: shared.clone(),
-                session: id.clone(),
-                rule: rule.clone(),
-                profile,
-                upstream: upstream_addr,
-                base: base("statement"),
-                open_durable: std::sync::Mutex::new(Some(open_durable)),
-            };
-            let end = crate::postgres::serve(client, ctx).await;
-            close = close
-                .with("statements", end.statements)
-                .with("client_tls", end.client_tls)
-                .with("upstream_tls", end.upstream_tls);
-            if let Some(u) = &end.upstream_user {
-                close = close.with("upstream_user", u);
-            }
-            if let Some(d) = &end.database {
-                close = close.with("database", d);
-            }
-            if let Some(r) = &end.recording {
-                close = close.with("recording", r);
-            }
-            (end.outcome, relay::Counts { bytes_up: end.bytes_up, bytes_down: end.bytes_down }, end.error)
-        }
+    let Some(profile) = policy.profiles.get(profile_id as usize).cloned() else {
+        let rec =
+            base("reject").with("reason", "no_profile").with("detail", "the tag's profile is no longer in the policy");
+        audit(&shared, rec).await;
+        shared.sessions_open.fetch_sub(1, Ordering::Relaxed);
+        return;
     };
+    let session = crate::protocol::Session {
+        shared: shared.clone(),
+        id: id.clone(),
+        rule: rule.clone(),
+        profile,
+        upstream: upstream_addr,
+        base: base("statement"),
+        open_durable,
+    };
+    let end = crate::protocol::serve(rule.protocol, client, session).await;
+    let mut close = base("close");
+    for (k, v) in end.fields {
+        close = close.with(k, v);
+    }
+    let (outcome, counts, error) =
+        (end.outcome, relay::Counts { bytes_up: end.bytes_up, bytes_down: end.bytes_down }, end.error);
     shared.sessions_open.fetch_sub(1, Ordering::Relaxed);
     close = close
         .with_event("close")

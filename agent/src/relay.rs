@@ -120,3 +120,23 @@ pub async fn relay(client: &mut TcpStream, upstream: &mut TcpStream, idle: Durat
         Some(Stop::Failed(e)) => RelayEnd::Error(counts, e),
     }
 }
+
+/// The `tcp` protocol: connect upstream, relay bytes both ways, audited per
+/// connection.
+pub async fn serve(client: tokio::net::TcpStream, s: crate::protocol::Session) -> crate::protocol::End {
+    use crate::protocol::End;
+    let (up, durable) = tokio::join!(crate::proxy::connect_upstream(s.upstream, &s.shared), s.open_durable.durable());
+    let (outcome, c, error) = match (up, durable) {
+        (_, Err(e)) => ("audit_failed", Counts::default(), Some(format!("{e:#}"))),
+        (Err(e), _) => ("upstream_connect_failed", Counts::default(), Some(format!("{e:#}"))),
+        (Ok(mut upstream), Ok(())) => {
+            let mut client = client;
+            match relay(&mut client, &mut upstream, s.shared.idle_timeout()).await {
+                RelayEnd::Closed(c) => ("closed", c, None),
+                RelayEnd::Idle(c) => ("idle_timeout", c, None),
+                RelayEnd::Error(c, e) => ("error", c, Some(e.to_string())),
+            }
+        }
+    };
+    End { outcome, error, bytes_up: c.bytes_up, bytes_down: c.bytes_down, fields: Vec::new() }
+}

@@ -9,10 +9,7 @@ use std::{
     time::Duration,
 };
 
-use crate::{
-    audit::AuditLog, config::Policy, identity::Resolver, kernel::Kernel, postgres::CancelTarget, secrets::Secrets,
-    tagging::Tagger,
-};
+use crate::{audit::AuditLog, config::Policy, identity::Resolver, kernel::Kernel, secrets::Secrets, tagging::Tagger};
 
 pub struct Shared {
     pub cgroup_root: PathBuf,
@@ -29,10 +26,8 @@ pub struct Shared {
     pub secrets: RwLock<Arc<Secrets>>,
     client_tls: Option<Arc<rustls::ServerConfig>>,
     upstream_tls: Mutex<std::collections::HashMap<Option<PathBuf>, Arc<rustls::ClientConfig>>>,
-    cancel: Mutex<std::collections::HashMap<(i32, Vec<u8>), CancelTarget>>,
-    /// Parsed statements, by text (shared by all sessions).
-    pub sql: crate::postgres::sql::Cache,
-    catalogs: Mutex<std::collections::HashMap<(std::net::SocketAddr, String), Arc<crate::postgres::catalog::Catalog>>>,
+    /// Each protocol's own shared state, by type.
+    protocols: Mutex<std::collections::HashMap<std::any::TypeId, Arc<dyn std::any::Any + Send + Sync>>>,
     literal_key: std::sync::OnceLock<crate::pipeline::literals::LiteralKey>,
 }
 
@@ -64,9 +59,7 @@ impl Shared {
             secrets: RwLock::new(Arc::new(secrets)),
             client_tls,
             upstream_tls: Mutex::new(std::collections::HashMap::new()),
-            cancel: Mutex::new(std::collections::HashMap::new()),
-            sql: crate::postgres::sql::Cache::default(),
-            catalogs: Mutex::new(std::collections::HashMap::new()),
+            protocols: Mutex::new(std::collections::HashMap::new()),
             literal_key: std::sync::OnceLock::new(),
         }
     }
@@ -93,16 +86,18 @@ impl Shared {
             .clone()
     }
 
-    /// The shared catalog of one database on one server.
-    pub fn catalog(&self, upstream: std::net::SocketAddr, database: &str) -> Arc<crate::postgres::catalog::Catalog> {
-        let key = (upstream, database.to_string());
-        match self.catalogs.lock() {
-            Ok(mut m) => m
-                .entry(key)
-                .or_insert_with(|| Arc::new(crate::postgres::catalog::Catalog::new(upstream, database)))
-                .clone(),
-            Err(_) => Arc::new(crate::postgres::catalog::Catalog::new(upstream, database)),
-        }
+    /// A protocol's own shared state (its caches and registries), created
+    /// on first use: the seam keeps protocol types out of this file.
+    pub fn protocol_state<T: Default + Send + Sync + 'static>(&self) -> Arc<T> {
+        let id = std::any::TypeId::of::<T>();
+        let mut map = match self.protocols.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let any =
+            map.entry(id).or_insert_with(|| Arc::new(T::default()) as Arc<dyn std::any::Any + Send + Sync>).clone();
+        drop(map);
+        any.downcast::<T>().unwrap_or_else(|_| Arc::new(T::default()))
     }
 
     pub fn secrets(&self) -> Arc<Secrets> {
@@ -135,33 +130,6 @@ impl Shared {
 
     pub fn recordings_dir(&self) -> PathBuf {
         self.policy().agent.state_dir.join("recordings")
-    }
-
-    /// Issue a cancel key for a backend: random, of the backend key's length
-    /// (4 bytes under protocol 3.0, longer under 3.2).
-    pub fn register_cancel(&self, target: CancelTarget, key_len: usize) -> (i32, Vec<u8>) {
-        use rand::Rng;
-        let mut rng = rand::rng();
-        let len = key_len.clamp(4, 256);
-        let Ok(mut map) = self.cancel.lock() else { return (0, vec![0; len]) };
-        loop {
-            let pid: i32 = rng.random_range(1..i32::MAX);
-            let key: Vec<u8> = (0..len).map(|_| rng.random()).collect();
-            if let std::collections::hash_map::Entry::Vacant(v) = map.entry((pid, key.clone())) {
-                v.insert(target);
-                return (pid, key);
-            }
-        }
-    }
-
-    pub fn cancel_target(&self, pid: i32, key: &[u8]) -> Option<CancelTarget> {
-        self.cancel.lock().ok()?.get(&(pid, key.to_vec())).cloned()
-    }
-
-    pub fn forget_cancel(&self, pid: i32, key: &[u8]) {
-        if let Ok(mut m) = self.cancel.lock() {
-            m.remove(&(pid, key.to_vec()));
-        }
     }
 
     /// The policy in force (a cheap clone of an Arc).

@@ -10,6 +10,7 @@ pub mod frame;
 pub mod read_mask;
 pub mod scram;
 pub mod session;
+pub mod shared;
 pub mod sql;
 pub mod sqltree;
 pub mod startup;
@@ -23,12 +24,15 @@ use crate::{
     audit::Record,
     config::{Intercept, Profile},
     net::Stream,
+    protocol::Session,
     state::Shared,
 };
 
-/// What the adapter needs from the proxy for one session.
+/// What the adapter needs for one session: the proxy's [`Session`] and
+/// what PostgreSQL sessions share.
 pub struct Ctx {
     pub shared: Arc<Shared>,
+    pub pg: Arc<shared::PgShared>,
     pub session: String,
     pub rule: Intercept,
     pub profile: Profile,
@@ -64,11 +68,47 @@ pub struct CancelTarget {
     pub key: Vec<u8>,
 }
 
-pub async fn serve(client: tokio::net::TcpStream, ctx: Ctx) -> End {
+/// The protocol's entry point (see `protocol::serve`).
+pub async fn serve(client: tokio::net::TcpStream, s: Session) -> crate::protocol::End {
+    let ctx = Ctx {
+        pg: s.shared.protocol_state::<shared::PgShared>(),
+        shared: s.shared,
+        session: s.id,
+        rule: s.rule,
+        profile: s.profile,
+        upstream: s.upstream,
+        base: s.base,
+        open_durable: std::sync::Mutex::new(Some(s.open_durable)),
+    };
+    let end = session_end(client, &ctx).await;
+    let mut fields: Vec<(&'static str, serde_json::Value)> = vec![
+        ("statements", end.statements.into()),
+        ("client_tls", end.client_tls.into()),
+        ("upstream_tls", end.upstream_tls.into()),
+    ];
+    if let Some(u) = end.upstream_user {
+        fields.push(("upstream_user", u.into()));
+    }
+    if let Some(d) = end.database {
+        fields.push(("database", d.into()));
+    }
+    if let Some(r) = end.recording {
+        fields.push(("recording", r));
+    }
+    crate::protocol::End {
+        outcome: end.outcome,
+        error: end.error,
+        bytes_up: end.bytes_up,
+        bytes_down: end.bytes_down,
+        fields,
+    }
+}
+
+async fn session_end(client: tokio::net::TcpStream, ctx: &Ctx) -> End {
     let client = Stream::Plain(client);
-    match startup::negotiate(client, &ctx).await {
-        Ok(startup::Hello::Startup(hello)) => session::run(hello, &ctx).await,
-        Ok(startup::Hello::Cancel { pid, key }) => startup::forward_cancel(pid, &key, &ctx).await,
+    match startup::negotiate(client, ctx).await {
+        Ok(startup::Hello::Startup(hello)) => session::run(hello, ctx).await,
+        Ok(startup::Hello::Cancel { pid, key }) => startup::forward_cancel(pid, &key, ctx).await,
         Err(e) => End { outcome: "protocol_error", error: Some(format!("{e:#}")), ..End::default() },
     }
 }

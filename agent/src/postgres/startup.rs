@@ -122,7 +122,7 @@ async fn negotiate_inner(mut stream: Stream, ctx: &Ctx) -> Result<Hello> {
 /// A CancelRequest arrived (on its own connection, redirected like any
 /// other): map cordon's key back to the backend's and send it upstream.
 pub async fn forward_cancel(pid: i32, key: &[u8], ctx: &Ctx) -> End {
-    let target = ctx.shared.cancel_target(pid, key);
+    let target = ctx.pg.cancel_target(pid, key);
     let rec = |outcome: &str| ctx.base.clone().with_event("cancel").with("outcome", outcome);
     let Some(target) = target else {
         let _ = ctx.shared.audit.write(rec("unknown_key")).await;

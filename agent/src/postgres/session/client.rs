@@ -87,7 +87,7 @@ pub(super) async fn resolve_statement_tables(
     let mut operators = Vec::new();
     for f in frames {
         let Some(sql) = sql_of(f) else { continue };
-        if let Ok(facts) = ctx.shared.sql.analyse(&sql) {
+        if let Ok(facts) = ctx.pg.sql.analyse(&sql) {
             for s in facts.iter() {
                 tables.extend(s.reads.iter().cloned());
                 tables.extend(s.writes.iter().map(|(t, _)| t.clone()));
@@ -173,7 +173,7 @@ pub(super) fn judge(
     sql: &str,
     lookup_error: Option<&anyhow::Error>,
 ) -> (Verdict, Option<Arc<Vec<StmtFacts>>>) {
-    let facts = match ctx.shared.sql.analyse(sql) {
+    let facts = match ctx.pg.sql.analyse(sql) {
         Ok(f) => f,
         Err(e) => {
             let v = Verdict::Deny {

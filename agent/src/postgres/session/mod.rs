@@ -228,7 +228,7 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
     let gov = Governance {
         classifier: ctx.shared.policy().classifier.clone(),
         profile: ctx.profile.clone(),
-        catalog: credential.as_ref().map(|_| ctx.shared.catalog(ctx.upstream, &db)),
+        catalog: credential.as_ref().map(|_| ctx.pg.catalog(ctx.upstream, &db)),
         db,
         key: ctx.shared.secrets().pseudonym_key.as_ref().map(|k| k.expose().as_bytes().to_vec()),
     };
@@ -308,7 +308,7 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
         }
     }
     if let Some((pid, key)) = t.cancel.take() {
-        ctx.shared.forget_cancel(pid, &key);
+        ctx.pg.forget_cancel(pid, &key);
     }
     end.bytes_up = t.bytes_up;
     end.bytes_down = t.bytes_down;

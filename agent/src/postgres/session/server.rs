@@ -240,7 +240,7 @@ pub(super) fn on_server_frame_inner(
             let mut b = Body::new(f.body());
             if let Some(pid) = b.i32() {
                 let real_key = b.rest().to_vec();
-                let (my_pid, my_key) = ctx.shared.register_cancel(
+                let (my_pid, my_key) = ctx.pg.register_cancel(
                     CancelTarget { session: ctx.session.clone(), upstream: ctx.upstream, pid, key: real_key.clone() },
                     real_key.len(),
                 );
