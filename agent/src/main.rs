@@ -222,6 +222,18 @@ fn dispatch(cli: Cli) -> Result<i32> {
         }
         Cmd::Policy { cmd: PolicyCmd::Check { file } } => match config::load(&file) {
             Ok(p) => {
+                let labeled = !p.classifier.rules.is_empty();
+                for ic in &p.intercepts {
+                    let passthrough =
+                        matches!(ic.postgres.as_ref().map(|pg| &pg.auth), Some(config::PgAuth::Passthrough));
+                    if passthrough && labeled && p.profiles.iter().any(|pr| pr.protects_anything()) {
+                        eprintln!(
+                            "{}: warning: intercept {} uses auth = \"passthrough\": sessions of profiles that mask labeled data are refused there (mask at read needs auth = \"inject\")",
+                            file.display(),
+                            ic.name
+                        );
+                    }
+                }
                 for prof in &p.profiles {
                     if prof.record.text == cordon::pipeline::literals::TextMode::Full {
                         eprintln!(

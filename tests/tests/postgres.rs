@@ -510,3 +510,24 @@ fn passthrough_relays_the_clients_own_scram_login() {
     let closes = s.agent.wait_audit("close", 2);
     assert!(closes.iter().any(|c| c["outcome"] == "upstream_failed"), "{closes:?}");
 }
+
+#[test]
+fn passthrough_refuses_a_profile_that_masks_labeled_data() {
+    require_e2e!();
+    // Without cordon's own catalog session there is no mask at read, and
+    // masking results alone is defeated by reverse(ssn): refused, and said.
+    let s = setup(
+        "passthrough-masking",
+        "",
+        "\n[[classify]]\ncolumn = \"*.public.customers.ssn\"\nlabel = \"restricted\"\n",
+    );
+    let conn = format!("host=127.0.0.2 port={} user=app dbname=postgres sslmode=disable", s.pg.port);
+    let out = psql_env(&s.cg, &conn, "select 1", &[("PGPASSWORD", APP_PASSWORD)]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("auth = \"inject\""), "{}", stderr(&out));
+    let closes = s.agent.wait_audit("close", 1);
+    assert!(closes.iter().any(|c| c["outcome"] == "policy_refused"), "{closes:?}");
+    let check =
+        Command::new(cordon_tests::cordon_bin()).args(["policy", "check"]).arg(&s.agent.config).output().unwrap();
+    assert!(stderr(&check).contains("passthrough"), "{}", stderr(&check));
+}

@@ -190,6 +190,14 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
         .or_else(|| hello.params.iter().find(|(k, _)| k == "user"))
         .map(|(_, v)| v.clone());
     let mut end = End { client_tls, database: database.clone(), ..End::default() };
+    if let Some(msg) = passthrough_cannot_mask(ctx) {
+        let mut buf = BytesMut::new();
+        wire::error(&mut buf, "FATAL", "28000", &format!("cordon: {msg}"));
+        let _ = hello.stream.write_all(&buf).await;
+        end.outcome = "policy_refused";
+        end.error = Some(msg);
+        return end;
+    }
     let up = match upstream::start(&mut hello, ctx).await {
         Ok(u) => u,
         Err(e) => {
@@ -328,6 +336,20 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
         }
     }
     end
+}
+
+/// Mask at read needs cordon's own catalog session, which only `inject`
+/// has. A passthrough session of a profile that masks or denies labeled
+/// data would be masked at result only, which a computed expression
+/// (`reverse(ssn)`) defeats: it is refused instead.
+fn passthrough_cannot_mask(ctx: &Ctx) -> Option<String> {
+    let labeled = !ctx.shared.policy().classifier.rules.is_empty();
+    (credential(ctx).is_none() && labeled && ctx.profile.protects_anything()).then(|| {
+        format!(
+            "profile {} masks labeled data, which needs cordon's own catalog session: intercept {} uses auth = \"passthrough\"; set auth = \"inject\" with a credential (passthrough would only mask results, which computed expressions get around)",
+            ctx.profile.name, ctx.rule.name
+        )
+    })
 }
 
 /// The credential cordon reads the catalog with: the injected one.
