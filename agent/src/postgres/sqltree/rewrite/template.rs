@@ -101,8 +101,8 @@ fn render(c: &pb::AConst) -> Option<String> {
         Val::Boolval(b) => if b.boolval { "true" } else { "false" }.into(),
         Val::Sval(s) => quote_literal(&s.sval),
         Val::Bsval(b) => {
-            let (kind, digits) = b.bsval.split_at(b.bsval.len().min(1));
-            match kind {
+            let digits = b.bsval.get(1..)?;
+            match b.bsval.get(..1)? {
                 "b" | "B" => format!("B'{digits}'"),
                 "x" | "X" => format!("X'{digits}'"),
                 _ => return None,
