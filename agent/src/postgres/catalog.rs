@@ -70,7 +70,8 @@ pub struct Catalog {
     by_name: Mutex<HashMap<TableRef, (Instant, Option<u32>)>>,
     /// (profile, exact text) → rewrite. It depends on labels and
     /// definitions, so it lives and dies with the entries it was built on.
-    rewrites: Mutex<HashMap<(String, String), (Instant, CachedRewrite)>>,
+    /// profile → exact text → rewrite (nested, so a lookup borrows both).
+    rewrites: Mutex<HashMap<String, Rewrites>>,
     /// (profile, statement shape) → the shape's rewrite template.
     templates: Mutex<Templates>,
     /// Function or operator name → its definitions that are not built in.
@@ -89,6 +90,8 @@ pub struct UserCodeInfo {
 
 type UserCodeList = Arc<Vec<UserCodeInfo>>;
 use super::sqltree::rewrite::template::Template;
+/// Exact text → rewrite, with when it was built.
+type Rewrites = HashMap<String, (Instant, CachedRewrite)>;
 /// (profile, statement shape) → template, with when it was built.
 type Templates = HashMap<(String, u64), (Instant, Arc<Template>)>;
 
@@ -171,8 +174,7 @@ impl Catalog {
 
     pub fn cached_rewrite(&self, profile: &str, sql: &str) -> Option<CachedRewrite> {
         let m = self.rewrites.lock().ok()?;
-        // Keyed by owned strings; a lookup allocates only on this path.
-        let (at, r) = m.get(&(profile.to_string(), sql.to_string()))?;
+        let (at, r) = m.get(profile)?.get(sql)?;
         (at.elapsed() < TTL).then(|| r.clone())
     }
 
@@ -196,10 +198,11 @@ impl Catalog {
             return;
         }
         if let Ok(mut m) = self.rewrites.lock() {
-            if m.len() >= REWRITES_MAX {
-                m.clear();
+            let texts = m.entry(profile.to_string()).or_default();
+            if texts.len() >= REWRITES_MAX {
+                texts.clear();
             }
-            m.insert((profile.to_string(), sql.to_string()), (Instant::now(), r));
+            texts.insert(sql.to_string(), (Instant::now(), r));
         }
     }
 

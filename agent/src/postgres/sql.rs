@@ -10,7 +10,10 @@ use std::{
 
 use pg_query::NodeEnum;
 
-use crate::pipeline::guard::{CopyTarget, StmtFacts, StmtKind, TableRef};
+use crate::pipeline::{
+    guard::{CopyTarget, StmtFacts, StmtKind, TableRef},
+    literals::Literal,
+};
 
 /// Most distinct query texts kept; the cache is cleared when full (cheap,
 /// and a workload that never repeats a text gains nothing from keeping it).
@@ -23,27 +26,46 @@ pub type Analysis = Result<Arc<Vec<StmtFacts>>, String>;
 #[derive(Default)]
 pub struct Cache {
     map: Mutex<HashMap<String, Analysis>>,
+    /// The literals of each text (PostgreSQL's scanner), for the records.
+    literals: Mutex<HashMap<String, Arc<[Literal]>>>,
 }
 
 impl Cache {
+    /// The literals of a text, by PostgreSQL's scanner, cached by the exact
+    /// text (a driver that prepares the same statement again scans it once).
+    pub fn literals(&self, sql: &str) -> Arc<[Literal]> {
+        if let Some(l) = self.literals.lock().ok().and_then(|m| m.get(sql).cloned()) {
+            return l;
+        }
+        let l: Arc<[Literal]> = literals(sql).into();
+        if sql.len() <= CACHE_MAX_TEXT {
+            if let Ok(mut m) = self.literals.lock() {
+                if m.len() >= CACHE_MAX {
+                    m.clear();
+                }
+                m.insert(sql.to_string(), l.clone());
+            }
+        }
+        l
+    }
+
     /// Keyed by the exact text. (A key normalised by cordon's own lexer was
     /// faster for workloads that inline literals, but any place where that
     /// lexer reads SQL differently from PostgreSQL's would let one text
     /// borrow another's verdict.)
     pub fn analyse(&self, sql: &str) -> Analysis {
-        let key = sql.to_string();
         if let Ok(m) = self.map.lock() {
-            if let Some(a) = m.get(&key) {
+            if let Some(a) = m.get(sql) {
                 return a.clone();
             }
         }
         let a = analyse(sql).map(Arc::new);
-        if key.len() <= CACHE_MAX_TEXT && a.is_ok() {
+        if sql.len() <= CACHE_MAX_TEXT && a.is_ok() {
             if let Ok(mut m) = self.map.lock() {
                 if m.len() >= CACHE_MAX {
                     m.clear();
                 }
-                m.insert(key, a.clone());
+                m.insert(sql.to_string(), a.clone());
             }
         }
         a
@@ -84,7 +106,7 @@ pub fn analyse(sql: &str) -> Result<Vec<StmtFacts>, String> {
 /// The literals of a statement text, by PostgreSQL's own scanner: strings
 /// (standard, E'', dollar-quoted, U&''), numbers, bit strings. A text the
 /// scanner rejects has none (it is refused as a parse error anyway).
-pub fn literals(sql: &str) -> Vec<crate::pipeline::literals::Literal> {
+pub fn literals(sql: &str) -> Vec<Literal> {
     use pg_query::protobuf::Token;
     let Ok(scan) = pg_query::scan(sql) else { return Vec::new() };
     let mut out = Vec::new();
@@ -98,7 +120,7 @@ pub fn literals(sql: &str) -> Vec<crate::pipeline::literals::Literal> {
         let (Ok(start), Ok(end)) = (usize::try_from(t.start), usize::try_from(t.end)) else { continue };
         let Some(raw) = sql.get(start..end) else { continue };
         let value = if string { string_value(raw) } else { raw.to_string() };
-        out.push(crate::pipeline::literals::Literal { start, end, value, labeled: false });
+        out.push(Literal { start, end, value, labeled: false });
     }
     out
 }

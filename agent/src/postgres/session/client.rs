@@ -228,6 +228,21 @@ pub(super) fn sensitive_values<'a>(t: &Tracker, values: impl IntoIterator<Item =
     }
 }
 
+/// Whether any literal could need marking (there are literals, and a
+/// table the statement touches has labeled columns).
+fn mark_needed(t: &Tracker, facts: Option<&[StmtFacts]>, literals: &[Literal]) -> bool {
+    let Some(facts) = facts else { return false };
+    if literals.is_empty() {
+        return false;
+    }
+    let lookup = Lookup(&t.gov);
+    facts.iter().any(|s| {
+        s.reads.iter().chain(s.writes.iter().map(|(t, _)| t)).any(|tbl| {
+            lookup.table_label(tbl).is_some_and(|l| l > 0) || lookup.column_labels(tbl).iter().any(|(_, l)| *l > 0)
+        })
+    })
+}
+
 /// Literals compared with or written to a labeled column are recorded as
 /// hashes too (record_text = "redacted"), whatever the detectors say.
 pub(super) fn mark_labeled(t: &Tracker, facts: Option<&[StmtFacts]>, text: &str, literals: &mut [Literal]) {
@@ -356,7 +371,7 @@ pub(super) fn on_client_frame(
             let (mut verdict, facts) =
                 if std::str::from_utf8(raw).is_err() { (not_utf8(), None) } else { judge(t, ctx, &text, lookup_error) };
             let mut notes = Arc::default();
-            let mut literals = crate::postgres::sql::literals(&text);
+            let mut literals = ctx.pg.sql.literals(&text).to_vec();
             mark_labeled(t, facts.as_deref().map(|f| f.as_slice()), &text, &mut literals);
             if verdict == Verdict::Allow {
                 verdict = sensitive_values(t, literals.iter().map(|l| l.value.as_str()), "its text");
@@ -396,9 +411,12 @@ pub(super) fn on_client_frame(
             let (mut verdict, facts) =
                 if std::str::from_utf8(raw).is_err() { (not_utf8(), None) } else { judge(t, ctx, &text, lookup_error) };
             let mut notes = Arc::default();
-            let mut found = crate::postgres::sql::literals(&text);
-            mark_labeled(t, facts.as_deref().map(|f| f.as_slice()), &text, &mut found);
-            let literals: Arc<[Literal]> = found.into();
+            let mut literals = ctx.pg.sql.literals(&text);
+            if mark_needed(t, facts.as_deref().map(|f| f.as_slice()), &literals) {
+                let mut found = literals.to_vec();
+                mark_labeled(t, facts.as_deref().map(|f| f.as_slice()), &text, &mut found);
+                literals = found.into();
+            }
             if verdict == Verdict::Allow {
                 verdict = sensitive_values(t, literals.iter().map(|l| l.value.as_str()), "its text");
             }
