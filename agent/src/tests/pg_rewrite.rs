@@ -58,6 +58,12 @@ impl Resolve for Cat {
                 vec![col("id", Treatment::Clear), col("email", Treatment::Pseudonym { lookups: true })],
                 None,
             ),
+            (None | Some("public"), "staff") => rel(
+                "staff",
+                RelKind::Table,
+                vec![col("id", Treatment::Clear), col("email", Treatment::Pseudonym { lookups: false })],
+                None,
+            ),
             (None | Some("public"), "people_view") => rel(
                 "people_view",
                 RelKind::View,
@@ -390,4 +396,19 @@ fn statements_that_differ_only_in_constants_share_a_correct_template() {
         template::shape(&pb.protobuf.stmts[0].stmt.clone().map(|b| *b).unwrap_or_default()),
     );
     assert_ne!(sa.key, sb.key);
+}
+
+#[test]
+fn joins_on_a_pseudonymized_column_are_lookups() {
+    // With lookups on (people), a join on the stored value is allowed.
+    assert!(rewrite("select a.id from people a join people b using (email)", &Cat).is_ok());
+    // With lookups off (staff), every form of join on it is refused.
+    for sql in [
+        "select a.id from staff a join staff b on a.email = b.email",
+        "select a.id from staff a join staff b using (email)",
+        "select a.id from staff a natural join staff b",
+        "select id from staff where email = 'x'",
+    ] {
+        assert_eq!(refused(sql).rule, "pseudonym", "{sql}");
+    }
 }

@@ -204,6 +204,17 @@ impl Rw<'_> {
                 for side in j.larg.iter().chain(j.rarg.iter()) {
                     self.pseudo_from(side)?;
                 }
+                // USING (col) and NATURAL compare stored values with `=`:
+                // a lookup, allowed only where the label allows lookups.
+                let using: Vec<&str> = j.using_clause.iter().filter_map(str_of).collect();
+                for (name, lookups) in &self.pseudo {
+                    if !lookups && (j.is_natural || using.contains(&name.as_str())) {
+                        return refuse(
+                            "pseudonym",
+                            format!("{name} is pseudonymized and this profile allows no lookups on it (a join on it is one)"),
+                        );
+                    }
+                }
                 match j.quals.as_deref() {
                     Some(q) => self.pseudo_predicate(q),
                     None => Ok(()),
