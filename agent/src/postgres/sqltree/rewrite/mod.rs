@@ -381,43 +381,52 @@ impl<'r> Rw<'r> {
     /// Utility statements read no rows for the client; queries nested in
     /// them (CALL arguments, …) are still rewritten.
     fn utility(&mut self, n: &mut Node) -> R<()> {
-        struct V<'a, 'r> {
+        self.walk_mut(n, true, &mut |rw, n| match n.node.as_mut() {
+            Some(NodeEnum::SelectStmt(_)) => rw.statement(n).map(|()| false),
+            Some(NodeEnum::RangeVar(rv)) => {
+                rw.account(rv);
+                Ok(false)
+            }
+            Some(_) => Ok(true),
+            None => Ok(false),
+        })
+    }
+
+    /// Walk `n` depth-first: `f` decides each node (Ok(true) = descend into
+    /// its children); the first refusal ends the walk. With `targets`,
+    /// relations held outside a Node (INTO, …), which nothing reads, are
+    /// accounted for.
+    fn walk_mut(&mut self, n: &mut Node, targets: bool, f: &mut dyn FnMut(&mut Rw<'r>, &mut Node) -> R<bool>) -> R<()> {
+        struct V<'a, 'r, 'f> {
             rw: &'a mut Rw<'r>,
+            f: &'f mut dyn FnMut(&mut Rw<'r>, &mut Node) -> R<bool>,
+            targets: bool,
             err: Option<Refusal>,
         }
-        impl walk_gen::VisitMut for V<'_, '_> {
+        impl walk_gen::VisitMut for V<'_, '_, '_> {
             fn node(&mut self, n: &mut Node) {
                 if self.err.is_some() {
                     return;
                 }
-                let r = match n.node.as_mut() {
-                    Some(NodeEnum::SelectStmt(_)) => self.rw.statement(n),
-                    Some(NodeEnum::RangeVar(rv)) => {
-                        self.rw.account(rv);
-                        Ok(())
+                match (self.f)(self.rw, n) {
+                    Ok(true) => {
+                        if let Some(e) = n.node.as_mut() {
+                            walk_gen::children_mut(e, self);
+                        }
                     }
-                    Some(e) => {
-                        walk_gen::children_mut(e, self);
-                        Ok(())
-                    }
-                    None => Ok(()),
-                };
-                if let Err(e) = r {
-                    self.err = Some(e);
+                    Ok(false) => {}
+                    Err(e) => self.err = Some(e),
                 }
             }
             fn range_var(&mut self, rv: &mut RangeVar) {
-                self.rw.account(rv);
+                if self.targets {
+                    self.rw.account(rv);
+                }
             }
         }
-        let mut v = V { rw: self, err: None };
-        if let Some(e) = n.node.as_mut() {
-            walk_gen::children_mut(e, &mut v);
-        }
-        match v.err {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        let mut v = V { rw: self, f, targets, err: None };
+        walk_gen::VisitMut::node(&mut v, n);
+        v.err.map_or(Ok(()), Err)
     }
 
     fn push_ctes(&mut self, with: Option<&mut pb::WithClause>) -> R<()> {
@@ -781,69 +790,23 @@ impl<'r> Rw<'r> {
     /// (a subquery may refer to the target by correlation). Over-masking a
     /// same-named column of an inner relation is safe; missing one is not.
     fn substitute(&mut self, n: &mut Node, t: &Target) -> R<()> {
-        struct V<'a, 'r, 't> {
-            rw: &'a mut Rw<'r>,
-            t: &'t Target,
-            err: Option<Refusal>,
-        }
-        impl walk_gen::VisitMut for V<'_, '_, '_> {
-            fn node(&mut self, n: &mut Node) {
-                if self.err.is_some() {
-                    return;
-                }
-                if let Some(NodeEnum::ColumnRef(c)) = n.node.as_ref() {
-                    if let Some(col) =
-                        target_column(c, self.t).filter(|c| !matches!(c.treatment, Treatment::Pseudonym { .. }))
-                    {
-                        match self.rw.mask_expr_for(c, &col) {
-                            Ok(m) => {
-                                *n = m;
-                                self.rw.changed = true;
-                            }
-                            Err(e) => self.err = Some(e),
-                        }
-                    }
-                    return;
-                }
-                if let Some(e) = n.node.as_mut() {
-                    walk_gen::children_mut(e, self);
-                }
+        self.walk_mut(n, false, &mut |rw, n| {
+            let Some(NodeEnum::ColumnRef(c)) = n.node.as_ref() else { return Ok(true) };
+            let masked = match target_column(c, t).filter(|c| !matches!(c.treatment, Treatment::Pseudonym { .. })) {
+                Some(col) => Some(rw.mask_expr_for(c, &col)?),
+                None => None,
+            };
+            if let Some(m) = masked {
+                *n = m;
+                rw.changed = true;
             }
-        }
-        let mut v = V { rw: self, t, err: None };
-        walk_gen::VisitMut::node(&mut v, n);
-        v.err.map_or(Ok(()), Err)
+            Ok(false)
+        })
     }
 
     /// Rewrite the subqueries inside an expression.
     fn walk_expr(&mut self, n: &mut Node) -> R<()> {
-        struct V<'a, 'r> {
-            rw: &'a mut Rw<'r>,
-            err: Option<Refusal>,
-        }
-        impl walk_gen::VisitMut for V<'_, '_> {
-            fn node(&mut self, n: &mut Node) {
-                if self.err.is_some() {
-                    return;
-                }
-                match self.rw.expr_node(n) {
-                    Ok(true) => {
-                        if let Some(e) = n.node.as_mut() {
-                            walk_gen::children_mut(e, self);
-                        }
-                    }
-                    Ok(false) => {}
-                    Err(e) => self.err = Some(e),
-                }
-            }
-            fn range_var(&mut self, rv: &mut RangeVar) {
-                // Targets held outside a Node (INTO, …): nothing is read.
-                self.rw.account(rv);
-            }
-        }
-        let mut v = V { rw: self, err: None };
-        walk_gen::VisitMut::node(&mut v, n);
-        v.err.map_or(Ok(()), Err)
+        self.walk_mut(n, true, &mut |rw, n| rw.expr_node(n))
     }
 
     /// One node of an expression; Ok(true) = descend into its children.
