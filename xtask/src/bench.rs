@@ -88,7 +88,27 @@ fn install_pgbouncer() -> Result<()> {
     )
 }
 
-pub(crate) fn release_bin() -> PathBuf {
+/// The release agent governing `pg` (trust authentication, no TLS) for
+/// the cgroup `cg`, with `policy` (classify rules and the profile named
+/// `profile`) after the intercept.
+pub(crate) fn bench_agent(pg: &Postgres, cg: &Cgroup, profile: &str, policy: &str) -> Result<Agent> {
+    let body = format!(
+        "[[intercept]]\nname = \"{profile}\"\nprotocol = \"postgres\"\nport = {port}\ndestinations = [\"127.0.0.2/32\"]\n\
+         credentials = \"{profile}\"\nupstream_tls = \"disable\"\n{policy}\n[[tag]]\ncgroup = \"{cg}\"\nprofile = \"{profile}\"\n",
+        port = pg.port,
+        cg = cg.rel,
+    );
+    std::env::set_var("CORDON_BIN", release_bin());
+    let mut agent = Agent::new(&body)?;
+    std::fs::write(
+        agent.dir.path().join("secrets.toml"),
+        format!("[credentials.{profile}]\nuser = \"postgres\"\npassword = \"unused-with-trust-auth\"\n"),
+    )?;
+    agent.start()?;
+    Ok(agent)
+}
+
+fn release_bin() -> PathBuf {
     cordon_tests::workspace_root().join("target/release/cordon")
 }
 
@@ -183,17 +203,11 @@ fn pg(report: &mut Report) -> Result<()> {
     )?;
     let bouncer = Bouncer::start(pg.port)?;
     let cg = Cgroup::create(&format!("cordon-bench-{}", std::process::id()))?;
-    let secrets_user = "postgres";
-    let body = format!(
+    let mut agent = bench_agent(
+        &pg,
+        &cg,
+        "bench",
         r#"
-[[intercept]]
-name = "bench"
-protocol = "postgres"
-port = {port}
-destinations = ["127.0.0.2/32"]
-credentials = "bench"
-upstream_tls = "disable"
-
 # One column masked by a catalog label (pgbench -S returns abalance), and
 # big.email for the large result; big.note is left to the detectors.
 [[classify]]
@@ -206,21 +220,8 @@ mask = "partial"
 
 [profiles.bench]
 description = "masks one column, guardrails on (the defaults)"
-
-[[tag]]
-cgroup = "{cg}"
-profile = "bench"
 "#,
-        port = pg.port,
-        cg = cg.rel,
-    );
-    std::env::set_var("CORDON_BIN", release_bin());
-    let mut agent = Agent::new(&body)?;
-    std::fs::write(
-        agent.dir.path().join("secrets.toml"),
-        format!("[credentials.bench]\nuser = \"{secrets_user}\"\npassword = \"unused-with-trust-auth\"\n"),
     )?;
-    agent.start()?;
 
     // Sanity: the cordon path really masks.
     let out =

@@ -8,7 +8,7 @@
 use std::{collections::BTreeMap, fmt::Write as _, process::Command};
 
 use anyhow::{bail, Context, Result};
-use cordon_tests::{Agent, Cgroup, Postgres};
+use cordon_tests::{Cgroup, Postgres};
 
 use crate::util::say;
 
@@ -70,34 +70,12 @@ pub fn run() -> Result<Outcome> {
         file.display()
     ))?;
     let cg = Cgroup::create(&format!("cordon-eval-{}", std::process::id()))?;
-    let body = format!(
-        r#"
-[[intercept]]
-name = "eval"
-protocol = "postgres"
-port = {port}
-destinations = ["127.0.0.2/32"]
-credentials = "eval"
-upstream_tls = "disable"
-
-[profiles.eval]
-description = "detectors on every unlabeled column"
-
-[[tag]]
-cgroup = "{cg}"
-profile = "eval"
-"#,
-        port = pg.port,
-        cg = cg.rel,
-    );
-    std::env::set_var("CORDON_BIN", crate::bench::release_bin());
-    let agent = Agent::new(&body)?;
-    std::fs::write(
-        agent.dir.path().join("secrets.toml"),
-        "[credentials.eval]\nuser = \"postgres\"\npassword = \"unused-with-trust-auth\"\n",
+    let agent = crate::bench::bench_agent(
+        &pg,
+        &cg,
+        "eval",
+        "\n[profiles.eval]\ndescription = \"detectors on every unlabeled column\"\n",
     )?;
-    let mut agent = agent;
-    agent.start()?;
     let read = |through: bool| -> Result<Vec<(String, String, String)>> {
         let mut cmd = if through { cg.command("psql") } else { Command::new("psql") };
         cmd.args(["-X", "-At", "-0", "-F", "\t", "-h", "127.0.0.2", "-p", &pg.port.to_string(), "-U", "postgres"])
