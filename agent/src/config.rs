@@ -240,18 +240,19 @@ pub struct Intercept {
     pub destinations: Vec<Cidr>,
     /// Fixed upstream; None = the original destination.
     pub upstream: Option<SocketAddr>,
-    /// Set when protocol = "postgres".
-    pub postgres: Option<PgSettings>,
+    /// How cordon logs in upstream; set for protocols that terminate the
+    /// connection (`Spec::logs_in`), None for byte relays.
+    pub login: Option<Login>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PgSettings {
-    pub auth: PgAuth,
+pub struct Login {
+    pub auth: AuthMode,
     pub tls: UpstreamTls,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PgAuth {
+pub enum AuthMode {
     /// cordon authenticates upstream with these credentials (secrets file).
     Inject { credentials: String },
     /// The client's own authentication is relayed.
@@ -898,8 +899,9 @@ impl Validator<'_> {
             },
             None => None,
         };
-        let postgres = self.postgres_settings(i, &raw, protocol);
-        if protocol == Some(Protocol::Postgres) && postgres.is_none() {
+        let logs_in = protocol.is_some_and(|p| p.spec().logs_in);
+        let login = self.login_settings(i, &raw, protocol);
+        if logs_in && login.is_none() {
             ok = false;
         }
         for other in seen {
@@ -920,7 +922,7 @@ impl Validator<'_> {
         }
         // inject sends a credential to whoever answers: the destination
         // must be pinned, not "any address the workload dials".
-        if let Some(PgSettings { auth: PgAuth::Inject { .. }, .. }) = &postgres {
+        if let Some(Login { auth: AuthMode::Inject { .. }, .. }) = &login {
             let pinned = upstream.is_some()
                 || (!destinations.is_empty()
                     && destinations.iter().all(|d| d.prefix_len == if d.addr.is_ipv4() { 32 } else { 128 }));
@@ -934,13 +936,14 @@ impl Validator<'_> {
                 return None;
             }
         }
-        Some(Intercept { name, protocol: protocol?, port, destinations, upstream, postgres })
+        Some(Intercept { name, protocol: protocol?, port, destinations, upstream, login })
     }
 
-    /// `auth`, `credentials` and `upstream_*` apply to protocol "postgres".
-    fn postgres_settings(&mut self, i: usize, raw: &RawIntercept, protocol: Option<Protocol>) -> Option<PgSettings> {
+    /// `auth`, `credentials` and `upstream_*` apply to protocols that log in
+    /// upstream themselves.
+    fn login_settings(&mut self, i: usize, raw: &RawIntercept, protocol: Option<Protocol>) -> Option<Login> {
         let field = |f: &str| format!("intercept[{i}].{f}");
-        if protocol != Some(Protocol::Postgres) {
+        let Some(protocol) = protocol.filter(|p| p.spec().logs_in) else {
             for (name, v) in [
                 ("auth", &raw.auth),
                 ("credentials", &raw.credentials),
@@ -949,13 +952,19 @@ impl Validator<'_> {
                 ("upstream_server_name", &raw.upstream_server_name),
             ] {
                 if let Some(v) = v {
-                    self.error(v.span(), &field(name), "only applies to protocol = \"postgres\"");
+                    let which = protocol.map_or_else(|| "this protocol".to_string(), |p| format!("protocol {p:?}"));
+                    self.error(
+                        v.span(),
+                        &field(name),
+                        format!("{which} relays bytes and never logs in upstream; this setting applies to protocols that terminate the connection (e.g. \"postgres\")"),
+                    );
                 }
             }
             return None;
-        }
+        };
+        let _ = protocol;
         let auth = match (raw.auth.as_ref().map(|a| a.get_ref().as_str()), &raw.credentials) {
-            (None | Some("inject"), Some(c)) => PgAuth::Inject { credentials: c.get_ref().clone() },
+            (None | Some("inject"), Some(c)) => AuthMode::Inject { credentials: c.get_ref().clone() },
             (None | Some("inject"), None) => {
                 let span = raw.auth.as_ref().map_or(raw.protocol.span(), Spanned::span);
                 self.error(
@@ -965,7 +974,7 @@ impl Validator<'_> {
                 );
                 return None;
             }
-            (Some("passthrough"), None) => PgAuth::Passthrough,
+            (Some("passthrough"), None) => AuthMode::Passthrough,
             (Some("passthrough"), Some(c)) => {
                 self.error(
                     c.span(),
@@ -1006,7 +1015,7 @@ impl Validator<'_> {
                 return None;
             }
         };
-        Some(PgSettings { auth, tls })
+        Some(Login { auth, tls })
     }
 
     fn tag(&mut self, i: usize, raw: Spanned<RawTag>, profiles: &[Profile]) -> Option<TagRule> {

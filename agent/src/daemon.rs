@@ -108,7 +108,7 @@ pub async fn run(p: Prepared) -> Result<()> {
     let control_listener = control::bind(&policy.agent.control_socket)?;
 
     let secrets = load_secrets(&policy)?;
-    let client_tls = if policy.intercepts.iter().any(|i| i.protocol == crate::protocol::Protocol::Postgres) {
+    let client_tls = if policy.intercepts.iter().any(|i| i.protocol.spec().logs_in) {
         Some(crate::net::server_config(
             policy.agent.tls_cert.as_deref(),
             policy.agent.tls_key.as_deref(),
@@ -190,8 +190,8 @@ fn load_secrets(policy: &Policy) -> Result<crate::secrets::Secrets> {
     let needed: Vec<(&str, &str)> = policy
         .intercepts
         .iter()
-        .filter_map(|i| match i.postgres.as_ref().map(|p| &p.auth) {
-            Some(crate::config::PgAuth::Inject { credentials }) => Some((i.name.as_str(), credentials.as_str())),
+        .filter_map(|i| match i.login.as_ref().map(|p| &p.auth) {
+            Some(crate::config::AuthMode::Inject { credentials }) => Some((i.name.as_str(), credentials.as_str())),
             _ => None,
         })
         .collect();

@@ -225,7 +225,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 let labeled = !p.classifier.rules.is_empty();
                 for ic in &p.intercepts {
                     let passthrough =
-                        matches!(ic.postgres.as_ref().map(|pg| &pg.auth), Some(config::PgAuth::Passthrough));
+                        matches!(ic.login.as_ref().map(|pg| &pg.auth), Some(config::AuthMode::Passthrough));
                     if passthrough && labeled && p.profiles.iter().any(|pr| pr.protects_anything()) {
                         eprintln!(
                             "{}: warning: intercept {} uses auth = \"passthrough\": sessions of profiles that mask labeled data are refused there (mask at read needs auth = \"inject\")",

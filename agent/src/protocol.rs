@@ -8,9 +8,9 @@
 //! session state machine, upstream client, framing and errors live in its
 //! own folder, and whatever its sessions share across the agent (caches,
 //! registries) in a state it registers with `Shared::protocol_state`. A new
-//! protocol adds its folder and one line in [`serve`].
+//! protocol adds its folder and one line in [`REGISTRY`].
 
-use std::{fmt, net::SocketAddr, str::FromStr, sync::Arc};
+use std::{fmt, future::Future, net::SocketAddr, pin::Pin, str::FromStr, sync::Arc};
 
 use serde::Serialize;
 
@@ -46,48 +46,88 @@ pub struct End {
     pub fields: Vec<(&'static str, serde_json::Value)>,
 }
 
-/// The one place a connection is dispatched to its protocol.
-pub async fn serve(protocol: Protocol, client: tokio::net::TcpStream, session: Session) -> End {
-    match protocol {
-        Protocol::Tcp => crate::relay::serve(client, session).await,
-        Protocol::Postgres => crate::postgres::serve(client, session).await,
-    }
+type Serve = fn(tokio::net::TcpStream, Session) -> Pin<Box<dyn Future<Output = End> + Send>>;
+
+/// What the rest of the agent knows about a protocol.
+pub struct Spec {
+    /// The name in `intercept.protocol`.
+    pub name: &'static str,
+    /// The protocol terminates the connection and logs in upstream itself:
+    /// the intercept's `auth`, `credentials` and `upstream_tls*` apply, and
+    /// clients are offered cordon's TLS certificate.
+    pub logs_in: bool,
+    pub serve: Serve,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    /// Byte relay, audited per connection (bytes each way, duration).
-    Tcp,
-    /// PostgreSQL wire protocol: statements through the pipeline.
-    Postgres,
-}
+/// The registry: the one place a protocol is added.
+const REGISTRY: &[Spec] = &[
+    Spec { name: "tcp", logs_in: false, serve: |c, s| Box::pin(crate::relay::serve(c, s)) },
+    Spec { name: "postgres", logs_in: true, serve: |c, s| Box::pin(crate::postgres::serve(c, s)) },
+];
 
 /// Protocols that are planned but not built yet. Naming one is an error, not
 /// a silent fallback to a byte relay: a policy that asks for statement-level
 /// governance must not get less without saying so.
 const PLANNED: [&str; 2] = ["mysql", "ssh"];
 
-impl FromStr for Protocol {
-    type Err = String;
+/// A registered protocol.
+#[derive(Clone, Copy)]
+pub struct Protocol(&'static Spec);
 
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "tcp" => Ok(Self::Tcp),
-            "postgres" => Ok(Self::Postgres),
-            p if PLANNED.contains(&p) => Err(format!(
-                "protocol {p:?} is not available in this build yet; use \"tcp\" (byte relay, audited per connection)"
-            )),
-            other => Err(format!("unknown protocol {other:?}; known: \"tcp\", \"postgres\"")),
-        }
+impl Protocol {
+    pub fn spec(self) -> &'static Spec {
+        self.0
+    }
+
+    pub fn name(self) -> &'static str {
+        self.0.name
+    }
+}
+
+/// The one place a connection is dispatched to its protocol.
+pub async fn serve(protocol: Protocol, client: tokio::net::TcpStream, session: Session) -> End {
+    (protocol.0.serve)(client, session).await
+}
+
+impl PartialEq for Protocol {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.name == other.0.name
+    }
+}
+
+impl Eq for Protocol {}
+
+impl fmt::Debug for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.name)
     }
 }
 
 impl fmt::Display for Protocol {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Tcp => "tcp",
-            Self::Postgres => "postgres",
-        })
+        f.write_str(self.0.name)
+    }
+}
+
+impl Serialize for Protocol {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0.name)
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(spec) = REGISTRY.iter().find(|p| p.name == s) {
+            return Ok(Self(spec));
+        }
+        if PLANNED.contains(&s) {
+            return Err(format!(
+                "protocol {s:?} is not available in this build yet; use \"tcp\" (byte relay, audited per connection)"
+            ));
+        }
+        let known: Vec<String> = REGISTRY.iter().map(|p| format!("{:?}", p.name)).collect();
+        Err(format!("unknown protocol {s:?}; known: {}", known.join(", ")))
     }
 }

@@ -19,7 +19,7 @@ use super::{
     wire, Ctx,
 };
 use crate::{
-    config::{PgAuth, UpstreamTls},
+    config::{AuthMode, UpstreamTls},
     net::Stream,
     secrets::Credential,
 };
@@ -33,7 +33,7 @@ pub struct Upstream {
 pub async fn connect(ctx: &Ctx) -> Result<Stream> {
     let tcp = crate::proxy::connect_upstream(ctx.upstream, &ctx.shared).await?;
     let pg =
-        ctx.rule.postgres.as_ref().ok_or_else(|| anyhow!("intercept {} has no postgres settings", ctx.rule.name))?;
+        ctx.rule.login.as_ref().ok_or_else(|| anyhow!("intercept {} has no login settings", ctx.rule.name))?;
     match &pg.tls {
         UpstreamTls::Disable => Ok(Stream::Plain(tcp)),
         UpstreamTls::VerifyFull { ca_file, server_name } => {
@@ -66,18 +66,18 @@ pub async fn connect(ctx: &Ctx) -> Result<Stream> {
 /// the returned reader for the relay.
 pub async fn start(hello: &mut ClientHello, ctx: &Ctx) -> Result<Upstream> {
     let pg =
-        ctx.rule.postgres.as_ref().ok_or_else(|| anyhow!("intercept {} has no postgres settings", ctx.rule.name))?;
+        ctx.rule.login.as_ref().ok_or_else(|| anyhow!("intercept {} has no login settings", ctx.rule.name))?;
     let mut stream = connect(ctx).await?;
     let mut reader = FrameReader::new(ctx.shared.max_message_bytes());
     let (user, credential) = match &pg.auth {
-        PgAuth::Inject { credentials } => {
+        AuthMode::Inject { credentials } => {
             let secrets = ctx.shared.secrets();
             let c = secrets.get(credentials).cloned().ok_or_else(|| {
                 anyhow!("credentials {credentials:?} (intercept {}) are not in the secrets file", ctx.rule.name)
             })?;
             (c.user.clone(), Some(c))
         }
-        PgAuth::Passthrough => {
+        AuthMode::Passthrough => {
             let u = hello.params.iter().find(|(k, _)| k == "user").map(|(_, v)| v.clone()).unwrap_or_default();
             (u, None)
         }

@@ -34,7 +34,7 @@ use super::{
     types, upstream, wire, CancelTarget, Ctx, End,
 };
 use crate::{
-    config::{PgAuth, Profile},
+    config::{AuthMode, Profile},
     net::Stream,
     pipeline::{
         classify::Classifier,
@@ -354,8 +354,8 @@ fn passthrough_cannot_mask(ctx: &Ctx) -> Option<String> {
 
 /// The credential cordon reads the catalog with: the injected one.
 fn credential(ctx: &Ctx) -> Option<Credential> {
-    match ctx.rule.postgres.as_ref().map(|p| &p.auth) {
-        Some(PgAuth::Inject { credentials }) => ctx.shared.secrets().get(credentials).cloned(),
+    match ctx.rule.login.as_ref().map(|p| &p.auth) {
+        Some(AuthMode::Inject { credentials }) => ctx.shared.secrets().get(credentials).cloned(),
         _ => None,
     }
 }
