@@ -113,6 +113,9 @@ struct RawAgent {
     audit_dir: Option<Spanned<String>>,
     audit_segment_max_bytes: Option<Spanned<i64>>,
     audit_retention_days: Option<Spanned<i64>>,
+    audit_durability: Option<Spanned<String>>,
+    audit_sync_interval_ms: Option<Spanned<i64>>,
+    audit_space_left: Option<Spanned<String>>,
     control_socket: Option<Spanned<String>>,
     bpffs_dir: Option<Spanned<String>>,
     socket_mark: Option<Spanned<i64>>,
@@ -799,6 +802,32 @@ impl Validator<'_> {
             match u64::try_from(*v.get_ref()) {
                 Ok(n) if n >= 1 => audit.retention = Some(Duration::from_secs(n * 86_400)),
                 _ => self.error(v.span(), "agent.audit_retention_days", "a whole number of days, at least 1"),
+            }
+        }
+        if let Some(v) = &raw.audit_durability {
+            match v.get_ref().as_str() {
+                "interval" => audit.durability = crate::audit::Durability::Interval,
+                "statement" => audit.durability = crate::audit::Durability::Statement,
+                other => self.error(
+                    v.span(),
+                    "agent.audit_durability",
+                    format!("unknown mode {other:?}; use \"interval\" (group commit every audit_sync_interval_ms) or \"statement\" (each result waits for its record's fsync)"),
+                ),
+            }
+        }
+        if let Some(v) = &raw.audit_sync_interval_ms {
+            match u64::try_from(*v.get_ref()) {
+                Ok(n) if (1..=1000).contains(&n) => audit.sync_interval = Duration::from_millis(n),
+                _ => self.error(v.span(), "agent.audit_sync_interval_ms", "between 1 and 1000 milliseconds"),
+            }
+        }
+        if let Some(v) = &raw.audit_space_left {
+            match v.get_ref().as_str() {
+                "off" => audit.space_left = None,
+                s => match crate::audit::SpaceLeft::parse(s) {
+                    Ok(w) => audit.space_left = Some(w),
+                    Err(msg) => self.error(v.span(), "agent.audit_space_left", format!("{msg}, or \"off\"")),
+                },
             }
         }
         let max_message_bytes = match &raw.max_message_bytes {

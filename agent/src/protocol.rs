@@ -15,7 +15,7 @@ use std::{fmt, future::Future, net::SocketAddr, pin::Pin, str::FromStr, sync::Ar
 use serde::Serialize;
 
 use crate::{
-    audit::{Pending, Record},
+    audit::{Record, Ticket, Unavailable},
     config::{Intercept, Profile},
     state::Shared,
 };
@@ -30,9 +30,12 @@ pub struct Session {
     pub upstream: SocketAddr,
     /// Base for the session's audit records (workload, destination).
     pub base: Record,
-    /// The open record: durable before any of the workload's data is relayed
-    /// (its fsync overlaps the upstream connect).
-    pub open_durable: Pending,
+    /// The open record, written; or why the audit log cannot take it, in
+    /// which case the protocol refuses the session in its own words. With
+    /// `audit_durability = "statement"` the protocol awaits the ticket
+    /// before relaying any of the workload's data (overlapping the upstream
+    /// connect).
+    pub open: Result<Ticket, Unavailable>,
 }
 
 /// How a session ended, for its close record.

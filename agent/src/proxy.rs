@@ -110,9 +110,9 @@ async fn session(
         .with("rule", &rule.name)
         .with("protocol", rule.protocol)
         .with("upstream", upstream_addr.to_string());
-    // The open record's fsync overlaps the upstream connect; it is durable
-    // before any of the workload's data (bytes, or a statement) is relayed.
-    let open_durable = shared.audit.submit(open);
+    // Written before anything is relayed; if the log is down the protocol
+    // refuses the session in its own words.
+    let open = shared.audit.append(&open);
     info!(rule = %rule.name, upstream = %upstream_addr, "session open");
     shared.sessions_open.fetch_add(1, Ordering::Relaxed);
 
@@ -130,7 +130,7 @@ async fn session(
         profile,
         upstream: upstream_addr,
         base: base("statement"),
-        open_durable,
+        open,
     };
     let end = crate::protocol::serve(rule.protocol, client, session).await;
     let mut close = base("close");

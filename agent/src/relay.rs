@@ -125,9 +125,21 @@ pub async fn relay(client: &mut TcpStream, upstream: &mut TcpStream, idle: Durat
 /// connection.
 pub async fn serve(client: tokio::net::TcpStream, s: crate::protocol::Session) -> crate::protocol::End {
     use crate::protocol::End;
-    let (up, durable) = tokio::join!(crate::proxy::connect_upstream(s.upstream, &s.shared), s.open_durable.durable());
+    let ticket = match s.open {
+        Ok(t) => t,
+        // A byte relay has no words for the client: the connection closes.
+        Err(e) => return End { outcome: "audit_unavailable", error: Some(e.to_string()), ..End::default() },
+    };
+    let wait_durable = async {
+        if s.shared.audit.durability() == crate::audit::Durability::Statement {
+            ticket.durable().await
+        } else {
+            Ok(())
+        }
+    };
+    let (up, durable) = tokio::join!(crate::proxy::connect_upstream(s.upstream, &s.shared), wait_durable);
     let (outcome, c, error) = match (up, durable) {
-        (_, Err(e)) => ("audit_failed", Counts::default(), Some(format!("{e:#}"))),
+        (_, Err(e)) => ("audit_unavailable", Counts::default(), Some(e.to_string())),
         (Err(e), _) => ("upstream_connect_failed", Counts::default(), Some(format!("{e:#}"))),
         (Ok(mut upstream), Ok(())) => {
             let mut client = client;

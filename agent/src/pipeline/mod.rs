@@ -4,11 +4,13 @@
 //! traffic into these calls and never writes audit records itself:
 //!
 //! - [`SessionPipeline::statement`]: a statement is about to go upstream.
-//!   The pipeline returns a [`Verdict`] and queues the durable `statement`
-//!   audit record. The adapter must await the returned [`Pending`] before
-//!   the client sees any result of it, so a statement whose result reached
-//!   the client is in the audit even after `kill -9`. The fsync overlaps the
-//!   server's execution, so it rarely adds latency.
+//!   Its `statement` record is written into the audit log before the call
+//!   returns, so a statement that ran is in the audit even after `kill -9`
+//!   of the agent. If the log cannot be written the statement must be
+//!   refused (the adapter says why, in its protocol). With
+//!   `audit_durability = "statement"` the adapter also awaits the returned
+//!   [`Ticket`] before the client sees any result (the fsync overlaps the
+//!   server's execution).
 //! - [`SessionPipeline::columns`] / [`SessionPipeline::row`]: the result, for
 //!   the session recording (when the profile records results) and, in the
 //!   next step, for classification and masking.
@@ -30,7 +32,7 @@ use std::time::Instant;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::audit::{AuditLog, Pending, Record};
+use crate::audit::{AuditLog, Durability, Record, Ticket, Unavailable};
 pub use params::{Param, ParamMode, ParamPolicy};
 pub use recorder::Recorder;
 
@@ -80,6 +82,9 @@ pub enum Verdict {
 pub struct Admitted {
     pub id: u64,
     pub started: Instant,
+    /// The statement record was written (false: refused, the log is down;
+    /// no `statement_end` follows).
+    pub recorded: bool,
 }
 
 /// How a statement ended, as the server reported it.
@@ -108,6 +113,31 @@ pub struct Outcome {
 pub struct Denied {
     pub rule: String,
     pub message: String,
+    /// Why, for the protocol's error code.
+    #[serde(skip)]
+    pub kind: DenyKind,
+}
+
+/// Why a statement was refused, for the protocol's error code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DenyKind {
+    /// A policy rule (guardrails, masking, classification).
+    #[default]
+    Policy,
+    /// The audit log cannot be written.
+    AuditUnavailable,
+    /// An agent limit (message size, connections, timeouts).
+    Limit,
+}
+
+impl Denied {
+    pub fn policy(rule: &str, message: impl Into<String>) -> Self {
+        Self { rule: rule.to_string(), message: message.into(), kind: DenyKind::Policy }
+    }
+
+    pub fn audit(u: &Unavailable) -> Self {
+        Self { rule: "audit".into(), message: u.to_string(), kind: DenyKind::AuditUnavailable }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -148,7 +178,7 @@ impl SessionPipeline {
 
     /// A statement arrived, with the guardrails' verdict on it; if allowed
     /// it is about to go upstream.
-    pub fn statement(&mut self, s: &Statement<'_>, verdict: &Verdict) -> (Admitted, Pending) {
+    pub fn statement(&mut self, s: &Statement<'_>, verdict: &Verdict) -> (Admitted, Result<Option<Ticket>, Unavailable>) {
         self.next_id += 1;
         self.statements += 1;
         let id = self.next_id;
@@ -180,8 +210,10 @@ impl SessionPipeline {
         if let Some(r) = &mut self.recorder {
             r.event(id, "query", json!({"text": text}));
         }
-        let durable = self.audit.submit(rec);
-        (Admitted { id, started: Instant::now() }, durable)
+        let written = self.audit.append(&rec);
+        let recorded = written.is_ok();
+        let wait = written.map(|t| (self.audit.durability() == Durability::Statement).then_some(t));
+        (Admitted { id, started: Instant::now(), recorded }, wait)
     }
 
     pub fn columns(&mut self, id: u64, names: &[String]) {
@@ -206,9 +238,12 @@ impl SessionPipeline {
         }
     }
 
-    /// The statement ended; its `statement_end` record is queued (durable
-    /// with the next batch; nothing waits for it).
+    /// The statement ended; its `statement_end` record is queued (written
+    /// with the next record or sync; nothing waits for it).
     pub fn finish(&mut self, admitted: &Admitted, outcome: &Outcome) {
+        if !admitted.recorded {
+            return;
+        }
         let duration_us = admitted.started.elapsed().as_micros() as u64;
         if let Some(r) = &mut self.recorder {
             r.event(admitted.id, "end", json!({"outcome": outcome}));
@@ -217,7 +252,7 @@ impl SessionPipeline {
             .with("stmt", admitted.id)
             .with("duration_us", duration_us)
             .with("outcome", outcome);
-        self.audit.submit_lazy(rec);
+        self.audit.append_lazy(rec);
     }
 
     /// Close the recording; its hash goes into the session's close record.

@@ -65,7 +65,7 @@ impl Plan {
 
 pub fn plan(cols: &[ColumnDesc], classifier: &Classifier, profile: &Profile, has_key: bool) -> Plan {
     let mut out = Plan::default();
-    let deny = |rule: &str, message: String| Some(Denied { rule: rule.to_string(), message });
+    let deny = |rule: &str, message: String| Some(Denied::policy(rule, message));
     for c in cols {
         let labeled = match &c.source {
             Source::Computed => None,

@@ -39,9 +39,9 @@ pub struct Ctx {
     pub upstream: SocketAddr,
     /// Base for this session's audit records (workload, destination).
     pub base: Record,
-    /// The session's open record, awaited before the first statement is
-    /// relayed (its fsync overlaps connecting and authenticating upstream).
-    pub open_durable: std::sync::Mutex<Option<crate::audit::Pending>>,
+    /// The session's open record as written (see `protocol::Session::open`),
+    /// taken once by the session.
+    pub open: std::sync::Mutex<Option<Result<crate::audit::Ticket, crate::audit::Unavailable>>>,
 }
 
 /// How a PostgreSQL session ended, for the close record.
@@ -78,7 +78,7 @@ pub async fn serve(client: tokio::net::TcpStream, s: Session) -> crate::protocol
         profile: s.profile,
         upstream: s.upstream,
         base: s.base,
-        open_durable: std::sync::Mutex::new(Some(s.open_durable)),
+        open: std::sync::Mutex::new(Some(s.open)),
     };
     let end = session_end(client, &ctx).await;
     let mut fields: Vec<(&'static str, serde_json::Value)> = vec![

@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 
 use super::{frame::Body, frame::FrameReader, wire, Ctx, End};
-use crate::{audit::Record, net::Stream};
+use crate::net::Stream;
 
 /// A client past negotiation, ready to be started upstream.
 pub struct ClientHello {
@@ -142,11 +142,4 @@ pub async fn forward_cancel(pid: i32, key: &[u8], ctx: &Ctx) -> End {
     End { outcome: "cancel", error: result.err().map(|e| format!("{e:#}")), ..End::default() }
 }
 
-impl Record {
-    /// A copy of a base record under another event name, stamped now.
-    pub fn with_event(mut self, event: &str) -> Self {
-        event.clone_into(&mut self.event);
-        self.ts = crate::audit::now_rfc3339();
-        self
-    }
-}
+

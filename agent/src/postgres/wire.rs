@@ -15,6 +15,27 @@ pub const SSL_REQUEST: i32 = 80_877_103;
 pub const GSSENC_REQUEST: i32 = 80_877_104;
 pub const CANCEL_REQUEST: i32 = 80_877_102;
 
+/// cordon's own SQLSTATEs (class "CD", outside PostgreSQL's classes), so a
+/// client can tell an agent condition from a server error.
+pub mod code {
+    /// The audit log cannot be written: sessions and statements are refused.
+    pub const AUDIT_UNAVAILABLE: &str = "CD001";
+    /// An agent limit was reached (message size, connections, timeouts).
+    pub const LIMIT: &str = "CD002";
+    /// A policy rule refused the statement (PostgreSQL's
+    /// insufficient_privilege, which clients already handle).
+    pub const POLICY: &str = "42501";
+}
+
+/// The SQLSTATE for a refusal.
+pub fn sqlstate(kind: crate::pipeline::DenyKind) -> &'static str {
+    match kind {
+        crate::pipeline::DenyKind::Policy => code::POLICY,
+        crate::pipeline::DenyKind::AuditUnavailable => code::AUDIT_UNAVAILABLE,
+        crate::pipeline::DenyKind::Limit => code::LIMIT,
+    }
+}
+
 /// An ErrorResponse for the client: severity, SQLSTATE, message.
 pub fn error(buf: &mut BytesMut, severity: &str, code: &str, message: &str) {
     let e = ErrorResponse::new(vec![

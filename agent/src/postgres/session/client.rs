@@ -287,12 +287,25 @@ pub(super) fn mark_labeled(t: &Tracker, facts: Option<&[StmtFacts]>, text: &str,
 /// None is returned; in the extended protocol the rest up to Sync is
 /// skipped.
 fn admit(t: &mut Tracker, stmt: &Statement<'_>, verdict: Verdict, simple: bool) -> Option<Admitted> {
-    let (admitted, pending) = t.pipeline.statement(stmt, &verdict);
-    t.unconfirmed.push(pending);
+    let (admitted, written) = t.pipeline.statement(stmt, &verdict);
+    let verdict = match written {
+        Ok(wait) => {
+            t.unconfirmed.extend(wait);
+            verdict
+        }
+        // The log is down: nothing runs that cordon cannot record.
+        Err(u) => {
+            t.queue.push_back(Req::Denied { admitted, denied: Denied::audit(&u), simple });
+            if !simple {
+                t.skipping = true;
+            }
+            return None;
+        }
+    };
     match verdict {
         Verdict::Allow => Some(admitted),
         Verdict::Deny { rule, message } => {
-            t.queue.push_back(Req::Denied { admitted, denied: Denied { rule, message }, simple });
+            t.queue.push_back(Req::Denied { admitted, denied: Denied::policy(&rule, message), simple });
             if !simple {
                 t.skipping = true;
             }

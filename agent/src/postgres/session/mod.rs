@@ -163,7 +163,7 @@ struct Tracker {
     prepared: HashMap<Bytes, Prepared>,
     portals: HashMap<Bytes, Portal>,
     queue: VecDeque<Req>,
-    unconfirmed: Vec<crate::audit::Pending>,
+    unconfirmed: Vec<crate::audit::Ticket>,
     cancel: Option<(i32, Vec<u8>)>,
     bytes_up: u64,
     bytes_down: u64,
@@ -190,6 +190,19 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
         .or_else(|| hello.params.iter().find(|(k, _)| k == "user"))
         .map(|(_, v)| v.clone());
     let mut end = End { client_tls, database: database.clone(), ..End::default() };
+    let open = ctx.open.lock().ok().and_then(|mut p| p.take());
+    let open = match open {
+        Some(Ok(ticket)) => Some(ticket),
+        Some(Err(u)) => {
+            let mut buf = BytesMut::new();
+            wire::error(&mut buf, "FATAL", wire::code::AUDIT_UNAVAILABLE, &format!("cordon: {u}"));
+            let _ = hello.stream.write_all(&buf).await;
+            end.outcome = "audit_unavailable";
+            end.error = Some(u.to_string());
+            return end;
+        }
+        None => None,
+    };
     if let Some(msg) = passthrough_cannot_mask(ctx) {
         let mut buf = BytesMut::new();
         wire::error(&mut buf, "FATAL", "28000", &format!("cordon: {msg}"));
@@ -211,11 +224,13 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
     };
     end.upstream_tls = up.stream.is_tls();
     end.upstream_user = Some(up.user.clone());
-    let open = ctx.open_durable.lock().ok().and_then(|mut p| p.take());
-    if let Some(p) = open {
-        if let Err(e) = p.durable().await {
-            end.outcome = "audit_failed";
-            end.error = Some(format!("{e:#}"));
+    if let Some(ticket) = open.filter(|_| ctx.shared.audit.durability() == crate::audit::Durability::Statement) {
+        if let Err(u) = ticket.durable().await {
+            let mut buf = BytesMut::new();
+            wire::error(&mut buf, "FATAL", wire::code::AUDIT_UNAVAILABLE, &format!("cordon: {u}"));
+            let _ = hello.stream.write_all(&buf).await;
+            end.outcome = "audit_unavailable";
+            end.error = Some(u.to_string());
             return end;
         }
     }

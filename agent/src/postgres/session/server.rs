@@ -174,15 +174,16 @@ pub(super) fn drain_refusals(t: &mut Tracker, out: &mut BytesMut) {
             if simple {
                 ready_for_query(out, t.status);
             }
+            let code = wire::sqlstate(denied.kind);
             let outcome = Outcome { denied: Some(denied), ..Outcome::default() };
-            t.pipeline.notice(admitted.id, "error", serde_json::json!({"severity": "ERROR", "code": "42501", "message": outcome.denied.as_ref().map(|d| d.message.clone())}));
+            t.pipeline.notice(admitted.id, "error", serde_json::json!({"severity": "ERROR", "code": code, "message": outcome.denied.as_ref().map(|d| d.message.clone())}));
             t.pipeline.finish(&admitted, &outcome);
         }
     }
 }
 
 pub(super) fn refuse(out: &mut BytesMut, d: &Denied) {
-    wire::error(out, "ERROR", "42501", &format!("cordon: {} (rule {})", d.message, d.rule));
+    wire::error(out, "ERROR", wire::sqlstate(d.kind), &format!("cordon: {} (rule {})", d.message, d.rule));
 }
 
 pub(super) fn ready_for_query(out: &mut BytesMut, status: u8) {
@@ -327,10 +328,7 @@ pub(super) fn on_server_frame_inner(
             let Some(described) = run.described.clone() else {
                 // Rows with no description at all (the client never asked
                 // for one): cordon cannot classify them, so they do not pass.
-                run.refused = Some(Denied {
-                    rule: "classification".into(),
-                    message: "result rows arrived without a row description; describe the statement or portal".into(),
-                });
+                run.refused = Some(Denied::policy("classification", "result rows arrived without a row description; describe the statement or portal"));
                 swallow_start(t);
                 return;
             };
@@ -341,10 +339,7 @@ pub(super) fn on_server_frame_inner(
             }
             let columns = Body::new(f.body()).i16().unwrap_or(-1);
             if usize::try_from(columns).ok() != Some(described.fields.len()) {
-                run.refused = Some(Denied {
-                    rule: "classification".into(),
-                    message: "a result row does not match its row description".into(),
-                });
+                run.refused = Some(Denied::policy("classification", "a result row does not match its row description"));
                 swallow_start(t);
                 return;
             }
@@ -371,7 +366,7 @@ pub(super) fn on_server_frame_inner(
                 Ok(None) => f.bytes.clone(),
                 Err(e) => {
                     if let Some(run) = current_run(t) {
-                        run.refused = Some(Denied { rule: "mask".into(), message: e });
+                        run.refused = Some(Denied::policy("mask", e));
                     }
                     swallow_start(t);
                     return;

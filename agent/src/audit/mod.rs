@@ -1,0 +1,269 @@
+//! Append-only, hash-chained audit log.
+//!
+//! Layout under the audit directory:
+//! - `audit-<first seq, 12 digits>.jsonl`: segments of JSON Lines. Each
+//!   record carries `seq` (one more than the previous) and `prev`, the
+//!   SHA-256 of the previous record's line. The first record ever has
+//!   `prev` = 64 zeros.
+//! - `audit.head`: seq and hash of the last record known to be on disk,
+//!   rewritten after every sync, so removing records from the end is
+//!   detected.
+//! - `audit.anchor`: seq and hash where the chain in this directory starts
+//!   (after retention pruned older segments, or after the directory was
+//!   recreated during an outage), so the chain stays verifiable.
+//!
+//! Durability (see `writer.rs`): a record is *written* (in the kernel, in
+//! the segment file) before the caller goes on, so `kill -9` of the agent
+//! loses nothing a client was shown. It is *synced* (fdatasync) by one
+//! thread that group-commits every `sync_interval`, or at once for
+//! `audit_durability = "statement"` and for records written with
+//! [`AuditLog::write_durable`].
+//!
+//! Faults: a record that did not land whole is cut off again and the chain
+//! position rolled back, so nothing ever chains onto a torn record. While
+//! the log cannot be written, every append fails with [`Unavailable`]
+//! (callers refuse the session or statement and say why); the writer retries
+//! on its own and records the outage once it can write again.
+
+mod read;
+mod time;
+mod writer;
+
+use std::{fmt, time::Duration};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+pub use read::{read_all, segments, verify, Verified};
+pub use time::{format_rfc3339, now_rfc3339, parse_rfc3339};
+pub use writer::{AuditLog, Ticket};
+
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+const HEAD: &str = "audit.head";
+const ANCHOR: &str = "audit.anchor";
+
+/// One audit record. `event` says which: `open`, `close`, `reject`,
+/// `statement`, `statement_end`, `cancel`, `agent`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Record {
+    /// Position in the chain; set by the writer.
+    #[serde(default)]
+    pub seq: u64,
+    /// SHA-256 (hex) of the previous record's line; set by the writer.
+    #[serde(default)]
+    pub prev: String,
+    /// RFC 3339 UTC time.
+    pub ts: String,
+    pub event: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub session: Option<String>,
+    #[serde(flatten)]
+    pub fields: serde_json::Map<String, Value>,
+}
+
+impl Record {
+    pub fn new(event: &str, session: Option<&str>) -> Self {
+        Self {
+            seq: 0,
+            prev: String::new(),
+            ts: now_rfc3339(),
+            event: event.to_string(),
+            session: session.map(str::to_string),
+            fields: serde_json::Map::new(),
+        }
+    }
+
+    pub fn with(mut self, key: &str, value: impl Serialize) -> Self {
+        let v = serde_json::to_value(value).unwrap_or(Value::Null);
+        self.fields.insert(key.to_string(), v);
+        self
+    }
+
+    /// A copy of a base record under another event name, stamped now.
+    pub fn with_event(mut self, event: &str) -> Self {
+        event.clone_into(&mut self.event);
+        self.ts = now_rfc3339();
+        self
+    }
+}
+
+/// The line as written: the record with the writer's `seq` and `prev`,
+/// serialised straight from borrowed parts (no copy of the record).
+#[derive(Serialize)]
+struct Line<'a> {
+    seq: u64,
+    prev: &'a str,
+    ts: &'a str,
+    event: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session: Option<&'a str>,
+    #[serde(flatten)]
+    fields: &'a serde_json::Map<String, Value>,
+}
+
+/// When a written record is also made durable (fdatasync).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Group commit every `sync_interval`: a host crash (not an agent crash)
+    /// can lose the records of that last interval.
+    Interval,
+    /// A statement's result waits for its record's fdatasync (group-committed
+    /// across sessions).
+    Statement,
+}
+
+/// Warn when the audit filesystem has less than this left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpaceLeft {
+    Percent(u8),
+    Bytes(u64),
+}
+
+impl SpaceLeft {
+    /// Parse `"10%"` or a byte count with an optional K/M/G suffix.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Some(p) = s.strip_suffix('%') {
+            return match p.trim().parse::<u8>() {
+                Ok(n) if (1..=99).contains(&n) => Ok(Self::Percent(n)),
+                _ => Err(format!("{s:?}: a percentage from 1% to 99%")),
+            };
+        }
+        let upper = s.to_ascii_uppercase();
+        let upper = upper.trim_end_matches('B');
+        let (num, mult) = [('K', 1u64 << 10), ('M', 1 << 20), ('G', 1 << 30)]
+            .into_iter()
+            .find_map(|(suffix, mult)| upper.strip_suffix(suffix).map(|n| (n, mult)))
+            .unwrap_or((upper, 1));
+        match num.trim().parse::<u64>() {
+            Ok(n) if n > 0 => Ok(Self::Bytes(n.saturating_mul(mult))),
+            _ => Err(format!("{s:?}: a percentage (\"10%\") or a size (\"512MB\", \"2G\")")),
+        }
+    }
+
+    fn threshold(self, total: u64) -> u64 {
+        match self {
+            Self::Percent(p) => total / 100 * u64::from(p),
+            Self::Bytes(b) => b,
+        }
+    }
+}
+
+impl fmt::Display for SpaceLeft {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Percent(p) => write!(f, "{p}%"),
+            Self::Bytes(b) => write!(f, "{b} bytes"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// A segment is closed once it is larger than this.
+    pub segment_max_bytes: u64,
+    /// Whole segments whose newest record is older than this are pruned.
+    pub retention: Option<Duration>,
+    pub durability: Durability,
+    /// Longest a written record waits for its fdatasync.
+    pub sync_interval: Duration,
+    /// Below this much free space, warn (log and an `audit_space_low` record).
+    pub space_left: Option<SpaceLeft>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            segment_max_bytes: 64 * 1024 * 1024,
+            retention: None,
+            durability: Durability::Interval,
+            sync_interval: Duration::from_millis(10),
+            space_left: Some(SpaceLeft::Percent(10)),
+        }
+    }
+}
+
+/// Why the log cannot be written now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    NoSpace,
+    ReadOnly,
+    DirectoryMissing,
+    Io,
+    /// The directory holds a chain that does not end where cordon's does.
+    Diverged,
+}
+
+/// The audit log cannot be written: every session and statement is refused
+/// with this, in the client's protocol, until it can.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unavailable {
+    pub cause: Cause,
+    /// What failed, on which path, with the OS error.
+    pub detail: String,
+    /// What the operator should do.
+    pub action: String,
+}
+
+impl Unavailable {
+    fn from_io(e: &std::io::Error, what: &str, dir: &std::path::Path) -> Self {
+        let cause = match e.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT) => Cause::NoSpace,
+            Some(libc::EROFS) => Cause::ReadOnly,
+            Some(libc::ENOENT) => Cause::DirectoryMissing,
+            _ => Cause::Io,
+        };
+        Self::new(cause, format!("{what}: {e}"), dir)
+    }
+
+    fn new(cause: Cause, detail: String, dir: &std::path::Path) -> Self {
+        let d = dir.display();
+        let action = match cause {
+            Cause::NoSpace => format!("free space on the filesystem that holds {d}, or point agent.audit_dir at a larger one"),
+            Cause::ReadOnly => format!("the filesystem that holds {d} is read-only: check the kernel log, repair it and mount it read-write"),
+            Cause::DirectoryMissing => format!("recreate {d} (mode 0700, owned by the agent's user) or restore it; cordon continues the chain there"),
+            Cause::Io => format!("check the disk that holds {d} and the kernel log (dmesg)"),
+            Cause::Diverged => format!("{d} holds records cordon did not write: move them aside; cordon then continues its chain in the empty directory"),
+        };
+        Self { cause, detail, action }
+    }
+
+    fn cause_text(&self) -> &'static str {
+        match self.cause {
+            Cause::NoSpace => "no space left",
+            Cause::ReadOnly => "read-only filesystem",
+            Cause::DirectoryMissing => "audit directory missing",
+            Cause::Io => "I/O error",
+            Cause::Diverged => "the audit directory holds another chain",
+        }
+    }
+}
+
+impl fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the audit log is unavailable ({}): {}. Operator: {}. Until it can be written, cordon refuses new sessions and statements; it resumes by itself",
+            self.cause_text(),
+            self.detail,
+            self.action
+        )
+    }
+}
+
+impl std::error::Error for Unavailable {}
+
+fn sha256_hex(line: &[u8]) -> String {
+    hex::encode(Sha256::digest(line))
+}
+
+fn segment_name(first_seq: u64) -> String {
+    format!("audit-{first_seq:012}.jsonl")
+}
+
+#[cfg(test)]
+#[path = "../tests/audit.rs"]
+mod tests;

@@ -1,0 +1,814 @@
+//! The writer: appends under one lock, group commit on one thread, and the
+//! fault handling that keeps the chain intact.
+//!
+//! Why appends are synchronous: the caller's record must be in the kernel
+//! before it goes on (a statement before it is relayed, so a statement that
+//! ran always has its record). A `write(2)` into the page cache costs a few
+//! microseconds; a hop to a writer thread and back costs more than that on
+//! two cores. fdatasync is the slow part, and it runs on its own thread,
+//! over every record written since the last one (group commit).
+//!
+//! Faults: a record is committed (seq and hash advanced) only once its bytes
+//! are written whole into a file that is still linked. Otherwise the file is
+//! cut back to the end of the last complete record, the writer drops its
+//! file handles (so the operator can unmount and repair), and every append
+//! fails with [`Unavailable`] until the sync thread, retrying every second,
+//! can reopen the directory, finds the chain's end there, and writes the
+//! outage record.
+
+use std::{
+    collections::VecDeque,
+    fs::{self, File, OpenOptions},
+    io::Write,
+    os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Condvar, Mutex, MutexGuard, PoisonError,
+    },
+    thread,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context, Result};
+use tokio::sync::watch;
+
+use super::{
+    format_rfc3339, read, segment_name, sha256_hex, Cause, Durability, Line, Record, Settings, Unavailable, ANCHOR,
+    GENESIS, HEAD,
+};
+
+/// Size of the head file; written in place (one sector) with pwrite.
+const HEAD_LEN: usize = 128;
+/// How often a failed log is retried.
+const RETRY: Duration = Duration::from_secs(1);
+/// How often free space is checked against `space_left`.
+const SPACE_CHECK: Duration = Duration::from_secs(1);
+/// Lazily queued records (statement ends) written at the latest with this
+/// many queued.
+const LAZY_MAX: usize = 256;
+/// While the log is down, statement ends are kept up to this many, then
+/// counted as lost.
+const LAZY_KEEP: usize = 65_536;
+/// (seq, hash) of unsynced records kept, to resume after a filesystem lost
+/// its unsynced tail.
+const UNSYNCED_KEEP: usize = 1 << 20;
+
+/// Handle to the log; cheap to clone. The sync thread stops when the last
+/// handle is dropped (after a final sync).
+#[derive(Clone)]
+pub struct AuditLog {
+    handle: Arc<Handle>,
+}
+
+struct Handle {
+    inner: Arc<Inner>,
+    thread: Mutex<Option<thread::JoinHandle<()>>>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        lock(&self.inner.core).stop = true;
+        self.inner.wake.notify_all();
+        if let Some(t) = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Inner {
+    dir: PathBuf,
+    settings: Settings,
+    core: Mutex<Core>,
+    /// Wakes the sync thread: someone waits for durability, or stop.
+    wake: Condvar,
+    synced: watch::Sender<Synced>,
+    /// Set while the log is down: a cheap check without the lock.
+    failed: AtomicBool,
+}
+
+/// What the sync thread publishes to waiters.
+#[derive(Debug, Clone, Default)]
+struct Synced {
+    seq: u64,
+    /// Counts failures: a record written before one is not known durable
+    /// until proven by a sync in its own epoch.
+    epoch: u64,
+    failure: Option<Unavailable>,
+}
+
+/// A record written into the log (in the kernel): the caller may go on.
+/// [`Ticket::durable`] waits for its fdatasync.
+#[must_use]
+pub struct Ticket {
+    seq: u64,
+    epoch: u64,
+    synced: watch::Receiver<Synced>,
+}
+
+impl Ticket {
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Wait until the record is on disk.
+    pub async fn durable(mut self) -> Result<(), Unavailable> {
+        let (seq, epoch) = (self.seq, self.epoch);
+        let state = self.synced.wait_for(|s| s.epoch != epoch || s.seq >= seq).await;
+        match state {
+            Ok(s) if s.epoch == epoch => Ok(()),
+            Ok(s) => Err(s.failure.clone().unwrap_or_else(|| Unavailable {
+                cause: Cause::Io,
+                detail: format!("record {seq} was written before an outage and is not known to be on disk"),
+                action: "see the agent's audit_outage record".into(),
+            })),
+            Err(_) => Err(Unavailable {
+                cause: Cause::Io,
+                detail: "the audit sync thread has stopped".into(),
+                action: "restart the agent".into(),
+            }),
+        }
+    }
+}
+
+struct Failure {
+    error: Unavailable,
+    started: SystemTime,
+    since: Instant,
+    last_try: Instant,
+    refused_sessions: u64,
+    refused_statements: u64,
+    refused_other: u64,
+    /// Statement ends dropped because too many were waiting.
+    dropped: u64,
+}
+
+struct Core {
+    file: Option<File>,
+    head: Option<File>,
+    /// The current segment.
+    path: PathBuf,
+    /// End of the last complete record in the current segment.
+    size: u64,
+    seq: u64,
+    hash: String,
+    /// Reused for every batch of lines.
+    buf: Vec<u8>,
+    /// Records nobody waits for (statement ends): written with the next
+    /// append or sync.
+    lazy: Vec<Record>,
+    synced_seq: u64,
+    epoch: u64,
+    /// Records written since the last sync, oldest first.
+    unsynced: VecDeque<(u64, String)>,
+    sync_wanted: bool,
+    last_sync: Instant,
+    failure: Option<Failure>,
+    /// The wall clock at the last append, to notice it stepping backwards.
+    last_clock: SystemTime,
+    space_low: bool,
+    last_space_check: Instant,
+    prune_due: bool,
+    stop: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl AuditLog {
+    /// Open (or create) the log in `dir`, recovering the chain's end from the
+    /// last segment (a torn final line from a crash is cut off).
+    pub fn open(dir: &Path, settings: Settings) -> Result<Self> {
+        fs::create_dir_all(dir).with_context(|| format!("creating the audit directory {}", dir.display()))?;
+        let core = Core::open(dir)?;
+        let synced = Synced { seq: core.seq, epoch: 0, failure: None };
+        let inner = Arc::new(Inner {
+            dir: dir.to_owned(),
+            settings,
+            core: Mutex::new(core),
+            wake: Condvar::new(),
+            synced: watch::Sender::new(synced),
+            failed: AtomicBool::new(false),
+        });
+        let for_thread = inner.clone();
+        let thread = thread::Builder::new()
+            .name("cordon-audit".into())
+            .spawn(move || sync_loop(&for_thread))
+            .context("starting the audit sync thread")?;
+        Ok(Self { handle: Arc::new(Handle { inner, thread: Mutex::new(Some(thread)) }) })
+    }
+
+    fn inner(&self) -> &Inner {
+        &self.handle.inner
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner().dir
+    }
+
+    pub fn durability(&self) -> Durability {
+        self.inner().settings.durability
+    }
+
+    /// Why the log cannot be written now, if it cannot.
+    pub fn unavailable(&self) -> Option<Unavailable> {
+        if !self.inner().failed.load(Ordering::Acquire) {
+            return None;
+        }
+        lock(&self.inner().core).failure.as_ref().map(|f| f.error.clone())
+    }
+
+    /// Write a record into the log before returning. With
+    /// `audit_durability = "statement"` the sync thread starts a group
+    /// commit at once; [`Ticket::durable`] waits for it.
+    pub fn append(&self, record: &Record) -> Result<Ticket, Unavailable> {
+        let statement = self.durability() == Durability::Statement;
+        self.append_inner(record, statement)
+    }
+
+    fn append_inner(&self, record: &Record, sync_now: bool) -> Result<Ticket, Unavailable> {
+        let inner = self.inner();
+        let mut core = lock(&inner.core);
+        if let Some(f) = &mut core.failure {
+            f.refuse(&record.event);
+            return Err(f.error.clone());
+        }
+        match core.write(Some(record), inner) {
+            Ok(seq) => {
+                let epoch = core.epoch;
+                if sync_now {
+                    core.sync_wanted = true;
+                    inner.wake.notify_one();
+                }
+                drop(core);
+                Ok(Ticket { seq, epoch, synced: inner.synced.subscribe() })
+            }
+            Err(e) => {
+                core.fail(e.clone(), inner);
+                if let Some(f) = &mut core.failure {
+                    f.refuse(&record.event);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Queue a record nobody waits for (a statement's end): it is written
+    /// with the next append or sync, within `sync_interval`. It never delays
+    /// the caller.
+    pub fn append_lazy(&self, record: Record) {
+        let inner = self.inner();
+        let mut core = lock(&inner.core);
+        if core.lazy.len() >= LAZY_KEEP {
+            if let Some(f) = &mut core.failure {
+                f.dropped += 1;
+            }
+            return;
+        }
+        core.lazy.push(record);
+        if core.lazy.len() >= LAZY_MAX && core.failure.is_none() {
+            if let Err(e) = core.write(None, inner) {
+                core.fail(e, inner);
+            }
+        }
+    }
+
+    /// Write a record; with `audit_durability = "statement"`, also wait for
+    /// its sync. For session opens, closes and rejections.
+    pub async fn write(&self, record: Record) -> Result<(), Unavailable> {
+        let ticket = self.append(&record)?;
+        if self.durability() == Durability::Statement {
+            ticket.durable().await?;
+        }
+        Ok(())
+    }
+
+    /// Write a record and wait until it is on disk, whatever the durability
+    /// setting (agent start and stop).
+    pub async fn write_durable(&self, record: Record) -> Result<(), Unavailable> {
+        self.append_inner(&record, true)?.durable().await
+    }
+
+    /// Apply retention now (the sync thread also does it after a rotation).
+    pub async fn prune(&self) -> Result<()> {
+        let inner = self.handle.inner.clone();
+        tokio::task::spawn_blocking(move || prune(&inner.dir, inner.settings))
+            .await
+            .context("the prune task failed")?
+    }
+}
+
+impl Failure {
+    fn refuse(&mut self, event: &str) {
+        match event {
+            "open" => self.refused_sessions += 1,
+            "statement" => self.refused_statements += 1,
+            _ => self.refused_other += 1,
+        }
+    }
+}
+
+impl Core {
+    fn open(dir: &Path) -> Result<Self> {
+        let (seq, hash, path, size) = chain_end(dir)?;
+        let file = open_append(&path).with_context(|| format!("opening the audit segment {}", path.display()))?;
+        let len = file.metadata()?.len();
+        if len > size {
+            // A crash mid-write: the torn line is cut off, never chained onto.
+            tracing::warn!(segment = %path.display(), "cutting a torn final audit record ({} bytes)", len - size);
+            file.set_len(size).with_context(|| format!("cutting a torn record off {}", path.display()))?;
+        }
+        let head = open_head(dir)?;
+        Ok(Self {
+            file: Some(file),
+            head: Some(head),
+            path,
+            size,
+            seq,
+            hash,
+            buf: Vec::with_capacity(64 * 1024),
+            lazy: Vec::new(),
+            synced_seq: seq,
+            epoch: 0,
+            unsynced: VecDeque::new(),
+            sync_wanted: false,
+            last_sync: Instant::now(),
+            failure: None,
+            last_clock: SystemTime::now(),
+            space_low: false,
+            last_space_check: Instant::now() - SPACE_CHECK,
+            prune_due: false,
+            stop: false,
+        })
+    }
+
+    /// Write the queued lazy records and `extra` as one batch. Committed
+    /// (seq and hash advanced) only if every byte landed in a linked file;
+    /// otherwise the file is cut back and nothing changed.
+    fn write(&mut self, extra: Option<&Record>, inner: &Inner) -> Result<u64, Unavailable> {
+        let dir = &inner.dir;
+        if self.file.is_none() {
+            return Err(Unavailable::new(Cause::Io, "the audit segment is not open".into(), dir));
+        }
+        if self.size >= inner.settings.segment_max_bytes {
+            self.rotate(dir)?;
+        }
+        let now = SystemTime::now();
+        let stepped_back = self.last_clock.duration_since(now).ok().filter(|d| *d >= Duration::from_secs(1));
+        let clock = stepped_back.map(|back| {
+            Record::new("agent", None)
+                .with("action", "clock_stepped_back")
+                .with("from", format_rfc3339(self.last_clock))
+                .with("to", format_rfc3339(now))
+                .with("by_ms", back.as_millis() as u64)
+        });
+        if let Some(back) = stepped_back {
+            tracing::warn!("the wall clock stepped back by {back:?}: audit timestamps go backwards here (seq order stays authoritative)");
+        }
+        self.last_clock = now;
+
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        let mut seq = self.seq;
+        let mut hash = self.hash.clone();
+        let mut lines: Vec<(u64, String)> = Vec::new();
+        let records = self.lazy.iter().chain(clock.as_ref()).chain(extra);
+        let mut encoded = Ok(());
+        for r in records {
+            seq += 1;
+            let start = buf.len();
+            let line = Line {
+                seq,
+                prev: &hash,
+                ts: &r.ts,
+                event: &r.event,
+                session: r.session.as_deref(),
+                fields: &r.fields,
+            };
+            if let Err(e) = serde_json::to_writer(&mut buf, &line) {
+                encoded = Err(e);
+                break;
+            }
+            let h = sha256_hex(buf.get(start..).unwrap_or_default());
+            buf.push(b'\n');
+            lines.push((seq, h.clone()));
+            hash = h;
+        }
+        let result = match encoded {
+            Err(e) => Err(Unavailable::new(Cause::Io, format!("encoding an audit record: {e}"), dir)),
+            Ok(()) => self.write_bytes(&buf, dir),
+        };
+        self.buf = buf;
+        match result {
+            Ok(len) => {
+                self.size += len;
+                self.seq = seq;
+                self.hash = hash;
+                self.lazy.clear();
+                if self.unsynced.len() + lines.len() > UNSYNCED_KEEP {
+                    let excess = (self.unsynced.len() + lines.len()).saturating_sub(UNSYNCED_KEEP);
+                    self.unsynced.drain(..excess.min(self.unsynced.len()));
+                }
+                self.unsynced.extend(lines);
+                Ok(seq)
+            }
+            // Nothing advanced: the chain still ends at the last whole record.
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Append `buf` whole, or cut the segment back to where it was.
+    fn write_bytes(&mut self, buf: &[u8], dir: &Path) -> Result<u64, Unavailable> {
+        let Some(file) = self.file.as_mut() else {
+            return Err(Unavailable::new(Cause::Io, "the audit segment is not open".into(), dir));
+        };
+        let path = self.path.display().to_string();
+        let written = file.write_all(buf).map_err(|e| Unavailable::from_io(&e, &format!("appending to {path}"), dir));
+        let linked = written.and_then(|()| match file.metadata() {
+            Ok(m) if m.nlink() == 0 => Err(Unavailable::new(
+                Cause::DirectoryMissing,
+                format!("{path} was removed while cordon was writing it"),
+                dir,
+            )),
+            Ok(_) => Ok(()),
+            Err(e) => Err(Unavailable::from_io(&e, &format!("checking {path}"), dir)),
+        });
+        match linked {
+            Ok(()) => Ok(buf.len() as u64),
+            Err(e) => {
+                // A torn record must not stay: cut back to the last whole one.
+                // If that fails too (read-only), recovery cuts it on reopen.
+                if let Err(t) = file.set_len(self.size) {
+                    tracing::error!(segment = %path, "cannot cut a partly written audit record yet ({t}); it is cut when the log is reopened");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn rotate(&mut self, dir: &Path) -> Result<(), Unavailable> {
+        if let Some(f) = &self.file {
+            f.sync_data().map_err(|e| Unavailable::from_io(&e, "syncing the audit segment before rotation", dir))?;
+        }
+        self.synced_seq = self.seq;
+        self.unsynced.clear();
+        let path = dir.join(segment_name(self.seq + 1));
+        let file = open_append(&path).map_err(|e| io_of(&e, dir))?;
+        self.file = Some(file);
+        self.path = path;
+        self.size = 0;
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+        self.prune_due = true;
+        Ok(())
+    }
+
+    /// Stop writing: drop the file handles (so a broken filesystem can be
+    /// unmounted and repaired) and tell every waiter.
+    fn fail(&mut self, error: Unavailable, inner: &Inner) {
+        tracing::error!("{error}");
+        self.file = None;
+        self.head = None;
+        self.epoch += 1;
+        let now = Instant::now();
+        self.failure = Some(Failure {
+            error: error.clone(),
+            started: SystemTime::now(),
+            since: now,
+            last_try: now,
+            refused_sessions: 0,
+            refused_statements: 0,
+            refused_other: 0,
+            dropped: 0,
+        });
+        inner.failed.store(true, Ordering::Release);
+        let (seq, epoch) = (self.synced_seq, self.epoch);
+        inner.synced.send_replace(Synced { seq, epoch, failure: Some(error) });
+    }
+
+    /// Reopen the directory, find the chain's end there, and write the
+    /// outage record. On success the log is back.
+    fn recover(&mut self, inner: &Inner) -> Result<(), Unavailable> {
+        let dir = &inner.dir;
+        if !dir.is_dir() {
+            return Err(Unavailable::new(Cause::DirectoryMissing, format!("{} does not exist", dir.display()), dir));
+        }
+        let segs = read::segments(dir).map_err(|e| any_of(&e, dir))?;
+        let mut lost = 0u64;
+        let (path, size) = match segs.last() {
+            None => {
+                // An empty directory (recreated, or a fresh filesystem): the
+                // chain continues here from an anchor at cordon's position.
+                write_anchor(dir, self.seq, &self.hash).map_err(|e| any_of(&e, dir))?;
+                (dir.join(segment_name(self.seq + 1)), 0)
+            }
+            Some(last) => {
+                let (end_seq, end_hash, path, good_len) = chain_end(dir).map_err(|e| any_of(&e, dir))?;
+                if end_seq == self.seq && end_hash == self.hash {
+                } else if let Some(pos) = self.unsynced.iter().position(|(s, h)| *s == end_seq && *h == end_hash) {
+                    // The filesystem lost records it had not synced: resume
+                    // after the last one it kept, and say how many went.
+                    lost = self.seq - end_seq;
+                    self.unsynced.truncate(pos + 1);
+                    self.seq = end_seq;
+                    self.hash = end_hash;
+                } else {
+                    return Err(Unavailable::new(
+                        Cause::Diverged,
+                        format!(
+                            "{} ends at record {end_seq}, but cordon's chain ends at record {}",
+                            last.display(),
+                            self.seq
+                        ),
+                        dir,
+                    ));
+                }
+                (path, good_len)
+            }
+        };
+        let file = open_append(&path).map_err(|e| io_of(&e, dir))?;
+        let len = file.metadata().map_err(|e| Unavailable::from_io(&e, "reading the segment's size", dir))?.len();
+        if len > size {
+            file.set_len(size)
+                .map_err(|e| Unavailable::from_io(&e, &format!("cutting a torn record off {}", path.display()), dir))?;
+            tracing::warn!(segment = %path.display(), "cut {} bytes of a partly written audit record", len - size);
+        }
+        self.file = Some(file);
+        self.head = Some(open_head(dir).map_err(|e| any_of(&e, dir))?);
+        self.path = path;
+        self.size = size;
+        let Some(f) = &self.failure else { return Ok(()) };
+        let outage = Record::new("agent", None)
+            .with("action", "audit_outage")
+            .with("cause", f.error.cause)
+            .with("detail", &f.error.detail)
+            .with("started", format_rfc3339(f.started))
+            .with("duration_ms", f.since.elapsed().as_millis() as u64)
+            .with("refused_sessions", f.refused_sessions)
+            .with("refused_statements", f.refused_statements)
+            .with("refused_other", f.refused_other)
+            .with("dropped_statement_ends", f.dropped)
+            .with("lost_unsynced_records", lost);
+        let (outage_ms, statements, sessions) =
+            (f.since.elapsed().as_millis() as u64, f.refused_statements, f.refused_sessions);
+        let seq = self.write(Some(&outage), inner)?;
+        self.sync_now(inner, seq)?;
+        tracing::info!(
+            outage_ms,
+            refused_statements = statements,
+            refused_sessions = sessions,
+            "the audit log is writable again"
+        );
+        self.failure = None;
+        inner.failed.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// fdatasync under the lock (recovery and rotation only), then the head.
+    fn sync_now(&mut self, inner: &Inner, seq: u64) -> Result<(), Unavailable> {
+        let dir = &inner.dir;
+        if let Some(f) = &self.file {
+            f.sync_data().map_err(|e| Unavailable::from_io(&e, "syncing the audit segment", dir))?;
+        }
+        self.synced(inner, seq, self.hash.clone())
+    }
+
+    /// Record that everything up to `seq` is on disk.
+    fn synced(&mut self, inner: &Inner, seq: u64, hash: String) -> Result<(), Unavailable> {
+        self.synced_seq = self.synced_seq.max(seq);
+        while self.unsynced.front().is_some_and(|(s, _)| *s <= seq) {
+            self.unsynced.pop_front();
+        }
+        self.write_head(seq, &hash, &inner.dir)?;
+        inner.synced.send_replace(Synced { seq: self.synced_seq, epoch: self.epoch, failure: None });
+        Ok(())
+    }
+
+    fn write_head(&mut self, seq: u64, hash: &str, dir: &Path) -> Result<(), Unavailable> {
+        let Some(head) = &self.head else { return Ok(()) };
+        let mark = serde_json::to_vec(&read::Mark { seq, hash: hash.to_string() }).unwrap_or_default();
+        let mut block = [b' '; HEAD_LEN];
+        if let Some(dst) = block.get_mut(..mark.len()) {
+            dst.copy_from_slice(&mark);
+        }
+        head.write_all_at(&block, 0).map_err(|e| Unavailable::from_io(&e, "writing the audit head", dir))
+    }
+}
+
+/// The sync thread: group commit, retention after rotation, free space,
+/// and retrying a failed log.
+fn sync_loop(inner: &Inner) {
+    let interval = inner.settings.sync_interval;
+    let mut core = lock(&inner.core);
+    loop {
+        if core.stop {
+            if core.failure.is_none() {
+                if !core.lazy.is_empty() {
+                    let _ = core.write(None, inner);
+                }
+                let seq = core.seq;
+                let _ = core.sync_now(inner, seq);
+            }
+            return;
+        }
+        if core.failure.as_ref().is_some_and(|f| f.last_try.elapsed() >= RETRY) {
+            if let Some(f) = &mut core.failure {
+                f.last_try = Instant::now();
+            }
+            if let Err(e) = core.recover(inner) {
+                core.file = None;
+                core.head = None;
+                if let Some(f) = &mut core.failure {
+                    if f.error != e {
+                        tracing::error!("{e}");
+                        f.error = e.clone();
+                        let (seq, epoch) = (core.synced_seq, core.epoch);
+                        inner.synced.send_replace(Synced { seq, epoch, failure: Some(e) });
+                    }
+                }
+            }
+            continue;
+        }
+        let due = core.last_sync.elapsed() >= interval;
+        let pending = core.seq > core.synced_seq || !core.lazy.is_empty();
+        if core.failure.is_none() && pending && (core.sync_wanted || due) {
+            core = group_commit(inner, core);
+            continue;
+        }
+        if core.prune_due {
+            core.prune_due = false;
+            drop(core);
+            if let Err(e) = prune(&inner.dir, inner.settings) {
+                tracing::error!("audit retention: {e:#}");
+            }
+            core = lock(&inner.core);
+            continue;
+        }
+        if core.failure.is_none() && core.last_space_check.elapsed() >= SPACE_CHECK {
+            core.last_space_check = Instant::now();
+            drop(core);
+            let space = space_check(inner);
+            core = lock(&inner.core);
+            if let Some((low, rec)) = space.filter(|(low, _)| *low != core.space_low) {
+                core.space_low = low;
+                if let Some(r) = rec {
+                    core.lazy.push(r);
+                }
+            }
+            continue;
+        }
+        let wait = if core.failure.is_some() {
+            RETRY
+        } else if pending {
+            interval.saturating_sub(core.last_sync.elapsed()).max(Duration::from_micros(100))
+        } else {
+            interval.max(Duration::from_millis(100))
+        };
+        core = inner.wake.wait_timeout(core, wait).unwrap_or_else(PoisonError::into_inner).0;
+    }
+}
+
+/// One group commit: flush lazy records, then fdatasync outside the lock so
+/// appends go on meanwhile.
+fn group_commit<'a>(inner: &'a Inner, mut core: MutexGuard<'a, Core>) -> MutexGuard<'a, Core> {
+    if !core.lazy.is_empty() {
+        if let Err(e) = core.write(None, inner) {
+            core.fail(e, inner);
+            return core;
+        }
+    }
+    core.sync_wanted = false;
+    let (seq, hash, epoch) = (core.seq, core.hash.clone(), core.epoch);
+    let file = core.file.as_ref().and_then(|f| f.try_clone().ok());
+    drop(core);
+    let result = match &file {
+        Some(f) => f.sync_data().map_err(|e| Unavailable::from_io(&e, "syncing the audit log", &inner.dir)),
+        None => Err(Unavailable::new(Cause::Io, "the audit segment is not open".into(), &inner.dir)),
+    };
+    let mut core = lock(&inner.core);
+    core.last_sync = Instant::now();
+    if core.epoch != epoch || core.failure.is_some() {
+        return core;
+    }
+    match result.and_then(|()| core.synced(inner, seq, hash)) {
+        Ok(()) => {}
+        // The records stay in the page cache and the file; the outage says
+        // the sync failed. Linux may have dropped the dirty pages: the
+        // recovery's reopen then finds where the file really ends.
+        Err(e) => core.fail(e, inner),
+    }
+    core
+}
+
+/// Compare free space with `space_left`: Some((low, record to write when
+/// the state changed)).
+fn space_check(inner: &Inner) -> Option<(bool, Option<Record>)> {
+    let watermark = inner.settings.space_left?;
+    let st = nix::sys::statvfs::statvfs(&inner.dir).ok()?;
+    let frsize = st.fragment_size() as u64;
+    let total = st.blocks() as u64 * frsize;
+    let avail = st.blocks_available() as u64 * frsize;
+    let threshold = watermark.threshold(total);
+    let low = avail < threshold;
+    let rec = if low {
+        tracing::warn!(
+            dir = %inner.dir.display(),
+            available_bytes = avail,
+            "the audit filesystem is below space_left ({watermark}): free space or move agent.audit_dir; when it is full, cordon refuses sessions and statements"
+        );
+        Some(
+            Record::new("agent", None)
+                .with("action", "audit_space_low")
+                .with("available_bytes", avail)
+                .with("total_bytes", total)
+                .with("space_left", watermark.to_string()),
+        )
+    } else {
+        tracing::info!(dir = %inner.dir.display(), available_bytes = avail, "the audit filesystem is above space_left again");
+        None
+    };
+    Some((low, rec))
+}
+
+/// Where the chain in `dir` ends: (seq, hash, segment to append to, length
+/// of its complete records). A torn final line is not counted.
+fn chain_end(dir: &Path) -> Result<(u64, String, PathBuf, u64)> {
+    let anchor = read::read_mark(&dir.join(ANCHOR))?;
+    let (mut seq, mut hash) = match anchor {
+        Some(a) => (a.seq, a.hash),
+        None => (0, GENESIS.to_string()),
+    };
+    let segs = read::segments(dir)?;
+    let Some(last) = segs.last() else { return Ok((seq, hash, dir.join(segment_name(seq + 1)), 0)) };
+    // The last segment may be empty (just rotated): the end is then in the
+    // one before it (or the anchor).
+    for seg in segs.iter().rev() {
+        let (s, h, good_len) = read::scan_tail(seg)?;
+        if let (Some(s), Some(h)) = (s, h) {
+            seq = s;
+            hash = h;
+            let size = if seg == last { good_len } else { 0 };
+            return Ok((seq, hash, last.clone(), size));
+        }
+    }
+    Ok((seq, hash, last.clone(), 0))
+}
+
+fn write_anchor(dir: &Path, seq: u64, hash: &str) -> Result<()> {
+    let anchor = serde_json::to_vec(&read::Mark { seq, hash: hash.to_string() })?;
+    let tmp = dir.join("audit.anchor.tmp");
+    fs::write(&tmp, &anchor).with_context(|| format!("writing {}", tmp.display()))?;
+    File::open(&tmp)?.sync_all()?;
+    fs::rename(&tmp, dir.join(ANCHOR))?;
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Remove whole closed segments whose newest record is older than the
+/// retention, oldest first, recording where the chain now starts.
+fn prune(dir: &Path, settings: Settings) -> Result<()> {
+    let Some(retention) = settings.retention else { return Ok(()) };
+    let cutoff = SystemTime::now().checked_sub(retention).unwrap_or(SystemTime::UNIX_EPOCH);
+    let segs = read::segments(dir)?;
+    for seg in segs.iter().take(segs.len().saturating_sub(1)) {
+        let (last_seq, last_hash, _) = read::scan_tail(seg)?;
+        let newest_ts = read::last_ts(seg)?;
+        let old = newest_ts.as_deref().and_then(super::parse_rfc3339).is_some_and(|t| t < cutoff);
+        let (Some(seq), Some(hash), true) = (last_seq, last_hash, old) else { break };
+        write_anchor(dir, seq, &hash)?;
+        fs::remove_file(seg)?;
+        tracing::info!(segment = %seg.display(), "pruned an audit segment past retention");
+    }
+    Ok(())
+}
+
+fn open_append(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).mode(0o600).open(path)
+}
+
+fn open_head(dir: &Path) -> Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .open(dir.join(HEAD))
+        .with_context(|| format!("opening {}", dir.join(HEAD).display()))
+}
+
+fn io_of(e: &std::io::Error, dir: &Path) -> Unavailable {
+    Unavailable::from_io(e, &format!("opening an audit segment in {}", dir.display()), dir)
+}
+
+/// An anyhow error from reading the directory: keep the OS error's cause.
+fn any_of(e: &anyhow::Error, dir: &Path) -> Unavailable {
+    match e.chain().find_map(|c| c.downcast_ref::<std::io::Error>()) {
+        Some(io) => Unavailable::from_io(io, &format!("{e:#}"), dir),
+        None => Unavailable::new(Cause::Io, format!("{e:#}"), dir),
+    }
+}
