@@ -431,12 +431,21 @@ pub struct Agent {
     audit: PathBuf,
     child: Option<Child>,
     log: PathBuf,
+    /// More `[agent]` settings (e.g. `audit_dir`).
+    extra: String,
+    /// Environment for the agent process (e.g. libfaketime).
+    pub env: Vec<(String, String)>,
 }
 
 impl Agent {
     /// Write a policy: `[agent]` settings for isolation are prepended, the
     /// caller gives intercepts, profiles and tags.
     pub fn new(body: &str) -> Result<Self> {
+        Self::new_with(body, "")
+    }
+
+    /// As [`Agent::new`], with more `[agent]` settings.
+    pub fn new_with(body: &str, agent_settings: &str) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("cordon-agent-").tempdir()?;
         let port = free_port();
         let name = dir.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -449,6 +458,8 @@ impl Agent {
             audit: dir.path().join("state/audit"),
             child: None,
             log: dir.path().join("agent.log"),
+            extra: agent_settings.to_string(),
+            env: Vec::new(),
             dir,
         };
         agent.write_policy(body)?;
@@ -467,6 +478,8 @@ impl Agent {
             audit: audit.to_owned(),
             child: None,
             log: dir.path().join("agent.log"),
+            extra: String::new(),
+            env: Vec::new(),
             dir,
         })
     }
@@ -476,8 +489,9 @@ impl Agent {
         format!(
             "[agent]\nlisten = \"127.0.0.1:{port}\"\nlisten6 = \"[::1]:{port}\"\nstate_dir = \"{d}/state\"\n\
              control_socket = \"{d}/run/control.sock\"\nbpffs_dir = \"{}\"\nagent_cgroup = \"cordon-test.agent\"\n\
-             rescan_interval_ms = 200\nsecrets_file = \"{d}/secrets.toml\"\n\n",
+             rescan_interval_ms = 200\nsecrets_file = \"{d}/secrets.toml\"\n{}\n\n",
             self.bpffs_dir.display(),
+            self.extra,
             port = self.port,
         )
     }
@@ -507,6 +521,11 @@ impl Agent {
         Ok(())
     }
 
+    /// Where the audit log is, when the policy moves it (`audit_dir`).
+    pub fn set_audit_path(&mut self, path: &Path) {
+        path.clone_into(&mut self.audit);
+    }
+
     pub fn audit_path(&self) -> PathBuf {
         self.audit.clone()
     }
@@ -521,6 +540,7 @@ impl Agent {
             .arg(&self.config)
             .env("CORDON_LOG", "info")
             .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()

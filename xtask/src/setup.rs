@@ -25,6 +25,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("ruby-pg", "Ruby's pg driver"),
     ("php-cli", "php, to run PDO in the driver tests"),
     ("php-pgsql", "PHP's PostgreSQL driver (PDO pgsql)"),
+    ("faketime", "libfaketime, to step the agent's wall clock backwards in the audit fault tests"),
+    ("e2fsprogs", "mkfs.ext4 and e2fsck for the read-only filesystem fault test"),
 ];
 
 /// node-postgres from the npm registry, where every user can read it.

@@ -158,6 +158,8 @@ struct Core {
     /// append or sync.
     lazy: Vec<Record>,
     synced_seq: u64,
+    /// Hash of record `synced_seq`.
+    synced_hash: String,
     epoch: u64,
     /// Records written since the last sync, oldest first.
     unsynced: VecDeque<(u64, String)>,
@@ -326,10 +328,11 @@ impl Core {
             path,
             size,
             seq,
-            hash,
+            hash: hash.clone(),
             buf: Vec::with_capacity(64 * 1024),
             lazy: Vec::new(),
             synced_seq: seq,
+            synced_hash: hash,
             epoch: 0,
             unsynced: VecDeque::new(),
             sync_wanted: false,
@@ -452,6 +455,7 @@ impl Core {
             f.sync_data().map_err(|e| Unavailable::from_io(&e, "syncing the audit segment before rotation", dir))?;
         }
         self.synced_seq = self.seq;
+        self.synced_hash.clone_from(&self.hash);
         self.unsynced.clear();
         let path = dir.join(segment_name(self.seq + 1));
         let file = open_append(&path).map_err(|e| io_of(&e, dir))?;
@@ -505,8 +509,20 @@ impl Core {
                 (dir.join(segment_name(self.seq + 1)), 0)
             }
             Some(last) => {
+                // Records of a batch that failed part-way may have landed
+                // whole before the error; they were never committed, so the
+                // segment is cut back to cordon's end first.
+                if *last == self.path {
+                    self.cut_back_uncommitted(dir)?;
+                }
                 let (end_seq, end_hash, path, good_len) = chain_end(dir).map_err(|e| any_of(&e, dir))?;
                 if end_seq == self.seq && end_hash == self.hash {
+                } else if end_seq == self.synced_seq && end_hash == self.synced_hash {
+                    // The filesystem lost everything since the last sync.
+                    lost = self.seq - end_seq;
+                    self.unsynced.clear();
+                    self.seq = end_seq;
+                    self.hash = end_hash;
                 } else if let Some(pos) = self.unsynced.iter().position(|(s, h)| *s == end_seq && *h == end_hash) {
                     // The filesystem lost records it had not synced: resume
                     // after the last one it kept, and say how many went.
@@ -566,6 +582,31 @@ impl Core {
         Ok(())
     }
 
+    /// Cut the current segment back to the end of the last committed record
+    /// when it is longer (a failed batch's lines), once that end is
+    /// confirmed to be cordon's record.
+    fn cut_back_uncommitted(&mut self, dir: &Path) -> Result<(), Unavailable> {
+        let Ok(meta) = fs::metadata(&self.path) else { return Ok(()) };
+        if meta.len() <= self.size {
+            return Ok(());
+        }
+        let f = OpenOptions::new().read(true).write(true).open(&self.path).map_err(|e| io_of(&e, dir))?;
+        // The committed end must be a line boundary whose line is ours.
+        let from = self.size.saturating_sub(64 * 1024);
+        let mut tail = vec![0u8; usize::try_from(self.size - from).unwrap_or(0)];
+        f.read_exact_at(&mut tail, from).map_err(|e| Unavailable::from_io(&e, "reading the audit segment", dir))?;
+        let body = tail.strip_suffix(b"\n").unwrap_or(&tail);
+        let line = body.rsplit(|b| *b == b'\n').next().unwrap_or(body);
+        let ours = (self.size == 0 && self.seq == self.synced_seq) || sha256_hex(line) == self.hash;
+        if !ours {
+            return Ok(());
+        }
+        f.set_len(self.size)
+            .map_err(|e| Unavailable::from_io(&e, &format!("cutting uncommitted records off {}", self.path.display()), dir))?;
+        tracing::warn!(segment = %self.path.display(), "cut {} bytes of records from a batch that failed", meta.len() - self.size);
+        Ok(())
+    }
+
     /// fdatasync under the lock (recovery and rotation only), then the head.
     fn sync_now(&mut self, inner: &Inner, seq: u64) -> Result<(), Unavailable> {
         let dir = &inner.dir;
@@ -577,7 +618,10 @@ impl Core {
 
     /// Record that everything up to `seq` is on disk.
     fn synced(&mut self, inner: &Inner, seq: u64, hash: String) -> Result<(), Unavailable> {
-        self.synced_seq = self.synced_seq.max(seq);
+        if seq >= self.synced_seq {
+            self.synced_seq = seq;
+            self.synced_hash.clone_from(&hash);
+        }
         while self.unsynced.front().is_some_and(|(s, _)| *s <= seq) {
             self.unsynced.pop_front();
         }
@@ -651,11 +695,8 @@ fn sync_loop(inner: &Inner) {
             drop(core);
             let space = space_check(inner);
             core = lock(&inner.core);
-            if let Some((low, rec)) = space.filter(|(low, _)| *low != core.space_low) {
-                core.space_low = low;
-                if let Some(r) = rec {
-                    core.lazy.push(r);
-                }
+            if let Some((low, avail, total)) = space {
+                space_crossed(inner, &mut core, low, avail, total);
             }
             continue;
         }
@@ -702,34 +743,42 @@ fn group_commit<'a>(inner: &'a Inner, mut core: MutexGuard<'a, Core>) -> MutexGu
     core
 }
 
-/// Compare free space with `space_left`: Some((low, record to write when
-/// the state changed)).
-fn space_check(inner: &Inner) -> Option<(bool, Option<Record>)> {
+/// Free space against `space_left`: (below it, available, total).
+fn space_check(inner: &Inner) -> Option<(bool, u64, u64)> {
     let watermark = inner.settings.space_left?;
     let st = nix::sys::statvfs::statvfs(&inner.dir).ok()?;
     let frsize = st.fragment_size() as u64;
     let total = st.blocks() as u64 * frsize;
     let avail = st.blocks_available() as u64 * frsize;
-    let threshold = watermark.threshold(total);
-    let low = avail < threshold;
-    let rec = if low {
+    Some((avail < watermark.threshold(total), avail, total))
+}
+
+/// Say so when free space crosses `space_left`, either way: a warning in
+/// the log and, going below, an `audit_space_low` record (auditd's
+/// `space_left_action = SYSLOG`).
+fn space_crossed(inner: &Inner, core: &mut Core, low: bool, avail: u64, total: u64) {
+    if low == core.space_low {
+        return;
+    }
+    core.space_low = low;
+    let Some(watermark) = inner.settings.space_left else { return };
+    let dir = inner.dir.display();
+    if low {
         tracing::warn!(
-            dir = %inner.dir.display(),
+            dir = %dir,
             available_bytes = avail,
             "the audit filesystem is below space_left ({watermark}): free space or move agent.audit_dir; when it is full, cordon refuses sessions and statements"
         );
-        Some(
+        core.lazy.push(
             Record::new("agent", None)
                 .with("action", "audit_space_low")
                 .with("available_bytes", avail)
                 .with("total_bytes", total)
                 .with("space_left", watermark.to_string()),
-        )
+        );
     } else {
-        tracing::info!(dir = %inner.dir.display(), available_bytes = avail, "the audit filesystem is above space_left again");
-        None
-    };
-    Some((low, rec))
+        tracing::info!(dir = %dir, available_bytes = avail, "the audit filesystem is above space_left again");
+    }
 }
 
 /// Where the chain in `dir` ends: (seq, hash, segment to append to, length

@@ -20,7 +20,7 @@ pub(super) async fn client_to_server(
         let lookup_error = resolve_statement_tables(&frames, tracker, ctx, cred).await.err();
         let mut terminate = false;
         let mut denied_any = false;
-        {
+        let waits = {
             let mut t = tracker.lock().map_err(|_| anyhow::anyhow!("session state poisoned"))?;
             for frame in &frames {
                 t.bytes_up += frame.bytes.len() as u64;
@@ -34,9 +34,18 @@ pub(super) async fn client_to_server(
                 }
             }
             t.last_activity = Instant::now();
-        }
+            std::mem::take(&mut t.unconfirmed)
+        };
         if denied_any {
             wake.notify_one();
+        }
+        // audit_durability = "statement": a statement's record is on disk
+        // before the statement runs (group-committed with other sessions').
+        for w in waits {
+            if let Err(u) = w.durable().await {
+                fatal(tracker, wire::code::AUDIT_UNAVAILABLE, format!("cordon: {u}"), wake);
+                bail!("{u}");
+            }
         }
         if !out.is_empty() {
             uw.write_all(&out).await.context("writing to the server")?;

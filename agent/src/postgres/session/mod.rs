@@ -163,7 +163,12 @@ struct Tracker {
     prepared: HashMap<Bytes, Prepared>,
     portals: HashMap<Bytes, Portal>,
     queue: VecDeque<Req>,
+    /// Records to be on disk before the statements they describe are
+    /// forwarded (`audit_durability = "statement"`).
     unconfirmed: Vec<crate::audit::Ticket>,
+    /// A FATAL for the client, written by the server side before the session
+    /// ends (a limit, the audit log): the client is told why.
+    fatal: Option<(&'static str, String)>,
     cancel: Option<(i32, Vec<u8>)>,
     bytes_up: u64,
     bytes_down: u64,
@@ -269,6 +274,7 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
         portals: HashMap::new(),
         queue: VecDeque::new(),
         unconfirmed: Vec::new(),
+        fatal: None,
         cancel: None,
         bytes_up: 0,
         bytes_down: 0,
@@ -296,7 +302,13 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
                     Ok(Ok(())) | Err(_) => break Ok("closed"),
                     Ok(Err(e)) => break Err(e),
                 },
-                Err(e) => break Err(e),
+                Err(e) => {
+                    // A FATAL for the client goes out on the server side.
+                    if tracker.lock().is_ok_and(|t| t.fatal.is_some()) {
+                        let _ = tokio::time::timeout(Duration::from_secs(2), &mut s2c).await;
+                    }
+                    break Err(e);
+                }
             },
             r = &mut s2c => match r {
                 Ok(()) => break Ok("server_closed"),
@@ -402,4 +414,13 @@ fn head_id(t: &Tracker) -> u64 {
 
 fn finish_run(t: &mut Tracker, run: &Running) {
     t.pipeline.finish(&run.admitted, &run.outcome);
+}
+
+/// End the session with a FATAL the client reads: the server side writes it
+/// in turn (it owns the client's write half) and stops.
+fn fatal(tracker: &Mutex<Tracker>, code: &'static str, message: String, wake: &tokio::sync::Notify) {
+    if let Ok(mut t) = tracker.lock() {
+        t.fatal = Some((code, message));
+    }
+    wake.notify_one();
 }

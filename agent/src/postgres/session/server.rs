@@ -22,7 +22,7 @@ pub(super) async fn server_to_client(
         }
         // Table OIDs in result descriptions, looked up before the lock.
         let lookup_error = resolve_result_tables(&frames, tracker, ctx, cred).await.err();
-        let waits = {
+        let fatal = {
             let mut t = tracker.lock().map_err(|_| anyhow::anyhow!("session state poisoned"))?;
             for frame in &frames {
                 t.bytes_down += frame.bytes.len() as u64;
@@ -33,15 +33,16 @@ pub(super) async fn server_to_client(
             if t.desync {
                 bail!("protocol violation: the server sent a row cordon cannot attribute to a statement (request tracking out of step); ending the session");
             }
-            std::mem::take(&mut t.unconfirmed)
+            // The session ends with an error the client can read.
+            t.fatal.take().inspect(|(code, message)| wire::error(&mut out, "FATAL", code, message))
         };
-        // No result reaches the client before its statement is durable.
-        for w in waits {
-            w.durable().await.context("the audit log failed; refusing to deliver unaudited results")?;
-        }
         if !out.is_empty() {
             cw.write_all(&out).await.context("writing to the client")?;
             out.clear();
+        }
+        if let Some((_, message)) = fatal {
+            let _ = cw.shutdown().await;
+            bail!("{message}");
         }
         if eof {
             let _ = cw.shutdown().await;
