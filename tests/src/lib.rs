@@ -627,7 +627,9 @@ impl Agent {
             .collect()
     }
 
+    /// Records of one event, once the log has settled (see `wait_synced`).
     pub fn audit_events(&self, event: &str) -> Vec<Value> {
+        self.wait_synced();
         self.audit().into_iter().filter(|r| r["event"] == event).collect()
     }
 
@@ -644,10 +646,33 @@ impl Agent {
     }
 
     /// Wait until the audit holds `n` records of `event`.
+    /// Wait until the log is quiet and synced: the head names the last
+    /// record and nothing new arrives for a while (records nobody waits for,
+    /// such as statement ends, are written and synced within the agent's
+    /// audit_sync_interval_ms).
+    pub fn wait_synced(&self) {
+        let head = |a: &Self| {
+            fs::read_to_string(a.audit_path().join("audit.head"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<Value>(t.trim()).ok())
+                .and_then(|v| v["seq"].as_u64())
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut stable = 0;
+        let mut last = None;
+        while Instant::now() < deadline && stable < 3 {
+            let end = self.audit().last().and_then(|r| r["seq"].as_u64());
+            let now = (end, head(self));
+            stable = if end.is_some() && now.0 == now.1 && Some(now) == last { stable + 1 } else { 0 };
+            last = Some(now);
+            thread::sleep(Duration::from_millis(30));
+        }
+    }
+
     pub fn wait_audit(&self, event: &str, n: usize) -> Vec<Value> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let got = self.audit_events(event);
+            let got: Vec<Value> = self.audit().into_iter().filter(|r| r["event"] == event).collect();
             if got.len() >= n || Instant::now() > deadline {
                 return got;
             }
