@@ -121,6 +121,7 @@ struct RawAgent {
     socket_mark: Option<Spanned<i64>>,
     agent_cgroup: Option<Spanned<String>>,
     idle_timeout_secs: Option<Spanned<i64>>,
+    handshake_timeout_secs: Option<Spanned<i64>>,
     connect_timeout_secs: Option<Spanned<i64>>,
     rescan_interval_ms: Option<Spanned<i64>>,
     secrets_file: Option<Spanned<String>>,
@@ -154,6 +155,8 @@ struct RawProfile {
     record_params: Option<Spanned<String>>,
     record_text: Option<Spanned<String>>,
     params_max_bytes: Option<Spanned<i64>>,
+    /// Concurrent connections per tagged cgroup.
+    max_connections: Option<Spanned<i64>>,
     /// label name → allow | mask | deny
     #[serde(default)]
     labels: BTreeMap<String, Spanned<String>>,
@@ -223,6 +226,9 @@ pub struct AgentSettings {
     /// None = stay where started (systemd already gives it its own).
     pub agent_cgroup: Option<String>,
     pub idle_timeout: Duration,
+    /// A client must finish its protocol's startup (TLS, startup packet)
+    /// within this.
+    pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
     pub rescan_interval: Duration,
     /// Root-only file with upstream credentials (see secrets.rs).
@@ -307,6 +313,9 @@ pub struct Profile {
     /// column, per label rank.
     pub lookups: Vec<bool>,
     pub guardrails: crate::pipeline::guard::Guardrails,
+    /// Concurrent connections one tagged cgroup may hold through cordon
+    /// (None: no cap). A runaway job cannot exhaust the agent for others.
+    pub max_connections: Option<u32>,
 }
 
 impl Profile {
@@ -449,6 +458,13 @@ impl Validator<'_> {
                     _ => self.error(n.span(), &format!("profiles.{name}.params_max_bytes"), "between 1 and 4096"),
                 }
             }
+            let max_connections = p.max_connections.as_ref().and_then(|n| match u32::try_from(*n.get_ref()) {
+                Ok(v) if (1..=1_000_000).contains(&v) => Some(v),
+                _ => {
+                    self.error(n.span(), &format!("profiles.{name}.max_connections"), "between 1 and 1000000");
+                    None
+                }
+            });
             let actions = self.actions(&name, &p.labels, &classifier.labels);
             let lookups = self.lookups(&name, &p.lookups, &classifier.labels);
             let guardrails = self.guardrails(&name, p.guardrails, &classifier.labels);
@@ -459,6 +475,7 @@ impl Validator<'_> {
                 actions,
                 lookups,
                 guardrails,
+                max_connections,
             });
         }
         let mut tags = Vec::new();
@@ -782,6 +799,7 @@ impl Validator<'_> {
             None => Some("cordon.agent".to_string()),
         };
         let idle_timeout = self.seconds(&raw.idle_timeout_secs, "agent.idle_timeout_secs", 900);
+        let handshake_timeout = self.seconds(&raw.handshake_timeout_secs, "agent.handshake_timeout_secs", 30);
         let connect_timeout = self.seconds(&raw.connect_timeout_secs, "agent.connect_timeout_secs", 10);
         let rescan_interval = match &raw.rescan_interval_ms {
             Some(v) if (50..=600_000).contains(v.get_ref()) => Duration::from_millis(*v.get_ref() as u64),
@@ -859,6 +877,7 @@ impl Validator<'_> {
             socket_mark,
             agent_cgroup,
             idle_timeout,
+            handshake_timeout,
             connect_timeout,
             rescan_interval,
         }

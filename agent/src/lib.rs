@@ -7,6 +7,7 @@ pub mod control;
 pub mod daemon;
 pub mod identity;
 pub mod kernel;
+pub mod limits;
 pub mod net;
 pub mod pipeline;
 pub mod postgres;

@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::{
     audit::{Record, Ticket, Unavailable},
+    pipeline::DenyKind,
     config::{Intercept, Profile},
     state::Shared,
 };
@@ -30,12 +31,29 @@ pub struct Session {
     pub upstream: SocketAddr,
     /// Base for the session's audit records (workload, destination).
     pub base: Record,
-    /// The open record, written; or why the audit log cannot take it, in
-    /// which case the protocol refuses the session in its own words. With
+    /// The open record, written; or why the session is refused (the audit
+    /// log cannot take it, a connection cap), which the protocol tells the
+    /// client in its own words before closing. With
     /// `audit_durability = "statement"` the protocol awaits the ticket
     /// before relaying any of the workload's data (overlapping the upstream
     /// connect).
-    pub open: Result<Ticket, Unavailable>,
+    pub admission: Result<Ticket, Refused>,
+}
+
+/// Why a session is refused before it starts.
+#[derive(Debug, Clone)]
+pub struct Refused {
+    pub kind: DenyKind,
+    /// For the client and the close record: what, and what to do.
+    pub message: String,
+    /// The close record's outcome.
+    pub outcome: &'static str,
+}
+
+impl From<Unavailable> for Refused {
+    fn from(u: Unavailable) -> Self {
+        Self { kind: DenyKind::AuditUnavailable, message: u.to_string(), outcome: "audit_unavailable" }
+    }
 }
 
 /// How a session ended, for its close record.

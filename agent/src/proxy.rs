@@ -20,7 +20,10 @@ use crate::{
     audit::Record,
     config::Intercept,
     identity::{self, Workload},
-    kernel, relay,
+    kernel,
+    pipeline::DenyKind,
+    protocol::Refused,
+    relay,
     state::Shared,
 };
 
@@ -80,22 +83,22 @@ async fn accept_one(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         uid = workload.uid,
         dest = %orig,
     );
-    session(stream, id, workload, orig, meta.rule_id, meta.profile_id, shared).instrument(span).await;
+    let ids = Ids { rule: meta.rule_id, profile: meta.profile_id, tagged_cgroup: meta.tagged_cgroup_id };
+    session(stream, id, workload, orig, ids, shared).instrument(span).await;
 }
 
-async fn session(
-    client: TcpStream,
-    id: String,
-    workload: Workload,
-    orig: SocketAddr,
-    rule_id: u32,
-    profile_id: u32,
-    shared: Arc<Shared>,
-) {
+/// What the kernel matched: rule, profile, and the tagged cgroup.
+struct Ids {
+    rule: u32,
+    profile: u32,
+    tagged_cgroup: u64,
+}
+
+async fn session(client: TcpStream, id: String, workload: Workload, orig: SocketAddr, ids: Ids, shared: Arc<Shared>) {
     let started = Instant::now();
     let policy = shared.policy();
     // The rule the kernel matched, if the policy still has it for this port.
-    let rule: Option<Intercept> = policy.intercepts.get(rule_id as usize).filter(|r| r.port == orig.port()).cloned();
+    let rule: Option<Intercept> = policy.intercepts.get(ids.rule as usize).filter(|r| r.port == orig.port()).cloned();
     let base =
         |event: &str| Record::new(event, Some(&id)).with("workload", &workload).with("destination", orig.to_string());
     let Some(rule) = rule else {
@@ -106,23 +109,43 @@ async fn session(
         return;
     };
     let upstream_addr = rule.upstream.unwrap_or(orig);
-    let open = base("open")
-        .with("rule", &rule.name)
-        .with("protocol", rule.protocol)
-        .with("upstream", upstream_addr.to_string());
-    // Written before anything is relayed; if the log is down the protocol
-    // refuses the session in its own words.
-    let open = shared.audit.append(&open);
-    info!(rule = %rule.name, upstream = %upstream_addr, "session open");
-    shared.sessions_open.fetch_add(1, Ordering::Relaxed);
-
-    let Some(profile) = policy.profiles.get(profile_id as usize).cloned() else {
+    let Some(profile) = policy.profiles.get(ids.profile as usize).cloned() else {
         let rec =
             base("reject").with("reason", "no_profile").with("detail", "the tag's profile is no longer in the policy");
         audit(&shared, rec).await;
-        shared.sessions_open.fetch_sub(1, Ordering::Relaxed);
         return;
     };
+    // The per-workload cap, counted per tagged cgroup; the slot is held for
+    // the session's life.
+    let slot = shared.connections.acquire(ids.tagged_cgroup, profile.max_connections);
+    let admission = match &slot {
+        Ok(_) => {
+            let open = base("open")
+                .with("rule", &rule.name)
+                .with("protocol", rule.protocol)
+                .with("upstream", upstream_addr.to_string());
+            // Written before anything is relayed; if the log is down the
+            // protocol refuses the session in its own words.
+            shared.audit.append(&open).map_err(Refused::from)
+        }
+        Err(open) => {
+            let cap = profile.max_connections.unwrap_or(0);
+            let message = format!(
+                "workload cgroup {} already holds {open} connections through cordon, the cap of profile {:?} \
+                 (profiles.{}.max_connections = {cap}); close idle connections or raise the cap",
+                workload.tagged_cgroup.as_deref().unwrap_or("?"),
+                profile.name,
+                profile.name,
+            );
+            warn!("{message}");
+            let rec = base("reject").with("reason", "connection_limit").with("detail", &message).with("limit", cap);
+            audit(&shared, rec).await;
+            Err(Refused { kind: DenyKind::Limit, message, outcome: "connection_limit" })
+        }
+    };
+    let refused = admission.is_err();
+    info!(rule = %rule.name, upstream = %upstream_addr, "session open");
+    shared.sessions_open.fetch_add(1, Ordering::Relaxed);
     let session = crate::protocol::Session {
         shared: shared.clone(),
         id: id.clone(),
@@ -130,9 +153,15 @@ async fn session(
         profile,
         upstream: upstream_addr,
         base: base("statement"),
-        open,
+        admission,
     };
     let end = crate::protocol::serve(rule.protocol, client, session).await;
+    drop(slot);
+    if refused && end.outcome == "connection_limit" {
+        // The reject record says it all.
+        shared.sessions_open.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
     let mut close = base("close");
     for (k, v) in end.fields {
         close = close.with(k, v);

@@ -125,10 +125,10 @@ pub async fn relay(client: &mut TcpStream, upstream: &mut TcpStream, idle: Durat
 /// connection.
 pub async fn serve(client: tokio::net::TcpStream, s: crate::protocol::Session) -> crate::protocol::End {
     use crate::protocol::End;
-    let ticket = match s.open {
+    let ticket = match s.admission {
         Ok(t) => t,
         // A byte relay has no words for the client: the connection closes.
-        Err(e) => return End { outcome: "audit_unavailable", error: Some(e.to_string()), ..End::default() },
+        Err(r) => return End { outcome: r.outcome, error: Some(r.message), ..End::default() },
     };
     let wait_durable = async {
         if s.shared.audit.durability() == crate::audit::Durability::Statement {

@@ -29,6 +29,8 @@ pub struct Shared {
     /// Each protocol's own shared state, by type.
     protocols: Mutex<std::collections::HashMap<std::any::TypeId, Arc<dyn std::any::Any + Send + Sync>>>,
     literal_key: std::sync::OnceLock<crate::pipeline::literals::LiteralKey>,
+    /// Open connections per tagged cgroup (`max_connections`).
+    pub connections: Arc<crate::limits::Connections>,
 }
 
 impl Shared {
@@ -61,6 +63,7 @@ impl Shared {
             upstream_tls: Mutex::new(std::collections::HashMap::new()),
             protocols: Mutex::new(std::collections::HashMap::new()),
             literal_key: std::sync::OnceLock::new(),
+            connections: Arc::default(),
         }
     }
 
@@ -147,6 +150,10 @@ impl Shared {
 
     pub fn idle_timeout(&self) -> Duration {
         self.policy().agent.idle_timeout
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        self.policy().agent.handshake_timeout
     }
 
     pub fn connect_timeout(&self) -> Duration {

@@ -152,6 +152,11 @@ pub struct Postgres {
 /// with the `app` credential and adds `policy` (classify rules, the `ci`
 /// profile).
 pub fn governed(test: &str, schema: &str, policy: &str) -> Result<(Postgres, Cgroup, Agent)> {
+    governed_with(test, schema, policy, "")
+}
+
+/// As [`governed`], with more `[agent]` settings.
+pub fn governed_with(test: &str, schema: &str, policy: &str, agent_settings: &str) -> Result<(Postgres, Cgroup, Agent)> {
     let pg = Postgres::start_secure(&["127.0.0.2"], free_port())?;
     pg.admin_sql(schema)?;
     let name = format!("cordon-{test}-{}", std::process::id());
@@ -162,7 +167,7 @@ pub fn governed(test: &str, schema: &str, policy: &str) -> Result<(Postgres, Cgr
         port = pg.port,
         ca = pg.ca_file.as_ref().context("a secure server has a CA")?.display(),
     );
-    let mut agent = Agent::new(&body)?;
+    let mut agent = Agent::new_with(&body, agent_settings)?;
     agent.start()?;
     Ok((pg, cg, agent))
 }

@@ -41,7 +41,7 @@ pub struct Ctx {
     pub base: Record,
     /// The session's open record as written (see `protocol::Session::open`),
     /// taken once by the session.
-    pub open: std::sync::Mutex<Option<Result<crate::audit::Ticket, crate::audit::Unavailable>>>,
+    pub admission: std::sync::Mutex<Option<Result<crate::audit::Ticket, crate::protocol::Refused>>>,
 }
 
 /// How a PostgreSQL session ended, for the close record.
@@ -78,7 +78,7 @@ pub async fn serve(client: tokio::net::TcpStream, s: Session) -> crate::protocol
         profile: s.profile,
         upstream: s.upstream,
         base: s.base,
-        open: std::sync::Mutex::new(Some(s.open)),
+        admission: std::sync::Mutex::new(Some(s.admission)),
     };
     let end = session_end(client, &ctx).await;
     let mut fields: Vec<(&'static str, serde_json::Value)> = vec![

@@ -24,23 +24,37 @@ pub enum Hello {
     Cancel { pid: i32, key: Bytes },
 }
 
-/// A client gets this long to finish its startup packets.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
-
+/// Negotiate within `agent.handshake_timeout_secs`. A client refused here
+/// (a timeout, a malformed or forbidden startup) reads a FATAL saying why,
+/// wherever the protocol still allows one.
 pub async fn negotiate(stream: Stream, ctx: &Ctx) -> Result<Hello> {
-    tokio::time::timeout(STARTUP_TIMEOUT, negotiate_inner(stream, ctx))
-        .await
-        .context("the client did not complete its startup in 30 s")?
+    let limit = ctx.shared.handshake_timeout();
+    let mut slot = Some(stream);
+    let result = match tokio::time::timeout(limit, negotiate_inner(&mut slot, ctx)).await {
+        Ok(r) => r,
+        Err(_) => Err(anyhow::anyhow!(
+            "the client did not complete its startup within {} s, the limit agent.handshake_timeout_secs",
+            limit.as_secs()
+        )),
+    };
+    if let (Err(e), Some(mut stream)) = (&result, slot) {
+        let code = if e.to_string().contains("handshake_timeout") { wire::code::LIMIT } else { "08P01" };
+        let mut buf = BytesMut::new();
+        wire::error(&mut buf, "FATAL", code, &format!("cordon: {e:#}"));
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&buf)).await;
+    }
+    result
 }
 
-async fn negotiate_inner(mut stream: Stream, ctx: &Ctx) -> Result<Hello> {
+async fn negotiate_inner(slot: &mut Option<Stream>, ctx: &Ctx) -> Result<Hello> {
     let mut reader = FrameReader::new(ctx.shared.max_message_bytes());
     loop {
+        let Some(stream) = slot.as_mut() else { bail!("the client's connection is gone") };
         let packet = loop {
             if let Some(p) = reader.next_startup()? {
                 break p;
             }
-            if reader.fill(&mut stream).await? == 0 {
+            if reader.fill(stream).await? == 0 {
                 bail!("the client closed the connection during startup");
             }
         };
@@ -56,18 +70,15 @@ async fn negotiate_inner(mut stream: Stream, ctx: &Ctx) -> Result<Hello> {
                     // they came over TLS (CVE-2021-23222): refuse.
                     bail!("the client sent data after SSLRequest before the TLS handshake");
                 }
-                let Stream::Plain(tcp) = stream else { bail!("SSLRequest inside TLS") };
                 let Some(tls) = ctx.shared.client_tls() else {
-                    let mut tcp = tcp;
-                    tcp.write_all(b"N").await?;
-                    stream = Stream::Plain(tcp);
+                    stream.write_all(b"N").await?;
                     continue;
                 };
-                let mut tcp = tcp;
-                tcp.write_all(b"S").await?;
+                stream.write_all(b"S").await?;
+                let Some(Stream::Plain(tcp)) = slot.take() else { bail!("SSLRequest inside TLS") };
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls);
                 let tls = acceptor.accept(tcp).await.context("TLS handshake with the client")?;
-                stream = Stream::Server(Box::new(tls));
+                *slot = Some(Stream::Server(Box::new(tls)));
             }
             wire::GSSENC_REQUEST => {
                 // No GSSAPI encryption: 'N' makes libpq fall back to TLS or
@@ -112,6 +123,7 @@ async fn negotiate_inner(mut stream: Stream, ctx: &Ctx) -> Result<Hello> {
                         bail!("the startup message sets {k}={v:?}, which a governed session may not change");
                     }
                 }
+                let Some(stream) = slot.take() else { bail!("the client's connection is gone") };
                 return Ok(Hello::Startup(ClientHello { stream, reader, version: v, params }));
             }
             other => bail!("unsupported protocol version or request code {other}"),

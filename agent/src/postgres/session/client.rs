@@ -52,8 +52,10 @@ pub(super) async fn client_to_server(
             out.clear();
         }
         if let Some(e) = violation {
+            let (code, message) = framing_message(&e, "the client");
+            fatal(tracker, code, message, wake);
             let _ = uw.shutdown().await;
-            return Err(e.context("protocol violation from the client"));
+            return Err(anyhow::Error::new(e).context("from the client"));
         }
         if terminate {
             let _ = uw.shutdown().await;

@@ -28,7 +28,7 @@ use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 
 use super::{
     catalog::Catalog,
-    frame::{Body, Frame, FrameReader},
+    frame::{Body, Frame, FrameError, FrameReader},
     read_mask::ReadNotes,
     startup::ClientHello,
     types, upstream, wire, CancelTarget, Ctx, End,
@@ -195,15 +195,15 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
         .or_else(|| hello.params.iter().find(|(k, _)| k == "user"))
         .map(|(_, v)| v.clone());
     let mut end = End { client_tls, database: database.clone(), ..End::default() };
-    let open = ctx.open.lock().ok().and_then(|mut p| p.take());
-    let open = match open {
+    let admission = ctx.admission.lock().ok().and_then(|mut p| p.take());
+    let open = match admission {
         Some(Ok(ticket)) => Some(ticket),
-        Some(Err(u)) => {
+        Some(Err(r)) => {
             let mut buf = BytesMut::new();
-            wire::error(&mut buf, "FATAL", wire::code::AUDIT_UNAVAILABLE, &format!("cordon: {u}"));
+            wire::error(&mut buf, "FATAL", wire::sqlstate(r.kind), &format!("cordon: {}", r.message));
             let _ = hello.stream.write_all(&buf).await;
-            end.outcome = "audit_unavailable";
-            end.error = Some(u.to_string());
+            end.outcome = r.outcome;
+            end.error = Some(r.message);
             return end;
         }
         None => None,
@@ -317,6 +317,12 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
             _ = tick.tick() => {
                 let quiet = tracker.lock().map(|t| t.last_activity.elapsed()).unwrap_or_default();
                 if quiet >= idle {
+                    let message = format!(
+                        "cordon: the session was idle for {} s, the limit agent.idle_timeout_secs; reconnect, or raise it in the policy",
+                        idle.as_secs()
+                    );
+                    fatal(&tracker, wire::code::LIMIT, message, &wake);
+                    let _ = tokio::time::timeout(Duration::from_secs(2), &mut s2c).await;
                     break Ok("idle_timeout");
                 }
             }
@@ -352,9 +358,9 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
     match result {
         Ok(o) => end.outcome = o,
         Err(e) => {
-            end.outcome = if e.downcast_ref::<super::frame::FrameError>().is_some()
-                || format!("{e:#}").contains("protocol violation")
-            {
+            end.outcome = if matches!(e.downcast_ref::<FrameError>(), Some(FrameError::Oversized { .. })) {
+                "message_too_large"
+            } else if e.downcast_ref::<FrameError>().is_some() || format!("{e:#}").contains("protocol violation") {
                 "protocol_error"
             } else {
                 "error"
@@ -387,14 +393,29 @@ fn credential(ctx: &Ctx) -> Option<Credential> {
     }
 }
 
-fn take_frames(reader: &mut FrameReader) -> (Vec<Frame>, Option<anyhow::Error>) {
+fn take_frames(reader: &mut FrameReader) -> (Vec<Frame>, Option<FrameError>) {
     let mut frames = Vec::new();
     loop {
         match reader.next_frame() {
             Ok(Some(f)) => frames.push(f),
             Ok(None) => return (frames, None),
-            Err(e) => return (frames, Some(e.into())),
+            Err(e) => return (frames, Some(e)),
         }
+    }
+}
+
+/// What the client reads when a message breaks the framing: for a message
+/// over the limit, the setting that would let it through.
+fn framing_message(e: &FrameError, from: &str) -> (&'static str, String) {
+    match e {
+        FrameError::Oversized { tag, len, max } => (
+            wire::code::LIMIT,
+            format!(
+                "cordon: {from} sent a {tag:?} message of {len} bytes, more than agent.max_message_bytes ({max}); \
+                 send less in one message (fewer or smaller rows, smaller values), or raise agent.max_message_bytes in the policy"
+            ),
+        ),
+        FrameError::BadLength { .. } => ("08P01", format!("cordon: protocol violation: {from} sent {e}")),
     }
 }
 

@@ -18,7 +18,14 @@ pub(super) async fn server_to_client(
     loop {
         let (frames, err) = take_frames(&mut reader);
         if let Some(e) = err {
-            return Err(e.context("from the server"));
+            // What was framed before it is not delivered (it may be part of
+            // a result cordon could not see whole); the client is told why.
+            let (code, message) = framing_message(&e, "the server");
+            out.clear();
+            wire::error(&mut out, "FATAL", code, &message);
+            let _ = cw.write_all(&out).await;
+            let _ = cw.shutdown().await;
+            return Err(anyhow::Error::new(e).context("from the server"));
         }
         // Table OIDs in result descriptions, looked up before the lock.
         let lookup_error = resolve_result_tables(&frames, tracker, ctx, cred).await.err();
