@@ -74,6 +74,9 @@ pub struct Catalog {
     rewrites: Mutex<HashMap<String, Rewrites>>,
     /// (profile, statement shape) → the shape's rewrite template.
     templates: Mutex<Templates>,
+    /// profile → scanner key → the template its statements are filled into
+    /// (None: that shape is rewritten one statement at a time).
+    token_templates: Mutex<HashMap<String, TokenTemplates>>,
     /// Function or operator name → its definitions that are not built in.
     user_code: Mutex<HashMap<(char, String), (Instant, UserCodeList)>>,
 }
@@ -94,6 +97,7 @@ use super::sqltree::rewrite::template::Template;
 type Rewrites = HashMap<String, (Instant, CachedRewrite)>;
 /// (profile, statement shape) → template, with when it was built.
 type Templates = HashMap<(String, u64), (Instant, Arc<Template>)>;
+type TokenTemplates = HashMap<Arc<str>, (Instant, Option<Arc<Template>>)>;
 
 /// PostgreSQL's FirstNormalObjectId: OIDs below it are the system's own.
 const FIRST_NORMAL_OID: u32 = 16384;
@@ -107,6 +111,7 @@ impl Catalog {
             by_name: Mutex::new(HashMap::new()),
             rewrites: Mutex::new(HashMap::new()),
             templates: Mutex::new(HashMap::new()),
+            token_templates: Mutex::new(HashMap::new()),
             user_code: Mutex::new(HashMap::new()),
         }
     }
@@ -184,12 +189,30 @@ impl Catalog {
         (at.elapsed() < TTL).then(|| t.clone())
     }
 
-    pub fn cache_template(&self, profile: &str, key: u64, t: Template) {
+    pub fn cache_template(&self, profile: &str, key: u64, t: Arc<Template>) {
         if let Ok(mut m) = self.templates.lock() {
             if m.len() >= REWRITES_MAX {
                 m.clear();
             }
-            m.insert((profile.to_string(), key), (Instant::now(), Arc::new(t)));
+            m.insert((profile.to_string(), key), (Instant::now(), t));
+        }
+    }
+
+    /// The template of a scanner shape: Some(None) when the shape is known
+    /// to have none.
+    pub fn cached_token_template(&self, profile: &str, key: &str) -> Option<Option<Arc<Template>>> {
+        let m = self.token_templates.lock().ok()?;
+        let (at, t) = m.get(profile)?.get(key)?;
+        (at.elapsed() < TTL).then(|| t.clone())
+    }
+
+    pub fn cache_token_template(&self, profile: &str, key: &Arc<str>, t: Option<Arc<Template>>) {
+        if let Ok(mut m) = self.token_templates.lock() {
+            let keys = m.entry(profile.to_string()).or_default();
+            if keys.len() >= REWRITES_MAX {
+                keys.clear();
+            }
+            keys.insert(key.clone(), (Instant::now(), t));
         }
     }
 
@@ -211,6 +234,9 @@ impl Catalog {
             m.clear();
         }
         if let Ok(mut m) = self.templates.lock() {
+            m.clear();
+        }
+        if let Ok(mut m) = self.token_templates.lock() {
             m.clear();
         }
         if let Ok(mut m) = self.user_code.lock() {

@@ -10,6 +10,7 @@ pub mod frame;
 pub mod read_mask;
 pub mod scram;
 pub mod session;
+pub mod shape;
 pub mod shared;
 pub mod sql;
 pub mod sqltree;

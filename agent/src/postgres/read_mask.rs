@@ -14,6 +14,7 @@ use std::{
 use anyhow::Result;
 use bytes::{BufMut, Bytes, BytesMut};
 
+use super::sql::Reading;
 use super::{
     catalog::{Catalog, TableInfo},
     frame::Body,
@@ -161,12 +162,29 @@ pub fn rewrite(
     profile: &Profile,
     has_key: bool,
     sql: &str,
+    prepared: &Reading,
 ) -> Result<Rewritten, Refusal> {
     if let Some(hit) = catalog.cached_rewrite(&profile.name, sql) {
         return (*hit).clone();
     }
+    // A statement of a shared scanner shape: its shape's template, filled
+    // with its own literal tokens, without parsing it.
+    if let Some((key, shaped)) = &prepared.shape {
+        if let Some(Some(t)) = catalog.cached_token_template(&profile.name, key) {
+            if let Some(r) = t.fill_tokens(&shaped.fills, sql, &prepared.literals) {
+                return Ok(r);
+            }
+        }
+    }
     let resolver = Resolver::new(classifier, profile, catalog, has_key);
-    let r = by_shape(catalog, profile, sql, &resolver);
+    let (r, template) = by_shape(catalog, profile, sql, &resolver);
+    if let (Some((key, shaped)), Ok(done)) = (&prepared.shape, &r) {
+        // Kept for the scanner shape only if token filling reproduces this
+        // statement's own rewrite.
+        let usable = template.filter(|t| t.tokens_reproduce(&shaped.fills, sql, &prepared.literals, done));
+        catalog.cache_token_template(&profile.name, key, usable);
+        return r;
+    }
     // A refusal because a name was not looked up is not cached: the next
     // lookup may find it.
     if !matches!(&r, Err(e) if e.rule == "catalog") {
@@ -176,29 +194,43 @@ pub fn rewrite(
 }
 
 /// A single statement is rewritten through its shape's template (built on
-/// the first statement of that shape); anything else directly.
-fn by_shape(catalog: &Catalog, profile: &Profile, sql: &str, resolver: &Resolver<'_>) -> Result<Rewritten, Refusal> {
-    let parsed = rewrite::parse(sql)?;
+/// the first statement of that shape); anything else directly. The
+/// template used, if any, comes back too.
+fn by_shape(
+    catalog: &Catalog,
+    profile: &Profile,
+    sql: &str,
+    resolver: &Resolver<'_>,
+) -> (Result<Rewritten, Refusal>, Option<Arc<template::Template>>) {
+    let parsed = match rewrite::parse(sql) {
+        Ok(p) => p,
+        Err(e) => return (Err(e), None),
+    };
     if let [raw] = parsed.protobuf.stmts.as_slice() {
         if let Some(stmt) = raw.stmt.as_deref() {
             let shape = template::shape(stmt);
             if let Some(t) = catalog.cached_template(&profile.name, shape.key) {
                 if t.fits(&shape) {
                     if let Some(r) = t.apply(&shape) {
-                        return Ok(r);
+                        return (Ok(r), Some(t));
                     }
                 }
             }
-            if let Some(t) = template::build(stmt, parsed.protobuf.version, &shape, resolver)? {
-                let r = t.apply(&shape);
-                catalog.cache_template(&profile.name, shape.key, t);
-                if let Some(r) = r {
-                    return Ok(r);
+            match template::build(stmt, parsed.protobuf.version, &shape, resolver) {
+                Err(e) => return (Err(e), None),
+                Ok(Some(t)) => {
+                    let t = Arc::new(t);
+                    let r = t.apply(&shape);
+                    catalog.cache_template(&profile.name, shape.key, t.clone());
+                    if let Some(r) = r {
+                        return (Ok(r), Some(t));
+                    }
                 }
+                Ok(None) => {}
             }
         }
     }
-    rewrite::rewrite_parsed(sql, &parsed, resolver)
+    (rewrite::rewrite_parsed(sql, &parsed, resolver), None)
 }
 
 /// An ErrorResponse, NoticeResponse or NotificationResponse with what the

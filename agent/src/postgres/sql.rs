@@ -10,6 +10,8 @@ use std::{
 
 use pg_query::NodeEnum;
 
+use super::shape::Shaped;
+
 use crate::pipeline::{
     guard::{CopyTarget, StmtFacts, StmtKind, TableRef},
     literals::Literal,
@@ -25,50 +27,66 @@ pub type Analysis = Result<Arc<Vec<StmtFacts>>, String>;
 
 #[derive(Default)]
 pub struct Cache {
-    map: Mutex<HashMap<String, Analysis>>,
-    /// The literals of each text (PostgreSQL's scanner), for the records.
-    literals: Mutex<HashMap<String, Arc<[Literal]>>>,
+    /// Exact text → its preparation.
+    prepared: Mutex<HashMap<String, Reading>>,
+    /// Scanner key → what statements of that shape share (see shape.rs).
+    shapes: Mutex<HashMap<String, Arc<Shaped>>>,
+}
+
+/// A statement text, read once: its analysis, its literals and, when it
+/// has a shared shape, that shape.
+#[derive(Clone)]
+pub struct Reading {
+    pub facts: Analysis,
+    pub literals: Arc<[Literal]>,
+    pub shape: Option<(Arc<str>, Arc<Shaped>)>,
 }
 
 impl Cache {
-    /// The literals of a text, by PostgreSQL's scanner, cached by the exact
-    /// text (a driver that prepares the same statement again scans it once).
-    pub fn literals(&self, sql: &str) -> Arc<[Literal]> {
-        if let Some(l) = self.literals.lock().ok().and_then(|m| m.get(sql).cloned()) {
-            return l;
+    /// Read a text for the pipeline: by the exact text if seen before, else
+    /// by its scanner shape if one is shared, else parsed (once) and
+    /// analysed. Every path goes through PostgreSQL's own scanner and
+    /// parser; see shape.rs for when a shape may be shared.
+    pub fn read(&self, sql: &str) -> Reading {
+        if let Some(p) = self.prepared.lock().ok().and_then(|m| m.get(sql).cloned()) {
+            return p;
         }
-        let l: Arc<[Literal]> = literals(sql).into();
+        if sql.contains('\0') {
+            return Reading { facts: Err("the query contains a NUL byte".into()), literals: Arc::from(Vec::new()), shape: None };
+        }
+        let scan = super::shape::scan(sql);
+        if let Some(key) = &scan.key {
+            if let Some(s) = self.shapes.lock().ok().and_then(|m| m.get(key).cloned()) {
+                return Reading { facts: Ok(s.facts.clone()), literals: scan.literals.into(), shape: Some((key.as_str().into(), s)) };
+            }
+        }
+        let parsed = pg_query::parse(sql, 0).map_err(|e| format!("{e}"));
+        let facts = parsed.as_ref().map_err(Clone::clone).map(|p| Arc::new(analyse_parsed(&p.protobuf)));
+        let mut shape = None;
+        if let (Ok(p), Ok(f), Some(key)) = (&parsed, &facts, &scan.key) {
+            if let Some(s) = super::shape::shaped(&p.protobuf, &scan, f) {
+                let s = Arc::new(s);
+                if key.len() <= CACHE_MAX_TEXT {
+                    if let Ok(mut m) = self.shapes.lock() {
+                        if m.len() >= CACHE_MAX {
+                            m.clear();
+                        }
+                        m.insert(key.clone(), s.clone());
+                    }
+                }
+                shape = Some((Arc::from(key.as_str()), s));
+            }
+        }
+        let p = Reading { facts, literals: scan.literals.into(), shape };
         if sql.len() <= CACHE_MAX_TEXT {
-            if let Ok(mut m) = self.literals.lock() {
+            if let Ok(mut m) = self.prepared.lock() {
                 if m.len() >= CACHE_MAX {
                     m.clear();
                 }
-                m.insert(sql.to_string(), l.clone());
+                m.insert(sql.to_string(), p.clone());
             }
         }
-        l
-    }
-
-    /// Keyed by the exact text. (A key normalised by cordon's own lexer was
-    /// faster for workloads that inline literals, but any place where that
-    /// lexer reads SQL differently from PostgreSQL's would let one text
-    /// borrow another's verdict.)
-    pub fn analyse(&self, sql: &str) -> Analysis {
-        if let Ok(m) = self.map.lock() {
-            if let Some(a) = m.get(sql) {
-                return a.clone();
-            }
-        }
-        let a = analyse(sql).map(Arc::new);
-        if sql.len() <= CACHE_MAX_TEXT && a.is_ok() {
-            if let Ok(mut m) = self.map.lock() {
-                if m.len() >= CACHE_MAX {
-                    m.clear();
-                }
-                m.insert(sql.to_string(), a.clone());
-            }
-        }
-        a
+        p
     }
 }
 
@@ -81,9 +99,14 @@ pub fn analyse(sql: &str) -> Result<Vec<StmtFacts>, String> {
         return Err("the query contains a NUL byte".into());
     }
     let parsed = pg_query::parse(sql, 0).map_err(|e| format!("{e}"))?;
+    Ok(analyse_parsed(&parsed.protobuf))
+}
+
+/// The facts of a parsed text.
+pub fn analyse_parsed(parsed: &pg_query::protobuf::ParseResult) -> Vec<StmtFacts> {
     let mut out = Vec::new();
     let empty = pg_query::Node { node: None };
-    for raw in &parsed.protobuf.stmts {
+    for raw in &parsed.stmts {
         let Some(node) = raw.stmt.as_ref().and_then(|n| n.node.as_ref()) else { continue };
         // Every relation and function named anywhere (the complete walker:
         // pg_query's own lists miss subqueries inside some expressions).
@@ -100,7 +123,7 @@ pub fn analyse(sql: &str) -> Result<Vec<StmtFacts>, String> {
         // An empty query (only comments): nothing to run.
         out.push(StmtFacts::default());
     }
-    Ok(out)
+    out
 }
 
 /// The literals of a statement text, by PostgreSQL's own scanner: strings
@@ -126,7 +149,7 @@ pub fn literals(sql: &str) -> Vec<Literal> {
 }
 
 /// 'it''s' → it's; E'…' and U&'…' lose their prefix; $tag$…$tag$ its tags.
-fn string_value(raw: &str) -> String {
+pub(super) fn string_value(raw: &str) -> String {
     let body = raw.trim_start_matches(['E', 'e', 'N', 'n']).trim_start_matches("U&").trim_start_matches("u&");
     if let Some(rest) = body.strip_prefix('$') {
         if let Some(close) = rest.find('$') {

@@ -359,6 +359,19 @@ fn templated(a: &str, b: &str) -> Option<Option<String>> {
         (g, w) => assert_eq!(g, w, "{b}"),
     }
     assert_eq!(got.notices, want.notices);
+    // Statements of one scanner shape: filling the template with b's own
+    // literal tokens gives b's rewrite too.
+    let (scan_a, scan_b) = (crate::postgres::shape::scan(a), crate::postgres::shape::scan(b));
+    let facts = std::sync::Arc::new(crate::postgres::sql::analyse_parsed(&pa.protobuf));
+    if scan_a.key == scan_b.key {
+        if let Some(shaped) = crate::postgres::shape::shaped(&pa.protobuf, &scan_a, &facts) {
+            let filled = t.fill_tokens(&shaped.fills, b, &scan_b.literals).unwrap_or_else(|| panic!("{b}: fill"));
+            match (&filled.text, &want.text) {
+                (Some(g), Some(w)) => assert_eq!(tree(g), tree(w), "{b} (tokens):\n{g}\n{w}"),
+                (g, w) => assert_eq!(g, w, "{b} (tokens)"),
+            }
+        }
+    }
     Some(got.text)
 }
 

@@ -3,6 +3,7 @@
 //! the request FIFO the server's answers are matched against.
 
 use super::*;
+use crate::postgres::sql::Reading;
 
 pub(super) async fn client_to_server(
     mut cr: ReadHalf<Stream>,
@@ -16,15 +17,18 @@ pub(super) async fn client_to_server(
     let mut out = BytesMut::with_capacity(64 * 1024);
     loop {
         let (frames, violation) = take_frames(&mut reader);
-        // Look up, before taking the lock, the tables these statements touch.
-        let lookup_error = resolve_statement_tables(&frames, tracker, ctx, cred).await.err();
+        // Read each statement once; look up, before taking the lock, the
+        // tables these statements touch.
+        let mut prepared = prepare_all(&frames, ctx);
+        let lookup_error = resolve_statement_tables(&prepared, tracker, ctx, cred).await.err();
         let mut terminate = false;
         let mut denied_any = false;
         let waits = {
             let mut t = tracker.lock().map_err(|_| anyhow::anyhow!("session state poisoned"))?;
-            for frame in &frames {
+            for (i, frame) in frames.iter().enumerate() {
                 t.bytes_up += frame.bytes.len() as u64;
-                match on_client_frame(&mut t, frame, ctx, lookup_error.as_ref())? {
+                let p = prepared.get_mut(i).and_then(Option::take);
+                match on_client_frame(&mut t, frame, ctx, p, lookup_error.as_ref())? {
                     Forward::AsIs => out.extend_from_slice(&frame.bytes),
                     Forward::Rewritten(b) => out.extend_from_slice(&b),
                     Forward::Drop => denied_any = true,
@@ -84,8 +88,14 @@ pub(super) fn sql_of(f: &Frame) -> Option<String> {
     }
 }
 
+/// Each statement text of these frames, read once (see `sql::Cache::read`),
+/// by frame index.
+pub(super) fn prepare_all(frames: &[Frame], ctx: &Ctx) -> Vec<Option<Reading>> {
+    frames.iter().map(|f| sql_of(f).map(|sql| ctx.pg.sql.read(&sql))).collect()
+}
+
 pub(super) async fn resolve_statement_tables(
-    frames: &[Frame],
+    prepared: &[Option<Reading>],
     tracker: &Mutex<Tracker>,
     ctx: &Ctx,
     cred: Option<&Credential>,
@@ -96,9 +106,8 @@ pub(super) async fn resolve_statement_tables(
     let mut tables = Vec::new();
     let mut functions = Vec::new();
     let mut operators = Vec::new();
-    for f in frames {
-        let Some(sql) = sql_of(f) else { continue };
-        if let Ok(facts) = ctx.pg.sql.analyse(&sql) {
+    for p in prepared.iter().flatten() {
+        if let Ok(facts) = &p.facts {
             for s in facts.iter() {
                 tables.extend(s.reads.iter().cloned());
                 tables.extend(s.writes.iter().map(|(t, _)| t.clone()));
@@ -180,12 +189,11 @@ pub(super) fn user_code(
 /// The guardrails' verdict on a statement text.
 pub(super) fn judge(
     t: &Tracker,
-    ctx: &Ctx,
-    sql: &str,
+    prepared: &Reading,
     lookup_error: Option<&anyhow::Error>,
 ) -> (Verdict, Option<Arc<Vec<StmtFacts>>>) {
-    let facts = match ctx.pg.sql.analyse(sql) {
-        Ok(f) => f,
+    let facts = match &prepared.facts {
+        Ok(f) => f.clone(),
         Err(e) => {
             let v = Verdict::Deny {
                 rule: "parse_error".into(),
@@ -256,15 +264,15 @@ fn mark_needed(t: &Tracker, facts: Option<&[StmtFacts]>, literals: &[Literal]) -
 
 /// Literals compared with or written to a labeled column are recorded as
 /// hashes too (record_text = "redacted"), whatever the detectors say.
-pub(super) fn mark_labeled(t: &Tracker, facts: Option<&[StmtFacts]>, text: &str, literals: &mut [Literal]) {
-    let Some(facts) = facts else { return };
+pub(super) fn mark_labeled(t: &Tracker, prepared: &Reading, text: &str, literals: &mut [Literal]) {
+    let Ok(facts) = &prepared.facts else { return };
     if literals.is_empty() {
         return;
     }
     let lookup = Lookup(&t.gov);
     let mut names = std::collections::BTreeSet::new();
     let mut tables = Vec::new();
-    for s in facts {
+    for s in facts.iter() {
         for tbl in s.reads.iter().chain(s.writes.iter().map(|(t, _)| t)) {
             let cols: Vec<String> =
                 lookup.column_labels(tbl).into_iter().filter(|(_, l)| *l > 0).map(|(c, _)| c).collect();
@@ -279,9 +287,18 @@ pub(super) fn mark_labeled(t: &Tracker, facts: Option<&[StmtFacts]>, text: &str,
         return;
     }
     let whole_table = tables.iter().any(|(_, w)| *w);
-    let Ok(parsed) = pg_query::parse(text, 0) else { return };
     let labeled = |c: &str| whole_table || names.contains(c);
     let table_labeled = |r: &pg_query::protobuf::RangeVar| tables.iter().any(|(n, _)| *n == r.relname);
+    // A shared shape: the first statement's tree, by literal ordinal.
+    if let Some((_, shaped)) = &prepared.shape {
+        for at in crate::postgres::sqltree::labeled_literals(&shaped.stmt, &labeled, &table_labeled) {
+            if let Some(l) = shaped.ordinal_at(at).and_then(|k| literals.get_mut(k)) {
+                l.labeled = true;
+            }
+        }
+        return;
+    }
+    let Ok(parsed) = pg_query::parse(text, 0) else { return };
     for raw in &parsed.protobuf.stmts {
         let Some(stmt) = raw.stmt.as_deref() else { continue };
         for at in crate::postgres::sqltree::labeled_literals(stmt, &labeled, &table_labeled) {
@@ -336,13 +353,24 @@ pub(super) enum Forward {
 
 /// The mask-at-read rewrite of an admitted statement: the text to send
 /// instead (None = unchanged) and the notices, or the refusal.
-pub(super) fn mask_at_read(t: &Tracker, text: &str) -> std::result::Result<(Option<String>, Arc<ReadNotes>), Verdict> {
+pub(super) fn mask_at_read(
+    t: &Tracker,
+    text: &str,
+    prepared: &Reading,
+) -> std::result::Result<(Option<String>, Arc<ReadNotes>), Verdict> {
     let Some(catalog) = t.gov.catalog.as_deref() else {
         // Passthrough: no catalog session; results are masked as they
         // come back (README: limits).
         return Ok((None, Arc::default()));
     };
-    match crate::postgres::read_mask::rewrite(catalog, &t.gov.classifier, &t.gov.profile, t.gov.key.is_some(), text) {
+    match crate::postgres::read_mask::rewrite(
+        catalog,
+        &t.gov.classifier,
+        &t.gov.profile,
+        t.gov.key.is_some(),
+        text,
+        prepared,
+    ) {
         Ok(r) => Ok((r.text, Arc::new(ReadNotes { notices: r.notices, masked: r.masked }))),
         Err(e) => Err(Verdict::Deny { rule: e.rule.to_string(), message: e.message }),
     }
@@ -376,6 +404,7 @@ pub(super) fn on_client_frame(
     t: &mut Tracker,
     f: &Frame,
     ctx: &Ctx,
+    prepared: Option<Reading>,
     lookup_error: Option<&anyhow::Error>,
 ) -> Result<Forward> {
     let mut b = Body::new(f.body());
@@ -392,16 +421,19 @@ pub(super) fn on_client_frame(
         b'Q' => {
             let raw = b.cstr().context("protocol violation: Query without a terminated string")?;
             let text = String::from_utf8_lossy(raw).into_owned();
+            let prepared = prepared.unwrap_or_else(|| ctx.pg.sql.read(&text));
             let (mut verdict, facts) =
-                if std::str::from_utf8(raw).is_err() { (not_utf8(), None) } else { judge(t, ctx, &text, lookup_error) };
+                if std::str::from_utf8(raw).is_err() { (not_utf8(), None) } else { judge(t, &prepared, lookup_error) };
             let mut notes = Arc::default();
-            let mut literals = ctx.pg.sql.literals(&text).to_vec();
-            mark_labeled(t, facts.as_deref().map(|f| f.as_slice()), &text, &mut literals);
+            let mut literals = prepared.literals.to_vec();
+            if mark_needed(t, facts.as_deref().map(|f| f.as_slice()), &literals) {
+                mark_labeled(t, &prepared, &text, &mut literals);
+            }
             if verdict == Verdict::Allow {
                 verdict = sensitive_values(t, literals.iter().map(|l| l.value.as_str()), "its text");
             }
             if verdict == Verdict::Allow {
-                match mask_at_read(t, &text) {
+                match mask_at_read(t, &text, &prepared) {
                     Ok((new_text, n)) => {
                         notes = n;
                         if let Some(new_text) = new_text {
@@ -432,20 +464,21 @@ pub(super) fn on_client_frame(
             let name = Bytes::copy_from_slice(b.cstr().context("protocol violation: Parse without a name")?);
             let raw = b.cstr().context("protocol violation: Parse without a query")?;
             let text: Arc<str> = String::from_utf8_lossy(raw).into();
+            let prepared = prepared.unwrap_or_else(|| ctx.pg.sql.read(&text));
             let (mut verdict, facts) =
-                if std::str::from_utf8(raw).is_err() { (not_utf8(), None) } else { judge(t, ctx, &text, lookup_error) };
+                if std::str::from_utf8(raw).is_err() { (not_utf8(), None) } else { judge(t, &prepared, lookup_error) };
             let mut notes = Arc::default();
-            let mut literals = ctx.pg.sql.literals(&text);
+            let mut literals = prepared.literals.clone();
             if mark_needed(t, facts.as_deref().map(|f| f.as_slice()), &literals) {
                 let mut found = literals.to_vec();
-                mark_labeled(t, facts.as_deref().map(|f| f.as_slice()), &text, &mut found);
+                mark_labeled(t, &prepared, &text, &mut found);
                 literals = found.into();
             }
             if verdict == Verdict::Allow {
                 verdict = sensitive_values(t, literals.iter().map(|l| l.value.as_str()), "its text");
             }
             if verdict == Verdict::Allow {
-                match mask_at_read(t, &text) {
+                match mask_at_read(t, &text, &prepared) {
                     Ok((new_text, n)) => {
                         notes = n;
                         if let Some(new_text) = new_text {

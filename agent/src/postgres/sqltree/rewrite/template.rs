@@ -24,7 +24,13 @@ use pg_query::{
 use prost::Message;
 
 use super::{without_positions, Refusal, Resolve, Rewritten};
-use crate::postgres::sqltree::{quote_literal, walk_gen};
+use crate::{
+    pipeline::literals::Literal,
+    postgres::{
+        shape::Fill,
+        sqltree::{quote_literal, walk_gen},
+    },
+};
 
 /// Placeholder parameters start here, above any parameter a statement uses.
 const PLACEHOLDER_BASE: i64 = 1_000_000;
@@ -70,6 +76,18 @@ fn constants_mut(n: &mut Node, f: &mut dyn FnMut(&mut Node)) {
         }
     }
     walk_gen::VisitMut::node(&mut V(f), n);
+}
+
+/// A statement's constants in template order, with their positions.
+pub fn constants(stmt: &Node) -> Vec<pb::AConst> {
+    let mut tree = stmt.clone();
+    let mut out = Vec::new();
+    constants_mut(&mut tree, &mut |n| {
+        if let Some(NodeEnum::AConst(c)) = n.node.as_ref() {
+            out.push(c.clone());
+        }
+    });
+    out
 }
 
 /// The shape of one statement.
@@ -134,6 +152,48 @@ impl Template {
             }
         };
         Some(Rewritten { text, notices: self.notices.clone(), masked: self.masked.clone() })
+    }
+}
+
+impl Template {
+    /// This shape's rewrite for a statement of the same scanner shape (see
+    /// `postgres::shape`): each hole gets the literal token's own text, as
+    /// the workload wrote it.
+    pub fn fill_tokens(&self, fills: &[Fill], sql: &str, literals: &[Literal]) -> Option<Rewritten> {
+        let text = match &self.text {
+            None => None,
+            Some(t) => {
+                let raw = |k: &usize| literals.get(*k).and_then(|l| sql.get(l.start..l.end));
+                let mut out = String::with_capacity(t.len() + 64);
+                let mut at = 0;
+                for (start, end, i) in &self.holes {
+                    out.push_str(t.get(at..*start)?);
+                    match fills.get(*i)? {
+                        Fill::Literal(k) => out.push_str(raw(k)?),
+                        Fill::Negated(k) => {
+                            out.push_str("(-");
+                            out.push_str(raw(k)?);
+                            out.push(')');
+                        }
+                        Fill::Fixed(s) => out.push_str(s),
+                    }
+                    at = *end;
+                }
+                out.push_str(t.get(at..)?);
+                Some(out)
+            }
+        };
+        Some(Rewritten { text, notices: self.notices.clone(), masked: self.masked.clone() })
+    }
+
+    /// Whether filling with tokens reproduces `r` for this statement (checked
+    /// once per shape, on the statement it was built from).
+    pub fn tokens_reproduce(&self, fills: &[Fill], sql: &str, literals: &[Literal], r: &Rewritten) -> bool {
+        match (self.fill_tokens(fills, sql, literals).map(|f| f.text), &r.text) {
+            (Some(None), None) => true,
+            (Some(Some(a)), Some(b)) => same_tree(&a, b),
+            _ => false,
+        }
     }
 }
 
