@@ -162,5 +162,44 @@ fn mask_at_read(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, classify_and_mask, framing, mask_at_read);
+/// The per-statement path a workload that inlines its values takes: one
+/// scan, a shared shape, its facts; and the statement's audit record.
+fn statement(c: &mut Criterion) {
+    let mut g = c.benchmark_group("statement");
+    g.throughput(Throughput::Elements(1));
+    let cache = cordon::postgres::sql::Cache::default();
+    let texts: Vec<String> =
+        (0..1000).map(|i| format!("SELECT abalance FROM pgbench_accounts WHERE aid = {};", 1 + i * 997 % 1_000_000)).collect();
+    let _ = cache.read(&texts[0]);
+    let mut i = 0;
+    g.bench_function("read_shape_hit", |b| {
+        b.iter(|| {
+            i = (i + 1) % texts.len();
+            black_box(cache.read(black_box(&texts[i])))
+        })
+    });
+    g.bench_function("scan", |b| {
+        b.iter(|| {
+            i = (i + 1) % texts.len();
+            black_box(cordon::postgres::shape::scan(black_box(&texts[i])))
+        })
+    });
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let log = cordon::audit::AuditLog::open(dir.path(), cordon::audit::Settings::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    g.bench_function("audit_statement_record", |b| {
+        b.iter(|| {
+            let rec = cordon::audit::Record::new("statement", Some("1a2b3c-17"))
+                .with("stmt", 42)
+                .with("kind", "simple")
+                .with("text", "SELECT abalance FROM pgbench_accounts WHERE aid = 48213;")
+                .with("fingerprint", "0123456789abcdef")
+                .with("normalized", "SELECT abalance FROM pgbench_accounts WHERE aid = $1;");
+            black_box(log.append(&rec).map(|t| t.seq()))
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, classify_and_mask, framing, mask_at_read, statement);
 criterion_main!(benches);

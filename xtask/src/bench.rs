@@ -63,6 +63,9 @@ pub fn run(what: &str) -> Result<()> {
     if what == "pg" || what == "all" {
         pg(&mut report)?;
     }
+    if what == "ab" {
+        return ab();
+    }
     if what == "micro" || what == "all" {
         micro(&mut report)?;
     }
@@ -92,6 +95,18 @@ fn install_pgbouncer() -> Result<()> {
 /// the cgroup `cg`, with `policy` (classify rules and the profile named
 /// `profile`) after the intercept.
 pub(crate) fn bench_agent(pg: &Postgres, cg: &Cgroup, profile: &str, policy: &str) -> Result<Agent> {
+    bench_agent_env(pg, cg, profile, policy, &[], "")
+}
+
+/// As [`bench_agent`], with environment and `[agent]` settings.
+fn bench_agent_env(
+    pg: &Postgres,
+    cg: &Cgroup,
+    profile: &str,
+    policy: &str,
+    env: &[(String, String)],
+    agent_settings: &str,
+) -> Result<Agent> {
     let body = format!(
         "[[intercept]]\nname = \"{profile}\"\nprotocol = \"postgres\"\nport = {port}\ndestinations = [\"127.0.0.2/32\"]\n\
          credentials = \"{profile}\"\nupstream_tls = \"disable\"\n{policy}\n[[tag]]\ncgroup = \"{cg}\"\nprofile = \"{profile}\"\n",
@@ -99,7 +114,8 @@ pub(crate) fn bench_agent(pg: &Postgres, cg: &Cgroup, profile: &str, policy: &st
         cg = cg.rel,
     );
     std::env::set_var("CORDON_BIN", release_bin());
-    let mut agent = Agent::new(&body)?;
+    let mut agent = Agent::new_with(&body, agent_settings)?;
+    agent.env = env.to_vec();
     std::fs::write(
         agent.dir.path().join("secrets.toml"),
         format!("[credentials.{profile}]\nuser = \"postgres\"\npassword = \"unused-with-trust-auth\"\n"),
@@ -242,6 +258,129 @@ description = "masks one column, guardrails on (the defaults)"
     Ok(())
 }
 
+/// A/B of two agent configurations (a tuning aid, not part of `all`):
+/// `CORDON_AB_A` and `CORDON_AB_B` hold `KEY=VALUE` environment settings
+/// (space-separated) or `agent:` followed by `[agent]` lines, each for its own
+/// agent and cgroup; pgbench -S runs interleaved against both.
+fn ab() -> Result<()> {
+    let parse = |var: &str| -> (Vec<(String, String)>, String) {
+        let v = std::env::var(var).unwrap_or_default();
+        if let Some(settings) = v.strip_prefix("agent:") {
+            return (Vec::new(), settings.replace(';', "\n"));
+        }
+        let env = v
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+            .collect();
+        (env, String::new())
+    };
+    let pg = Postgres::start(&["127.0.0.2"], cordon_tests::free_port())?;
+    let init = Command::new(pgbench_bin()?)
+        .args(["-i", "-q", "-s", "10", "-U", "postgres", "-h"])
+        .arg(pg.dir.path())
+        .args(["-p", &pg.port.to_string(), "postgres"])
+        .output()?;
+    if !init.status.success() {
+        bail!("pgbench -i failed: {}", String::from_utf8_lossy(&init.stderr));
+    }
+    let policy = "[[classify]]\ncolumn = \"*.public.pgbench_accounts.abalance\"\nlabel = \"confidential\"\n[profiles.bench]\n";
+    let mut agents = Vec::new();
+    for (i, var) in ["CORDON_AB_A", "CORDON_AB_B"].iter().enumerate() {
+        let cg = Cgroup::create(&format!("cordon-ab{i}-{}", std::process::id()))?;
+        let (env, settings) = parse(var);
+        // Each agent governs its own cgroup (its own programs and maps).
+        let agent = if std::env::var(var).as_deref() == Ok("tcp") {
+            // The byte relay: what the proxy costs without the protocol.
+            let body = format!(
+                "[[intercept]]\nname = \"relay\"\nprotocol = \"tcp\"\nport = {}\ndestinations = [\"127.0.0.2/32\"]\n\
+                 [profiles.bench]\n[[tag]]\ncgroup = \"{}\"\nprofile = \"bench\"\n",
+                pg.port, cg.rel
+            );
+            std::env::set_var("CORDON_BIN", release_bin());
+            let mut a = Agent::new(&body)?;
+            a.start()?;
+            a
+        } else if std::env::var(var).as_deref() == Ok("nomask") {
+            // Every policy but no label: no rewrite, nothing masked.
+            bench_agent_env(&pg, &cg, "bench", "[profiles.bench]\n", &[], "")?
+        } else {
+            bench_agent_env(&pg, &cg, "bench", policy, &env, &settings)?
+        };
+        agents.push((cg, agent, std::env::var(var).unwrap_or_default()));
+    }
+    if std::env::var_os("CORDON_AB_PERF").is_some() {
+        let (cg, agent, _) = &agents[0];
+        let pid = agent.pid().context("agent pid")?;
+        let data = std::env::temp_dir().join("cordon-ab-perf.data");
+        let mut perf = Command::new("perf")
+            .args(["record", "-e", "cpu-clock", "-F", "1999", "-g", "-o"])
+            .arg(&data)
+            .args(["-p", &pid.to_string(), "--", "sleep", "4"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let clients = std::env::var("CORDON_AB_PERF").unwrap_or_else(|_| "8".into());
+        let before = ctx_switches(pid);
+        let (tps, _) = pgbench(Some(cg), "127.0.0.2", pg.port, &["-S", "-M", "simple", "-T", "4", "-c", &clients, "-j", "1"])?;
+        let after = ctx_switches(pid);
+        println!(
+            "tps {tps:.0}; agent context switches per transaction: voluntary {:.2}, involuntary {:.2}",
+            (after.0 - before.0) as f64 / (tps * 4.0),
+            (after.1 - before.1) as f64 / (tps * 4.0)
+        );
+        perf.wait()?;
+        for mode in ["--no-children", "--children"] {
+            let out = Command::new("perf")
+                .args(["report", mode, "--stdio", "--no-call-graph", "--percent-limit", "0.7", "-i"])
+                .arg(&data)
+                .output()?;
+            println!("==== perf report {mode}\n{}", String::from_utf8_lossy(&out.stdout));
+        }
+        return Ok(());
+    }
+    for protocol in ["simple", "extended"] {
+        for clients in [1usize, 8] {
+            let secs = PGBENCH_SECONDS.to_string();
+            let cl = clients.to_string();
+            let threads = clients.min(2).to_string();
+            let args = ["-S", "-M", protocol, "-T", &secs, "-c", &cl, "-j", &threads];
+            let mut runs: Vec<Vec<f64>> = vec![Vec::new(); agents.len() + 1];
+            for _ in 0..REPS {
+                runs[0].push(pgbench(None, "127.0.0.2", pg.port, &args)?.0);
+                for (i, (cg, _, _)) in agents.iter().enumerate() {
+                    runs[i + 1].push(pgbench(Some(cg), "127.0.0.2", pg.port, &args)?.0);
+                }
+            }
+            let direct = stats(&runs[0]).median;
+            let mut line = format!("{protocol:8} c{clients}: direct {direct:.0}");
+            for (i, (_, _, label)) in agents.iter().enumerate() {
+                let m = stats(&runs[i + 1]).median;
+                let _ = write!(line, " | {label:?} {m:.0} ({:.2})", m / direct);
+            }
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
+
+/// (voluntary, involuntary) context switches of every thread of `pid`.
+fn ctx_switches(pid: u32) -> (u64, u64) {
+    let mut total = (0, 0);
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return total };
+    for t in tasks.flatten() {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        for line in status.lines() {
+            let n = |l: &str| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            if line.starts_with("voluntary_ctxt_switches") {
+                total.0 += n(line);
+            } else if line.starts_with("nonvoluntary_ctxt_switches") {
+                total.1 += n(line);
+            }
+        }
+    }
+    total
+}
+
 fn restart_pg(pg: &Postgres) -> Result<()> {
     let pg_ctl = cordon_tests::pg_bin("pg_ctl").context("pg_ctl")?;
     let user = nix::unistd::User::from_name("postgres")?.context("postgres user")?;
@@ -331,7 +470,8 @@ fn profile_agent(agent: &Agent, cg: &Cgroup, pg: &Postgres) -> Result<String> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn();
-    let _ = pgbench(Some(cg), "127.0.0.2", pg.port, &["-S", "-M", "simple", "-T", "4", "-c", "8", "-j", "2"]);
+    let clients = std::env::var("CORDON_AB_PERF").unwrap_or_else(|_| "8".into());
+        let _ = pgbench(Some(cg), "127.0.0.2", pg.port, &["-S", "-M", "simple", "-T", "4", "-c", &clients, "-j", "1"]);
     let Ok(ref mut p) = perf else {
         return Ok("\nNo profile: `perf` could not be started here.\n".into());
     };
