@@ -5,6 +5,8 @@ pub mod cgroup;
 pub mod config;
 pub mod control;
 pub mod daemon;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod identity;
 pub mod kernel;
 pub mod limits;

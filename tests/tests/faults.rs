@@ -243,7 +243,7 @@ fn must(cmd: &str) {
 }
 
 /// A mount point that is unmounted when the test ends, however it ends.
-struct Mount(PathBuf, tempfile::TempDir);
+struct Mount(PathBuf, #[allow(dead_code)] tempfile::TempDir);
 
 impl Drop for Mount {
     fn drop(&mut self) {

@@ -809,6 +809,7 @@ fn write_report(report: &Report, what: &str, took: Duration) -> Result<()> {
         doc.push('\n');
     }
     let path = cordon_tests::workspace_root().join("BENCHMARKS.md");
+    crate::fuzz::keep_section(&std::fs::read_to_string(&path).unwrap_or_default(), &mut doc);
     std::fs::write(&path, doc)?;
     say(&format!("wrote {}", path.display()));
     Ok(())

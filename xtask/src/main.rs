@@ -5,6 +5,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod detector_eval;
 mod gen_walk;
 mod setup;
@@ -21,6 +22,7 @@ fn main() {
         Some("demo") => demo::run(),
         Some("gen-walk") => gen_walk::run(args.get(1).map(String::as_str) == Some("--check")),
         Some("bench") => bench::run(args.get(1).map_or("all", String::as_str)),
+        Some("fuzz") => fuzz::run(&args[1..]),
         _ => usage(),
     };
     if let Err(e) = result {
@@ -32,8 +34,9 @@ fn main() {
 fn usage() -> Result<()> {
     bail!(
         "usage: cargo xtask <command>\n  setup  install prerequisites (idempotent)\n  build  build the agent (and its eBPF programs)\n  \
-         test   unit tests and end-to-end tests (root for the e2e part)\n  demo   the end-to-end demo\n  bench  [pg|micro|detectors|all] benchmarks, written to BENCHMARKS.md\n  \
-         gen-walk [--check]  regenerate the SQL parse-tree walker from pg_query"
+         test   unit tests, end-to-end tests (root for the e2e part) and a short fuzz smoke run\n  demo   the end-to-end demo\n  bench  [pg|micro|detectors|all] benchmarks, written to BENCHMARKS.md\n  \
+         gen-walk [--check]  regenerate the SQL parse-tree walker from pg_query\n  \
+         fuzz   [--secs N] [--report]  every fuzz target for N seconds (default 60); --report writes BENCHMARKS.md"
     )
 }
 
@@ -67,5 +70,12 @@ fn test(extra: &[String]) -> Result<()> {
             "xtask: NOT ROOT: the end-to-end tests (eBPF, cgroups) will SKIP; run `sudo -E cargo xtask test` to run them"
         );
     }
-    util::run_cmd(&mut cmd)
+    let tests = util::run_cmd(&mut cmd);
+    // A short smoke run of every fuzz target (seeded with the traffic the
+    // end-to-end tests just captured), even when a test failed.
+    let smoke = fuzz::run(&["--secs".to_string(), FUZZ_SMOKE_SECS.to_string()]);
+    tests.and(smoke)
 }
+
+/// Seconds per fuzz target in `cargo xtask test` (7 targets: under 2 minutes).
+const FUZZ_SMOKE_SECS: u64 = 15;

@@ -42,6 +42,7 @@ pub fn run() -> Result<()> {
     rust_nightly()?;
     apt()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     if is_root() {
         python_clients()?;
         node_clients()?;
@@ -122,6 +123,15 @@ fn apt() -> Result<()> {
     let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
     args.extend(missing.iter());
     run_cmd(Command::new("apt-get").args(&args).env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// cargo-fuzz, for `cargo xtask fuzz` (libFuzzer targets, nightly).
+pub fn cargo_fuzz() -> Result<()> {
+    if output("cargo", &["fuzz", "--version"]).is_some() {
+        return Ok(());
+    }
+    say("installing cargo-fuzz (runs the libFuzzer targets in fuzz/)");
+    run_cmd(Command::new("cargo").args(["install", "cargo-fuzz", "--version", "0.13.2", "--locked"]))
 }
 
 fn bpf_linker() -> Result<()> {

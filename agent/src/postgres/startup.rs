@@ -58,10 +58,8 @@ async fn negotiate_inner(slot: &mut Option<Stream>, ctx: &Ctx) -> Result<Hello> 
                 bail!("the client closed the connection during startup");
             }
         };
-        let mut body = Body::new(packet.get(4..).unwrap_or_default());
-        let code = body.i32().context("startup packet without a code")?;
-        match code {
-            wire::SSL_REQUEST => {
+        match parse_packet(&packet)? {
+            Packet::Ssl => {
                 if stream.is_tls() {
                     bail!("SSLRequest inside TLS");
                 }
@@ -80,54 +78,78 @@ async fn negotiate_inner(slot: &mut Option<Stream>, ctx: &Ctx) -> Result<Hello> 
                 let tls = acceptor.accept(tcp).await.context("TLS handshake with the client")?;
                 *slot = Some(Stream::Server(Box::new(tls)));
             }
-            wire::GSSENC_REQUEST => {
+            Packet::GssEnc => {
                 // No GSSAPI encryption: 'N' makes libpq fall back to TLS or
                 // plain, as with a server built without GSSAPI.
                 stream.write_all(b"N").await?;
             }
-            wire::CANCEL_REQUEST => {
-                let pid = body.i32().context("CancelRequest without a process id")?;
-                let key = Bytes::copy_from_slice(body.rest());
-                if key.is_empty() || key.len() > 256 {
-                    bail!("CancelRequest with a {}-byte key", key.len());
-                }
-                return Ok(Hello::Cancel { pid, key });
-            }
-            v if v >> 16 == 3 => {
-                let mut params = Vec::new();
-                while let Some(k) = body.cstr() {
-                    if k.is_empty() {
-                        break;
-                    }
-                    let v = body.cstr().context("startup parameter without a value")?;
-                    let (Ok(k), Ok(v)) = (std::str::from_utf8(k), std::str::from_utf8(v)) else {
-                        bail!("startup parameters are not UTF-8");
-                    };
-                    params.push((k.to_string(), v.to_string()));
-                }
-                if !params.iter().any(|(k, _)| k == "user") {
-                    bail!("the startup message names no user");
-                }
-                // Settings that would make the server read statements, names
-                // or values differently from cordon are refused here as they
-                // are by SET; PostgreSQL folds case and '-' to '_' in names.
-                // client_encoding is overridden upstream (UTF8), not refused.
-                let fold = |s: &str| s.to_ascii_lowercase().replace('-', "_");
-                for (k, v) in &params {
-                    let key = fold(k);
-                    let pinned = super::sql::PINNED_SETTINGS
-                        .iter()
-                        .filter(|p| **p != "client_encoding")
-                        .any(|p| key == *p || (key == "options" && fold(v).contains(p)));
-                    if pinned || (key == "options" && fold(v).contains("client_encoding")) {
-                        bail!("the startup message sets {k}={v:?}, which a governed session may not change");
-                    }
-                }
+            Packet::Cancel { pid, key } => return Ok(Hello::Cancel { pid, key }),
+            Packet::Startup { version, params } => {
                 let Some(stream) = slot.take() else { bail!("the client's connection is gone") };
-                return Ok(Hello::Startup(ClientHello { stream, reader, version: v, params }));
+                return Ok(Hello::Startup(ClientHello { stream, reader, version, params }));
             }
-            other => bail!("unsupported protocol version or request code {other}"),
         }
+    }
+}
+
+/// A startup-phase packet, decoded.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Packet {
+    Ssl,
+    GssEnc,
+    Cancel { pid: i32, key: Bytes },
+    Startup { version: i32, params: Vec<(String, String)> },
+}
+
+/// Decode one startup-phase packet (length included), refusing what a
+/// governed session may not do.
+pub fn parse_packet(packet: &[u8]) -> Result<Packet> {
+    let mut body = Body::new(packet.get(4..).unwrap_or_default());
+    let code = body.i32().context("startup packet without a code")?;
+    match code {
+        wire::SSL_REQUEST => Ok(Packet::Ssl),
+        wire::GSSENC_REQUEST => Ok(Packet::GssEnc),
+        wire::CANCEL_REQUEST => {
+            let pid = body.i32().context("CancelRequest without a process id")?;
+            let key = Bytes::copy_from_slice(body.rest());
+            if key.is_empty() || key.len() > 256 {
+                bail!("CancelRequest with a {}-byte key", key.len());
+            }
+            Ok(Packet::Cancel { pid, key })
+        }
+        v if v >> 16 == 3 => {
+            let mut params = Vec::new();
+            while let Some(k) = body.cstr() {
+                if k.is_empty() {
+                    break;
+                }
+                let v = body.cstr().context("startup parameter without a value")?;
+                let (Ok(k), Ok(v)) = (std::str::from_utf8(k), std::str::from_utf8(v)) else {
+                    bail!("startup parameters are not UTF-8");
+                };
+                params.push((k.to_string(), v.to_string()));
+            }
+            if !params.iter().any(|(k, _)| k == "user") {
+                bail!("the startup message names no user");
+            }
+            // Settings that would make the server read statements, names
+            // or values differently from cordon are refused here as they
+            // are by SET; PostgreSQL folds case and '-' to '_' in names.
+            // client_encoding is overridden upstream (UTF8), not refused.
+            let fold = |s: &str| s.to_ascii_lowercase().replace('-', "_");
+            for (k, v) in &params {
+                let key = fold(k);
+                let pinned = super::sql::PINNED_SETTINGS
+                    .iter()
+                    .filter(|p| **p != "client_encoding")
+                    .any(|p| key == *p || (key == "options" && fold(v).contains(p)));
+                if pinned || (key == "options" && fold(v).contains("client_encoding")) {
+                    bail!("the startup message sets {k}={v:?}, which a governed session may not change");
+                }
+            }
+            Ok(Packet::Startup { version: v, params })
+        }
+        other => bail!("unsupported protocol version or request code {other}"),
     }
 }
 

@@ -445,3 +445,16 @@ fn fatal(tracker: &Mutex<Tracker>, code: &'static str, message: String, wake: &t
     }
     wake.notify_one();
 }
+
+/// The SQL text of a Query or Parse message (fuzzing entry point).
+#[doc(hidden)]
+pub fn sql_text(f: &Frame) -> Option<String> {
+    client::sql_of(f)
+}
+
+/// The fields of a RowDescription as the server side reads them (fuzzing
+/// entry point): (name, table OID, column number, type OID).
+#[doc(hidden)]
+pub fn result_fields(body: &[u8]) -> Vec<(String, u32, i16, u32)> {
+    server::row_description(body).into_iter().map(|f| (f.name, f.table_oid, f.attnum, f.type_oid)).collect()
+}
