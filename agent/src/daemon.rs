@@ -53,6 +53,7 @@ pub fn prepare(config_path: &Path) -> Result<Prepared> {
     let policy =
         config::load(config_path).map_err(|e| anyhow::anyhow!("{e}\nthe policy has errors; nothing was started"))?;
     let cgroup_root = cgroup::find_v2_root()?;
+    raise_fd_limit();
     let agent_cgroup = match &policy.agent.agent_cgroup {
         Some(rel) => {
             cgroup::move_self_into(&cgroup_root, rel)?;
@@ -61,6 +62,31 @@ pub fn prepare(config_path: &Path) -> Result<Prepared> {
         None => cgroup::of_pid("self")?,
     };
     Ok(Prepared { policy, config_path: config_path.to_owned(), cgroup_root, agent_cgroup })
+}
+
+/// Every governed connection holds two descriptors (client and upstream):
+/// raise the soft limit to the hard one (systemd's LimitNOFILE), and as root
+/// the hard one up to `fs.nr_open` when it is lower than needed for tens of
+/// thousands of connections.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    const WANT: u64 = 1 << 20;
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(hard);
+    let new_hard = hard.max(WANT.min(nr_open));
+    let limit = if setrlimit(Resource::RLIMIT_NOFILE, new_hard, new_hard).is_ok() {
+        new_hard
+    } else if setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    if limit < 20_000 {
+        tracing::warn!(limit, "few file descriptors: each governed connection needs two; raise LimitNOFILE");
+    }
 }
 
 pub async fn run(p: Prepared) -> Result<()> {

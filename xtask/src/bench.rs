@@ -66,6 +66,10 @@ pub fn run(what: &str) -> Result<()> {
     if what == "ab" {
         return ab();
     }
+    if what == "scale" {
+        let pg = Postgres::start(&["127.0.0.2"], cordon_tests::free_port())?;
+        scale(&mut report, &pg)?;
+    }
     if what == "micro" || what == "all" {
         micro(&mut report)?;
     }
@@ -137,6 +141,10 @@ struct Bouncer {
 
 impl Bouncer {
     fn start(pg_port: u16) -> Result<Self> {
+        Self::start_with(pg_port, "session", 2000, 200)
+    }
+
+    fn start_with(pg_port: u16, mode: &str, max_clients: usize, pool: usize) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("cordon-pgb-").tempdir()?;
         let pg_user = nix::unistd::User::from_name("postgres")?.context("no postgres user")?;
         nix::unistd::chown(dir.path(), Some(pg_user.uid), Some(pg_user.gid))?;
@@ -146,8 +154,8 @@ impl Bouncer {
             &ini,
             format!(
                 "[databases]\npostgres = host=127.0.0.2 port={pg_port} user=postgres dbname=postgres\n\
-                 [pgbouncer]\nlisten_addr = 127.0.0.3\nlisten_port = {port}\nauth_type = any\npool_mode = session\n\
-                 max_client_conn = 2000\ndefault_pool_size = 200\nunix_socket_dir =\nlogfile = {}/log\n",
+                 [pgbouncer]\nlisten_addr = 127.0.0.3\nlisten_port = {port}\nauth_type = any\npool_mode = {mode}\n\
+                 max_client_conn = {max_clients}\ndefault_pool_size = {pool}\nunix_socket_dir =\nlogfile = {}/log\n",
                 dir.path().display()
             ),
         )?;
@@ -252,6 +260,115 @@ description = "masks one column, guardrails on (the defaults)"
     connection_setup(report, &pg, &cg)?;
     ebpf_cost(report, &mut agent)?;
     memory(report, &pg, &cg, &agent)?;
+    drop(agent);
+    drop(cg);
+    drop(bouncer);
+    scale(report, &pg)?;
+    Ok(())
+}
+
+/// Concurrent governed connections in the scale benchmark.
+const SCALE_CONNECTIONS: usize = 10_000;
+/// Seconds of statements while they are all open.
+const SCALE_SECONDS: u64 = 10;
+
+/// 10,000 concurrent governed connections: one workload (tokio-postgres)
+/// through cordon to pgbouncer in transaction mode (so PostgreSQL needs 20
+/// backends, not 10,000).
+fn scale(report: &mut Report, pg: &Postgres) -> Result<()> {
+    // Two descriptors per connection in the agent: every child inherits the
+    // limit. Without CAP_SYS_RESOURCE (this sandbox) the hard limit stays
+    // where it is, and the count is what it allows the agent.
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let want = 200_000;
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    let limit = if setrlimit(Resource::RLIMIT_NOFILE, want, want).is_ok() {
+        want
+    } else {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).context("raising the soft descriptor limit")?;
+        hard
+    };
+    let connections = SCALE_CONNECTIONS.min(usize::try_from(limit.saturating_sub(256) / 2).unwrap_or(0));
+    let capped = (connections < SCALE_CONNECTIONS).then(|| {
+        format!(
+            " (capped: the hard descriptor limit here is {limit} and cannot be raised without CAP_SYS_RESOURCE; \
+             the agent needs two per connection)"
+        )
+    });
+    say(&format!("scale: {connections} concurrent governed connections through cordon to pgbouncer (transaction mode)"));
+    let bouncer = Bouncer::start_with(pg.port, "transaction", connections + 1000, 20)?;
+    let cg = Cgroup::create(&format!("cordon-scale-{}", std::process::id()))?;
+    let body = format!(
+        "[[intercept]]\nname = \"bouncer\"\nprotocol = \"postgres\"\nport = {port}\ndestinations = [\"127.0.0.3/32\"]\n\
+         credentials = \"bench\"\nupstream_tls = \"disable\"\n\
+         [[classify]]\ncolumn = \"*.public.pgbench_accounts.abalance\"\nlabel = \"confidential\"\n\
+         [profiles.bench]\n[[tag]]\ncgroup = \"{cg}\"\nprofile = \"bench\"\n",
+        port = bouncer.port,
+        cg = cg.rel,
+    );
+    std::env::set_var("CORDON_BIN", release_bin());
+    let mut agent = Agent::new(&body)?;
+    std::fs::write(
+        agent.dir.path().join("secrets.toml"),
+        "[credentials.bench]\nuser = \"postgres\"\npassword = \"unused-with-trust-auth\"\n",
+    )?;
+    agent.start()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = agent.pid().context("agent pid")?;
+    let idle = rss_kib(pid)?;
+    let bin = cordon_tests::workspace_root().join("target/release/cordon-manyconn");
+    crate::util::run("cargo", &["build", "--release", "--package", "cordon-tests", "--bin", "cordon-manyconn"])?;
+    let (_d, bin) = cordon_tests::workload_copy(&bin)?;
+    let conninfo = format!("host=127.0.0.3 port={} user=postgres dbname=postgres", bouncer.port);
+    let mut child = cg
+        .command(bin.to_str().context("utf-8 path")?)
+        .arg(&conninfo)
+        .arg(connections.to_string())
+        .arg(SCALE_SECONDS.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the scale client")?;
+    let mut lines = cordon_tests::lines_of(&mut child);
+    let ready = lines.next().unwrap_or_default();
+    let ready: serde_json::Value =
+        serde_json::from_str(ready.trim_start_matches("ready ")).with_context(|| format!("scale client said {ready:?}"))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let loaded = rss_kib(pid)?;
+    if let Some(stdin) = child.stdin.as_mut() {
+        use std::io::Write as _;
+        let _ = stdin.write_all(b"go\n");
+    }
+    let done = lines.next().unwrap_or_default();
+    let done: serde_json::Value =
+        serde_json::from_str(done.trim_start_matches("done ")).with_context(|| format!("scale client said {done:?}"))?;
+    let _ = child.wait();
+    let opened = ready["opened"].as_u64().unwrap_or(0);
+    let refused = ready["refused"].as_u64().unwrap_or(0);
+    let per_conn = loaded.saturating_sub(idle) as f64 / opened.max(1) as f64;
+    if per_conn > 64.0 || refused > 0 {
+        report.misses.push("scale".into());
+    }
+    report.sections.push(format!(
+        "## Scale\n\n{connections} concurrent governed connections{} from one workload (tokio-postgres, 128 connecting at a time, \
+         each authenticated and running `select 1`), through cordon (masking policy, guardrails, recording) to pgbouncer in \
+         transaction mode (20 server connections). Then `select 1` over all of them, 64 in flight, for {SCALE_SECONDS} s.\n\n\
+         | figure | value |\n|---|---|\n\
+         | connections opened | {opened} |\n\
+         | refused | {refused}{} |\n\
+         | time to open them all | {:.1} s |\n\
+         | agent RSS idle → with all open | {:.1} MiB → {:.1} MiB |\n\
+         | agent RSS per connection (client and upstream side) | **{per_conn:.1} KiB** (goal ≤ 64 KiB{}) |\n\
+         | statements per second while all are open | {:.0} ({} failed) |\n",
+        capped.unwrap_or_default(),
+        ready["first_error"].as_str().map(|e| format!(" (first: {e})")).unwrap_or_default(),
+        ready["open_secs"].as_f64().unwrap_or(0.0),
+        idle as f64 / 1024.0,
+        loaded as f64 / 1024.0,
+        if per_conn <= 64.0 { ": met" } else { ": **missed**" },
+        done["per_sec"].as_f64().unwrap_or(0.0),
+        done["failed"].as_u64().unwrap_or(0),
+    ));
     drop(agent);
     drop(cg);
     drop(bouncer);
