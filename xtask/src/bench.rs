@@ -521,8 +521,8 @@ fn pgbench_section(report: &mut Report, pg: &Postgres, bouncer: &Bouncer, cg: &C
     let mut s = String::from(
         "## pgbench select-only\n\n`pgbench -n -S -T 4`, simple and extended protocol. Three paths, interleaved \
          (direct, cordon, pgbouncer) × 3 repetitions. cordon: a tagged cgroup, a policy that masks `abalance` \
-         (the column `-S` returns) and the default guardrails; every statement is parsed, judged, recorded durably (fsync before \
-         its result is delivered) and its result masked. pgbouncer 1.18, session mode. All paths without TLS (`PGSSLMODE=disable`). \
+         (the column `-S` returns) and the default guardrails; every statement is read (scanner shape, or parsed), judged, rewritten to mask at read, \
+         recorded (written before it goes upstream; fdatasync group-committed every 10 ms) and its result masked. pgbouncer 1.18, session mode. All paths without TLS (`PGSSLMODE=disable`). \
          TPS min / **median** / max.\n\n\
          | protocol | clients | direct TPS | cordon TPS | pgbouncer TPS | cordon/direct (goal) | cordon/pgbouncer (goal) |\n\
          |---|---|---|---|---|---|---|\n",
@@ -567,11 +567,83 @@ fn pgbench_section(report: &mut Report, pg: &Postgres, bouncer: &Bouncer, cg: &C
             );
         }
     }
+    s.push_str(&variants(pg)?);
     if !report.misses.is_empty() {
         s.push_str(&profile_agent(agent, cg, pg)?);
     }
     report.sections.push(s);
     Ok(())
+}
+
+/// The cost of each choice: the bench policy with one setting changed, each
+/// in its own agent and cgroup, interleaved with direct runs.
+fn variants(pg: &Postgres) -> Result<String> {
+    let base = "[[classify]]\ncolumn = \"*.public.pgbench_accounts.abalance\"\nlabel = \"confidential\"\n[profiles.bench]\n";
+    let cases: [(&str, String, &str, &[(&str, &str)]); 5] = [
+        ("as above (the bench policy)", base.to_string(), "", &[]),
+        ("no labels (nothing to mask or rewrite)", "[profiles.bench]\n".to_string(), "", &[]),
+        ("`record_results = true`", format!("{base}record_results = true\n"), "", &[]),
+        ("`audit_durability = \"statement\"`", base.to_string(), "audit_durability = \"statement\"\n", &[]),
+        ("TLS from the client to cordon (`sslmode=require`)", base.to_string(), "", &[("PGSSLMODE", "require")]),
+    ];
+    let mut agents = Vec::new();
+    for (i, (label, policy, settings, env)) in cases.iter().enumerate() {
+        let cg = Cgroup::create(&format!("cordon-var{i}-{}", std::process::id()))?;
+        let agent = bench_agent_env(pg, &cg, "bench", policy, &[], settings)?;
+        agents.push((cg, agent, *label, *env));
+    }
+    let mut s = String::from(
+        "\n### The cost of each choice\n\n`pgbench -S -M simple`, the bench policy with one thing changed, each in its own agent; \
+         cordon/direct, median of 3 interleaved runs. The byte relay (`protocol = \"tcp\"`, no parsing) is the floor any \
+         proxy on this machine pays for the extra TCP hop.\n\n| variant | 1 client | 8 clients |\n|---|---|---|\n",
+    );
+    let relay_cg = Cgroup::create(&format!("cordon-relay-{}", std::process::id()))?;
+    let body = format!(
+        "[[intercept]]\nname = \"relay\"\nprotocol = \"tcp\"\nport = {}\ndestinations = [\"127.0.0.2/32\"]\n\
+         [profiles.bench]\n[[tag]]\ncgroup = \"{}\"\nprofile = \"bench\"\n",
+        pg.port, relay_cg.rel
+    );
+    let mut relay = Agent::new(&body)?;
+    relay.start()?;
+    let mut rows: Vec<(String, [f64; 2])> = Vec::new();
+    let secs = PGBENCH_SECONDS.to_string();
+    let mut relay_ratio = [0.0; 2];
+    for (k, clients) in [1usize, 8].iter().enumerate() {
+        let cl = clients.to_string();
+        let threads = clients.min(&2).to_string();
+        let args = ["-S", "-M", "simple", "-T", &secs, "-c", &cl, "-j", &threads];
+        let mut direct = Vec::new();
+        let mut each: Vec<Vec<f64>> = vec![Vec::new(); agents.len()];
+        let mut relayed = Vec::new();
+        for _ in 0..REPS {
+            direct.push(pgbench(None, "127.0.0.2", pg.port, &args)?.0);
+            relayed.push(pgbench(Some(&relay_cg), "127.0.0.2", pg.port, &args)?.0);
+            for (i, (cg, _, _, env)) in agents.iter().enumerate() {
+                for (key, v) in env.iter() {
+                    std::env::set_var(key, v);
+                }
+                let r = pgbench(Some(cg), "127.0.0.2", pg.port, &args);
+                std::env::set_var("PGSSLMODE", "disable");
+                each[i].push(r?.0);
+            }
+        }
+        let d = stats(&direct).median;
+        relay_ratio[k] = stats(&relayed).median / d;
+        for (i, v) in each.iter().enumerate() {
+            if rows.len() <= i {
+                rows.push((agents[i].2.to_string(), [0.0; 2]));
+            }
+            rows[i].1[k] = stats(v).median / d;
+        }
+    }
+    let _ = writeln!(s, "| byte relay (`protocol = \"tcp\"`) | {:.2} | {:.2} |", relay_ratio[0], relay_ratio[1]);
+    for (label, r) in rows {
+        let _ = writeln!(s, "| {label} | {:.2} | {:.2} |", r[0], r[1]);
+    }
+    drop(relay);
+    drop(relay_cg);
+    drop(agents);
+    Ok(s)
 }
 
 /// Where the agent's time goes under pgbench load: perf (cpu-clock samples;
