@@ -9,7 +9,6 @@ use cordon::{
     pipeline::{
         classify::Strategy,
         detect::Context,
-        guard::TableRef,
         mask::ValueType,
         plan::{self, ColAction},
     },
@@ -95,43 +94,9 @@ fn framing(c: &mut Criterion) {
     g.finish();
 }
 
-/// A catalog in memory: `customers` with two masked columns.
-struct Cat;
+/// A catalog in memory: `customers` with masked columns.
+use cordon::fuzz::SampleCatalog as Cat;
 
-impl rewrite::Resolve for Cat {
-    fn relation(&self, t: &TableRef) -> Result<Option<Arc<rewrite::Relation>>, String> {
-        if t.name != "customers" {
-            return Ok(None);
-        }
-        let col = |name: &str, treatment| rewrite::Column {
-            name: name.into(),
-            type_sql: "text".into(),
-            type_oid: 25,
-            ty: ValueType::Text { max_chars: None, fixed: false },
-            treatment,
-        };
-        let mask = || rewrite::Treatment::Mask { strategy: Strategy::Partial, lookups: true };
-        Ok(Some(Arc::new(rewrite::Relation {
-            schema: "public".into(),
-            name: "customers".into(),
-            kind: rewrite::RelKind::Table,
-            columns: vec![
-                col("id", rewrite::Treatment::Clear),
-                col("name", rewrite::Treatment::Clear),
-                col("email", mask()),
-                col("card", mask()),
-            ],
-            definition: None,
-        })))
-    }
-    fn protects_anything(&self) -> bool {
-        true
-    }
-}
-
-/// Mask at read: parse + rewrite + deparse + round-trip check of one
-/// statement (a cache miss), and the cache hit every later run of the same
-/// text costs.
 fn mask_at_read(c: &mut Criterion) {
     let sql = "select c.id, c.name, c.email from customers c join orders o on o.customer_id = c.id \
                where c.card = $1 and o.total > 10 order by c.id limit 20";

@@ -95,11 +95,11 @@ pub fn sql_analysis(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let _ = sql::analyse(text);
     let scanned = shape::scan(text);
-    let _ = rewrite::rewrite(text, &FuzzCatalog);
+    let _ = rewrite::rewrite(text, &SampleCatalog);
     if let Ok(parsed) = pg_query::parse(text, 0) {
         if let Some(stmt) = parsed.protobuf.stmts.first().and_then(|s| s.stmt.as_deref()) {
             let shape_of = template::shape(stmt);
-            let _ = template::build(stmt, parsed.protobuf.version, &shape_of, &FuzzCatalog);
+            let _ = template::build(stmt, parsed.protobuf.version, &shape_of, &SampleCatalog);
             let facts = Arc::new(sql::analyse_parsed(&parsed.protobuf));
             let _ = shape::shaped(&parsed.protobuf, &scanned, &facts);
         }
@@ -123,10 +123,11 @@ pub fn audit_segment(data: &[u8]) {
     }
 }
 
-/// A catalog with one table whose columns are masked.
-struct FuzzCatalog;
+/// A catalog with one table, `public.customers`, whose email, card and ssn
+/// are masked (partial): for the fuzz targets and the benchmarks.
+pub struct SampleCatalog;
 
-impl rewrite::Resolve for FuzzCatalog {
+impl rewrite::Resolve for SampleCatalog {
     fn relation(&self, t: &TableRef) -> Result<Option<Arc<rewrite::Relation>>, String> {
         if t.name != "customers" {
             return Ok(None);
@@ -143,7 +144,13 @@ impl rewrite::Resolve for FuzzCatalog {
             schema: "public".into(),
             name: "customers".into(),
             kind: rewrite::RelKind::Table,
-            columns: vec![col("id", rewrite::Treatment::Clear), col("email", mask()), col("ssn", mask())],
+            columns: vec![
+                col("id", rewrite::Treatment::Clear),
+                col("name", rewrite::Treatment::Clear),
+                col("email", mask()),
+                col("card", mask()),
+                col("ssn", mask()),
+            ],
             definition: None,
         })))
     }

@@ -212,14 +212,7 @@ fn pg(report: &mut Report) -> Result<()> {
     let pg = Postgres::start(&["127.0.0.2"], cordon_tests::free_port())?;
     pg.admin_sql("alter system set max_connections = 1200")?;
     restart_pg(&pg)?;
-    let init = Command::new(pgbench_bin()?)
-        .args(["-i", "-q", "-s", "10", "-U", "postgres", "-h"])
-        .arg(pg.dir.path())
-        .args(["-p", &pg.port.to_string(), "postgres"])
-        .output()?;
-    if !init.status.success() {
-        bail!("pgbench -i failed: {}", String::from_utf8_lossy(&init.stderr));
-    }
+    pgbench_init(&pg)?;
     pg.admin_sql(
         "create table big as select g as id, 'user' || g || '@example.com' as email, \
          case when g % 10 = 0 then 'call +44 20 7946 ' || lpad((g % 10000)::text, 4, '0') else 'nothing to see ' || g end as note \
@@ -392,14 +385,7 @@ fn ab() -> Result<()> {
         (env, String::new())
     };
     let pg = Postgres::start(&["127.0.0.2"], cordon_tests::free_port())?;
-    let init = Command::new(pgbench_bin()?)
-        .args(["-i", "-q", "-s", "10", "-U", "postgres", "-h"])
-        .arg(pg.dir.path())
-        .args(["-p", &pg.port.to_string(), "postgres"])
-        .output()?;
-    if !init.status.success() {
-        bail!("pgbench -i failed: {}", String::from_utf8_lossy(&init.stderr));
-    }
+    pgbench_init(&pg)?;
     let policy = "[[classify]]\ncolumn = \"*.public.pgbench_accounts.abalance\"\nlabel = \"confidential\"\n[profiles.bench]\n";
     let mut agents = Vec::new();
     for (i, var) in ["CORDON_AB_A", "CORDON_AB_B"].iter().enumerate() {
@@ -496,6 +482,19 @@ fn ctx_switches(pid: u32) -> (u64, u64) {
         }
     }
     total
+}
+
+/// pgbench's tables at scale 10.
+fn pgbench_init(pg: &Postgres) -> Result<()> {
+    let init = Command::new(pgbench_bin()?)
+        .args(["-i", "-q", "-s", "10", "-U", "postgres", "-h"])
+        .arg(pg.dir.path())
+        .args(["-p", &pg.port.to_string(), "postgres"])
+        .output()?;
+    if !init.status.success() {
+        bail!("pgbench -i failed: {}", String::from_utf8_lossy(&init.stderr));
+    }
+    Ok(())
 }
 
 fn restart_pg(pg: &Postgres) -> Result<()> {
