@@ -342,6 +342,51 @@ fn admit(t: &mut Tracker, stmt: &Statement<'_>, verdict: Verdict, simple: bool) 
     }
 }
 
+/// A statement text, judged: the verdict, its facts and literals (labeled
+/// ones marked), cordon's notices, and the mask-at-read rewrite to send.
+pub(super) struct Assessed {
+    verdict: Verdict,
+    facts: Option<Arc<Vec<StmtFacts>>>,
+    literals: Vec<Literal>,
+    notes: Arc<ReadNotes>,
+    rewritten: Option<String>,
+}
+
+/// What Query and Parse do with their text before it may go upstream:
+/// read it once, judge it, mark its labeled literals, check them for
+/// sensitive values, and rewrite it to mask at read.
+fn assess(
+    t: &Tracker,
+    ctx: &Ctx,
+    raw: &[u8],
+    text: &str,
+    prepared: Option<Reading>,
+    lookup_error: Option<&anyhow::Error>,
+) -> Assessed {
+    let prepared = prepared.unwrap_or_else(|| ctx.pg.sql.read(text));
+    let (mut verdict, facts) =
+        if std::str::from_utf8(raw).is_err() { (not_utf8(), None) } else { judge(t, &prepared, lookup_error) };
+    let mut literals = prepared.literals.to_vec();
+    if mark_needed(t, facts.as_deref().map(|f| f.as_slice()), &literals) {
+        mark_labeled(t, &prepared, text, &mut literals);
+    }
+    if verdict == Verdict::Allow {
+        verdict = sensitive_values(t, literals.iter().map(|l| l.value.as_str()), "its text");
+    }
+    let mut notes = Arc::default();
+    let mut rewritten = None;
+    if verdict == Verdict::Allow {
+        match mask_at_read(t, text, &prepared) {
+            Ok((new_text, n)) => {
+                notes = n;
+                rewritten = new_text;
+            }
+            Err(v) => verdict = v,
+        }
+    }
+    Assessed { verdict, facts, literals, notes, rewritten }
+}
+
 /// What happens to a client message.
 pub(super) enum Forward {
     AsIs,
@@ -421,27 +466,9 @@ pub(super) fn on_client_frame(
         b'Q' => {
             let raw = b.cstr().context("protocol violation: Query without a terminated string")?;
             let text = String::from_utf8_lossy(raw).into_owned();
-            let prepared = prepared.unwrap_or_else(|| ctx.pg.sql.read(&text));
-            let (mut verdict, facts) =
-                if std::str::from_utf8(raw).is_err() { (not_utf8(), None) } else { judge(t, &prepared, lookup_error) };
-            let mut notes = Arc::default();
-            let mut literals = prepared.literals.to_vec();
-            if mark_needed(t, facts.as_deref().map(|f| f.as_slice()), &literals) {
-                mark_labeled(t, &prepared, &text, &mut literals);
-            }
-            if verdict == Verdict::Allow {
-                verdict = sensitive_values(t, literals.iter().map(|l| l.value.as_str()), "its text");
-            }
-            if verdict == Verdict::Allow {
-                match mask_at_read(t, &text, &prepared) {
-                    Ok((new_text, n)) => {
-                        notes = n;
-                        if let Some(new_text) = new_text {
-                            forward = Forward::Rewritten(query_frame(&new_text));
-                        }
-                    }
-                    Err(v) => verdict = v,
-                }
+            let Assessed { verdict, facts, literals, notes, rewritten } = assess(t, ctx, raw, &text, prepared, lookup_error);
+            if let Some(new_text) = rewritten {
+                forward = Forward::Rewritten(query_frame(&new_text));
             }
             let stmt = Statement {
                 text: &text,
@@ -464,29 +491,10 @@ pub(super) fn on_client_frame(
             let name = Bytes::copy_from_slice(b.cstr().context("protocol violation: Parse without a name")?);
             let raw = b.cstr().context("protocol violation: Parse without a query")?;
             let text: Arc<str> = String::from_utf8_lossy(raw).into();
-            let prepared = prepared.unwrap_or_else(|| ctx.pg.sql.read(&text));
-            let (mut verdict, facts) =
-                if std::str::from_utf8(raw).is_err() { (not_utf8(), None) } else { judge(t, &prepared, lookup_error) };
-            let mut notes = Arc::default();
-            let mut literals = prepared.literals.clone();
-            if mark_needed(t, facts.as_deref().map(|f| f.as_slice()), &literals) {
-                let mut found = literals.to_vec();
-                mark_labeled(t, &prepared, &text, &mut found);
-                literals = found.into();
-            }
-            if verdict == Verdict::Allow {
-                verdict = sensitive_values(t, literals.iter().map(|l| l.value.as_str()), "its text");
-            }
-            if verdict == Verdict::Allow {
-                match mask_at_read(t, &text, &prepared) {
-                    Ok((new_text, n)) => {
-                        notes = n;
-                        if let Some(new_text) = new_text {
-                            forward = Forward::Rewritten(parse_frame(&name, &new_text, b.rest()));
-                        }
-                    }
-                    Err(v) => verdict = v,
-                }
+            let Assessed { verdict, facts, literals, notes, rewritten } = assess(t, ctx, raw, &text, prepared, lookup_error);
+            let literals: Arc<[Literal]> = literals.into();
+            if let Some(new_text) = rewritten {
+                forward = Forward::Rewritten(parse_frame(&name, &new_text, b.rest()));
             }
             if verdict != Verdict::Allow {
                 let stmt = Statement {
