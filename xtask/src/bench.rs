@@ -66,6 +66,13 @@ pub fn run(what: &str) -> Result<()> {
     if what == "ab" {
         return ab();
     }
+    if what == "variants" {
+        let pg = Postgres::start(&["127.0.0.2"], cordon_tests::free_port())?;
+        pgbench_init(&pg)?;
+        let s = variants(&pg)?;
+        println!("{s}");
+        return Ok(());
+    }
     if what == "scale" {
         let pg = Postgres::start(&["127.0.0.2"], cordon_tests::free_port())?;
         scale(&mut report, &pg)?;
