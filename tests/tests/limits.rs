@@ -75,7 +75,8 @@ fn idle_and_handshake_timeouts_tell_the_client() {
         r#"
 import sys, time, psycopg
 c = psycopg.connect(sys.argv[1], autocommit=True)
-c.execute("select 1")
+# A statement running longer than the idle timeout is not idle.
+print("slept", c.execute("select pg_sleep(2.5)::text").fetchone()[0] == "")
 time.sleep(3)
 try:
     c.execute("select 1")
@@ -86,6 +87,7 @@ except psycopg.Error as e:
         &[&s.dsn()],
     );
     let said = stdout(&idle);
+    assert!(said.contains("slept True"), "a running statement was cut as idle: {said}\n{}", stderr(&idle));
     assert!(said.contains("agent.idle_timeout_secs"), "{said}\n{}", stderr(&idle));
     // A client that connects and says nothing.
     let quiet = s.python(

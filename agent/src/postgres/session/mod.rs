@@ -315,7 +315,12 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
                 Err(e) => break Err(e),
             },
             _ = tick.tick() => {
-                let quiet = tracker.lock().map(|t| t.last_activity.elapsed()).unwrap_or_default();
+                // Idle means nothing in flight: a long statement the server is
+                // still running is not idle.
+                let quiet = tracker
+                    .lock()
+                    .map(|t| if t.queue.is_empty() { t.last_activity.elapsed() } else { Duration::ZERO })
+                    .unwrap_or_default();
                 if quiet >= idle {
                     let message = format!(
                         "cordon: the session was idle for {} s, the limit agent.idle_timeout_secs; reconnect, or raise it in the policy",
