@@ -119,3 +119,31 @@ fn login_settings_belong_to_protocols_that_log_in() {
     let errs = p(&planned).expect_err("not built yet").0;
     assert!(errs[0].message.contains("not available in this build yet"), "{}", errs[0].message);
 }
+
+#[test]
+fn audit_and_limit_settings_are_checked_with_their_field() {
+    let with = |agent: &str, profile: &str| {
+        GOOD.replace("listen = \"127.0.0.1:7431\"\n", &format!("listen = \"127.0.0.1:7431\"\n{agent}"))
+            .replace("description = \"CI\"\n", &format!("description = \"CI\"\n{profile}"))
+    };
+    let pol = p(&with(
+        "audit_durability = \"statement\"\naudit_sync_interval_ms = 5\naudit_space_left = \"512MB\"\nhandshake_timeout_secs = 7\n",
+        "max_connections = 3\n",
+    ))
+    .expect("valid");
+    assert_eq!(pol.agent.audit.durability, crate::audit::Durability::Statement);
+    assert_eq!(pol.agent.audit.sync_interval, Duration::from_millis(5));
+    assert_eq!(pol.agent.audit.space_left, Some(crate::audit::SpaceLeft::Bytes(512 << 20)));
+    assert_eq!(pol.agent.handshake_timeout, Duration::from_secs(7));
+    assert_eq!(pol.profiles[0].max_connections, Some(3));
+    for (agent, profile, field) in [
+        ("audit_durability = \"sometimes\"\n", "", "agent.audit_durability"),
+        ("audit_sync_interval_ms = 0\n", "", "agent.audit_sync_interval_ms"),
+        ("audit_space_left = \"lots\"\n", "", "agent.audit_space_left"),
+        ("handshake_timeout_secs = 0\n", "", "agent.handshake_timeout_secs"),
+        ("", "max_connections = 0\n", "profiles.ci.max_connections"),
+    ] {
+        let errs = p(&with(agent, profile)).expect_err(field).0;
+        assert!(errs.iter().any(|e| e.field == field), "{field}: {errs:?}");
+    }
+}
