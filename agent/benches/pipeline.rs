@@ -133,8 +133,9 @@ fn statement(c: &mut Criterion) {
     let mut g = c.benchmark_group("statement");
     g.throughput(Throughput::Elements(1));
     let cache = cordon::postgres::sql::Cache::default();
-    let texts: Vec<String> =
-        (0..1000).map(|i| format!("SELECT abalance FROM pgbench_accounts WHERE aid = {};", 1 + i * 997 % 1_000_000)).collect();
+    let texts: Vec<String> = (0..1000)
+        .map(|i| format!("SELECT abalance FROM pgbench_accounts WHERE aid = {};", 1 + i * 997 % 1_000_000))
+        .collect();
     let _ = cache.read(&texts[0]);
     let mut i = 0;
     g.bench_function("read_shape_hit", |b| {
@@ -150,8 +151,8 @@ fn statement(c: &mut Criterion) {
         })
     });
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let log = cordon::audit::AuditLog::open(dir.path(), cordon::audit::Settings::default())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let log =
+        cordon::audit::AuditLog::open(dir.path(), cordon::audit::Settings::default()).unwrap_or_else(|e| panic!("{e}"));
     g.bench_function("audit_statement_record", |b| {
         b.iter(|| {
             let rec = cordon::audit::Record::new("statement", Some("1a2b3c-17"))

@@ -72,10 +72,8 @@ fn raise_fd_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     const WANT: u64 = 1 << 20;
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
-    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .unwrap_or(hard);
+    let nr_open =
+        std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(hard);
     let new_hard = hard.max(WANT.min(nr_open));
     let limit = if setrlimit(Resource::RLIMIT_NOFILE, new_hard, new_hard).is_ok() {
         new_hard

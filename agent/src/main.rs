@@ -140,11 +140,16 @@ fn init_tracing() {
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     if std::env::var("CORDON_RUNTIME").as_deref() == Ok("current") {
-        return tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime");
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime");
     }
     let mut b = tokio::runtime::Builder::new_multi_thread();
     // A tuning knob for benchmarks (default: one worker per core).
-    if let Some(n) = std::env::var("CORDON_WORKER_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|n| *n > 0) {
+    if let Some(n) =
+        std::env::var("CORDON_WORKER_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|n| *n > 0)
+    {
         b.worker_threads(n);
     }
     b.enable_all().build().context("starting the async runtime")

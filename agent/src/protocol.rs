@@ -16,8 +16,8 @@ use serde::Serialize;
 
 use crate::{
     audit::{Record, Ticket, Unavailable},
-    pipeline::DenyKind,
     config::{Intercept, Profile},
+    pipeline::DenyKind,
     state::Shared,
 };
 

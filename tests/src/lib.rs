@@ -156,7 +156,12 @@ pub fn governed(test: &str, schema: &str, policy: &str) -> Result<(Postgres, Cgr
 }
 
 /// As [`governed`], with more `[agent]` settings.
-pub fn governed_with(test: &str, schema: &str, policy: &str, agent_settings: &str) -> Result<(Postgres, Cgroup, Agent)> {
+pub fn governed_with(
+    test: &str,
+    schema: &str,
+    policy: &str,
+    agent_settings: &str,
+) -> Result<(Postgres, Cgroup, Agent)> {
     let pg = Postgres::start_secure(&["127.0.0.2"], free_port())?;
     pg.admin_sql(schema)?;
     let name = format!("cordon-{test}-{}", std::process::id());

@@ -217,7 +217,8 @@ impl Run {
             attempts.iter().rev().take(4).map(|a| (&a.tag, &a.code, &a.message)).collect::<Vec<_>>()
         );
         assert_eq!(outage["cause"], cause, "{outage}");
-        let refused = outage["refused_statements"].as_u64().unwrap_or(0) + outage["refused_sessions"].as_u64().unwrap_or(0);
+        let refused =
+            outage["refused_statements"].as_u64().unwrap_or(0) + outage["refused_sessions"].as_u64().unwrap_or(0);
         assert!(refused > 0, "the outage record counts no refusals: {outage}");
         self.verify();
     }
@@ -269,8 +270,13 @@ fn a_full_filesystem_refuses_in_the_protocol_and_never_tears_the_chain() {
     let mut run = Run::start("enospc", &audit, "audit_space_left = \"25%\"\n", &[]);
     thread::sleep(Duration::from_millis(1500));
     // Below the watermark first: a warning, not a refusal.
-    let avail: u64 = stdout(&sh(&format!("df --output=avail -B1 {} | tail -1", mnt.display()))).trim().parse().expect("df");
-    must(&format!("dd if=/dev/zero of={}/ballast bs=4096 count={} 2>/dev/null", mnt.display(), avail.saturating_sub(512 * 1024) / 4096));
+    let avail: u64 =
+        stdout(&sh(&format!("df --output=avail -B1 {} | tail -1", mnt.display()))).trim().parse().expect("df");
+    must(&format!(
+        "dd if=/dev/zero of={}/ballast bs=4096 count={} 2>/dev/null",
+        mnt.display(),
+        avail.saturating_sub(512 * 1024) / 4096
+    ));
     run.wait_log("below space_left", 20);
     // Then fill what is left; the agent's next append hits ENOSPC mid-record.
     let _ = sh(&format!("dd if=/dev/zero of={}/filler bs=64k 2>/dev/null", mnt.display()));

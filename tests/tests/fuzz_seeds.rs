@@ -170,12 +170,22 @@ fn audit_segment() -> Vec<u8> {
             .expect("governed");
     let out = cg
         .command("psql")
-        .args(["-X", "-At", &format!("host=127.0.0.2 port={} dbname=postgres user=app", pg.port), "-c", "insert into s values (1); select * from s"])
+        .args([
+            "-X",
+            "-At",
+            &format!("host=127.0.0.2 port={} dbname=postgres user=app", pg.port),
+            "-c",
+            "insert into s values (1); select * from s",
+        ])
         .output()
         .expect("psql");
     assert!(out.status.success(), "{}", stderr(&out));
     agent.wait_synced();
     let dir = agent.audit_path();
-    let seg = fs::read_dir(&dir).expect("audit dir").flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "jsonl"));
+    let seg = fs::read_dir(&dir)
+        .expect("audit dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "jsonl"));
     fs::read(seg.expect("a segment")).expect("segment")
 }

@@ -18,8 +18,8 @@ struct Setup {
 
 fn setup(test: &str, profile: &str, agent_settings: &str) -> Setup {
     let policy = format!("[profiles.ci]\n{profile}\n");
-    let (pg, cg, agent) =
-        cordon_tests::governed_with(&format!("lim-{test}"), SCHEMA, &policy, agent_settings).expect("governed postgres");
+    let (pg, cg, agent) = cordon_tests::governed_with(&format!("lim-{test}"), SCHEMA, &policy, agent_settings)
+        .expect("governed postgres");
     Setup { pg, cg, agent }
 }
 
@@ -143,15 +143,14 @@ print("after close:", c.execute("select 1").fetchone()[0], flush=True)
     )
     .expect("script");
     let go = dir.path().join("go");
-    let mut child = s
-        .cg
-        .command(TEST_PYTHON)
-        .arg(&path)
-        .arg(s.dsn())
-        .arg(&go)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python");
+    let mut child =
+        s.cg.command(TEST_PYTHON)
+            .arg(&path)
+            .arg(s.dsn())
+            .arg(&go)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python");
     let mut lines = cordon_tests::lines_of(&mut child);
     let first = lines.next().unwrap_or_default();
     assert!(first.starts_with("refused:") && first.contains("profiles.ci.max_connections"), "{first}");

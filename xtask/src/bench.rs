@@ -295,7 +295,9 @@ fn scale(report: &mut Report, pg: &Postgres) -> Result<()> {
              the agent needs two per connection)"
         )
     });
-    say(&format!("scale: {connections} concurrent governed connections through cordon to pgbouncer (transaction mode)"));
+    say(&format!(
+        "scale: {connections} concurrent governed connections through cordon to pgbouncer (transaction mode)"
+    ));
     let bouncer = Bouncer::start_with(pg.port, "transaction", connections + 1000, 20)?;
     let cg = Cgroup::create(&format!("cordon-scale-{}", std::process::id()))?;
     let body = format!(
@@ -331,8 +333,8 @@ fn scale(report: &mut Report, pg: &Postgres) -> Result<()> {
         .context("starting the scale client")?;
     let mut lines = cordon_tests::lines_of(&mut child);
     let ready = lines.next().unwrap_or_default();
-    let ready: serde_json::Value =
-        serde_json::from_str(ready.trim_start_matches("ready ")).with_context(|| format!("scale client said {ready:?}"))?;
+    let ready: serde_json::Value = serde_json::from_str(ready.trim_start_matches("ready "))
+        .with_context(|| format!("scale client said {ready:?}"))?;
     std::thread::sleep(Duration::from_secs(2));
     let loaded = rss_kib(pid)?;
     if let Some(stdin) = child.stdin.as_mut() {
@@ -340,8 +342,8 @@ fn scale(report: &mut Report, pg: &Postgres) -> Result<()> {
         let _ = stdin.write_all(b"go\n");
     }
     let done = lines.next().unwrap_or_default();
-    let done: serde_json::Value =
-        serde_json::from_str(done.trim_start_matches("done ")).with_context(|| format!("scale client said {done:?}"))?;
+    let done: serde_json::Value = serde_json::from_str(done.trim_start_matches("done "))
+        .with_context(|| format!("scale client said {done:?}"))?;
     let _ = child.wait();
     let opened = ready["opened"].as_u64().unwrap_or(0);
     let refused = ready["refused"].as_u64().unwrap_or(0);
@@ -393,7 +395,8 @@ fn ab() -> Result<()> {
     };
     let pg = Postgres::start(&["127.0.0.2"], cordon_tests::free_port())?;
     pgbench_init(&pg)?;
-    let policy = "[[classify]]\ncolumn = \"*.public.pgbench_accounts.abalance\"\nlabel = \"confidential\"\n[profiles.bench]\n";
+    let policy =
+        "[[classify]]\ncolumn = \"*.public.pgbench_accounts.abalance\"\nlabel = \"confidential\"\n[profiles.bench]\n";
     let mut agents = Vec::new();
     for (i, var) in ["CORDON_AB_A", "CORDON_AB_B"].iter().enumerate() {
         let cg = Cgroup::create(&format!("cordon-ab{i}-{}", std::process::id()))?;
@@ -431,7 +434,8 @@ fn ab() -> Result<()> {
             .spawn()?;
         let clients = std::env::var("CORDON_AB_PERF").unwrap_or_else(|_| "8".into());
         let before = ctx_switches(pid);
-        let (tps, _) = pgbench(Some(cg), "127.0.0.2", pg.port, &["-S", "-M", "simple", "-T", "4", "-c", &clients, "-j", "1"])?;
+        let (tps, _) =
+            pgbench(Some(cg), "127.0.0.2", pg.port, &["-S", "-M", "simple", "-T", "4", "-c", &clients, "-j", "1"])?;
         let after = ctx_switches(pid);
         println!(
             "tps {tps:.0}; agent context switches per transaction: voluntary {:.2}, involuntary {:.2}",
@@ -584,7 +588,8 @@ fn pgbench_section(report: &mut Report, pg: &Postgres, bouncer: &Bouncer, cg: &C
 /// The cost of each choice: the bench policy with one setting changed, each
 /// in its own agent and cgroup, interleaved with direct runs.
 fn variants(pg: &Postgres) -> Result<String> {
-    let base = "[[classify]]\ncolumn = \"*.public.pgbench_accounts.abalance\"\nlabel = \"confidential\"\n[profiles.bench]\n";
+    let base =
+        "[[classify]]\ncolumn = \"*.public.pgbench_accounts.abalance\"\nlabel = \"confidential\"\n[profiles.bench]\n";
     let cases: [(&str, String, &str, &[(&str, &str)]); 5] = [
         ("as above (the bench policy)", base.to_string(), "", &[]),
         ("no labels (nothing to mask or rewrite)", "[profiles.bench]\n".to_string(), "", &[]),
@@ -666,7 +671,7 @@ fn profile_agent(agent: &Agent, cg: &Cgroup, pg: &Postgres) -> Result<String> {
         .stderr(Stdio::null())
         .spawn();
     let clients = std::env::var("CORDON_AB_PERF").unwrap_or_else(|_| "8".into());
-        let _ = pgbench(Some(cg), "127.0.0.2", pg.port, &["-S", "-M", "simple", "-T", "4", "-c", &clients, "-j", "1"]);
+    let _ = pgbench(Some(cg), "127.0.0.2", pg.port, &["-S", "-M", "simple", "-T", "4", "-c", &clients, "-j", "1"]);
     let Ok(ref mut p) = perf else {
         return Ok("\nNo profile: `perf` could not be started here.\n".into());
     };

@@ -5,8 +5,8 @@
 
 mod bench;
 mod demo;
-mod fuzz;
 mod detector_eval;
+mod fuzz;
 mod gen_walk;
 mod setup;
 mod util;

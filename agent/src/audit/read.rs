@@ -173,4 +173,3 @@ pub fn verify(dir: &Path) -> Result<Verified> {
     }
     Ok(Verified { records, first_seq, last_seq: seq, segments: segs.len() })
 }
-

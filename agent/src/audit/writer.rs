@@ -295,9 +295,7 @@ impl AuditLog {
     /// Apply retention now (the sync thread also does it after a rotation).
     pub async fn prune(&self) -> Result<()> {
         let inner = self.handle.inner.clone();
-        tokio::task::spawn_blocking(move || prune(&inner.dir, inner.settings))
-            .await
-            .context("the prune task failed")?
+        tokio::task::spawn_blocking(move || prune(&inner.dir, inner.settings)).await.context("the prune task failed")?
     }
 }
 
@@ -381,14 +379,8 @@ impl Core {
         for r in records {
             seq += 1;
             let start = buf.len();
-            let line = Line {
-                seq,
-                prev: &hash,
-                ts: &r.ts,
-                event: &r.event,
-                session: r.session.as_deref(),
-                fields: &r.fields,
-            };
+            let line =
+                Line { seq, prev: &hash, ts: &r.ts, event: &r.event, session: r.session.as_deref(), fields: &r.fields };
             if let Err(e) = serde_json::to_writer(&mut buf, &line) {
                 encoded = Err(e);
                 break;
@@ -601,8 +593,9 @@ impl Core {
         if !ours {
             return Ok(());
         }
-        f.set_len(self.size)
-            .map_err(|e| Unavailable::from_io(&e, &format!("cutting uncommitted records off {}", self.path.display()), dir))?;
+        f.set_len(self.size).map_err(|e| {
+            Unavailable::from_io(&e, &format!("cutting uncommitted records off {}", self.path.display()), dir)
+        })?;
         tracing::warn!(segment = %self.path.display(), "cut {} bytes of records from a batch that failed", meta.len() - self.size);
         Ok(())
     }

@@ -178,7 +178,11 @@ impl SessionPipeline {
 
     /// A statement arrived, with the guardrails' verdict on it; if allowed
     /// it is about to go upstream.
-    pub fn statement(&mut self, s: &Statement<'_>, verdict: &Verdict) -> (Admitted, Result<Option<Ticket>, Unavailable>) {
+    pub fn statement(
+        &mut self,
+        s: &Statement<'_>,
+        verdict: &Verdict,
+    ) -> (Admitted, Result<Option<Ticket>, Unavailable>) {
         self.next_id += 1;
         self.statements += 1;
         let id = self.next_id;

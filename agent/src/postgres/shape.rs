@@ -161,9 +161,36 @@ mod tests;
 /// Built-in scalar types a constant may be cast to and still be a plain
 /// value (a reg* cast names an object; those are never shared).
 const VALUE_TYPES: &[&str] = &[
-    "int2", "int4", "int8", "integer", "smallint", "bigint", "numeric", "decimal", "float4", "float8", "real",
-    "text", "varchar", "bpchar", "char", "bool", "boolean", "date", "time", "timetz", "timestamp", "timestamptz",
-    "uuid", "json", "jsonb", "bytea", "money", "inet", "cidr", "macaddr",
+    "int2",
+    "int4",
+    "int8",
+    "integer",
+    "smallint",
+    "bigint",
+    "numeric",
+    "decimal",
+    "float4",
+    "float8",
+    "real",
+    "text",
+    "varchar",
+    "bpchar",
+    "char",
+    "bool",
+    "boolean",
+    "date",
+    "time",
+    "timetz",
+    "timestamp",
+    "timestamptz",
+    "uuid",
+    "json",
+    "jsonb",
+    "bytea",
+    "money",
+    "inet",
+    "cidr",
+    "macaddr",
 ];
 
 /// Every constant of the statement stands where only its value matters.
@@ -176,11 +203,13 @@ fn in_value_positions(stmt: &Node) -> bool {
                     && tc.type_name.as_ref().is_some_and(|t| {
                         t.typmods.is_empty()
                             && t.array_bounds.is_empty()
-                            && t.names.last().and_then(|n| match n.node.as_ref() {
-                                Some(NodeEnum::String(s)) => Some(s.sval.as_str()),
-                                _ => None,
-                            })
-                            .is_some_and(|name| VALUE_TYPES.contains(&name))
+                            && t.names
+                                .last()
+                                .and_then(|n| match n.node.as_ref() {
+                                    Some(NodeEnum::String(s)) => Some(s.sval.as_str()),
+                                    _ => None,
+                                })
+                                .is_some_and(|name| VALUE_TYPES.contains(&name))
                     })
             }
             _ => false,

@@ -52,12 +52,20 @@ impl Cache {
             return p;
         }
         if sql.contains('\0') {
-            return Reading { facts: Err("the query contains a NUL byte".into()), literals: Arc::from(Vec::new()), shape: None };
+            return Reading {
+                facts: Err("the query contains a NUL byte".into()),
+                literals: Arc::from(Vec::new()),
+                shape: None,
+            };
         }
         let scan = super::shape::scan(sql);
         if let Some(key) = &scan.key {
             if let Some(s) = self.shapes.lock().ok().and_then(|m| m.get(key).cloned()) {
-                return Reading { facts: Ok(s.facts.clone()), literals: scan.literals.into(), shape: Some((key.as_str().into(), s)) };
+                return Reading {
+                    facts: Ok(s.facts.clone()),
+                    literals: scan.literals.into(),
+                    shape: Some((key.as_str().into(), s)),
+                };
             }
         }
         let parsed = pg_query::parse(sql, 0).map_err(|e| format!("{e}"));

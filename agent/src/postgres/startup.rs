@@ -175,5 +175,3 @@ pub async fn forward_cancel(pid: i32, key: &[u8], ctx: &Ctx) -> End {
     let _ = ctx.shared.audit.write(rec(outcome).with("target_session", &target.session)).await;
     End { outcome: "cancel", error: result.err().map(|e| format!("{e:#}")), ..End::default() }
 }
-
-

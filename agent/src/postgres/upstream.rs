@@ -32,8 +32,7 @@ pub struct Upstream {
 
 pub async fn connect(ctx: &Ctx) -> Result<Stream> {
     let tcp = crate::proxy::connect_upstream(ctx.upstream, &ctx.shared).await?;
-    let pg =
-        ctx.rule.login.as_ref().ok_or_else(|| anyhow!("intercept {} has no login settings", ctx.rule.name))?;
+    let pg = ctx.rule.login.as_ref().ok_or_else(|| anyhow!("intercept {} has no login settings", ctx.rule.name))?;
     match &pg.tls {
         UpstreamTls::Disable => Ok(Stream::Plain(tcp)),
         UpstreamTls::VerifyFull { ca_file, server_name } => {
@@ -65,8 +64,7 @@ pub async fn connect(ctx: &Ctx) -> Result<Stream> {
 /// been sent AuthenticationOk; anything the server sent after it stays in
 /// the returned reader for the relay.
 pub async fn start(hello: &mut ClientHello, ctx: &Ctx) -> Result<Upstream> {
-    let pg =
-        ctx.rule.login.as_ref().ok_or_else(|| anyhow!("intercept {} has no login settings", ctx.rule.name))?;
+    let pg = ctx.rule.login.as_ref().ok_or_else(|| anyhow!("intercept {} has no login settings", ctx.rule.name))?;
     let mut stream = connect(ctx).await?;
     let mut reader = FrameReader::new(ctx.shared.max_message_bytes());
     let (user, credential) = match &pg.auth {

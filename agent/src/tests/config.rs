@@ -111,10 +111,14 @@ fn login_settings_belong_to_protocols_that_log_in() {
     let errs = p(&relay).expect_err("a byte relay never logs in").0;
     assert_eq!(errs[0].field, "intercept[0].credentials", "{errs:?}");
     assert!(errs[0].message.contains("never logs in upstream"), "{}", errs[0].message);
-    let pg = relay.replace("protocol = \"tcp\"", "protocol = \"postgres\"").replace("[\"127.0.0.2/32\", \"::1\"]", "[\"127.0.0.2/32\"]");
+    let pg = relay
+        .replace("protocol = \"tcp\"", "protocol = \"postgres\"")
+        .replace("[\"127.0.0.2/32\", \"::1\"]", "[\"127.0.0.2/32\"]");
     let pol = p(&pg).expect("postgres logs in");
     assert_eq!(pol.intercepts[0].protocol.name(), "postgres");
-    assert!(matches!(&pol.intercepts[0].login, Some(Login { auth: AuthMode::Inject { credentials }, .. }) if credentials == "prod"));
+    assert!(
+        matches!(&pol.intercepts[0].login, Some(Login { auth: AuthMode::Inject { credentials }, .. }) if credentials == "prod")
+    );
     let planned = GOOD.replace("protocol = \"tcp\"", "protocol = \"mysql\"");
     let errs = p(&planned).expect_err("not built yet").0;
     assert!(errs[0].message.contains("not available in this build yet"), "{}", errs[0].message);

@@ -24,8 +24,14 @@ fn pair(first: &str, second: &str) -> bool {
 #[test]
 fn texts_sharing_a_key_get_the_facts_of_their_own_parse() {
     for (a, b) in [
-        ("SELECT abalance FROM pgbench_accounts WHERE aid = 48213;", "SELECT abalance FROM pgbench_accounts WHERE aid = 7;"),
-        ("select * from t where a = 'x' and b in (1, 2, 3) limit 10", "select * from t where a = 'it''s' and b in (4, 5, 6) limit 1"),
+        (
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 48213;",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 7;",
+        ),
+        (
+            "select * from t where a = 'x' and b in (1, 2, 3) limit 10",
+            "select * from t where a = 'it''s' and b in (4, 5, 6) limit 1",
+        ),
         ("insert into t (a, b) values (1, 'x'), (2, 'y')", "insert into t (a, b) values (3, 'z'), (4, E'w\\n')"),
         ("update t set a = a + 1, b = 'q' where id = 5", "update t set a = a + 99, b = $$q$$ where id = 6"),
         ("delete from t where id between 1 and 5", "delete from t where id between 10 and 50"),

@@ -466,7 +466,8 @@ pub(super) fn on_client_frame(
         b'Q' => {
             let raw = b.cstr().context("protocol violation: Query without a terminated string")?;
             let text = String::from_utf8_lossy(raw).into_owned();
-            let Assessed { verdict, facts, literals, notes, rewritten } = assess(t, ctx, raw, &text, prepared, lookup_error);
+            let Assessed { verdict, facts, literals, notes, rewritten } =
+                assess(t, ctx, raw, &text, prepared, lookup_error);
             if let Some(new_text) = rewritten {
                 forward = Forward::Rewritten(query_frame(&new_text));
             }
@@ -491,7 +492,8 @@ pub(super) fn on_client_frame(
             let name = Bytes::copy_from_slice(b.cstr().context("protocol violation: Parse without a name")?);
             let raw = b.cstr().context("protocol violation: Parse without a query")?;
             let text: Arc<str> = String::from_utf8_lossy(raw).into();
-            let Assessed { verdict, facts, literals, notes, rewritten } = assess(t, ctx, raw, &text, prepared, lookup_error);
+            let Assessed { verdict, facts, literals, notes, rewritten } =
+                assess(t, ctx, raw, &text, prepared, lookup_error);
             let literals: Arc<[Literal]> = literals.into();
             if let Some(new_text) = rewritten {
                 forward = Forward::Rewritten(parse_frame(&name, &new_text, b.rest()));

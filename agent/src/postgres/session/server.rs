@@ -336,7 +336,10 @@ pub(super) fn on_server_frame_inner(
             let Some(described) = run.described.clone() else {
                 // Rows with no description at all (the client never asked
                 // for one): cordon cannot classify them, so they do not pass.
-                run.refused = Some(Denied::policy("classification", "result rows arrived without a row description; describe the statement or portal"));
+                run.refused = Some(Denied::policy(
+                    "classification",
+                    "result rows arrived without a row description; describe the statement or portal",
+                ));
                 swallow_start(t);
                 return;
             };
