@@ -159,3 +159,7 @@ impl rewrite::Resolve for SampleCatalog {
         true
     }
 }
+
+#[cfg(test)]
+#[path = "tests/fuzz_regressions.rs"]
+mod tests;
