@@ -1,7 +1,8 @@
 //! The local control socket: `cordon tag`, `untag`, `tags`, `status`, and the
 //! shutdown that `cordon detach` asks for. One JSON request line, one JSON
-//! response line. Root only: the socket is 0600 in a 0700 directory, and the
-//! peer's uid is checked with SO_PEERCRED as well.
+//! response line. Root only: the socket is 0600, and the peer's uid is
+//! checked with SO_PEERCRED as well. Its directory is 0755 so that approvers
+//! reach the approvals socket beside it (`approvals::socket`).
 
 use std::{path::Path, sync::Arc};
 
@@ -33,7 +34,7 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
             .with_context(|| format!("restricting {}", dir.display()))?;
     }
     match std::fs::remove_file(path) {

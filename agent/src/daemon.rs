@@ -130,6 +130,8 @@ pub async fn run(p: Prepared) -> Result<()> {
     let mut tagger = Tagger::new(&cgroup_root, &policy.agent.state_dir)?;
     tagger.reconcile(&policy, &mut kern)?;
     let control_listener = control::bind(&policy.agent.control_socket)?;
+    let approvals_listener =
+        crate::approvals::socket::bind(&crate::approvals::socket::path_beside(&policy.agent.control_socket))?;
 
     let secrets = load_secrets(&policy)?;
     let client_tls = if policy.intercepts.iter().any(|i| i.protocol.spec().logs_in) {
@@ -154,6 +156,7 @@ pub async fn run(p: Prepared) -> Result<()> {
         tokio::spawn(proxy::serve(l6, shared.clone()));
     }
     tokio::spawn(control::serve(control_listener, shared.clone()));
+    tokio::spawn(crate::approvals::socket::serve(approvals_listener, shared.clone()));
     spawn_watcher(shared.clone());
     // Retention also runs at each segment rotation; hourly covers quiet hosts.
     let pruner = shared.clone();

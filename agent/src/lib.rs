@@ -1,5 +1,6 @@
 //! cordon: a host agent that governs what workloads in tagged cgroups do with
 //! production data. See ARCHITECTURE.md for the flow and where each part is.
+pub mod approvals;
 pub mod audit;
 pub mod cgroup;
 pub mod config;

@@ -70,6 +70,16 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AuditCmd,
     },
+    /// Statements held for approval: list, show, approve, deny, watch.
+    Approvals {
+        #[command(subcommand)]
+        cmd: cordon::approvals::cli::Command,
+        /// The agent's approvals socket (default: beside the policy's control socket).
+        #[arg(long, global = true)]
+        socket: Option<PathBuf>,
+        #[arg(long, short, default_value = DEFAULT_CONFIG, global = true)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -270,6 +280,10 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 Ok(1)
             }
         },
+        Cmd::Approvals { cmd, socket, config } => {
+            let path = cordon::approvals::cli::socket_path(socket, &config);
+            runtime()?.block_on(cordon::approvals::cli::run(cmd, &path))
+        }
         Cmd::Audit { cmd: AuditCmd::Verify { config, audit_dir } } => {
             let dir = audit_dir.unwrap_or_else(|| agent_settings(&config).audit_dir);
             match cordon::audit::verify(&dir) {

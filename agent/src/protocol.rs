@@ -26,6 +26,8 @@ pub struct Session {
     pub shared: Arc<Shared>,
     /// The session id in the audit log.
     pub id: String,
+    /// Who opened the connection, from the kernel.
+    pub workload: crate::identity::Workload,
     pub rule: Intercept,
     pub profile: Profile,
     pub upstream: SocketAddr,

@@ -149,6 +149,7 @@ async fn session(client: TcpStream, id: String, workload: Workload, orig: Socket
     let session = crate::protocol::Session {
         shared: shared.clone(),
         id: id.clone(),
+        workload: workload.clone(),
         rule: rule.clone(),
         profile,
         upstream: upstream_addr,

@@ -31,6 +31,8 @@ pub struct Shared {
     literal_key: std::sync::OnceLock<crate::pipeline::literals::LiteralKey>,
     /// Open connections per tagged cgroup (`max_connections`).
     pub connections: Arc<crate::limits::Connections>,
+    /// Held statements and approval grants.
+    pub approvals: Arc<crate::approvals::Hub>,
 }
 
 impl Shared {
@@ -43,6 +45,7 @@ impl Shared {
         secrets: Secrets,
         client_tls: Option<Arc<rustls::ServerConfig>>,
     ) -> Self {
+        let audit_for_approvals = audit.clone();
         let epoch = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -64,6 +67,7 @@ impl Shared {
             protocols: Mutex::new(std::collections::HashMap::new()),
             literal_key: std::sync::OnceLock::new(),
             connections: Arc::default(),
+            approvals: crate::approvals::Hub::new(audit_for_approvals),
         }
     }
 

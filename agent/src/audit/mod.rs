@@ -26,7 +26,7 @@
 //! on its own and records the outage once it can write again.
 
 mod read;
-mod time;
+pub mod time;
 mod writer;
 
 use std::{fmt, time::Duration};

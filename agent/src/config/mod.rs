@@ -164,6 +164,7 @@ struct RawProfile {
     #[serde(default)]
     lookups: BTreeMap<String, Spanned<String>>,
     guardrails: Option<Spanned<RawGuardrails>>,
+    approvals: Option<Spanned<approvals::RawApprovals>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -316,6 +317,8 @@ pub struct Profile {
     /// Concurrent connections one tagged cgroup may hold through cordon
     /// (None: no cap). A runaway job cannot exhaust the agent for others.
     pub max_connections: Option<u32>,
+    /// Who releases statements a rule or label sends for approval.
+    pub approvals: Option<crate::approvals::Settings>,
 }
 
 impl Profile {
@@ -326,6 +329,27 @@ impl Profile {
     /// Whether any label is masked or denied.
     pub fn protects_anything(&self) -> bool {
         self.actions.iter().any(|a| *a != crate::pipeline::classify::Action::Allow)
+    }
+
+    /// Whether some label's values are released by approval.
+    pub fn approves_labels(&self) -> bool {
+        self.actions.iter().any(|a| *a == crate::pipeline::classify::Action::Approve)
+    }
+
+    /// This profile as it applies to a statement whose approval is asked
+    /// for: labels sent for approval read in clear (the statement is held
+    /// until people approve exactly it). Its own name keeps its rewrites
+    /// apart in the caches.
+    pub fn approved(&self) -> Profile {
+        use crate::pipeline::classify::Action;
+        let mut p = self.clone();
+        p.name = format!("{}\u{0}approved", self.name);
+        for a in &mut p.actions {
+            if *a == Action::Approve {
+                *a = Action::Allow;
+            }
+        }
+        p
     }
 
     pub fn action(&self, rank: usize) -> crate::pipeline::classify::Action {
@@ -404,7 +428,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Policy, PolicyErrors> {
 }
 
 mod agent;
+mod approvals;
 mod intercepts;
+pub use approvals::parse_duration;
 mod profiles;
 
 pub const MAX_KERNEL_RULES: usize = agent_common::MAX_RULES as usize;
@@ -441,6 +467,7 @@ impl Validator<'_> {
             if !valid_name(&name) {
                 self.error(p.span(), &format!("profiles.{name}"), "a profile name uses letters, digits, '-' and '_'");
             }
+            let whole = p.span();
             let p = p.into_inner();
             let mut record =
                 crate::pipeline::RecordPolicy { results: p.record_results.unwrap_or(false), ..Default::default() };
@@ -472,6 +499,27 @@ impl Validator<'_> {
             let actions = self.actions(&name, &p.labels, &classifier.labels);
             let lookups = self.lookups(&name, &p.lookups, &classifier.labels);
             let guardrails = self.guardrails(&name, p.guardrails, &classifier.labels);
+            let profile_span = p.approvals.as_ref().map(Spanned::span);
+            let approvals = self.approvals(&name, p.approvals);
+            let mut approving: Vec<String> =
+                guardrails.approving().into_iter().map(|r| format!("guardrails.{r}")).collect();
+            approving.extend(
+                actions
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, a)| **a == crate::pipeline::classify::Action::Approve)
+                    .map(|(rank, _)| format!("labels.{}", classifier.labels.name(rank))),
+            );
+            if approvals.is_none() && !approving.is_empty() {
+                self.error(
+                    profile_span.unwrap_or(whole),
+                    &format!("profiles.{name}.approvals"),
+                    format!(
+                        "{} = \"approve\" needs [profiles.{name}.approvals] with approvers (Unix users or %groups) to release held statements",
+                        approving.join(", ")
+                    ),
+                );
+            }
             profiles.push(Profile {
                 name,
                 description: p.description.unwrap_or_default(),
@@ -480,6 +528,7 @@ impl Validator<'_> {
                 lookups,
                 guardrails,
                 max_connections,
+                approvals,
             });
         }
         let mut tags = Vec::new();

@@ -74,6 +74,9 @@ pub enum Action {
     Allow,
     Mask,
     Deny,
+    /// Masked, unless people approve the very statement that reads it:
+    /// then that statement reads it in clear.
+    Approve,
 }
 
 impl std::str::FromStr for Action {
@@ -83,7 +86,8 @@ impl std::str::FromStr for Action {
             "allow" => Ok(Self::Allow),
             "mask" => Ok(Self::Mask),
             "deny" => Ok(Self::Deny),
-            o => Err(format!("unknown action {o:?}; use \"allow\", \"mask\" or \"deny\"")),
+            "approve" => Ok(Self::Approve),
+            o => Err(format!("unknown action {o:?}; use \"allow\", \"mask\", \"deny\" or \"approve\"")),
         }
     }
 }

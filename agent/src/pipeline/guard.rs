@@ -80,7 +80,7 @@ pub struct StmtFacts {
 pub enum Outcome {
     Allow,
     Deny,
-    /// Needs a human's approval (not wired yet: behaves as deny, and says so).
+    /// Held until enough people approve it (see `approvals`).
     Approve,
 }
 
@@ -169,6 +169,25 @@ pub struct Guardrails {
 }
 
 impl Guardrails {
+    /// The rules whose outcome is `approve`, by name.
+    pub fn approving(&self) -> Vec<&'static str> {
+        [
+            (self.ddl, "ddl"),
+            (self.unbounded_write, "unbounded_write"),
+            (self.copy_out, "copy_out"),
+            (self.restricted_read, "restricted_read"),
+            (self.labeled_write, "labeled_write"),
+            (self.dangerous_functions, "dangerous_functions"),
+            (self.do_block, "do_block"),
+            (self.user_functions, "user_functions"),
+            (self.sensitive_literals, "sensitive_literals"),
+        ]
+        .into_iter()
+        .filter(|(o, _)| *o == Outcome::Approve)
+        .map(|(_, n)| n)
+        .collect()
+    }
+
     /// The defaults for a label scale with `highest` as its top rank.
     pub fn defaults(highest: usize) -> Self {
         Self {
@@ -227,26 +246,38 @@ pub fn fire(outcome: Outcome, rule: &str, message: String) -> Option<Verdict> {
     match outcome {
         Outcome::Allow => None,
         Outcome::Deny => Some(Verdict::Deny { rule: rule.to_string(), message }),
-        Outcome::Approve => Some(Verdict::Deny {
-            rule: rule.to_string(),
-            message: format!(
-                "{message}; it needs a human's approval, and approvals are not available yet, so it is denied"
-            ),
-        }),
+        Outcome::Approve => Some(Verdict::Approve { rule: rule.to_string(), message }),
     }
 }
 
-/// The first rule a statement breaks, over every statement of the query.
+/// The verdict over every rule of every statement of the query: a rule
+/// that denies wins over any that asks for approval (an approval must never
+/// release what another rule refuses), else the first that asks for
+/// approval.
 pub fn check(g: &Guardrails, stmts: &[StmtFacts], labels: &dyn LabelLookup) -> Verdict {
+    let mut held = None;
     for s in stmts {
-        if let Some(v) = check_one(g, s, labels) {
+        if let Some(v) = check_one(g, s, labels, &mut held) {
             return v;
         }
     }
-    Verdict::Allow
+    held.unwrap_or(Verdict::Allow)
 }
 
-fn check_one(g: &Guardrails, s: &StmtFacts, labels: &dyn LabelLookup) -> Option<Verdict> {
+/// A rule fired: a denial ends the check; the first approval is kept and
+/// the check goes on looking for a denial.
+fn fire_into(held: &mut Option<Verdict>, outcome: Outcome, rule: &str, message: String) -> Option<Verdict> {
+    match fire(outcome, rule, message)? {
+        v @ Verdict::Deny { .. } => Some(v),
+        v => {
+            held.get_or_insert(v);
+            None
+        }
+    }
+}
+
+fn check_one(g: &Guardrails, s: &StmtFacts, labels: &dyn LabelLookup, held: &mut Option<Verdict>) -> Option<Verdict> {
+    let mut fire = |o: Outcome, rule: &str, message: String| fire_into(held, o, rule, message);
     match &s.kind {
         StmtKind::Ddl { command } => {
             if let Some(v) =
@@ -302,7 +333,7 @@ fn check_one(g: &Guardrails, s: &StmtFacts, labels: &dyn LabelLookup) -> Option<
             }
         }
     }
-    if let Some(v) = user_code(g, s, labels) {
+    if let Some(v) = user_code(g, s, labels, &mut fire) {
         return Some(v);
     }
     for t in &s.reads {
@@ -337,7 +368,12 @@ fn check_one(g: &Guardrails, s: &StmtFacts, labels: &dyn LabelLookup) -> Option<
 /// mask at read reaches inside it) and may write or change the schema. A
 /// call is refused unless allowlisted: as a read of every label the profile
 /// masks, and, when it may write, under the stricter of the write rules.
-fn user_code(g: &Guardrails, s: &StmtFacts, labels: &dyn LabelLookup) -> Option<Verdict> {
+fn user_code(
+    g: &Guardrails,
+    s: &StmtFacts,
+    labels: &dyn LabelLookup,
+    fire: &mut dyn FnMut(Outcome, &str, String) -> Option<Verdict>,
+) -> Option<Verdict> {
     let found = s
         .calls
         .iter()
@@ -444,7 +480,7 @@ mod tests {
         g.unbounded_write = Outcome::Allow;
         g.ddl = Outcome::Approve;
         assert!(
-            matches!(check(&g, std::slice::from_ref(&call), &Open), Verdict::Deny { message, .. } if message.contains("approval"))
+            matches!(check(&g, std::slice::from_ref(&call), &Open), Verdict::Approve { rule, .. } if rule == "user_function")
         );
         g.allowed_functions = vec!["public.wipe".into(), "leak".into()];
         assert_eq!(check(&g, &[read, call], &L), Verdict::Allow);
@@ -464,9 +500,24 @@ mod tests {
         let drop = facts(StmtKind::Ddl { command: "DROP TABLE".into() });
         assert!(matches!(check(&g, std::slice::from_ref(&drop), &L), Verdict::Deny { rule, .. } if rule == "ddl"));
         g.ddl = Outcome::Approve;
+        assert!(matches!(check(&g, std::slice::from_ref(&drop), &L), Verdict::Approve { rule, .. } if rule == "ddl"));
+        // A rule that denies wins over one that asks for approval, in any
+        // order and in any statement of the query.
+        let mut wipe = facts(StmtKind::Write);
+        wipe.unbounded_write = true;
         assert!(
-            matches!(check(&g, std::slice::from_ref(&drop), &L), Verdict::Deny { message, .. } if message.contains("approval"))
+            matches!(check(&g, &[drop.clone(), wipe.clone()], &L), Verdict::Deny { rule, .. } if rule == "unbounded_write")
         );
+        let mut both = drop.clone();
+        both.unbounded_write = true;
+        assert!(
+            matches!(check(&g, std::slice::from_ref(&both), &L), Verdict::Deny { rule, .. } if rule == "unbounded_write")
+        );
+        g.unbounded_write = Outcome::Approve;
+        assert!(
+            matches!(check(&g, &[wipe, drop.clone()], &L), Verdict::Approve { rule, .. } if rule == "unbounded_write")
+        );
+        g.unbounded_write = Outcome::Deny;
         g.ddl = Outcome::Allow;
         assert_eq!(check(&g, &[drop], &L), Verdict::Allow);
 

@@ -66,6 +66,8 @@ pub struct Statement<'a> {
     pub params: &'a [Param<'a>],
     /// Prepared-statement name, when named.
     pub prepared: Option<&'a str>,
+    /// The approval that released it, if it was held.
+    pub approval: Option<&'a crate::approvals::Decision>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +78,28 @@ pub enum Verdict {
         rule: String,
         message: String,
     },
+    /// Held until people approve it (`approvals`); the rule that asked, and
+    /// why, for the approvers and the client's notice.
+    Approve {
+        rule: String,
+        message: String,
+    },
+}
+
+impl Verdict {
+    /// The stricter of two verdicts: deny, then approve, then allow.
+    pub fn and(self, other: Verdict) -> Verdict {
+        match (&self, &other) {
+            (Verdict::Deny { .. }, _) => self,
+            (_, Verdict::Deny { .. }) => other,
+            (Verdict::Approve { .. }, _) => self,
+            _ => other,
+        }
+    }
+
+    pub fn is_deny(&self) -> bool {
+        matches!(self, Verdict::Deny { .. })
+    }
 }
 
 /// A statement that was let through.
@@ -128,6 +152,8 @@ pub enum DenyKind {
     AuditUnavailable,
     /// An agent limit (message size, connections, timeouts).
     Limit,
+    /// The workload cancelled it (a held statement's request withdrawn).
+    Cancelled,
 }
 
 impl Denied {
@@ -145,6 +171,23 @@ pub struct ServerError {
     pub severity: String,
     pub code: String,
     pub message: String,
+}
+
+/// How a held statement's request ended, for its statement record.
+fn approval_fields(d: &crate::approvals::Decision) -> serde_json::Value {
+    use crate::approvals::Decision;
+    match d {
+        Decision::Approved { id, by, break_glass, window } => json!({
+            "request": id,
+            "decision": "approved",
+            "by": by,
+            "break_glass": break_glass,
+            "grant": if *window { "window" } else { "once" },
+        }),
+        Decision::Denied { id, by, .. } => json!({"request": id, "decision": "denied", "by": by}),
+        Decision::Expired { id, after } => json!({"request": id, "decision": "expired", "after_s": after.as_secs()}),
+        Decision::Withdrawn { id, cause } => json!({"request": id, "decision": "withdrawn", "cause": cause}),
+    }
 }
 
 pub struct SessionPipeline {
@@ -170,6 +213,12 @@ impl SessionPipeline {
 
     pub fn session(&self) -> &str {
         &self.session
+    }
+
+    /// A statement's text as this session's records hold it (literals
+    /// hashed per `record_text`).
+    pub fn recorded_text(&self, text: &str, literals: &[literals::Literal]) -> String {
+        literals::render(text, literals, self.policy.text, &self.key).0
     }
 
     pub fn statements(&self) -> u64 {
@@ -208,13 +257,26 @@ impl SessionPipeline {
                 rec = rec.with("params", rendered);
             }
         }
-        if let Verdict::Deny { rule, message } = verdict {
-            rec = rec.with("verdict", "deny").with("rule", rule).with("reason", literals::scrub(message));
+        match verdict {
+            Verdict::Deny { rule, message } | Verdict::Approve { rule, message } => {
+                rec = rec.with("verdict", "deny").with("rule", rule).with("reason", literals::scrub(message));
+            }
+            Verdict::Allow => {}
+        }
+        if let Some(d) = s.approval {
+            rec = rec.with("approval", approval_fields(d));
         }
         if let Some(r) = &mut self.recorder {
             r.event(id, "query", json!({"text": text}));
         }
         let written = self.audit.append(&rec);
+        // A once grant is used up by this execution.
+        if let (Ok(_), Some(crate::approvals::Decision::Approved { id: request, window: false, .. })) =
+            (&written, s.approval)
+        {
+            let used = Record::new("approval_consumed", Some(&self.session)).with("request", request).with("stmt", id);
+            self.audit.append_lazy(used);
+        }
         let recorded = written.is_ok();
         let wait = written.map(|t| (self.audit.durability() == Durability::Statement).then_some(t));
         (Admitted { id, started: Instant::now(), recorded }, wait)

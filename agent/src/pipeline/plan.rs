@@ -101,7 +101,9 @@ pub fn plan(cols: &[ColumnDesc], classifier: &Classifier, profile: &Profile, has
                         ));
                         ColAction::Keep
                     }
-                    Action::Mask => {
+                    // A statement released by approval is planned with the
+                    // approved profile; anything else masks.
+                    Action::Mask | Action::Approve => {
                         let strategy =
                             if l.strategy == Strategy::Pseudonym && !has_key { Strategy::Redact } else { l.strategy };
                         let constant_ok = strategy == Strategy::Null || mask::redact(c.ty).is_ok();

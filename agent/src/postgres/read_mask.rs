@@ -85,7 +85,9 @@ impl<'a> Resolver<'a> {
                             Treatment::Pseudonym { lookups: self.profile.lookups(l) }
                         }
                         Action::Mask => Treatment::Mask { strategy, lookups: self.profile.lookups(l) },
-                        Action::Deny => Treatment::Deny { label: c.labels.name(l).to_string() },
+                        // Unapproved: refused here, and the statement is held
+                        // (see `Profile::approved`).
+                        Action::Deny | Action::Approve => Treatment::Deny { label: c.labels.name(l).to_string() },
                     },
                 };
                 Column {

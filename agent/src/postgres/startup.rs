@@ -157,6 +157,20 @@ pub fn parse_packet(packet: &[u8]) -> Result<Packet> {
 /// other): map cordon's key back to the backend's and send it upstream.
 pub async fn forward_cancel(pid: i32, key: &[u8], ctx: &Ctx) -> End {
     let target = ctx.pg.cancel_target(pid, key);
+    // A statement held for approval has not reached the server: the cancel
+    // withdraws its request, and the session answers 57014.
+    if let Some(t) = &target {
+        if ctx.shared.approvals.cancel_session(&t.session) {
+            let rec = ctx
+                .base
+                .clone()
+                .with_event("cancel")
+                .with("outcome", "withdrew_held_statement")
+                .with("target_session", &t.session);
+            let _ = ctx.shared.audit.append(&rec);
+            return End { outcome: "cancel", ..End::default() };
+        }
+    }
     let rec = |outcome: &str| ctx.base.clone().with_event("cancel").with("outcome", outcome);
     let Some(target) = target else {
         let _ = ctx.shared.audit.write(rec("unknown_key")).await;

@@ -25,6 +25,10 @@ pub mod code {
     /// A policy rule refused the statement (PostgreSQL's
     /// insufficient_privilege, which clients already handle).
     pub const POLICY: &str = "42501";
+    /// A statement is held for approval (a WARNING notice).
+    pub const HELD: &str = "CD003";
+    /// query_canceled: the workload cancelled a held statement.
+    pub const CANCELLED: &str = "57014";
 }
 
 /// The SQLSTATE for a refusal.
@@ -33,6 +37,7 @@ pub fn sqlstate(kind: crate::pipeline::DenyKind) -> &'static str {
         crate::pipeline::DenyKind::Policy => code::POLICY,
         crate::pipeline::DenyKind::AuditUnavailable => code::AUDIT_UNAVAILABLE,
         crate::pipeline::DenyKind::Limit => code::LIMIT,
+        crate::pipeline::DenyKind::Cancelled => code::CANCELLED,
     }
 }
 
@@ -163,3 +168,19 @@ pub fn tag_rows(tag: &str) -> Option<u64> {
 #[cfg(test)]
 #[path = "../tests/pg_wire.rs"]
 mod tests;
+
+/// A NoticeResponse with these fields (severity, code, message, detail,
+/// hint…), each a (field type, value) pair.
+pub fn notice_with(buf: &mut BytesMut, fields: &[(u8, &str)]) {
+    let mut body = BytesMut::new();
+    for (t, v) in fields {
+        body.put_u8(*t);
+        // A NUL inside a value would end the field early.
+        body.put_slice(v.replace('\0', " ").as_bytes());
+        body.put_u8(0);
+    }
+    body.put_u8(0);
+    buf.put_u8(b'N');
+    buf.put_i32(i32::try_from(body.len() + 4).unwrap_or(i32::MAX));
+    buf.put_slice(&body);
+}

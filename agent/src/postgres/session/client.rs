@@ -22,38 +22,59 @@ pub(super) async fn client_to_server(
         let mut prepared = prepare_all(&frames, ctx);
         let lookup_error = resolve_statement_tables(&prepared, tracker, ctx, cred).await.err();
         let mut terminate = false;
-        let mut denied_any = false;
-        let waits = {
-            let mut t = tracker.lock().map_err(|_| anyhow::anyhow!("session state poisoned"))?;
-            for (i, frame) in frames.iter().enumerate() {
-                t.bytes_up += frame.bytes.len() as u64;
-                let p = prepared.get_mut(i).and_then(Option::take);
-                match on_client_frame(&mut t, frame, ctx, p, lookup_error.as_ref())? {
-                    Forward::AsIs => out.extend_from_slice(&frame.bytes),
-                    Forward::Rewritten(b) => out.extend_from_slice(&b),
-                    Forward::Drop => denied_any = true,
+        // A message held for approval splits the batch: what precedes it
+        // goes upstream, then the held one is judged again with its
+        // decision, and the rest follows.
+        let mut start = 0;
+        loop {
+            let mut denied_any = false;
+            let mut held = None;
+            let waits = {
+                let mut t = tracker.lock().map_err(|_| anyhow::anyhow!("session state poisoned"))?;
+                for (i, frame) in frames.iter().enumerate().skip(start) {
+                    let rerun = t.decision.is_some();
+                    if !rerun {
+                        t.bytes_up += frame.bytes.len() as u64;
+                    }
+                    let p = prepared.get_mut(i).and_then(Option::take);
+                    let forward = on_client_frame(&mut t, frame, ctx, p, lookup_error.as_ref());
+                    // A decision applies to the message it was asked for only.
+                    t.decision = None;
+                    match forward? {
+                        Forward::AsIs => out.extend_from_slice(&frame.bytes),
+                        Forward::Rewritten(b) => out.extend_from_slice(&b),
+                        Forward::Drop => denied_any = true,
+                        Forward::Hold(h) => {
+                            held = Some((i, h));
+                            break;
+                        }
+                    }
+                    if frame.tag == b'X' {
+                        terminate = true;
+                    }
                 }
-                if frame.tag == b'X' {
-                    terminate = true;
+                t.last_activity = Instant::now();
+                std::mem::take(&mut t.unconfirmed)
+            };
+            if denied_any {
+                wake.notify_one();
+            }
+            // audit_durability = "statement": a statement's record is on disk
+            // before the statement runs (group-committed with other sessions').
+            for w in waits {
+                if let Err(u) = w.durable().await {
+                    fatal(tracker, wire::code::AUDIT_UNAVAILABLE, format!("cordon: {u}"), wake);
+                    bail!("{u}");
                 }
             }
-            t.last_activity = Instant::now();
-            std::mem::take(&mut t.unconfirmed)
-        };
-        if denied_any {
-            wake.notify_one();
-        }
-        // audit_durability = "statement": a statement's record is on disk
-        // before the statement runs (group-committed with other sessions').
-        for w in waits {
-            if let Err(u) = w.durable().await {
-                fatal(tracker, wire::code::AUDIT_UNAVAILABLE, format!("cordon: {u}"), wake);
-                bail!("{u}");
+            if !out.is_empty() {
+                uw.write_all(&out).await.context("writing to the server")?;
+                out.clear();
             }
-        }
-        if !out.is_empty() {
-            uw.write_all(&out).await.context("writing to the server")?;
-            out.clear();
+            let Some((i, h)) = held else { break };
+            let settled = super::hold::wait(&h, tracker, ctx, &mut reader, &mut cr, wake).await?;
+            tracker.lock().map_err(|_| anyhow::anyhow!("session state poisoned"))?.decision = Some(settled);
+            start = i;
         }
         if let Some(e) = violation {
             let (code, message) = framing_message(&e, "the client");
@@ -314,7 +335,14 @@ pub(super) fn mark_labeled(t: &Tracker, prepared: &Reading, text: &str, literals
 /// reaches the client). A refused one is queued for its error in turn and
 /// None is returned; in the extended protocol the rest up to Sync is
 /// skipped.
-fn admit(t: &mut Tracker, stmt: &Statement<'_>, verdict: Verdict, simple: bool) -> Option<Admitted> {
+fn admit(t: &mut Tracker, stmt: &Statement<'_>, verdict: Verdict, simple: bool, kind: DenyKind) -> Option<Admitted> {
+    // An approval that was never settled must not let anything through.
+    let verdict = match verdict {
+        Verdict::Approve { rule, message } => {
+            Verdict::Deny { rule, message: format!("{message}; it needs an approval it did not get") }
+        }
+        v => v,
+    };
     let (admitted, written) = t.pipeline.statement(stmt, &verdict);
     let verdict = match written {
         Ok(wait) => {
@@ -332,8 +360,8 @@ fn admit(t: &mut Tracker, stmt: &Statement<'_>, verdict: Verdict, simple: bool) 
     };
     match verdict {
         Verdict::Allow => Some(admitted),
-        Verdict::Deny { rule, message } => {
-            t.queue.push_back(Req::Denied { admitted, denied: Denied::policy(&rule, message), simple });
+        Verdict::Deny { rule, message } | Verdict::Approve { rule, message } => {
+            t.queue.push_back(Req::Denied { admitted, denied: Denied { rule, message, kind }, simple });
             if !simple {
                 t.skipping = true;
             }
@@ -370,18 +398,30 @@ fn assess(
     if mark_needed(t, facts.as_deref().map(|f| f.as_slice()), &literals) {
         mark_labeled(t, &prepared, text, &mut literals);
     }
-    if verdict == Verdict::Allow {
-        verdict = sensitive_values(t, literals.iter().map(|l| l.value.as_str()), "its text");
+    if !verdict.is_deny() {
+        verdict = verdict.and(sensitive_values(t, literals.iter().map(|l| l.value.as_str()), "its text"));
     }
     let mut notes = Arc::default();
     let mut rewritten = None;
-    if verdict == Verdict::Allow {
-        match mask_at_read(t, text, &prepared) {
+    if !verdict.is_deny() {
+        match mask_at_read(t, text, &prepared, &t.gov.profile) {
             Ok((new_text, n)) => {
                 notes = n;
                 rewritten = new_text;
             }
-            Err(v) => verdict = v,
+            Err(refused) => {
+                // A label whose action is `approve`: the statement reads it
+                // in clear, once people approve exactly this statement.
+                let approved = t.gov.approved.as_ref().and_then(|p| mask_at_read(t, text, &prepared, p).ok());
+                match (approved, refused) {
+                    (Some((new_text, n)), Verdict::Deny { rule, message }) => {
+                        verdict = verdict.and(Verdict::Approve { rule, message });
+                        notes = n;
+                        rewritten = new_text;
+                    }
+                    (_, refused) => verdict = refused,
+                }
+            }
         }
     }
     Assessed { verdict, facts, literals, notes, rewritten }
@@ -394,6 +434,8 @@ pub(super) enum Forward {
     Rewritten(Bytes),
     /// Refused or skipped: not sent.
     Drop,
+    /// Held for approval: nothing is sent until it is decided.
+    Hold(Box<super::hold::Held>),
 }
 
 /// The mask-at-read rewrite of an admitted statement: the text to send
@@ -402,20 +444,15 @@ pub(super) fn mask_at_read(
     t: &Tracker,
     text: &str,
     prepared: &Reading,
+    profile: &Profile,
 ) -> std::result::Result<(Option<String>, Arc<ReadNotes>), Verdict> {
     let Some(catalog) = t.gov.catalog.as_deref() else {
         // Passthrough: no catalog session; results are masked as they
         // come back (README: limits).
         return Ok((None, Arc::default()));
     };
-    match crate::postgres::read_mask::rewrite(
-        catalog,
-        &t.gov.classifier,
-        &t.gov.profile,
-        t.gov.key.is_some(),
-        text,
-        prepared,
-    ) {
+    match crate::postgres::read_mask::rewrite(catalog, &t.gov.classifier, profile, t.gov.key.is_some(), text, prepared)
+    {
         Ok(r) => Ok((r.text, Arc::new(ReadNotes { notices: r.notices, masked: r.masked }))),
         Err(e) => Err(Verdict::Deny { rule: e.rule.to_string(), message: e.message }),
     }
@@ -468,6 +505,23 @@ pub(super) fn on_client_frame(
             let text = String::from_utf8_lossy(raw).into_owned();
             let Assessed { verdict, facts, literals, notes, rewritten } =
                 assess(t, ctx, raw, &text, prepared, lookup_error);
+            let (verdict, decision, kind) = match verdict {
+                Verdict::Approve { rule, message } => {
+                    let need = super::hold::Need { rule, message };
+                    match t.decision.take() {
+                        None => {
+                            return Ok(Forward::Hold(Box::new(super::hold::Held {
+                                need: Arc::new(need),
+                                text: Arc::from(text.as_str()),
+                                literals: literals.into(),
+                                params: Vec::new(),
+                            })))
+                        }
+                        Some(s) => super::hold::settle(&need, s),
+                    }
+                }
+                v => (v, None, DenyKind::Policy),
+            };
             if let Some(new_text) = rewritten {
                 forward = Forward::Rewritten(query_frame(&new_text));
             }
@@ -477,8 +531,9 @@ pub(super) fn on_client_frame(
                 kind: StatementKind::Simple,
                 params: &[],
                 prepared: None,
+                approval: decision.as_ref(),
             };
-            let Some(admitted) = admit(t, &stmt, verdict, true) else { return Ok(Forward::Drop) };
+            let Some(admitted) = admit(t, &stmt, verdict, true, kind) else { return Ok(Forward::Drop) };
             if facts.as_deref().is_some_and(|f| changes_catalog(f)) {
                 if let Some(c) = &t.gov.catalog {
                     c.invalidate();
@@ -486,6 +541,7 @@ pub(super) fn on_client_frame(
             }
             let mut run = running(admitted);
             run.notes = notes;
+            run.approved = matches!(decision, Some(crate::approvals::Decision::Approved { .. }));
             t.queue.push_back(Req::Simple(Box::new(run)));
         }
         b'P' => {
@@ -498,17 +554,23 @@ pub(super) fn on_client_frame(
             if let Some(new_text) = rewritten {
                 forward = Forward::Rewritten(parse_frame(&name, &new_text, b.rest()));
             }
-            if verdict != Verdict::Allow {
-                let stmt = Statement {
-                    text: &text,
-                    literals: &literals,
-                    kind: StatementKind::Execute,
-                    params: &[],
-                    prepared: None,
-                };
-                admit(t, &stmt, verdict, false);
-                return Ok(Forward::Drop);
-            }
+            // Approval is asked for at each Execute, with its parameters.
+            let approval = match verdict {
+                Verdict::Approve { rule, message } => Some(Arc::new(super::hold::Need { rule, message })),
+                Verdict::Allow => None,
+                verdict @ Verdict::Deny { .. } => {
+                    let stmt = Statement {
+                        text: &text,
+                        literals: &literals,
+                        kind: StatementKind::Execute,
+                        params: &[],
+                        prepared: None,
+                        approval: None,
+                    };
+                    admit(t, &stmt, verdict, false, DenyKind::Policy);
+                    return Ok(Forward::Drop);
+                }
+            };
             if facts.as_deref().is_some_and(|f| changes_catalog(f)) {
                 if let Some(c) = &t.gov.catalog {
                     c.invalidate();
@@ -520,7 +582,7 @@ pub(super) fn on_client_frame(
             let label = (!name.is_empty()).then(|| String::from_utf8_lossy(&name).into_owned());
             t.next_gen += 1;
             let gen = t.next_gen;
-            t.prepared.insert(name, Prepared { gen, text, label, described: None, notes, literals });
+            t.prepared.insert(name, Prepared { gen, text, label, described: None, notes, literals, approval });
             t.queue.push_back(Req::Parse);
         }
         b'B' => {
@@ -554,9 +616,13 @@ pub(super) fn on_client_frame(
             for _ in 0..nres {
                 result_formats.push(b.i16().unwrap_or(0));
             }
-            let (text, prepared, statement_gen, notes, literals) = match t.prepared.get(&statement) {
-                Some(p) => (p.text.clone(), p.label.clone(), p.gen, p.notes.clone(), p.literals.clone()),
-                None => (Arc::from("<unknown prepared statement>"), None, 0, Arc::default(), Arc::from(Vec::new())),
+            let (text, prepared, statement_gen, notes, literals, mut approval) = match t.prepared.get(&statement) {
+                Some(p) => {
+                    (p.text.clone(), p.label.clone(), p.gen, p.notes.clone(), p.literals.clone(), p.approval.clone())
+                }
+                None => {
+                    (Arc::from("<unknown prepared statement>"), None, 0, Arc::default(), Arc::from(Vec::new()), None)
+                }
             };
             // Values a workload binds are checked like the ones it types:
             // refused before they reach the server (and its logs).
@@ -565,7 +631,11 @@ pub(super) fn on_client_frame(
                 params.iter().filter_map(|(v, _)| v.as_deref().and_then(|v| std::str::from_utf8(v).ok())),
                 "its parameters",
             );
-            if verdict != Verdict::Allow {
+            if let Verdict::Approve { rule, message } = &verdict {
+                approval.get_or_insert_with(|| {
+                    Arc::new(super::hold::Need { rule: rule.clone(), message: message.clone() })
+                });
+            } else if verdict != Verdict::Allow {
                 let ps: Vec<Param<'_>> =
                     params.iter().map(|(v, bin)| Param { value: v.as_deref(), binary: *bin }).collect();
                 let stmt = Statement {
@@ -574,8 +644,9 @@ pub(super) fn on_client_frame(
                     kind: StatementKind::Execute,
                     params: &ps,
                     prepared: prepared.as_deref(),
+                    approval: None,
                 };
-                admit(t, &stmt, verdict, false);
+                admit(t, &stmt, verdict, false, DenyKind::Policy);
                 return Ok(Forward::Drop);
             }
             if t.portals.len() >= MAX_NAMED && !t.portals.contains_key(&portal) {
@@ -596,6 +667,7 @@ pub(super) fn on_client_frame(
                     described: None,
                     notes,
                     literals,
+                    approval,
                 },
             );
             t.queue.push_back(Req::Bind);
@@ -614,9 +686,18 @@ pub(super) fn on_client_frame(
         }
         b'E' => {
             let portal = Bytes::copy_from_slice(b.cstr().context("protocol violation: Execute without a portal")?);
-            let (text, prepared, params, literals) = match t.portals.get(&portal) {
-                Some(p) => (p.text.clone(), p.prepared.clone(), p.params.clone(), p.literals.clone()),
-                None => (Arc::from("<unknown portal>"), None, Vec::new(), Arc::from(Vec::new())),
+            let (text, prepared, params, literals, approval) = match t.portals.get(&portal) {
+                Some(p) => {
+                    (p.text.clone(), p.prepared.clone(), p.params.clone(), p.literals.clone(), p.approval.clone())
+                }
+                None => (Arc::from("<unknown portal>"), None, Vec::new(), Arc::from(Vec::new()), None),
+            };
+            let (verdict, decision, kind) = match approval {
+                None => (Verdict::Allow, None, DenyKind::Policy),
+                Some(need) => match t.decision.take() {
+                    None => return Ok(Forward::Hold(Box::new(super::hold::Held { need, text, literals, params }))),
+                    Some(s) => super::hold::settle(&need, s),
+                },
             };
             let ps: Vec<Param<'_>> =
                 params.iter().map(|(v, bin)| Param { value: v.as_deref(), binary: *bin }).collect();
@@ -626,9 +707,11 @@ pub(super) fn on_client_frame(
                 kind: StatementKind::Execute,
                 params: &ps,
                 prepared: prepared.as_deref(),
+                approval: decision.as_ref(),
             };
-            let Some(admitted) = admit(t, &stmt, Verdict::Allow, false) else { return Ok(Forward::Drop) };
+            let Some(admitted) = admit(t, &stmt, verdict, false, kind) else { return Ok(Forward::Drop) };
             let mut run = running(admitted);
+            run.approved = matches!(decision, Some(crate::approvals::Decision::Approved { .. }));
             run.portal_gen = t.portals.get(&portal).map_or(0, |p| p.gen);
             run.notes = t.portals.get(&portal).map_or_else(Arc::default, |p| p.notes.clone());
             run.portal = Some(portal);
@@ -654,8 +737,9 @@ pub(super) fn on_client_frame(
                 kind: StatementKind::FunctionCall,
                 params: &[],
                 prepared: None,
+                approval: None,
             };
-            let Some(admitted) = admit(t, &stmt, verdict, true) else { return Ok(Forward::Drop) };
+            let Some(admitted) = admit(t, &stmt, verdict, true, DenyKind::Policy) else { return Ok(Forward::Drop) };
             t.queue.push_back(Req::Func(Box::new(running(admitted))));
         }
         b'C' => {
@@ -688,5 +772,6 @@ pub(super) fn running(admitted: Admitted) -> Running {
         portal_gen: 0,
         notes: Arc::default(),
         noticed: false,
+        approved: false,
     }
 }

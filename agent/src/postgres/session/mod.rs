@@ -42,12 +42,13 @@ use crate::{
         literals::Literal,
         mask::ValueType,
         plan::{self, ColAction, ColumnDesc, Plan, Source},
-        recorder, Admitted, Denied, Outcome, Param, SessionPipeline, Statement, StatementKind, Verdict,
+        recorder, Admitted, Denied, DenyKind, Outcome, Param, SessionPipeline, Statement, StatementKind, Verdict,
     },
     secrets::Credential,
 };
 
 mod client;
+mod hold;
 mod server;
 
 use client::*;
@@ -85,6 +86,8 @@ struct Prepared {
     notes: Arc<ReadNotes>,
     /// The literals in `text`, for the records.
     literals: Arc<[Literal]>,
+    /// A rule asked for approval: each execution is held.
+    approval: Option<Arc<hold::Need>>,
 }
 
 struct Portal {
@@ -99,6 +102,7 @@ struct Portal {
     described: Option<Arc<Described>>,
     notes: Arc<ReadNotes>,
     literals: Arc<[Literal]>,
+    approval: Option<Arc<hold::Need>>,
 }
 
 /// A statement whose results are on their way.
@@ -121,6 +125,9 @@ struct Running {
     /// rewrite masked.
     notes: Arc<ReadNotes>,
     noticed: bool,
+    /// Released by an approval: its results are classified with the
+    /// approved profile (labels sent for approval read in clear).
+    approved: bool,
 }
 
 enum Req {
@@ -152,6 +159,11 @@ enum Req {
 struct Governance {
     classifier: Arc<Classifier>,
     profile: Profile,
+    /// The profile for statements released by approval, when some label's
+    /// action is `approve` (see `Profile::approved`).
+    approved: Option<Profile>,
+    /// The role cordon logged in upstream as.
+    upstream_user: String,
     catalog: Option<Arc<Catalog>>,
     db: String,
     key: Option<Vec<u8>>,
@@ -184,6 +196,13 @@ struct Tracker {
     desync: bool,
     /// Generation counter for Parse and Bind.
     next_gen: u64,
+    /// The decision on the held message being run again (see `hold`).
+    decision: Option<hold::Settled>,
+    /// A statement is held for approval: the session is not idle.
+    holding: bool,
+    /// Messages from cordon for the client, written by the server side in
+    /// turn (a hold's notice).
+    to_client: BytesMut,
 }
 
 pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
@@ -256,6 +275,8 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
     let gov = Governance {
         classifier: ctx.shared.policy().classifier.clone(),
         profile: ctx.profile.clone(),
+        approved: ctx.profile.approves_labels().then(|| ctx.profile.approved()),
+        upstream_user: up.user.clone(),
         catalog: credential.as_ref().map(|_| ctx.pg.catalog(ctx.upstream, &db)),
         db,
         key: ctx.shared.secrets().pseudonym_key.as_ref().map(|k| k.expose().as_bytes().to_vec()),
@@ -284,6 +305,9 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
         swallowing: false,
         desync: false,
         next_gen: 0,
+        decision: None,
+        holding: false,
+        to_client: BytesMut::new(),
     }));
 
     let wake = tokio::sync::Notify::new();
@@ -316,10 +340,10 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
             },
             _ = tick.tick() => {
                 // Idle means nothing in flight: a long statement the server is
-                // still running is not idle.
+                // still running, or one held for approval, is not idle.
                 let quiet = tracker
                     .lock()
-                    .map(|t| if t.queue.is_empty() { t.last_activity.elapsed() } else { Duration::ZERO })
+                    .map(|t| if t.queue.is_empty() && !t.holding { t.last_activity.elapsed() } else { Duration::ZERO })
                     .unwrap_or_default();
                 if quiet >= idle {
                     let message = format!(

@@ -31,6 +31,11 @@ pub(super) async fn server_to_client(
         let lookup_error = resolve_result_tables(&frames, tracker, ctx, cred).await.err();
         let fatal = {
             let mut t = tracker.lock().map_err(|_| anyhow::anyhow!("session state poisoned"))?;
+            // cordon's own messages (a hold's notice) go out first.
+            if !t.to_client.is_empty() {
+                let mine = t.to_client.split();
+                out.extend_from_slice(&mine);
+            }
             for frame in &frames {
                 t.bytes_down += frame.bytes.len() as u64;
                 on_server_frame(&mut t, frame, &mut out, ctx, lookup_error.as_ref());
@@ -109,6 +114,12 @@ pub(super) fn row_description(body: &[u8]) -> Vec<Field> {
 /// Classify a result description into a plan.
 pub(super) fn describe(t: &Tracker, fields: Vec<Field>, lookup_error: Option<&anyhow::Error>) -> Arc<Described> {
     let g = &t.gov;
+    // A statement released (or to be released) by approval reads the
+    // labels sent for approval in clear; any other, as the profile says.
+    let profile = match &g.approved {
+        Some(p) if head_approved(t) => p,
+        _ => &g.profile,
+    };
     let cols: Vec<ColumnDesc> = fields
         .iter()
         .map(|f| {
@@ -145,8 +156,23 @@ pub(super) fn describe(t: &Tracker, fields: Vec<Field>, lookup_error: Option<&an
             ColumnDesc { name: f.name.clone(), source, ty, encodable }
         })
         .collect();
-    let plan = plan::plan(&cols, &g.classifier, &g.profile, g.key.is_some());
+    let plan = plan::plan(&cols, &g.classifier, profile, g.key.is_some());
     Arc::new(Described { fields, plan: Arc::new(plan) })
+}
+
+/// Whether the request at the head of the FIFO is approved or is held at
+/// each execution (its description then applies to approved runs only).
+fn head_approved(t: &Tracker) -> bool {
+    match t.queue.front() {
+        Some(Req::Exec(r) | Req::Simple(r) | Req::Func(r)) => r.approved,
+        Some(Req::DescribeStmt(name, gen)) => {
+            t.prepared.get(name).is_some_and(|p| p.gen == *gen && p.approval.is_some())
+        }
+        Some(Req::DescribePortal(name, gen)) => {
+            t.portals.get(name).is_some_and(|p| p.gen == *gen && p.approval.is_some())
+        }
+        _ => false,
+    }
 }
 
 /// An Execute's description: its portal's own (Describe P), else its

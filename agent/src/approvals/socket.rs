@@ -1,0 +1,177 @@
+//! The approvals socket: where approvers on this host list, inspect, approve
+//! and deny held requests, and watch new ones arrive. It sits beside the
+//! control socket but is open to every local user (0666): each connection
+//! is identified by SO_PEERCRED and served only if that uid is root or is
+//! named (as a user or through a group) in some profile's `approvers` or
+//! `break_glass`. Everything else cordon does stays on the root-only
+//! control socket.
+
+use std::{path::Path, sync::Arc};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+};
+use tracing::warn;
+
+use super::Approver;
+use crate::state::Shared;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Request {
+    List,
+    Show {
+        id: String,
+    },
+    Approve {
+        id: String,
+        #[serde(default)]
+        reason: Option<String>,
+        #[serde(default)]
+        break_glass: bool,
+    },
+    Deny {
+        id: String,
+        reason: String,
+    },
+    Watch,
+}
+
+const MAX_REQUEST: u64 = 16 * 1024;
+
+/// The approvals socket's path: beside the control socket.
+pub fn path_beside(control_socket: &Path) -> std::path::PathBuf {
+    control_socket.with_file_name("approvals.sock")
+}
+
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing the stale socket {}", path.display())),
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding the approvals socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .with_context(|| format!("opening {} to approvers", path.display()))?;
+    Ok(listener)
+}
+
+pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, &shared).await {
+                warn!("approvals request failed: {e:#}");
+            }
+        });
+    }
+}
+
+/// Whether the policy names this person anywhere as an approver.
+fn named_in_policy(shared: &Shared, who: &Approver) -> bool {
+    who.uid == 0 || shared.policy().profiles.iter().filter_map(|p| p.approvals.as_ref()).any(|s| s.concerns(who))
+}
+
+async fn handle(stream: UnixStream, shared: &Shared) -> Result<()> {
+    let cred = stream.peer_cred().context("reading the peer's credentials")?;
+    let who = Approver::of_uid(cred.uid());
+    let (r, mut w) = stream.into_split();
+    if !named_in_policy(shared, &who) {
+        let resp = json!({"ok": false, "error": format!("{} is not an approver in the policy ({})", who.display(), shared.policy().source.display())});
+        w.write_all(format!("{resp}\n").as_bytes()).await?;
+        bail!("refused an approvals connection from {}", who.display());
+    }
+    let mut line = String::new();
+    BufReader::new(r.take(MAX_REQUEST)).read_line(&mut line).await?;
+    let req = match serde_json::from_str::<Request>(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            let resp = json!({"ok": false, "error": format!("bad request: {e}")});
+            w.write_all(format!("{resp}\n").as_bytes()).await?;
+            return Ok(());
+        }
+    };
+    let hub = &shared.approvals;
+    let resp = match req {
+        Request::List => json!({"ok": true, "requests": hub.list(&who)}),
+        Request::Show { id } => match hub.show(&id, &who) {
+            Some(r) => json!({"ok": true, "request": r}),
+            None => json!({"ok": false, "error": format!("no pending request {id} that you may see")}),
+        },
+        Request::Approve { id, reason, break_glass } => {
+            answer(hub.decide(&id, &who, true, reason.as_deref(), break_glass, "local"))
+        }
+        Request::Deny { id, reason } => answer(hub.decide(&id, &who, false, Some(&reason), false, "local")),
+        Request::Watch => {
+            let mut rx = hub.subscribe();
+            // What is already pending first, then each event as it happens.
+            for r in hub.list(&who) {
+                let line = json!({"event": "pending", "request": r});
+                w.write_all(format!("{line}\n").as_bytes()).await?;
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(ev) => w.write_all(format!("{ev}\n").as_bytes()).await?,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let line = json!({"event": "lagged", "missed": n});
+                        w.write_all(format!("{line}\n").as_bytes()).await?;
+                    }
+                    Err(_) => return Ok(()),
+                }
+            }
+        }
+    };
+    w.write_all(format!("{resp}\n").as_bytes()).await?;
+    Ok(())
+}
+
+fn answer(r: Result<super::Answer, String>) -> Value {
+    match r {
+        Ok(a) => json!({"ok": true, "state": a.state, "message": a.message}),
+        Err(e) => json!({"ok": false, "error": e}),
+    }
+}
+
+/// Client side: one request, one response.
+pub async fn request(path: &Path, req: &Request) -> Result<Value> {
+    let mut stream = connect(path).await?;
+    let line = serde_json::to_string(req)?;
+    stream.write_all(format!("{line}\n").as_bytes()).await?;
+    let mut resp = String::new();
+    BufReader::new(stream).take(16 * 1024 * 1024).read_line(&mut resp).await?;
+    let v: Value = serde_json::from_str(&resp).with_context(|| format!("bad response from the agent: {resp:?}"))?;
+    if v.get("ok") != Some(&Value::Bool(true)) {
+        let msg = v.get("error").and_then(Value::as_str).unwrap_or("unknown error");
+        bail!("{msg}");
+    }
+    Ok(v)
+}
+
+/// Client side of `watch`: each event line to `each` until the agent
+/// closes the stream.
+pub async fn watch(path: &Path, mut each: impl FnMut(Value) -> Result<()>) -> Result<()> {
+    let mut stream = connect(path).await?;
+    stream.write_all(b"{\"cmd\":\"watch\"}\n").await?;
+    let mut lines = BufReader::new(stream).lines();
+    while let Some(line) = lines.next_line().await? {
+        let v: Value = serde_json::from_str(&line).with_context(|| format!("bad event from the agent: {line:?}"))?;
+        if v.get("ok") == Some(&Value::Bool(false)) {
+            bail!("{}", v.get("error").and_then(Value::as_str).unwrap_or("unknown error"));
+        }
+        each(v)?;
+    }
+    Ok(())
+}
+
+async fn connect(path: &Path) -> Result<UnixStream> {
+    UnixStream::connect(path).await.with_context(|| {
+        format!("cannot reach the agent's approvals socket {}: is `cordon run` running?", path.display())
+    })
+}
