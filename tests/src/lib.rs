@@ -736,3 +736,56 @@ pub fn lines_of(child: &mut Child) -> impl Iterator<Item = String> {
     let out = child.stdout.take().expect("stdout piped");
     BufReader::new(out).lines().map_while(Result::ok)
 }
+
+/// A local Unix user for approval tests, created once (idempotent) with
+/// these supplementary groups (created too). Returns its uid.
+pub fn local_user(name: &str, groups: &[&str]) -> Result<u32> {
+    for g in groups {
+        let st = Command::new("groupadd").args(["-f", g]).status().context("groupadd")?;
+        anyhow::ensure!(st.success(), "groupadd -f {g} failed");
+    }
+    let exists = Command::new("id").arg("-u").arg(name).output().context("id")?;
+    if !exists.status.success() {
+        let mut cmd = Command::new("useradd");
+        cmd.args(["-M", "-N", "-s", "/usr/sbin/nologin"]);
+        if !groups.is_empty() {
+            cmd.args(["-G", &groups.join(",")]);
+        }
+        let st = cmd.arg(name).status().context("useradd")?;
+        anyhow::ensure!(st.success(), "useradd {name} failed");
+    } else if !groups.is_empty() {
+        let st = Command::new("usermod").args(["-a", "-G", &groups.join(","), name]).status().context("usermod")?;
+        anyhow::ensure!(st.success(), "usermod {name} failed");
+    }
+    let out = Command::new("id").arg("-u").arg(name).output().context("id")?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().context("reading the uid")
+}
+
+impl Agent {
+    /// `cordon approvals ARGS` run as a local user (not root): what an
+    /// approver on this host does. The agent's directory is opened for
+    /// traversal so the approvals socket is reachable, as /run/cordon is.
+    pub fn approvals_as(&self, uid: u32, args: &[&str]) -> Output {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = fs::set_permissions(self.dir.path(), fs::Permissions::from_mode(0o755));
+        let socket = self.dir.path().join("run/approvals.sock");
+        Command::new(cordon_bin())
+            .arg("approvals")
+            .args(args)
+            .arg("--socket")
+            .arg(&socket)
+            .uid(uid)
+            .gid(WORKLOAD_GID)
+            .current_dir("/tmp")
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run cordon approvals: {e}"))
+    }
+
+    /// Wait for the next pending approval request the audit shows (the
+    /// `n`th overall) and return its id.
+    pub fn wait_request(&self, n: usize) -> String {
+        let got = self.wait_audit("approval_request", n);
+        assert!(got.len() >= n, "no approval request #{n} within 10 s; agent log:\n{}", self.log_text());
+        got[n - 1]["request"].as_str().unwrap_or_default().to_string()
+    }
+}

@@ -83,11 +83,6 @@ async fn handle(stream: UnixStream, shared: &Shared) -> Result<()> {
     let cred = stream.peer_cred().context("reading the peer's credentials")?;
     let who = Approver::of_uid(cred.uid());
     let (r, mut w) = stream.into_split();
-    if !named_in_policy(shared, &who) {
-        let resp = json!({"ok": false, "error": format!("{} is not an approver in the policy ({})", who.display(), shared.policy().source.display())});
-        w.write_all(format!("{resp}\n").as_bytes()).await?;
-        bail!("refused an approvals connection from {}", who.display());
-    }
     let mut line = String::new();
     BufReader::new(r.take(MAX_REQUEST)).read_line(&mut line).await?;
     let req = match serde_json::from_str::<Request>(&line) {
@@ -98,6 +93,22 @@ async fn handle(stream: UnixStream, shared: &Shared) -> Result<()> {
             return Ok(());
         }
     };
+    if !named_in_policy(shared, &who) {
+        // A decision attempt by someone the policy does not name is
+        // recorded: it is what an attempt to approve one's own way in
+        // looks like.
+        if let Request::Approve { id, .. } | Request::Deny { id, .. } = &req {
+            let rec = crate::audit::Record::new("approval_refused", None)
+                .with("request", id)
+                .with("approver", &who)
+                .with("channel", "local")
+                .with("why", "not an approver in the policy");
+            let _ = shared.audit.append(&rec);
+        }
+        let resp = json!({"ok": false, "error": format!("{} is not an approver in the policy ({})", who.display(), shared.policy().source.display())});
+        w.write_all(format!("{resp}\n").as_bytes()).await?;
+        bail!("refused an approvals request from {}", who.display());
+    }
     let hub = &shared.approvals;
     let resp = match req {
         Request::List => json!({"ok": true, "requests": hub.list(&who)}),

@@ -1,0 +1,530 @@
+//! Just-in-time approval end to end: a real psql (and pgjdbc) in a tagged
+//! cgroup, held by a rule that says `approve`; real local users deciding
+//! through the approvals socket, identified by the kernel (SO_PEERCRED);
+//! every step checked in the hash-chained audit. Written the way someone
+//! trying to get a statement through without the approval would: another
+//! literal, a second run, self-approval, one person twice, a late approval,
+//! a denied rule riding along with an approved one.
+
+use std::{
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use cordon_tests::{local_user, require_e2e, stderr, stdout, workload_script, Agent, Cgroup, Postgres, WORKLOAD_UID};
+use serde_json::Value;
+
+const SCHEMA: &str = "\
+create table accounts(id int primary key, owner text, ssn text, balance int);
+insert into accounts values (1, 'ada', '123-45-6789', 100), (2, 'grace', '219-09-9999', 200);
+create table scratch(id int);
+create table audit_me(id int);
+grant all on all tables in schema public to app;
+alter table scratch owner to app;";
+
+/// The approvers group and the people in it (created once on this host).
+const GROUP: &str = "cordon-approvers";
+
+struct People {
+    alice: u32,
+    bob: u32,
+    mallory: u32,
+    oncall: u32,
+}
+
+fn people() -> People {
+    People {
+        alice: local_user("cordon-alice", &[GROUP]).expect("user alice"),
+        bob: local_user("cordon-bob", &[GROUP]).expect("user bob"),
+        mallory: local_user("cordon-mallory", &[]).expect("user mallory"),
+        oncall: local_user("cordon-oncall", &[]).expect("user oncall"),
+    }
+}
+
+struct Setup {
+    pg: Postgres,
+    cg: Cgroup,
+    agent: Agent,
+    who: People,
+}
+
+fn setup(test: &str, profile: &str, approvals: &str) -> Setup {
+    setup_with(test, profile, approvals, "")
+}
+
+fn setup_with(test: &str, profile: &str, approvals: &str, agent_settings: &str) -> Setup {
+    let who = people();
+    let policy = format!(
+        "[[classify]]\ncolumn = \"*.public.accounts.ssn\"\nlabel = \"restricted\"\nmask = \"partial\"\n\n\
+         [profiles.ci]\ndescription = \"CI\"\n{profile}\n\n[profiles.ci.approvals]\n{approvals}\n"
+    );
+    let (pg, cg, agent) =
+        cordon_tests::governed_with(&format!("ap-{test}"), SCHEMA, &policy, agent_settings).expect("governed postgres");
+    Setup { pg, cg, agent, who }
+}
+
+impl Setup {
+    fn dsn(&self) -> String {
+        format!("host=127.0.0.2 port={} dbname=postgres user=app", self.pg.port)
+    }
+
+    /// psql as the workload, in the background.
+    fn spawn_psql(&self, commands: &[&str]) -> Child {
+        let mut cmd = self.cg.command("psql");
+        cmd.args(["-X", "-At", &self.dsn()]);
+        for c in commands {
+            cmd.args(["-c", c]);
+        }
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("psql")
+    }
+
+    fn psql(&self, commands: &[&str]) -> Output {
+        self.spawn_psql(commands).wait_with_output().expect("psql")
+    }
+
+    fn approvals(&self, uid: u32, args: &[&str]) -> Output {
+        self.agent.approvals_as(uid, args)
+    }
+
+    fn direct(&self, sql: &str) -> String {
+        self.pg.admin_sql(sql).expect("direct query")
+    }
+
+    fn table_exists(&self, name: &str) -> bool {
+        self.direct(&format!("select count(*) from pg_class where relname = '{name}'")).trim() == "1"
+    }
+
+    /// The audit chain is intact.
+    fn verify(&self) {
+        self.agent.wait_synced();
+        let out = self.agent.cli(&["audit", "verify"]);
+        assert!(out.status.success(), "audit verify: {}{}", stdout(&out), stderr(&out));
+    }
+
+    fn events(&self, event: &str, request: &str) -> Vec<Value> {
+        self.agent.audit_events(event).into_iter().filter(|r| r["request"] == request).collect()
+    }
+}
+
+/// Wait for a child with a deadline (a test must stop by itself).
+fn finish(mut child: Child, within: Duration) -> Output {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return child.wait_with_output().expect("output");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("output");
+    panic!("still running after {within:?}: {}\n{}", stdout(&out), stderr(&out));
+}
+
+fn still_running(child: &mut Child) -> bool {
+    matches!(child.try_wait(), Ok(None))
+}
+
+#[test]
+fn held_statement_runs_once_a_group_member_approves() {
+    require_e2e!();
+    let s = setup_with(
+        "basic",
+        "[profiles.ci.guardrails]\nddl = \"approve\"",
+        &format!("approvers = [\"%{GROUP}\"]\nhold_timeout = \"60s\""),
+        "idle_timeout_secs = 2",
+    );
+    let mut held = s.spawn_psql(&["drop table scratch"]);
+    let id = s.agent.wait_request(1);
+
+    // Nothing reached the server, and the hold outlives the idle timeout.
+    thread::sleep(Duration::from_secs(3));
+    assert!(still_running(&mut held), "the held psql returned early");
+    assert!(s.table_exists("scratch"), "the held DROP ran before approval");
+
+    // Other sessions of the same workload are not held.
+    let out = s.psql(&["select count(*) from accounts"]);
+    assert_eq!(stdout(&out), "2", "{}", stderr(&out));
+
+    // The approver sees it with the statement, the rule and the workload.
+    let out = s.approvals(s.who.alice, &["list", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let list: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let r = list.as_array().and_then(|l| l.iter().find(|r| r["id"] == id.as_str())).expect("listed").clone();
+    assert_eq!(r["rule"], "ddl");
+    assert_eq!(r["workload"]["uid"], WORKLOAD_UID);
+    assert_eq!(r["text"], "drop table scratch");
+    let out = s.approvals(s.who.alice, &["show", &id]);
+    assert!(stdout(&out).contains("drop table scratch") && stdout(&out).contains("ddl"), "{}", stdout(&out));
+
+    // Someone outside the approvers cannot even use the socket.
+    let out = s.approvals(s.who.mallory, &["approve", &id]);
+    assert!(!out.status.success() && stderr(&out).contains("not an approver"), "{}", stderr(&out));
+    assert!(still_running(&mut held));
+
+    let out = s.approvals(s.who.alice, &["approve", &id, "--reason", "planned cleanup"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("approved"), "{}", stdout(&out));
+    let out = finish(held, Duration::from_secs(20));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "DROP TABLE");
+    // psql printed the hold while it waited: the request and how to approve.
+    let err = stderr(&out);
+    assert!(err.contains("WARNING") && err.contains(&id) && err.contains("cordon approvals approve"), "{err}");
+    assert!(!s.table_exists("scratch"));
+
+    // Every step is in the chain.
+    assert_eq!(s.events("approval_request", &id).len(), 1);
+    let d = s.events("approval_decision", &id);
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0]["approver"]["user"], "cordon-alice");
+    assert_eq!(d[0]["reason"], "planned cleanup");
+    assert_eq!(s.events("approval_granted", &id).len(), 1);
+    assert_eq!(s.events("approval_consumed", &id).len(), 1);
+    let stmt = s
+        .agent
+        .audit_events("statement")
+        .into_iter()
+        .find(|r| r["approval"]["request"] == id.as_str())
+        .expect("statement record names its approval");
+    assert_eq!(stmt["approval"]["by"][0], "cordon-alice");
+    assert!(stmt["verdict"].is_null(), "{stmt}");
+    let refused = s.events("approval_refused", &id);
+    assert!(refused.iter().any(|r| r["approver"]["user"] == "cordon-mallory"), "{refused:?}");
+
+    // A late approval changes nothing.
+    let out = s.approvals(s.who.bob, &["approve", &id]);
+    assert!(!out.status.success() && stderr(&out).contains("not pending"), "{}", stderr(&out));
+    s.verify();
+}
+
+#[test]
+fn denial_timeout_and_cancel_each_refuse_and_a_late_approval_is_a_no_op() {
+    require_e2e!();
+    let s = setup(
+        "deny",
+        "[profiles.ci.guardrails]\nddl = \"approve\"",
+        &format!("approvers = [\"%{GROUP}\"]\nhold_timeout = \"4s\""),
+    );
+
+    // Denied, with the approver's reason.
+    let held = s.spawn_psql(&["drop table scratch"]);
+    let id = s.agent.wait_request(1);
+    let out = s.approvals(s.who.alice, &["deny", &id]);
+    assert!(!out.status.success(), "a denial without a reason went through");
+    let out = s.approvals(s.who.alice, &["deny", &id, "--reason", "not during the freeze"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = finish(held, Duration::from_secs(20));
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(err.contains("not during the freeze") && err.contains("cordon-alice"), "{err}");
+    assert!(s.table_exists("scratch"));
+    let end = s.agent.audit_events("statement").into_iter().find(|r| r["approval"]["request"] == id.as_str());
+    assert_eq!(end.expect("statement record")["verdict"], "deny");
+
+    // Timed out: denied, and an approval after that does nothing.
+    let started = Instant::now();
+    let out = finish(s.spawn_psql(&["drop table scratch"]), Duration::from_secs(30));
+    let id = s.agent.wait_request(2);
+    assert!(started.elapsed() >= Duration::from_secs(4));
+    assert!(stderr(&out).contains("not approved within 4 s"), "{}", stderr(&out));
+    assert_eq!(s.events("approval_expired", &id).len(), 1);
+    let out = s.approvals(s.who.alice, &["approve", &id]);
+    assert!(!out.status.success() && stderr(&out).contains("not pending"), "{}", stderr(&out));
+    assert!(s.table_exists("scratch"));
+
+    // Ctrl-C while held: psql sends a CancelRequest; 57014; withdrawn.
+    let held = s.spawn_psql(&["\\set VERBOSITY verbose", "drop table scratch"]);
+    let id = s.agent.wait_request(3);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(held.id() as i32), nix::sys::signal::Signal::SIGINT)
+        .expect("SIGINT");
+    let out = finish(held, Duration::from_secs(20));
+    assert!(stderr(&out).contains("57014") && stderr(&out).contains("canceling statement"), "{}", stderr(&out));
+    let w = s.events("approval_withdrawn", &id);
+    assert_eq!(w.len(), 1);
+    assert_eq!(w[0]["cause"], "cancel");
+    let out = s.approvals(s.who.alice, &["approve", &id]);
+    assert!(!out.status.success(), "a late approval of a withdrawn request went through");
+    thread::sleep(Duration::from_millis(300));
+    assert!(s.table_exists("scratch"));
+
+    // A disconnect withdraws too.
+    let mut held = s.spawn_psql(&["drop table scratch"]);
+    let id = s.agent.wait_request(4);
+    held.kill().expect("kill psql");
+    let _ = held.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.events("approval_withdrawn", &id).is_empty() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(s.events("approval_withdrawn", &id)[0]["cause"], "client_disconnected");
+    assert!(s.table_exists("scratch"));
+    s.verify();
+}
+
+#[test]
+fn two_distinct_people_no_self_approval_and_break_glass() {
+    require_e2e!();
+    let s = setup(
+        "threshold",
+        "[profiles.ci.guardrails]\nddl = \"approve\"",
+        &format!(
+            "approvers = [\"%{GROUP}\", \"nobody\"]\nrequired = 2\nhold_timeout = \"60s\"\nbreak_glass = [\"cordon-oncall\"]"
+        ),
+    );
+    let mut held = s.spawn_psql(&["drop table scratch"]);
+    let id = s.agent.wait_request(1);
+
+    // The workload's own user is an approver on paper, and still cannot.
+    let out = s.approvals(WORKLOAD_UID, &["approve", &id]);
+    assert!(!out.status.success() && stderr(&out).contains("own statement"), "{}", stderr(&out));
+    // One person, twice, is one approval.
+    let out = s.approvals(s.who.alice, &["approve", &id]);
+    assert!(out.status.success() && stdout(&out).contains("1 of 2"), "{}{}", stdout(&out), stderr(&out));
+    let out = s.approvals(s.who.alice, &["approve", &id]);
+    assert!(!out.status.success() && stderr(&out).contains("already approved"), "{}", stderr(&out));
+    thread::sleep(Duration::from_millis(500));
+    assert!(still_running(&mut held) && s.table_exists("scratch"));
+    let out = s.approvals(s.who.bob, &["approve", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = finish(held, Duration::from_secs(20));
+    assert_eq!(stdout(&out), "DROP TABLE", "{}", stderr(&out));
+    let g = s.events("approval_granted", &id);
+    assert_eq!(g[0]["by"], serde_json::json!(["cordon-alice", "cordon-bob"]));
+
+    // Break-glass: alone, only with a reason, flagged.
+    s.direct("create table scratch(id int); alter table scratch owner to app");
+    let held = s.spawn_psql(&["drop table scratch"]);
+    let id = s.agent.wait_request(2);
+    let out = s.approvals(s.who.alice, &["approve", &id, "--break-glass", "--reason", "x"]);
+    assert!(!out.status.success() && stderr(&out).contains("break_glass"), "{}", stderr(&out));
+    let out = s.approvals(s.who.oncall, &["approve", &id, "--break-glass"]);
+    assert!(!out.status.success() && stderr(&out).contains("--reason"), "{}", stderr(&out));
+    let out = s.approvals(s.who.oncall, &["approve", &id]);
+    assert!(!out.status.success(), "break-glass user approved without --break-glass: {}", stdout(&out));
+    let out = s.approvals(s.who.oncall, &["approve", &id, "--break-glass", "--reason", "INC-4242 outage"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = finish(held, Duration::from_secs(20));
+    assert_eq!(stdout(&out), "DROP TABLE", "{}", stderr(&out));
+    let g = s.events("approval_granted", &id);
+    assert_eq!(g[0]["break_glass"], true);
+    let d = s.events("approval_decision", &id);
+    assert!(d.iter().any(|r| r["break_glass"] == true && r["reason"] == "INC-4242 outage"));
+    s.verify();
+}
+
+#[test]
+fn a_once_grant_binds_one_execution_and_a_window_covers_its_fingerprint_until_it_expires() {
+    require_e2e!();
+    let s = setup(
+        "once",
+        "[profiles.ci.guardrails]\nunbounded_write = \"approve\"",
+        &format!("approvers = [\"%{GROUP}\"]\nhold_timeout = \"60s\""),
+    );
+    // The same statement twice in one session: each run is held.
+    let held = s.spawn_psql(&["update accounts set balance = 1", "update accounts set balance = 1"]);
+    let first = s.agent.wait_request(1);
+    assert!(s.approvals(s.who.alice, &["approve", &first]).status.success());
+    let second = s.agent.wait_request(2);
+    assert_ne!(first, second);
+    let out = s.approvals(s.who.alice, &["deny", &second, "--reason", "once means once"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = finish(held, Duration::from_secs(20));
+    assert!(stdout(&out).starts_with("UPDATE 2") && stderr(&out).contains("once means once"), "{}", stderr(&out));
+
+    // Another literal is another request, with another binding.
+    let held = s.spawn_psql(&["update accounts set balance = 999"]);
+    let third = s.agent.wait_request(3);
+    let reqs = s.agent.audit_events("approval_request");
+    assert_ne!(reqs[0]["binding"], reqs[2]["binding"]);
+    assert_eq!(reqs[0]["binding"], reqs[1]["binding"], "same text, same session: same binding");
+    assert!(s.approvals(s.who.alice, &["deny", &third, "--reason", "no"]).status.success());
+    finish(held, Duration::from_secs(20));
+    assert_eq!(s.direct("select sum(balance) from accounts").trim(), "2");
+    s.verify();
+}
+
+#[test]
+fn a_window_grant_releases_repeats_of_its_fingerprint_then_expires() {
+    require_e2e!();
+    let s = setup(
+        "window",
+        "[profiles.ci.guardrails]\nunbounded_write = \"approve\"",
+        &format!("approvers = [\"%{GROUP}\"]\nhold_timeout = \"60s\"\ngrant = \"5s\""),
+    );
+    let held = s.spawn_psql(&["update accounts set balance = 10"]);
+    let id = s.agent.wait_request(1);
+    assert!(s.approvals(s.who.alice, &["approve", &id]).status.success());
+    assert!(finish(held, Duration::from_secs(20)).status.success());
+    // Same fingerprint, another literal, another session: passes at once.
+    let out = s.psql(&["update accounts set balance = 20"]);
+    assert_eq!(stdout(&out), "UPDATE 2", "{}", stderr(&out));
+    assert_eq!(s.events("approval_grant_used", &id).len(), 1);
+    // Another statement shape is not covered.
+    let held = s.spawn_psql(&["update accounts set owner = 'x'"]);
+    let other = s.agent.wait_request(2);
+    assert!(s.approvals(s.who.alice, &["deny", &other, "--reason", "different"]).status.success());
+    finish(held, Duration::from_secs(20));
+    // After the window, held again.
+    thread::sleep(Duration::from_secs(5));
+    let held = s.spawn_psql(&["update accounts set balance = 30"]);
+    let again = s.agent.wait_request(3);
+    assert!(s.approvals(s.who.alice, &["deny", &again, "--reason", "expired"]).status.success());
+    let out = finish(held, Duration::from_secs(20));
+    assert!(stderr(&out).contains("expired"), "{}", stderr(&out));
+    assert_eq!(s.direct("select sum(balance) from accounts").trim(), "40");
+    s.verify();
+}
+
+#[test]
+fn nothing_in_a_held_query_runs_and_a_denying_rule_is_never_held() {
+    require_e2e!();
+    let s = setup(
+        "adversary",
+        "[profiles.ci.guardrails]\nddl = \"approve\"\nunbounded_write = \"deny\"",
+        &format!("approvers = [\"%{GROUP}\"]\nhold_timeout = \"60s\""),
+    );
+    // A denied statement riding with one that asks for approval: denied at
+    // once, no request.
+    let out = s.psql(&["drop table scratch; delete from accounts"]);
+    assert!(stderr(&out).contains("unbounded_write"), "{}", stderr(&out));
+    assert!(s.agent.audit_events("approval_request").is_empty());
+    // A harmless statement in front of a held one waits with it.
+    let held = s.spawn_psql(&["insert into audit_me values (1); drop table scratch"]);
+    let id = s.agent.wait_request(1);
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(s.direct("select count(*) from audit_me").trim(), "0", "part of a held query ran");
+    assert!(s.approvals(s.who.alice, &["deny", &id, "--reason", "no"]).status.success());
+    finish(held, Duration::from_secs(20));
+    assert_eq!(s.direct("select count(*) from audit_me").trim(), "0");
+    // DDL hidden in a DO block or a multi-statement string is caught as
+    // what it is (do_block is denied by default, never held).
+    let out = s.psql(&["do $$ begin execute 'drop table scratch'; end $$"]);
+    assert!(!out.status.success() && stderr(&out).contains("do_block"), "{}", stderr(&out));
+    assert_eq!(s.agent.audit_events("approval_request").len(), 1);
+    assert!(s.table_exists("scratch"));
+    s.verify();
+}
+
+#[test]
+fn a_restricted_label_reads_in_clear_only_for_the_approved_statement() {
+    require_e2e!();
+    let s = setup(
+        "label",
+        "[profiles.ci.labels]\nrestricted = \"approve\"",
+        &format!("approvers = [\"%{GROUP}\"]\nhold_timeout = \"60s\""),
+    );
+    // Unlabeled columns are not held.
+    let out = s.psql(&["select owner from accounts order by id"]);
+    assert_eq!(stdout(&out), "ada\ngrace", "{}", stderr(&out));
+    let held = s.spawn_psql(&["select ssn from accounts order by id"]);
+    let id = s.agent.wait_request(1);
+    assert!(s.approvals(s.who.alice, &["approve", &id]).status.success());
+    let out = finish(held, Duration::from_secs(20));
+    assert_eq!(stdout(&out), "123-45-6789\n219-09-9999", "{}", stderr(&out));
+    // Denied: nothing comes back; a computed expression is held the same way.
+    let held = s.spawn_psql(&["select reverse(ssn) from accounts"]);
+    let id = s.agent.wait_request(2);
+    assert!(s.approvals(s.who.alice, &["deny", &id, "--reason", "no need"]).status.success());
+    let out = finish(held, Duration::from_secs(20));
+    assert!(!stdout(&out).contains("6789") && !stdout(&out).contains("9876"), "{}", stdout(&out));
+    assert!(stderr(&out).contains("no need"), "{}", stderr(&out));
+    s.verify();
+}
+
+const JAVA: &str = r#"
+import java.sql.*;
+public class Main {
+  public static void main(String[] a) throws Exception {
+    try (Connection c = DriverManager.getConnection(a[0])) {
+      String mode = a[1];
+      try (PreparedStatement p = c.prepareStatement("update accounts set balance = ?")) {
+        p.setInt(1, Integer.parseInt(a[2]));
+        if (mode.equals("timeout")) p.setQueryTimeout(2);
+        try {
+          int n = p.executeUpdate();
+          System.out.println("updated " + n);
+        } catch (SQLException e) {
+          System.out.println("error " + e.getSQLState() + " " + e.getMessage());
+        }
+        SQLWarning w = p.getWarnings();
+        while (w != null) { System.out.println("warning " + w.getSQLState()); w = w.getNextWarning(); }
+      }
+      try (Statement s = c.createStatement(); ResultSet r = s.executeQuery("select 1")) {
+        r.next();
+        System.out.println("after " + r.getInt(1));
+      }
+    }
+  }
+}
+"#;
+
+#[test]
+fn pgjdbc_query_timeout_cancels_a_held_execute_and_an_approved_one_runs_with_its_parameters() {
+    require_e2e!();
+    let s = setup(
+        "jdbc",
+        "[profiles.ci.guardrails]\nunbounded_write = \"approve\"",
+        &format!("approvers = [\"%{GROUP}\"]\nhold_timeout = \"60s\""),
+    );
+    let (_d, src) = workload_script("Main.java", JAVA).expect("java source");
+    let url = format!("jdbc:postgresql://127.0.0.2:{}/postgres?user=nobody&sslmode=disable", s.pg.port);
+    let java = |mode: &str, value: &str| {
+        s.cg.command("java")
+            .args(["-cp", "/usr/share/java/postgresql.jar", &src.display().to_string(), &url, mode, value])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("java")
+    };
+    // setQueryTimeout while held: pgjdbc's CancelRequest withdraws it.
+    let out = finish(java("timeout", "7"), Duration::from_secs(60));
+    let text = stdout(&out);
+    assert!(text.contains("error 57014"), "{text}\n{}", stderr(&out));
+    assert!(text.contains("after 1"), "the connection was not usable after the cancel: {text}");
+    let id = s.agent.wait_request(1);
+    assert_eq!(s.events("approval_withdrawn", &id)[0]["cause"], "cancel");
+    assert_eq!(s.direct("select sum(balance) from accounts").trim(), "300");
+
+    // Held at Execute with its parameter; approved; runs.
+    let held = java("plain", "5");
+    let id = s.agent.wait_request(2);
+    let out = s.approvals(s.who.alice, &["show", &id]);
+    assert!(
+        stdout(&out).contains("$1 = (binary) 00000005"),
+        "the approver does not see the parameter: {}",
+        stdout(&out)
+    );
+    assert!(s.approvals(s.who.alice, &["approve", &id]).status.success());
+    let out = finish(held, Duration::from_secs(60));
+    let text = stdout(&out);
+    assert!(text.contains("updated 2") && text.contains("warning CD003"), "{text}\n{}", stderr(&out));
+    assert_eq!(s.direct("select sum(balance) from accounts").trim(), "10");
+    s.verify();
+}
+
+/// `cordon policy check` names the file, line and field of approval mistakes.
+#[test]
+fn policy_check_names_approval_mistakes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("p.toml");
+    let check = |text: &str| {
+        std::fs::write(&path, text).expect("write");
+        let out = Command::new(cordon_tests::cordon_bin()).args(["policy", "check"]).arg(&path).output().expect("run");
+        (out.status.success(), stderr(&out) + &stdout(&out))
+    };
+    let (ok, msg) = check("[profiles.ci.guardrails]\nddl = \"approve\"\n");
+    assert!(!ok && msg.contains("profiles.ci.approvals") && msg.contains("guardrails.ddl"), "{msg}");
+    let (ok, msg) = check("[profiles.ci.approvals]\napprovers = [\"alice\"]\nrequired = 2\n");
+    assert!(!ok && msg.contains(":3:") && msg.contains("profiles.ci.approvals.required"), "{msg}");
+    let (ok, msg) = check("[profiles.ci.approvals]\napprovers = [\"%dba\"]\nhold_timeout = \"10 minutes\"\n");
+    assert!(!ok && msg.contains("hold_timeout"), "{msg}");
+    let (ok, msg) = check("[profiles.ci.approvals]\napprovers = [\"%dba\"]\ngrant = \"forever\"\n");
+    assert!(!ok && msg.contains("grant"), "{msg}");
+    let (ok, msg) = check("[profiles.ci.approvals]\napprovers = [\"bad name!\"]\n");
+    assert!(!ok && msg.contains("approvers"), "{msg}");
+    let (ok, msg) = check(
+        "[profiles.ci.labels]\nrestricted = \"approve\"\n[profiles.ci.approvals]\napprovers = [\"%dba\"]\ngrant = \"30m\"\n",
+    );
+    assert!(ok, "{msg}");
+}
