@@ -157,6 +157,7 @@ pub async fn run(p: Prepared) -> Result<()> {
     }
     tokio::spawn(control::serve(control_listener, shared.clone()));
     tokio::spawn(crate::approvals::socket::serve(approvals_listener, shared.clone()));
+    tokio::spawn(crate::approvals::run_store(shared.clone()));
     spawn_watcher(shared.clone());
     // Retention also runs at each segment rotation; hourly covers quiet hosts.
     let pruner = shared.clone();

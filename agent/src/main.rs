@@ -77,6 +77,10 @@ enum Cmd {
         /// The agent's approvals socket (default: beside the policy's control socket).
         #[arg(long, global = true)]
         socket: Option<PathBuf>,
+        /// Decide in a shared PostgreSQL store instead, as your own role
+        /// (postgresql://you@host/db; password from PGPASSWORD).
+        #[arg(long, global = true)]
+        store: Option<String>,
         #[arg(long, short, default_value = DEFAULT_CONFIG, global = true)]
         config: PathBuf,
     },
@@ -280,7 +284,10 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 Ok(1)
             }
         },
-        Cmd::Approvals { cmd, socket, config } => {
+        Cmd::Approvals { cmd, store: Some(url), .. } => {
+            runtime()?.block_on(cordon::approvals::cli::run_store(cmd, &url))
+        }
+        Cmd::Approvals { cmd, socket, config, store: None } => {
             let path = cordon::approvals::cli::socket_path(socket, &config);
             runtime()?.block_on(cordon::approvals::cli::run(cmd, &path))
         }

@@ -528,3 +528,112 @@ fn policy_check_names_approval_mistakes() {
     );
     assert!(ok, "{msg}");
 }
+
+/// `cordon approvals --store URL …` as a database role, from a process
+/// that is neither agent: a plain local user with its own login.
+fn store_cli(uid: u32, url: &str, password: &str, ca: &std::path::Path, args: &[&str]) -> Output {
+    use std::os::unix::process::CommandExt;
+    Command::new(cordon_tests::cordon_bin())
+        .arg("approvals")
+        .arg("--store")
+        .arg(url)
+        .args(args)
+        .env("PGPASSWORD", password)
+        .env("PGSSLROOTCERT", ca)
+        .uid(uid)
+        .gid(cordon_tests::WORKLOAD_GID)
+        .current_dir("/tmp")
+        .output()
+        .expect("cordon approvals --store")
+}
+
+#[test]
+fn one_shared_store_decides_for_two_agents() {
+    require_e2e!();
+    let who = people();
+    let store = Postgres::start_secure(&["127.0.0.3"], cordon_tests::free_port()).expect("store server");
+    let ca = store.ca_file.clone().expect("store CA");
+    store
+        .admin_sql(
+            "grant create on schema public to app; \
+             create role appr_alice login password 'alice-pw-1'; create role appr_bob login password 'bob-pw-2'; \
+             create role nobody login password 'nobody-pw-3';",
+        )
+        .expect("store roles");
+    let url = |role: &str| format!("postgresql://{role}@127.0.0.3:{}/postgres?sslmode=require", store.port);
+    // The store's owner creates the table with the CLI, then grants.
+    let out = store_cli(who.mallory, &url("app"), cordon_tests::APP_PASSWORD, &ca, &["init-store"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    store.admin_sql("grant select, update on cordon_approvals to appr_alice, appr_bob, nobody").expect("grants");
+
+    let approvals = format!(
+        "store = \"{}\"\nstore_credentials = \"app\"\nstore_ca = \"{}\"\nhold_timeout = \"60s\"",
+        url("app"),
+        ca.display()
+    );
+    let a = setup("store-a", "[profiles.ci.guardrails]\nddl = \"approve\"", &approvals);
+    let b = setup("store-b", "[profiles.ci.guardrails]\nddl = \"approve\"", &approvals);
+    assert_ne!(a.agent.bpffs_dir, b.agent.bpffs_dir);
+    let held_a = a.spawn_psql(&["drop table scratch"]);
+    let id_a = a.agent.wait_request(1);
+    let held_b = b.spawn_psql(&["drop table scratch"]);
+    let id_b = b.agent.wait_request(1);
+
+    // The approver sees both agents' requests in one queue.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let listed = loop {
+        let out = store_cli(who.mallory, &url("appr_alice"), "alice-pw-1", &ca, &["list", "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+        let ids: Vec<String> =
+            v.as_array().into_iter().flatten().filter_map(|r| r["id"].as_str().map(str::to_string)).collect();
+        if (ids.contains(&id_a) && ids.contains(&id_b)) || Instant::now() > deadline {
+            break ids;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    assert!(listed.contains(&id_a) && listed.contains(&id_b), "{listed:?}");
+
+    // The workload's own role may not approve; a wrong password gets nowhere.
+    let out = store_cli(who.mallory, &url("nobody"), "nobody-pw-3", &ca, &["approve", &id_a]);
+    assert!(!out.status.success() && stdout(&out).contains("own statement"), "{}{}", stdout(&out), stderr(&out));
+    let out = store_cli(who.mallory, &url("appr_alice"), "guess", &ca, &["approve", &id_a]);
+    assert!(!out.status.success());
+
+    let out = store_cli(who.mallory, &url("appr_alice"), "alice-pw-1", &ca, &["approve", &id_a, "--reason", "ok"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let out = store_cli(who.mallory, &url("appr_bob"), "bob-pw-2", &ca, &["deny", &id_b, "--reason", "not on b"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    // Exactly once: a second decision on a decided row changes nothing.
+    let out = store_cli(who.mallory, &url("appr_bob"), "bob-pw-2", &ca, &["deny", &id_a, "--reason", "late"]);
+    assert!(!out.status.success() && stdout(&out).contains("not pending"), "{}", stdout(&out));
+
+    let out = finish(held_a, Duration::from_secs(30));
+    assert_eq!(stdout(&out), "DROP TABLE", "{}", stderr(&out));
+    let out = finish(held_b, Duration::from_secs(30));
+    assert!(stderr(&out).contains("not on b") && stderr(&out).contains("appr_bob"), "{}", stderr(&out));
+    assert!(!a.table_exists("scratch") && b.table_exists("scratch"));
+    let g = a.events("approval_granted", &id_a);
+    assert_eq!(g[0]["by"], serde_json::json!(["appr_alice"]));
+    assert_eq!(g[0]["channel"], "store");
+    // A local approver cannot bypass the store.
+    a.verify();
+    b.verify();
+    drop(store);
+}
+
+#[test]
+fn an_unreachable_store_approves_nothing_and_the_hold_times_out() {
+    require_e2e!();
+    let port = cordon_tests::free_port();
+    let approvals = format!(
+        "store = \"postgresql://app@127.0.0.3:{port}/postgres?sslmode=disable\"\nstore_credentials = \"app\"\nhold_timeout = \"3s\""
+    );
+    let s = setup("store-down", "[profiles.ci.guardrails]\nddl = \"approve\"", &approvals);
+    let out = finish(s.spawn_psql(&["drop table scratch"]), Duration::from_secs(30));
+    assert!(stderr(&out).contains("not approved within 3 s"), "{}", stderr(&out));
+    let id = s.agent.wait_request(1);
+    assert_eq!(s.events("approval_store_unreachable", &id).len(), 1);
+    assert!(s.table_exists("scratch"));
+    s.verify();
+}

@@ -22,6 +22,7 @@
 pub mod cli;
 pub mod identity;
 pub mod socket;
+pub mod store;
 
 use std::{
     collections::BTreeMap,
@@ -86,6 +87,12 @@ pub struct Settings {
     pub grant: Grant,
     /// Who may approve alone, with a reason.
     pub break_glass: Vec<Principal>,
+    /// Decisions come from a shared PostgreSQL store instead of this
+    /// host's approvals socket (approvers are database roles there).
+    pub store: Option<store::StoreSettings>,
+    /// The database role each workload user maps to in the store (default:
+    /// the same name); that role may not approve the workload's requests.
+    pub workload_roles: BTreeMap<String, String>,
 }
 
 impl Settings {
@@ -166,6 +173,8 @@ struct Pending {
     /// (uid, name) of each distinct person who approved.
     approvals: Vec<(u32, String)>,
     tx: Option<oneshot::Sender<Decision>>,
+    /// In the shared store (inserted), when the profile uses one.
+    published: bool,
 }
 
 /// A window grant: repeats pass without a hold until it expires.
@@ -211,6 +220,10 @@ struct Inner {
 /// The agent's approval hub (one per agent, in `Shared`).
 pub struct Hub {
     inner: Mutex<Inner>,
+    /// Requests the agent ended, to close in the shared store.
+    closing: Mutex<Vec<(store::StoreSettings, String, &'static str)>>,
+    /// Work for the store task (a new request, a notification).
+    pub store_wake: Arc<tokio::sync::Notify>,
     audit: AuditLog,
     /// Events for `cordon approvals watch` (and notifications).
     events: broadcast::Sender<Value>,
@@ -273,6 +286,90 @@ enum End {
     Withdrawn(&'static str),
 }
 
+/// One store's share of the store task's work.
+pub struct StoreWork {
+    pub store: store::StoreSettings,
+    pub insert: Vec<Insert>,
+    pub poll: Vec<String>,
+    pub close: Vec<(String, &'static str)>,
+}
+
+pub struct Insert {
+    pub id: String,
+    pub req: Arc<Request>,
+    pub required: u32,
+    pub expires_in: Duration,
+    pub requester_role: Option<String>,
+}
+
+/// The store task: inserts held requests, polls (and is woken by NOTIFY)
+/// for decisions, closes what the agent ended. One per agent; it only runs
+/// while some profile uses a store.
+pub async fn run_store(shared: Arc<crate::state::Shared>) {
+    let hub = shared.approvals.clone();
+    let mut links: Vec<store::Link> = Vec::new();
+    let mut reported: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let agent = store::agent_name();
+    loop {
+        tokio::select! {
+            () = hub.store_wake.notified() => {}
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        for work in hub.store_work() {
+            let i = match links.iter().position(|l| l.settings() == &work.store) {
+                Some(i) => i,
+                None => {
+                    links.push(store::Link::new(work.store.clone()));
+                    links.len() - 1
+                }
+            };
+            let Some(link) = links.get_mut(i) else { continue };
+            let client = match link.client(&shared, hub.store_wake.clone()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    let e = format!("{e:#}");
+                    for ins in &work.insert {
+                        if reported.insert(ins.id.clone()) {
+                            tracing::warn!(request = %ins.id, "approval store unreachable; the request waits for its timeout, then is denied: {e}");
+                            hub.store_unreachable(&ins.id, &e);
+                        }
+                    }
+                    continue;
+                }
+            };
+            for ins in &work.insert {
+                let row = store::Row {
+                    id: &ins.id,
+                    agent: &agent,
+                    expires_in: ins.expires_in,
+                    req: &ins.req,
+                    required: ins.required,
+                    requester_role: ins.requester_role.clone(),
+                };
+                match store::insert(client, &row).await {
+                    Ok(()) => hub.mark_published(&ins.id),
+                    Err(e) => {
+                        if reported.insert(ins.id.clone()) {
+                            hub.store_unreachable(&ins.id, &format!("{e:#}"));
+                        }
+                    }
+                }
+            }
+            if !work.poll.is_empty() {
+                match store::decided(client, &work.poll).await {
+                    Ok(rows) => rows.into_iter().for_each(|d| hub.store_decided(d)),
+                    Err(e) => tracing::warn!("polling the approval store: {e:#}"),
+                }
+            }
+            for (id, state) in &work.close {
+                if let Err(e) = store::close(client, id, state).await {
+                    tracing::warn!(request = %id, "closing the request in the approval store: {e:#}");
+                }
+            }
+        }
+    }
+}
+
 /// The answer to an approver's decision.
 #[derive(Debug, Serialize)]
 pub struct Answer {
@@ -287,7 +384,13 @@ fn now_rfc3339(t: SystemTime) -> String {
 impl Hub {
     pub fn new(audit: AuditLog) -> Arc<Self> {
         let (events, _) = broadcast::channel(1024);
-        Arc::new(Self { inner: Mutex::new(Inner::default()), audit, events })
+        Arc::new(Self {
+            inner: Mutex::new(Inner::default()),
+            closing: Mutex::new(Vec::new()),
+            store_wake: Arc::new(tokio::sync::Notify::new()),
+            audit,
+            events,
+        })
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Value> {
@@ -356,9 +459,14 @@ impl Hub {
             deadline,
             approvals: Vec::new(),
             tx: Some(tx),
+            published: false,
         };
         let summary = summary(&id, &pending, false);
+        let stored = pending.settings.store.is_some();
         self.lock().pending.insert(id.clone(), pending);
+        if stored {
+            self.store_wake.notify_one();
+        }
         let _ = self.events.send(json!({"event": "request", "request": summary}));
         tracing::warn!(request = %id, rule = %req.rule, session = %req.session, "statement held for approval");
         Ok(Submitted::Held(Hold { id, deadline, timeout: settings.hold_timeout, rx, hub: self.clone(), done: false }))
@@ -368,6 +476,7 @@ impl Hub {
     /// decided (its decision is in the hold's channel).
     fn end(&self, id: &str, how: End) -> Option<Decision> {
         let p = self.lock().pending.remove(id)?;
+        self.close_in_store(&p, id, if matches!(how, End::Expired) { "expired" } else { "withdrawn" });
         let held = p.started.elapsed();
         let (event, decision) = match how {
             End::Expired => ("approval_expired", Decision::Expired { id: id.to_string(), after: held }),
@@ -396,6 +505,7 @@ impl Hub {
         };
         let Some(mut p) = inner.pending.remove(&id) else { return false };
         drop(inner);
+        self.close_in_store(&p, &id, "withdrawn");
         let rec = Record::new("approval_withdrawn", Some(&p.req.session))
             .with("request", &id)
             .with("cause", "cancel")
@@ -447,6 +557,13 @@ impl Hub {
         let (may_approve, may_break_glass, required) =
             (p.settings.may_approve(who), p.settings.may_break_glass(who), p.settings.required);
         let already = p.approvals.iter().any(|(uid, _)| *uid == who.uid);
+        if let Some(st) = &p.settings.store {
+            let why = format!(
+                "profile {profile} is decided in the shared store: cordon approvals --store {} approve {id}, with your own database login",
+                st.url
+            );
+            return refuse(inner, Some(&session), why);
+        }
         if who.uid == workload_uid {
             return refuse(
                 inner,
@@ -557,6 +674,151 @@ impl Hub {
             });
         }
         Ok(Answer { state: "approved", message: format!("request {id} approved; the statement runs now") })
+    }
+
+    fn close_in_store(&self, p: &Pending, id: &str, state: &'static str) {
+        if let (Some(st), true) = (&p.settings.store, p.published) {
+            if let Ok(mut c) = self.closing.lock() {
+                c.push((st.clone(), id.to_string(), state));
+            }
+            self.store_wake.notify_one();
+        }
+    }
+
+    /// A request the store says was decided (by approvers' roles).
+    pub fn store_decided(&self, d: store::Decided) {
+        let mut inner = self.lock();
+        let Some(mut p) = inner.pending.remove(&d.id) else { return };
+        let id = d.id.clone();
+        let session = p.req.session.clone();
+        let decision = match d.state.as_str() {
+            "approved" => {
+                for role in &d.approvals {
+                    let rec = Record::new("approval_decision", Some(&session))
+                        .with("request", &id)
+                        .with("approver", json!({"role": role}))
+                        .with("channel", "store")
+                        .with("decision", "approve")
+                        .with("reason", &d.reason);
+                    let _ = self.audit.append(&rec);
+                }
+                let window = match p.settings.grant {
+                    Grant::Window(w) => {
+                        inner.windows.push(Window {
+                            id: id.clone(),
+                            key: WindowKey::of(&p.req),
+                            expires: Instant::now() + w,
+                        });
+                        Some(w)
+                    }
+                    Grant::Once => None,
+                };
+                let rec = Record::new("approval_granted", Some(&session))
+                    .with("request", &id)
+                    .with("by", &d.approvals)
+                    .with("channel", "store")
+                    .with("break_glass", false)
+                    .with("grant", if window.is_some() { "window" } else { "once" })
+                    .with("window_s", window.map(|w| w.as_secs()))
+                    .with("held_ms", p.started.elapsed().as_millis() as u64);
+                let _ = self.audit.append(&rec);
+                Decision::Approved {
+                    id: id.clone(),
+                    by: d.approvals.clone(),
+                    break_glass: false,
+                    window: window.is_some(),
+                }
+            }
+            "denied" => {
+                let by = d.decided_by.clone().unwrap_or_default();
+                let rec = Record::new("approval_decision", Some(&session))
+                    .with("request", &id)
+                    .with("approver", json!({"role": by}))
+                    .with("channel", "store")
+                    .with("decision", "deny")
+                    .with("reason", &d.reason);
+                let _ = self.audit.append(&rec);
+                let rec = Record::new("approval_denied", Some(&session)).with("request", &id).with("by", &by);
+                let _ = self.audit.append(&rec);
+                Decision::Denied { id: id.clone(), by, reason: d.reason.clone().unwrap_or_default() }
+            }
+            // Closed by someone else in the store: fail closed.
+            other => {
+                let rec = Record::new("approval_withdrawn", Some(&session))
+                    .with("request", &id)
+                    .with("cause", format!("store_{other}"));
+                let _ = self.audit.append(&rec);
+                Decision::Withdrawn { id: id.clone(), cause: "closed_in_store" }
+            }
+        };
+        drop(inner);
+        let _ = self.events.send(json!({"event": d.state, "request": id, "channel": "store"}));
+        if let Some(tx) = p.tx.take() {
+            let _ = tx.send(decision);
+        }
+    }
+
+    /// What the store task has to do: requests to insert, ids to poll, and
+    /// requests to close, per store.
+    pub fn store_work(&self) -> Vec<StoreWork> {
+        let inner = self.lock();
+        let mut out: Vec<StoreWork> = Vec::new();
+        for (id, p) in &inner.pending {
+            let Some(st) = &p.settings.store else { continue };
+            let slot = match out.iter().position(|w| &w.store == st) {
+                Some(i) => i,
+                None => {
+                    out.push(StoreWork { store: st.clone(), insert: Vec::new(), poll: Vec::new(), close: Vec::new() });
+                    out.len() - 1
+                }
+            };
+            let Some(w) = out.get_mut(slot) else { continue };
+            if p.published {
+                w.poll.push(id.clone());
+            } else {
+                let role = p
+                    .req
+                    .workload
+                    .user
+                    .as_ref()
+                    .map(|u| p.settings.workload_roles.get(u).cloned().unwrap_or_else(|| u.clone()));
+                w.insert.push(Insert {
+                    id: id.clone(),
+                    req: p.req.clone(),
+                    required: p.settings.required,
+                    expires_in: p.deadline.saturating_duration_since(Instant::now()),
+                    requester_role: role,
+                });
+            }
+        }
+        drop(inner);
+        let closing = self.closing.lock().map(|mut c| std::mem::take(&mut *c)).unwrap_or_default();
+        for (st, id, state) in closing {
+            match out.iter_mut().find(|w| w.store == st) {
+                Some(w) => w.close.push((id, state)),
+                None => {
+                    out.push(StoreWork { store: st, insert: Vec::new(), poll: Vec::new(), close: vec![(id, state)] })
+                }
+            }
+        }
+        out
+    }
+
+    pub fn mark_published(&self, id: &str) {
+        if let Some(p) = self.lock().pending.get_mut(id) {
+            p.published = true;
+        }
+    }
+
+    /// Note a store outage once per request (the request still waits for
+    /// its timeout, then is denied).
+    pub fn store_unreachable(&self, id: &str, error: &str) {
+        let session = self.lock().pending.get(id).map(|p| p.req.session.clone());
+        if let Some(session) = session {
+            let rec =
+                Record::new("approval_store_unreachable", Some(&session)).with("request", id).with("error", error);
+            let _ = self.audit.append(&rec);
+        }
     }
 
     /// Pending requests this person may see.

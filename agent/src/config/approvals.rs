@@ -16,6 +16,15 @@ pub(super) struct RawApprovals {
     hold_timeout: Option<Spanned<String>>,
     grant: Option<Spanned<String>>,
     break_glass: Option<Spanned<Vec<String>>>,
+    /// A shared PostgreSQL store: `postgresql://host:port/db`.
+    store: Option<Spanned<String>>,
+    /// `[credentials.NAME]` in the secrets file for the store.
+    store_credentials: Option<Spanned<String>>,
+    /// CA file for the store's certificate.
+    store_ca: Option<Spanned<String>>,
+    /// Workload Unix user → its database role in the store.
+    #[serde(default)]
+    workload_roles: BTreeMap<String, String>,
 }
 
 /// "90s", "10m", "2h", "1d" (a bare number is seconds).
@@ -66,7 +75,7 @@ impl Validator<'_> {
         };
         let users = approvers.iter().filter(|p| matches!(p, Principal::User(_))).count();
         let groups = approvers.iter().any(|p| matches!(p, Principal::Group(_)));
-        if let Some(n) = &raw.required {
+        if let Some(n) = raw.required.as_ref().filter(|_| raw.store.is_none()) {
             if !groups && users < required as usize {
                 self.error(
                     n.span(),
@@ -104,10 +113,39 @@ impl Validator<'_> {
                 }
             },
         };
-        if approvers.is_empty() {
+        let store = raw.store.as_ref().and_then(|u| {
+            let url = u.get_ref();
+            match url.parse::<tokio_postgres::Config>() {
+                Ok(c) if c.get_password().is_some() => {
+                    self.error(u.span(), &field("store"), "no password in the URL: put the agent's login in the secrets file and name it with store_credentials");
+                    None
+                }
+                Ok(_) => Some(crate::approvals::store::StoreSettings {
+                    url: url.clone(),
+                    credentials: raw.store_credentials.as_ref().map(|c| c.get_ref().clone()),
+                    ca: raw.store_ca.as_ref().map(|c| std::path::PathBuf::from(c.get_ref())),
+                }),
+                Err(e) => {
+                    self.error(u.span(), &field("store"), format!("not a PostgreSQL URL ({e}); e.g. \"postgresql://approvals.internal:5432/cordon?sslmode=require\""));
+                    None
+                }
+            }
+        });
+        if let (Some(c), None) = (&raw.store_credentials, &raw.store) {
+            self.error(c.span(), &field("store_credentials"), "store_credentials without store");
+        }
+        if approvers.is_empty() && raw.store.is_none() {
             let span = raw.approvers.as_ref().map(Spanned::span).unwrap_or(table);
             self.error(span, &field("approvers"), "name at least one approver: a Unix user, or %group");
         }
-        Some(Settings { approvers, required, hold_timeout, grant, break_glass })
+        Some(Settings {
+            approvers,
+            required,
+            hold_timeout,
+            grant,
+            break_glass,
+            store,
+            workload_roles: raw.workload_roles,
+        })
     }
 }
