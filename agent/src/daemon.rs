@@ -158,6 +158,7 @@ pub async fn run(p: Prepared) -> Result<()> {
     tokio::spawn(control::serve(control_listener, shared.clone()));
     tokio::spawn(crate::approvals::socket::serve(approvals_listener, shared.clone()));
     tokio::spawn(crate::approvals::run_store(shared.clone()));
+    tokio::spawn(crate::approvals::webhook::run(shared.clone()));
     spawn_watcher(shared.clone());
     // Retention also runs at each segment rotation; hourly covers quiet hosts.
     let pruner = shared.clone();
@@ -231,6 +232,28 @@ fn load_secrets(policy: &Policy) -> Result<crate::secrets::Secrets> {
     for (intercept, cred) in needed {
         if secrets.get(cred).is_none() {
             bail!("intercept {intercept:?} injects credentials {cred:?}, which {} does not define", path.display());
+        }
+    }
+    // What approvals name: the store's login and the webhooks' secrets.
+    for p in &policy.profiles {
+        let Some(a) = &p.approvals else { continue };
+        if let Some(c) = a.store.as_ref().and_then(|s| s.credentials.as_ref()) {
+            if secrets.get(c).is_none() {
+                bail!(
+                    "profiles.{}.approvals.store_credentials names {c:?}, which {} does not define",
+                    p.name,
+                    path.display()
+                );
+            }
+        }
+        for (i, h) in a.webhooks.iter().enumerate() {
+            if let Some(s) = h.secret.as_ref().filter(|s| !secrets.webhooks.contains_key(*s)) {
+                bail!(
+                    "profiles.{}.approvals.webhook[{i}].secret names {s:?}, which is not in [webhooks] of {}",
+                    p.name,
+                    path.display()
+                );
+            }
         }
     }
     Ok(secrets)

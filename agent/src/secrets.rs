@@ -50,6 +50,8 @@ pub struct Secrets {
     pub pseudonym_key: Option<Secret>,
     /// HMAC key for literals and parameters in cordon's own records.
     pub literal_key: Option<Secret>,
+    /// Signing secrets of approval webhooks, by name (`whsec_…`).
+    pub webhooks: BTreeMap<String, Secret>,
 }
 
 #[derive(Deserialize)]
@@ -59,6 +61,8 @@ struct RawFile {
     credentials: BTreeMap<String, RawCredential>,
     masking: Option<RawMasking>,
     audit: Option<RawAudit>,
+    #[serde(default)]
+    webhooks: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -131,7 +135,17 @@ impl Secrets {
             Some(a) => Some(Secret(a.literal_key)),
             None => None,
         };
-        Ok(Self { credentials, pseudonym_key, literal_key })
+        let mut webhooks = BTreeMap::new();
+        for (name, secret) in raw.webhooks {
+            if secret.len() < 16 {
+                bail!(
+                    "{}: webhooks.{name} must be at least 16 characters (e.g. whsec_ + base64 of 32 random bytes)",
+                    path.display()
+                );
+            }
+            webhooks.insert(name, Secret(secret));
+        }
+        Ok(Self { credentials, pseudonym_key, literal_key, webhooks })
     }
 
     pub fn get(&self, name: &str) -> Option<&Credential> {

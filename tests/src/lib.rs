@@ -162,6 +162,17 @@ pub fn governed_with(
     policy: &str,
     agent_settings: &str,
 ) -> Result<(Postgres, Cgroup, Agent)> {
+    governed_full(test, schema, policy, agent_settings, "")
+}
+
+/// As [`governed_with`], with more of the secrets file (e.g. `[webhooks]`).
+pub fn governed_full(
+    test: &str,
+    schema: &str,
+    policy: &str,
+    agent_settings: &str,
+    secrets: &str,
+) -> Result<(Postgres, Cgroup, Agent)> {
     let pg = Postgres::start_secure(&["127.0.0.2"], free_port())?;
     pg.admin_sql(schema)?;
     let name = format!("cordon-{test}-{}", std::process::id());
@@ -173,6 +184,11 @@ pub fn governed_with(
         ca = pg.ca_file.as_ref().context("a secure server has a CA")?.display(),
     );
     let mut agent = Agent::new_with(&body, agent_settings)?;
+    if !secrets.is_empty() {
+        use std::io::Write;
+        let mut f = fs::OpenOptions::new().append(true).open(agent.dir.path().join("secrets.toml"))?;
+        writeln!(f, "\n{secrets}")?;
+    }
     agent.start()?;
     Ok((pg, cg, agent))
 }

@@ -637,3 +637,142 @@ fn an_unreachable_store_approves_nothing_and_the_hold_times_out() {
     assert!(s.table_exists("scratch"));
     s.verify();
 }
+
+/// A receiving end: accepts HTTP POSTs on loopback, answers 500 to the
+/// first one (the sender must retry, with the same webhook-id) and 200
+/// after, and keeps (headers, body) of each.
+struct Receiver {
+    port: u16,
+    got: std::sync::Arc<std::sync::Mutex<Vec<(Vec<(String, String)>, String)>>>,
+}
+
+impl Receiver {
+    fn start() -> Self {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let got: std::sync::Arc<std::sync::Mutex<Vec<(Vec<(String, String)>, String)>>> = Default::default();
+        let keep = got.clone();
+        thread::spawn(move || {
+            let mut n = 0;
+            for conn in listener.incoming().flatten() {
+                n += 1;
+                let mut r = BufReader::new(conn.try_clone().expect("clone"));
+                let mut headers = Vec::new();
+                let mut line = String::new();
+                let _ = r.read_line(&mut line);
+                loop {
+                    line.clear();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = line.trim().split_once(':') {
+                        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+                    }
+                }
+                let len =
+                    headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+                let mut body = vec![0; len];
+                let _ = r.read_exact(&mut body);
+                let status = if n == 1 { "500 Internal Server Error" } else { "200 OK" };
+                let mut w = conn;
+                let _ = w.write_all(
+                    format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes(),
+                );
+                if let Ok(mut g) = keep.lock() {
+                    g.push((headers, String::from_utf8_lossy(&body).into_owned()));
+                }
+            }
+        });
+        Self { port, got }
+    }
+
+    fn wait(&self, n: usize) -> Vec<(Vec<(String, String)>, String)> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = self.got.lock().map(|g| g.clone()).unwrap_or_default();
+            if got.len() >= n || Instant::now() > deadline {
+                return got;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn header<'a>(h: &'a [(String, String)], name: &str) -> &'a str {
+    h.iter().find(|(k, _)| k == name).map_or("", |(_, v)| v.as_str())
+}
+
+#[test]
+fn webhooks_are_signed_retried_and_verified_by_the_receiver() {
+    use base64::Engine;
+    use hmac::{Mac, SimpleHmac};
+    require_e2e!();
+    let who = people();
+    let hook = Receiver::start();
+    let slack = Receiver::start();
+    let key = [7u8; 32];
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let secret = format!("whsec_{}", b64.encode(key));
+    let policy = format!(
+        "[profiles.ci]\n[profiles.ci.guardrails]\nddl = \"approve\"\n[profiles.ci.approvals]\napprovers = [\"%{GROUP}\"]\n\
+         [[profiles.ci.approvals.webhook]]\nurl = \"http://127.0.0.1:{}/cordon\"\nsecret = \"ops\"\n\
+         [[profiles.ci.approvals.webhook]]\nurl = \"http://127.0.0.1:{}/services/T0/B0/x\"\nformat = \"slack\"\n",
+        hook.port, slack.port
+    );
+    let (pg, cg, agent) =
+        cordon_tests::governed_full("ap-hook", SCHEMA, &policy, "", &format!("[webhooks]\nops = \"{secret}\""))
+            .expect("governed");
+    let s = Setup { pg, cg, agent, who };
+    let held = s.spawn_psql(&["drop table scratch"]);
+    let id = s.agent.wait_request(1);
+    assert!(s.approvals(s.who.alice, &["approve", &id]).status.success());
+    assert!(finish(held, Duration::from_secs(20)).status.success());
+
+    // request (500, retried) + request again + granted.
+    let got = hook.wait(3);
+    assert!(got.len() >= 3, "{got:?}\n{}", s.agent.log_text());
+    let first = header(&got[0].0, "webhook-id");
+    assert_eq!(
+        got.iter().filter(|(h, _)| header(h, "webhook-id") == first).count(),
+        2,
+        "the refused delivery was retried with its webhook-id"
+    );
+    for (h, body) in &got {
+        let id = header(h, "webhook-id");
+        let ts = header(h, "webhook-timestamp");
+        let mut mac = SimpleHmac::<sha2::Sha256>::new_from_slice(&key).expect("key");
+        mac.update(format!("{id}.{ts}.{body}").as_bytes());
+        let want = format!("v1,{}", b64.encode(mac.finalize().into_bytes()));
+        let sigs = header(h, "webhook-signature");
+        assert!(sigs.split(' ').any(|s| s == want), "signature {sigs} does not verify (want {want})");
+        let age = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("now").as_secs() as i64
+            - ts.parse::<i64>().expect("timestamp");
+        assert!(age.abs() < 300, "timestamp outside tolerance");
+        // A statement's literals never leave in clear, and neither does the
+        // full text the approver sees; the body is the recorded one.
+        let v: Value = serde_json::from_str(body).expect("json body");
+        assert!(v["type"].as_str().is_some_and(|t| t.starts_with("approval.")), "{v}");
+    }
+    let types: Vec<String> = got
+        .iter()
+        .filter_map(|(_, b)| serde_json::from_str::<Value>(b).ok()?["type"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        types.contains(&"approval.requested".to_string()) && types.contains(&"approval.granted".to_string()),
+        "{types:?}"
+    );
+    // A tampered body does not verify.
+    let (h, body) = &got[2];
+    let mut mac = SimpleHmac::<sha2::Sha256>::new_from_slice(&key).expect("key");
+    mac.update(format!("{}.{}.{}x", header(h, "webhook-id"), header(h, "webhook-timestamp"), body).as_bytes());
+    assert_ne!(format!("v1,{}", b64.encode(mac.finalize().into_bytes())), header(h, "webhook-signature"));
+
+    // Slack: a message naming the request and the approve command.
+    let got = slack.wait(2);
+    let texts: Vec<String> = got
+        .iter()
+        .filter_map(|(_, b)| serde_json::from_str::<Value>(b).ok()?["text"].as_str().map(str::to_string))
+        .collect();
+    assert!(texts.iter().any(|t| t.contains(&id) && t.contains("cordon approvals approve")), "{texts:?}");
+}

@@ -23,6 +23,7 @@ pub mod cli;
 pub mod identity;
 pub mod socket;
 pub mod store;
+pub mod webhook;
 
 use std::{
     collections::BTreeMap,
@@ -93,6 +94,8 @@ pub struct Settings {
     /// The database role each workload user maps to in the store (default:
     /// the same name); that role may not approve the workload's requests.
     pub workload_roles: BTreeMap<String, String>,
+    /// Notified on request, decision, expiry and withdrawal.
+    pub webhooks: Vec<webhook::Hook>,
 }
 
 impl Settings {
@@ -467,7 +470,7 @@ impl Hub {
         if stored {
             self.store_wake.notify_one();
         }
-        let _ = self.events.send(json!({"event": "request", "request": summary}));
+        let _ = self.events.send(json!({"event": "request", "request": summary, "profile": req.profile}));
         tracing::warn!(request = %id, rule = %req.rule, session = %req.session, "statement held for approval");
         Ok(Submitted::Held(Hold { id, deadline, timeout: settings.hold_timeout, rx, hub: self.clone(), done: false }))
     }
@@ -492,7 +495,7 @@ impl Hub {
         // The statement is refused either way; a failed write is logged by
         // the writer and counted in its outage record.
         let _ = self.audit.append(&rec);
-        let _ = self.events.send(json!({"event": event.trim_start_matches("approval_"), "request": id}));
+        self.emit(json!({"event": event.trim_start_matches("approval_"), "request": id}), &p);
         Some(decision)
     }
 
@@ -512,7 +515,7 @@ impl Hub {
             .with("held_ms", p.started.elapsed().as_millis() as u64)
             .with("approvals", p.approvals.len());
         let _ = self.audit.append(&rec);
-        let _ = self.events.send(json!({"event": "withdrawn", "request": id}));
+        self.emit(json!({"event": "withdrawn", "request": id}), &p);
         if let Some(tx) = p.tx.take() {
             let _ = tx.send(Decision::Withdrawn { id, cause: "cancel" });
         }
@@ -623,7 +626,7 @@ impl Hub {
             let reason = reason.unwrap_or_default().to_string();
             let rec = Record::new("approval_denied", Some(&session)).with("request", id).with("by", &name);
             let _ = self.audit.append(&rec);
-            let _ = self.events.send(json!({"event": "denied", "request": id, "by": name, "reason": reason}));
+            self.emit(json!({"event": "denied", "request": id, "by": name, "reason": reason}), &p);
             if let Some(tx) = p.tx.take() {
                 let _ = tx.send(Decision::Denied { id: id.to_string(), by: name.clone(), reason });
             }
@@ -633,7 +636,8 @@ impl Hub {
         let have = p.approvals.len() as u32;
         if !break_glass && have < p.settings.required {
             let msg = format!("approved by {name}: {have} of {} distinct approvals", p.settings.required);
-            let _ = self.events.send(json!({"event": "approval", "request": id, "by": name, "have": have}));
+            let ev = json!({"event": "approval", "request": id, "by": name, "have": have});
+            self.emit(ev, p);
             return Ok(Answer { state: "pending", message: msg });
         }
         let Some(mut p) = inner.pending.remove(id) else { return Err(format!("request {id} is no longer pending")) };
@@ -664,7 +668,7 @@ impl Hub {
             event["notify"] = json!(p.settings.approvers.iter().map(ToString::to_string).collect::<Vec<_>>());
             tracing::warn!(request = %id, by = %name, "break-glass approval");
         }
-        let _ = self.events.send(event);
+        self.emit(event, &p);
         let decision = Decision::Approved { id: id.to_string(), by, break_glass, window: window.is_some() };
         let delivered = p.tx.take().is_some_and(|tx| tx.send(decision).is_ok());
         if !delivered {
@@ -674,6 +678,15 @@ impl Hub {
             });
         }
         Ok(Answer { state: "approved", message: format!("request {id} approved; the statement runs now") })
+    }
+
+    /// Send an event to watchers and webhooks, with the profile it concerns
+    /// and (for webhooks) the request as recorded.
+    fn emit(&self, mut ev: Value, p: &Pending) {
+        ev["profile"] = json!(p.req.profile);
+        ev["text"] = json!(p.req.text);
+        ev["rule"] = json!(p.req.rule);
+        let _ = self.events.send(ev);
     }
 
     fn close_in_store(&self, p: &Pending, id: &str, state: &'static str) {
@@ -752,7 +765,7 @@ impl Hub {
             }
         };
         drop(inner);
-        let _ = self.events.send(json!({"event": d.state, "request": id, "channel": "store"}));
+        self.emit(json!({"event": d.state, "request": id, "channel": "store"}), &p);
         if let Some(tx) = p.tx.take() {
             let _ = tx.send(decision);
         }

@@ -25,6 +25,17 @@ pub(super) struct RawApprovals {
     /// Workload Unix user → its database role in the store.
     #[serde(default)]
     workload_roles: BTreeMap<String, String>,
+    /// `[[profiles.X.approvals.webhook]]`
+    #[serde(default)]
+    webhook: Vec<Spanned<RawHook>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHook {
+    url: Spanned<String>,
+    secret: Option<String>,
+    format: Option<Spanned<String>>,
 }
 
 /// "90s", "10m", "2h", "1d" (a bare number is seconds).
@@ -138,6 +149,35 @@ impl Validator<'_> {
             let span = raw.approvers.as_ref().map(Spanned::span).unwrap_or(table);
             self.error(span, &field("approvers"), "name at least one approver: a Unix user, or %group");
         }
+        let mut webhooks = Vec::new();
+        for (i, h) in raw.webhook.into_iter().enumerate() {
+            use crate::approvals::webhook::{Format, Hook};
+            let h = h.into_inner();
+            let f = |x: &str| format!("profiles.{profile}.approvals.webhook[{i}].{x}");
+            let url = h.url.get_ref();
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                self.error(h.url.span(), &f("url"), "an http:// or https:// URL");
+                continue;
+            }
+            let format = match h.format.as_ref().map(|s| s.get_ref().as_str()) {
+                None | Some("standard") => Format::Standard,
+                Some("slack") => Format::Slack,
+                Some(o) => {
+                    let span = h.format.as_ref().map(Spanned::span).unwrap_or(0..0);
+                    self.error(span, &f("format"), format!("unknown format {o:?}; use \"standard\" or \"slack\""));
+                    continue;
+                }
+            };
+            if format == Format::Standard && h.secret.is_none() {
+                self.error(
+                    h.url.span(),
+                    &f("secret"),
+                    "a standard webhook is signed: name its secret in the secrets file's [webhooks]",
+                );
+                continue;
+            }
+            webhooks.push(Hook { url: url.clone(), secret: h.secret, format });
+        }
         Some(Settings {
             approvers,
             required,
@@ -146,6 +186,7 @@ impl Validator<'_> {
             break_glass,
             store,
             workload_roles: raw.workload_roles,
+            webhooks,
         })
     }
 }
