@@ -122,6 +122,18 @@ fn from_recording(out: &mut String, path: &Path, sha: &str) -> Result<()> {
                     get("message").as_str().unwrap_or("")
                 );
             }
+            "held" => {
+                let _ = writeln!(
+                    out,
+                    "-- held for approval: request {} (rule {}: {})",
+                    get("request").as_str().unwrap_or(""),
+                    get("rule").as_str().unwrap_or(""),
+                    get("reason").as_str().unwrap_or("")
+                );
+            }
+            "decision" => {
+                let _ = writeln!(out, "{}", decision_line(&ev));
+            }
             "notification" => {
                 let _ = writeln!(
                     out,
@@ -137,6 +149,29 @@ fn from_recording(out: &mut String, path: &Path, sha: &str) -> Result<()> {
     Ok(())
 }
 
+/// "-- approved by alice, bob (request ap-…)" and the like.
+fn decision_line(ev: &Value) -> String {
+    let id = ev.get("request").and_then(Value::as_str).unwrap_or("");
+    let by = match ev.get("by") {
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "),
+        Some(Value::String(s)) => s.clone(),
+        _ => String::new(),
+    };
+    let glass = if ev.get("break_glass") == Some(&Value::Bool(true)) { " (BREAK-GLASS)" } else { "" };
+    match ev.get("decision").and_then(Value::as_str).unwrap_or("") {
+        "approved" | "granted" => format!("-- approved by {by}{glass} (request {id})"),
+        "grant_used" => format!("-- released by the window grant of request {id}"),
+        "denied" => {
+            format!("-- denied by {by}: {} (request {id})", ev.get("reason").and_then(Value::as_str).unwrap_or(""))
+        }
+        "expired" => format!("-- not approved in time (request {id})"),
+        "withdrawn" => {
+            format!("-- withdrawn: {} (request {id})", ev.get("cause").and_then(Value::as_str).unwrap_or(""))
+        }
+        other => format!("-- {other} (request {id})"),
+    }
+}
+
 fn from_audit(out: &mut String, records: &[Record]) {
     let _ = writeln!(out, "-- (no result recording for this session: statements and outcomes from the audit log)");
     for r in records {
@@ -146,6 +181,29 @@ fn from_audit(out: &mut String, records: &[Record]) {
                 if let Some(p) = r.fields.get("params") {
                     let _ = writeln!(out, "-- params: {p}");
                 }
+            }
+            "approval_request" => {
+                let f = |k: &str| r.fields.get(k).and_then(Value::as_str).unwrap_or("");
+                let _ = writeln!(
+                    out,
+                    "-- held for approval: request {} (rule {}: {})",
+                    f("request"),
+                    f("rule"),
+                    f("reason")
+                );
+            }
+            "approval_granted"
+            | "approval_denied"
+            | "approval_expired"
+            | "approval_withdrawn"
+            | "approval_grant_used" => {
+                let mut ev = serde_json::Map::new();
+                for (k, v) in &r.fields {
+                    ev.insert(k.clone(), v.clone());
+                }
+                let decision = r.event.trim_start_matches("approval_");
+                ev.insert("decision".into(), Value::from(decision));
+                let _ = writeln!(out, "{}", decision_line(&Value::Object(ev)));
             }
             "statement_end" => {
                 let o = r.fields.get("outcome").cloned().unwrap_or(Value::Null);

@@ -189,6 +189,14 @@ fn held_statement_runs_once_a_group_member_approves() {
         .expect("statement record names its approval");
     assert_eq!(stmt["approval"]["by"][0], "cordon-alice");
     assert!(stmt["verdict"].is_null(), "{stmt}");
+    // Replay shows the hold and the decision inline.
+    let session = stmt["session"].as_str().expect("session");
+    let out = s.agent.cli(&["replay", session]);
+    let text = stdout(&out);
+    let held_at = text.find(&format!("held for approval: request {id}")).expect("hold in replay");
+    let approved_at = text.find("approved by cordon-alice").expect("decision in replay");
+    let ran_at = text.find("=> drop table scratch").expect("statement in replay");
+    assert!(held_at < approved_at && approved_at < ran_at, "{text}");
     let refused = s.events("approval_refused", &id);
     assert!(refused.iter().any(|r| r["approver"]["user"] == "cordon-mallory"), "{refused:?}");
 
@@ -411,7 +419,7 @@ fn a_restricted_label_reads_in_clear_only_for_the_approved_statement() {
     require_e2e!();
     let s = setup(
         "label",
-        "[profiles.ci.labels]\nrestricted = \"approve\"",
+        "record_results = true\n[profiles.ci.labels]\nrestricted = \"approve\"",
         &format!("approvers = [\"%{GROUP}\"]\nhold_timeout = \"60s\""),
     );
     // Unlabeled columns are not held.
@@ -429,6 +437,11 @@ fn a_restricted_label_reads_in_clear_only_for_the_approved_statement() {
     let out = finish(held, Duration::from_secs(20));
     assert!(!stdout(&out).contains("6789") && !stdout(&out).contains("9876"), "{}", stdout(&out));
     assert!(stderr(&out).contains("no need"), "{}", stderr(&out));
+    // The recording shows both holds and their decisions.
+    let session = s.agent.audit_events("approval_request")[1]["session"].as_str().expect("session").to_string();
+    let out = s.agent.cli(&["replay", &session]);
+    let text = stdout(&out);
+    assert!(text.contains("held for approval") && text.contains("denied by cordon-alice: no need"), "{text}");
     s.verify();
 }
 

@@ -282,6 +282,15 @@ impl SessionPipeline {
         (Admitted { id, started: Instant::now(), recorded }, wait)
     }
 
+    /// A statement held for approval, and how its hold ended, in the
+    /// session recording (under the id it gets when admitted).
+    pub fn hold_event(&mut self, kind: &str, body: serde_json::Value) {
+        let id = self.next_id + 1;
+        if let Some(r) = &mut self.recorder {
+            r.event(id, kind, body);
+        }
+    }
+
     pub fn columns(&mut self, id: u64, names: &[String]) {
         if let Some(r) = &mut self.recorder {
             r.event(id, "columns", json!({"names": names}));

@@ -111,6 +111,11 @@ pub(super) async fn wait(
     {
         let mut t = tracker.lock().map_err(|_| anyhow::anyhow!("session state poisoned"))?;
         t.holding = true;
+        let text = t.pipeline.recorded_text(&held.text, &held.literals);
+        t.pipeline.hold_event(
+            "held",
+            serde_json::json!({"request": hold.id, "rule": held.need.rule, "reason": held.need.message, "text": text}),
+        );
         let detail = format!(
             "request {}; rule {}: {}; approvers: {}; {} of them must approve within {} s",
             hold.id,
@@ -156,8 +161,21 @@ pub(super) async fn wait(
     if let Ok(mut t) = tracker.lock() {
         t.holding = false;
         t.last_activity = Instant::now();
+        t.pipeline.hold_event("decision", decision_json(&decided));
     }
     Ok(Settled::Decided(decided))
+}
+
+fn decision_json(d: &Decision) -> serde_json::Value {
+    use serde_json::json;
+    match d {
+        Decision::Approved { id, by, break_glass, window } => {
+            json!({"request": id, "decision": "approved", "by": by, "break_glass": break_glass, "window": window})
+        }
+        Decision::Denied { id, by, reason } => json!({"request": id, "decision": "denied", "by": by, "reason": reason}),
+        Decision::Expired { id, after } => json!({"request": id, "decision": "expired", "after_s": after.as_secs()}),
+        Decision::Withdrawn { id, cause } => json!({"request": id, "decision": "withdrawn", "cause": cause}),
+    }
 }
 
 /// The statement as approvers see it: its text, then each parameter.
