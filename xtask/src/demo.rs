@@ -33,7 +33,7 @@ pub fn run() -> Result<()> {
          insert into customers values \
            (1, 'ada', '123-45-6789', '4111 1111 1111 1111', 'prefers email: ada@example.com'), \
            (2, 'grace', '219-09-9999', '5500 0000 0000 0004', 'VIP'); \
-         grant select, insert, update, delete on customers to app",
+         grant select, insert, update, delete on customers to app;          alter table customers owner to app",
     )?;
     // The secrets file and the server's CA, where policies/demo.toml expects them.
     let _ = std::fs::remove_dir_all("/run/cordon-demo");
@@ -64,7 +64,7 @@ pub fn run() -> Result<()> {
 
     say("running psql as user `nobody`, with no password, in the tagged cgroup cordon-demo/ci-job-1, against the database's normal address");
     let query = "select id, name, ssn, card, note from customers order by id";
-    let drop_sql = "drop table customers";
+    let drop_sql = "delete from customers";
     let out = ci
         .command("psql")
         .args(["-X", "-At", "-h", PG_HOST, "-p", &PG_PORT.to_string(), "-U", "postgres", "-c", query, "-c", drop_sql])
@@ -74,13 +74,56 @@ pub fn run() -> Result<()> {
         &format!("$ psql -h {PG_HOST} -p {PG_PORT} -U postgres -c '{query}' -c '{drop_sql}'   # no password; in cordon-demo/ci-job-1, as nobody"),
         &format!("{}\n{}", stdout(&out), stderr(&out)),
     );
-    if !stdout(&out).contains("**** **** **** 1111") || !stderr(&out).contains("rule ddl") {
-        bail!("the demo expected a masked card and a refused DROP TABLE\n{}", agent.log_text());
+    if !stdout(&out).contains("**** **** **** 1111") || !stderr(&out).contains("rule unbounded_write") {
+        bail!("the demo expected a masked card and a refused DELETE without WHERE\n{}", agent.log_text());
     }
     print_section(
         "the same query on the server's own socket, for comparison (not through cordon)",
         &pg.admin_sql(query)?,
     );
+
+    say("the job changes the schema: cordon holds the statement until a DBA approves it");
+    let dba = cordon_tests::local_user("cordon-demo-dba", &["cordon-demo-dba"])?;
+    let alter = "alter table customers add column tier int";
+    let held = ci
+        .command("psql")
+        .args(["-X", "-At", "-h", PG_HOST, "-p", &PG_PORT.to_string(), "-U", "postgres", "-c", alter])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running psql")?;
+    let requests = agent.wait_audit("approval_request", 1);
+    let Some(id) = requests.first().and_then(|r| r["request"].as_str()).map(str::to_string) else {
+        bail!("the ALTER TABLE was not held for approval\n{}", agent.log_text());
+    };
+    let approvals = |args: &[&str]| {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new(cordon_tests::cordon_bin())
+            .arg("approvals")
+            .args(args)
+            .arg("--config")
+            .arg(&policy)
+            .uid(dba)
+            .current_dir("/tmp")
+            .output()
+    };
+    print_section(
+        "$ cordon approvals list   # as cordon-demo-dba, from another terminal",
+        &stdout(&approvals(&["list"])?),
+    );
+    let out = approvals(&["approve", &id, "--reason", "planned: add tier column"])?;
+    print_section(
+        &format!("$ cordon approvals approve {id} --reason 'planned: add tier column'"),
+        &format!("{}{}", stdout(&out), stderr(&out)),
+    );
+    let out = held.wait_with_output().context("waiting for the held psql")?;
+    print_section(
+        &format!("$ psql -h {PG_HOST} -p {PG_PORT} -U postgres -c '{alter}'   # held, then released"),
+        &format!("{}\n{}", stdout(&out), stderr(&out)),
+    );
+    if stdout(&out).trim() != "ALTER TABLE" {
+        bail!("the approved ALTER TABLE did not run\n{}\n{}", stderr(&out), agent.log_text());
+    }
 
     let untagged = Cgroup::create("cordon-demo/adhoc")?;
     let out = psql(Some(&untagged), PG_HOST, PG_PORT, "select count(*) from customers");
@@ -92,13 +135,16 @@ pub fn run() -> Result<()> {
     let Some(open) = agent.audit_events("open").into_iter().next() else {
         bail!("no audit record: the query did not go through cordon\n{}", agent.log_text());
     };
-    if agent.audit_events("open").len() != 1 {
-        bail!("expected exactly one intercepted session, got {:?}", agent.audit_events("open"));
+    if agent.audit_events("open").len() != 2 {
+        bail!("expected exactly two intercepted sessions, got {:?}", agent.audit_events("open"));
     }
     say("the untagged psql went direct: the server wanted a password the job does not have, and cordon recorded nothing");
     print_section("cordon sessions list", &stdout(&agent.cli(&["sessions", "list"])));
     let session = open["session"].as_str().unwrap_or_default().to_string();
     print_section(&format!("cordon replay {session}"), &stdout(&agent.cli(&["replay", &session])));
+    if let Some(second) = agent.audit_events("open").get(1).and_then(|o| o["session"].as_str()).map(str::to_string) {
+        print_section(&format!("cordon replay {second}"), &stdout(&agent.cli(&["replay", &second])));
+    }
     print_section("cordon audit verify", &stdout(&agent.cli(&["audit", "verify"])));
     print_section(
         "the session's open record (hash-chained JSON Lines, fsync'd)",

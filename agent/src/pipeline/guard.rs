@@ -280,9 +280,12 @@ fn check_one(g: &Guardrails, s: &StmtFacts, labels: &dyn LabelLookup, held: &mut
     let mut fire = |o: Outcome, rule: &str, message: String| fire_into(held, o, rule, message);
     match &s.kind {
         StmtKind::Ddl { command } => {
-            if let Some(v) =
-                fire(g.ddl, "ddl", format!("{command} changes the database, which this profile does not allow; run it from an ungoverned migration job, or set guardrails.ddl"))
-            {
+            let msg = if g.ddl == Outcome::Approve {
+                format!("{command} changes the database; this profile lets it run once approved")
+            } else {
+                format!("{command} changes the database, which this profile does not allow; run it from an ungoverned migration job, or set guardrails.ddl")
+            };
+            if let Some(v) = fire(g.ddl, "ddl", msg) {
                 return Some(v);
             }
         }
