@@ -199,6 +199,13 @@ pub async fn connect_upstream(addr: SocketAddr, shared: &Shared) -> Result<TcpSt
     nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &shared.socket_mark())
         .context("setting SO_MARK on the upstream socket (needs CAP_NET_ADMIN)")?;
     socket.set_nodelay(true).context("setting TCP_NODELAY")?;
+    // A session held for approval sends nothing for minutes: keepalives
+    // keep NAT and firewall state (and a dead peer is noticed).
+    socket.set_keepalive(true).context("setting SO_KEEPALIVE")?;
+    use nix::sys::socket::{setsockopt, sockopt};
+    setsockopt(&socket, sockopt::TcpKeepIdle, &60).context("setting TCP_KEEPIDLE")?;
+    setsockopt(&socket, sockopt::TcpKeepInterval, &10).context("setting TCP_KEEPINTVL")?;
+    setsockopt(&socket, sockopt::TcpKeepCount, &6).context("setting TCP_KEEPCNT")?;
     match tokio::time::timeout(shared.connect_timeout(), socket.connect(addr)).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => Err(e).with_context(|| format!("connecting to {addr}")),
