@@ -789,3 +789,67 @@ fn webhooks_are_signed_retried_and_verified_by_the_receiver() {
         .collect();
     assert!(texts.iter().any(|t| t.contains(&id) && t.contains("cordon approvals approve")), "{texts:?}");
 }
+
+/// A raw protocol client: Parse a named statement that needs approval
+/// (nothing holds a Parse: it runs nothing), then try to run it with SQL.
+const RAW: &str = r#"
+import socket, struct, sys
+s = socket.create_connection(("127.0.0.2", int(sys.argv[1])))
+def send(t, body):
+    s.sendall((t.encode() if t else b"") + struct.pack("!i", len(body) + 4) + body)
+def read():
+    t = s.recv(1)
+    n = struct.unpack("!i", s.recv(4))[0] - 4
+    b = b""
+    while len(b) < n:
+        b += s.recv(n - len(b))
+    return t.decode(), b
+def until_ready():
+    out = []
+    while True:
+        t, b = read()
+        if t == "E":
+            out.append("ERROR " + b.decode(errors="replace"))
+        elif t == "C":
+            out.append("OK " + b.decode(errors="replace").rstrip("\0"))
+        if t == "Z":
+            return out
+params = b"user\0nobody\0database\0postgres\0\0"
+send("", struct.pack("!i", 196608) + params)
+until_ready()
+def query(q):
+    send("Q", q.encode() + b"\0")
+    print(q, "=>", until_ready())
+send("P", b"s1\0drop table scratch\0" + struct.pack("!h", 0))
+send("S", b"")
+print("parse =>", until_ready())
+query("EXECUTE s1")
+query("EXPLAIN ANALYZE EXECUTE s1")
+query("PREPARE p AS drop table scratch")
+query("select count(*) from scratch")
+"#;
+
+#[test]
+fn sql_prepare_and_execute_cannot_get_around_a_hold() {
+    require_e2e!();
+    let s = setup(
+        "prepare",
+        "[profiles.ci.guardrails]\nddl = \"approve\"",
+        &format!("approvers = [\"%{GROUP}\"]\nhold_timeout = \"60s\""),
+    );
+    let (_d, script) = workload_script("raw.py", RAW).expect("script");
+    let out = s
+        .cg
+        .command(cordon_tests::TEST_PYTHON)
+        .args([script.display().to_string(), s.pg.port.to_string()])
+        .output()
+        .expect("python");
+    let text = stdout(&out);
+    assert!(text.contains("EXECUTE s1 => ['ERROR") && text.contains("SQL EXECUTE"), "{text}\n{}", stderr(&out));
+    assert!(text.contains("EXPLAIN ANALYZE EXECUTE s1 => ['ERROR"), "{text}");
+    assert!(text.contains("PREPARE p AS drop table scratch => ['ERROR") && text.contains("PREPARE p"), "{text}");
+    assert!(text.contains("OK SELECT 1"), "{text}");
+    assert!(s.table_exists("scratch"), "the DROP ran without approval");
+    assert!(s.agent.audit_events("approval_request").is_empty());
+    s.verify();
+}

@@ -424,6 +424,9 @@ fn assess(
             }
         }
     }
+    if !verdict.is_deny() {
+        verdict = super::hold::sql_prepare_loopholes(t, text, verdict);
+    }
     Assessed { verdict, facts, literals, notes, rewritten }
 }
 

@@ -34,6 +34,52 @@ pub(super) struct Held {
     pub params: Vec<(Option<Bytes>, bool)>,
 }
 
+/// SQL's own PREPARE and EXECUTE would get around a hold: a statement
+/// PREPAREd once (approved once) could be EXECUTEd any number of times, and
+/// SQL EXECUTE runs a protocol-level prepared statement without the
+/// Execute message cordon holds. So: a statement that needs approval may
+/// not be PREPAREd in SQL, and SQL may not EXECUTE (anywhere in a
+/// statement: EXPLAIN ANALYZE, CREATE TABLE AS) a prepared statement that
+/// needs approval.
+pub(super) fn sql_prepare_loopholes(t: &Tracker, text: &str, verdict: Verdict) -> Verdict {
+    let approving = matches!(verdict, Verdict::Approve { .. });
+    let held_prepared = t.prepared.values().any(|p| p.approval.is_some());
+    if verdict.is_deny() || (!approving && !held_prepared) {
+        return verdict;
+    }
+    let Ok(parsed) = pg_query::parse(text, 0) else { return verdict };
+    let mut refusal = None;
+    for raw in &parsed.protobuf.stmts {
+        let Some(stmt) = raw.stmt.as_deref() else { continue };
+        crate::postgres::sqltree::each_node(stmt, &mut |n| {
+            if refusal.is_some() {
+                return;
+            }
+            match n {
+                pg_query::NodeEnum::PrepareStmt(p) if approving => {
+                    refusal = Some(format!(
+                        "PREPARE {} of a statement that needs approval: each execution must be approved, so run it directly or with the protocol's Parse/Execute",
+                        p.name
+                    ));
+                }
+                pg_query::NodeEnum::ExecuteStmt(e)
+                    if t.prepared.get(e.name.as_bytes()).is_some_and(|p| p.approval.is_some()) =>
+                {
+                    refusal = Some(format!(
+                        "SQL EXECUTE of prepared statement {:?}, which needs approval at each execution: execute it with the protocol's Execute, where cordon holds it",
+                        e.name
+                    ));
+                }
+                _ => {}
+            }
+        });
+    }
+    match refusal {
+        Some(message) => Verdict::Deny { rule: "approval".into(), message },
+        None => verdict,
+    }
+}
+
 /// How a hold ended, for the held message's second judgement.
 pub(super) enum Settled {
     Decided(Decision),
