@@ -838,12 +838,11 @@ fn sql_prepare_and_execute_cannot_get_around_a_hold() {
         &format!("approvers = [\"%{GROUP}\"]\nhold_timeout = \"60s\""),
     );
     let (_d, script) = workload_script("raw.py", RAW).expect("script");
-    let out = s
-        .cg
-        .command(cordon_tests::TEST_PYTHON)
-        .args([script.display().to_string(), s.pg.port.to_string()])
-        .output()
-        .expect("python");
+    let out =
+        s.cg.command(cordon_tests::TEST_PYTHON)
+            .args([script.display().to_string(), s.pg.port.to_string()])
+            .output()
+            .expect("python");
     let text = stdout(&out);
     assert!(text.contains("EXECUTE s1 => ['ERROR") && text.contains("SQL EXECUTE"), "{text}\n{}", stderr(&out));
     assert!(text.contains("EXPLAIN ANALYZE EXECUTE s1 => ['ERROR"), "{text}");

@@ -246,9 +246,10 @@ print(json.dumps(out))
 }
 
 #[test]
-fn deny_label_action_and_approve_outcome() {
+fn deny_label_action_and_ddl_rule() {
+    // (The `approve` outcome is tests/approvals.rs's.)
     require_e2e!();
-    let s = setup("deny", "[profiles.ci.labels]\nrestricted = \"deny\"\n[profiles.ci.guardrails]\nddl = \"approve\"");
+    let s = setup("deny", "[profiles.ci.labels]\nrestricted = \"deny\"\n[profiles.ci.guardrails]\nddl = \"deny\"");
     let out = s.psql(&[
         "select name from customers where id = 1",
         "select ssn from customers",
@@ -257,7 +258,7 @@ fn deny_label_action_and_approve_outcome() {
     ]);
     let err = stderr(&out);
     assert!(err.contains("rule label") && err.contains("labeled restricted"), "{err}");
-    assert!(err.contains("approval") && err.contains("rule ddl"), "{err}");
+    assert!(err.contains("does not allow") && err.contains("rule ddl"), "{err}");
     assert_eq!(stdout(&out), "ada\n2");
     assert!(!stdout(&out).contains("123-45"));
 }

@@ -241,7 +241,6 @@ fn shown(held: &Held) -> String {
 /// The request the hub records and approvers see.
 fn request(t: &Tracker, held: &Held, ctx: &Ctx) -> approvals::Request {
     let text = t.pipeline.recorded_text(&held.text, &held.literals);
-    let normalized = crate::pipeline::fingerprint::normalize(&held.text);
     let w = &ctx.workload;
     let identity = format!("{}|{}|{}|{}", w.cgroup_id, w.uid, w.pid, w.cgroup.as_deref().unwrap_or(""));
     let mut parts: Vec<&[u8]> = vec![
@@ -256,6 +255,15 @@ fn request(t: &Tracker, held: &Held, ctx: &Ctx) -> approvals::Request {
         parts.push(f);
         parts.push(v.as_deref().unwrap_or(&[]));
     }
+    let binding = approvals::binding(&parts);
+    // A window grant covers texts that differ only in their constants, as
+    // PostgreSQL's own scanner reads them (comments and spacing do not
+    // count; anything else does). A text the scanner cannot read gets its
+    // binding: it matches only itself.
+    let fingerprint = match crate::postgres::shape::scan(&held.text).key {
+        Some(key) => approvals::binding(&[b"shape", key.as_bytes()]),
+        None => binding.clone(),
+    };
     approvals::Request {
         session: ctx.session.clone(),
         protocol: "postgres",
@@ -269,7 +277,7 @@ fn request(t: &Tracker, held: &Held, ctx: &Ctx) -> approvals::Request {
         text,
         full_text: shown(held),
         param_count: held.params.len(),
-        binding: approvals::binding(&parts),
-        fingerprint: crate::pipeline::fingerprint::fingerprint(&normalized),
+        binding,
+        fingerprint,
     }
 }
