@@ -37,15 +37,20 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
             .with_context(|| format!("restricting {}", dir.display()))?;
     }
+    bind_socket(path, 0o600)
+}
+
+/// Bind a Unix socket at `path` (replacing a stale one) with this mode.
+pub fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("removing the stale socket {}", path.display())),
     }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("binding the control socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("restricting {}", path.display()))?;
+    let listener = UnixListener::bind(path).with_context(|| format!("binding the socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
     Ok(listener)
 }
 

@@ -20,6 +20,7 @@
 //! same fingerprint and rule, from the same workload to the same target.
 
 pub mod cli;
+mod fleet;
 pub mod identity;
 pub mod socket;
 pub mod store;
@@ -36,6 +37,7 @@ use serde_json::{json, Value};
 use tokio::sync::{broadcast, oneshot};
 
 use crate::audit::{AuditLog, Record, Unavailable};
+pub use fleet::run_store;
 pub use identity::Approver;
 
 /// Who may approve: a Unix user, or `%group`.
@@ -287,90 +289,6 @@ impl Drop for Hold {
 enum End {
     Expired,
     Withdrawn(&'static str),
-}
-
-/// One store's share of the store task's work.
-pub struct StoreWork {
-    pub store: store::StoreSettings,
-    pub insert: Vec<Insert>,
-    pub poll: Vec<String>,
-    pub close: Vec<(String, &'static str)>,
-}
-
-pub struct Insert {
-    pub id: String,
-    pub req: Arc<Request>,
-    pub required: u32,
-    pub expires_in: Duration,
-    pub requester_role: Option<String>,
-}
-
-/// The store task: inserts held requests, polls (and is woken by NOTIFY)
-/// for decisions, closes what the agent ended. One per agent; it only runs
-/// while some profile uses a store.
-pub async fn run_store(shared: Arc<crate::state::Shared>) {
-    let hub = shared.approvals.clone();
-    let mut links: Vec<store::Link> = Vec::new();
-    let mut reported: std::collections::HashSet<String> = std::collections::HashSet::new();
-    let agent = store::agent_name();
-    loop {
-        tokio::select! {
-            () = hub.store_wake.notified() => {}
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-        for work in hub.store_work() {
-            let i = match links.iter().position(|l| l.settings() == &work.store) {
-                Some(i) => i,
-                None => {
-                    links.push(store::Link::new(work.store.clone()));
-                    links.len() - 1
-                }
-            };
-            let Some(link) = links.get_mut(i) else { continue };
-            let client = match link.client(&shared, hub.store_wake.clone()).await {
-                Ok(c) => c,
-                Err(e) => {
-                    let e = format!("{e:#}");
-                    for ins in &work.insert {
-                        if reported.insert(ins.id.clone()) {
-                            tracing::warn!(request = %ins.id, "approval store unreachable; the request waits for its timeout, then is denied: {e}");
-                            hub.store_unreachable(&ins.id, &e);
-                        }
-                    }
-                    continue;
-                }
-            };
-            for ins in &work.insert {
-                let row = store::Row {
-                    id: &ins.id,
-                    agent: &agent,
-                    expires_in: ins.expires_in,
-                    req: &ins.req,
-                    required: ins.required,
-                    requester_role: ins.requester_role.clone(),
-                };
-                match store::insert(client, &row).await {
-                    Ok(()) => hub.mark_published(&ins.id),
-                    Err(e) => {
-                        if reported.insert(ins.id.clone()) {
-                            hub.store_unreachable(&ins.id, &format!("{e:#}"));
-                        }
-                    }
-                }
-            }
-            if !work.poll.is_empty() {
-                match store::decided(client, &work.poll).await {
-                    Ok(rows) => rows.into_iter().for_each(|d| hub.store_decided(d)),
-                    Err(e) => tracing::warn!("polling the approval store: {e:#}"),
-                }
-            }
-            for (id, state) in &work.close {
-                if let Err(e) = store::close(client, id, state).await {
-                    tracing::warn!(request = %id, "closing the request in the approval store: {e:#}");
-                }
-            }
-        }
-    }
 }
 
 /// The answer to an approver's decision.
@@ -640,7 +558,32 @@ impl Hub {
             self.emit(ev, p);
             return Ok(Answer { state: "pending", message: msg });
         }
-        let Some(mut p) = inner.pending.remove(id) else { return Err(format!("request {id} is no longer pending")) };
+        let Some(p) = inner.pending.remove(id) else { return Err(format!("request {id} is no longer pending")) };
+        if break_glass {
+            tracing::warn!(request = %id, by = %name, "break-glass approval");
+        }
+        let by: Vec<String> = p.approvals.iter().map(|(_, n)| n.clone()).collect();
+        if !self.grant(inner, p, id, by, break_glass, "local") {
+            return Ok(Answer {
+                state: "withdrawn",
+                message: format!("request {id} was approved, but its session had already ended"),
+            });
+        }
+        Ok(Answer { state: "approved", message: format!("request {id} approved; the statement runs now") })
+    }
+
+    /// Enough people approved: record the grant (a window is kept for its
+    /// repeats), tell watchers and webhooks, release the hold. False if the
+    /// session had already gone.
+    fn grant(
+        &self,
+        mut inner: std::sync::MutexGuard<'_, Inner>,
+        mut p: Pending,
+        id: &str,
+        by: Vec<String>,
+        break_glass: bool,
+        channel: &str,
+    ) -> bool {
         let window = match p.settings.grant {
             Grant::Window(d) => {
                 inner.windows.push(Window {
@@ -653,31 +596,24 @@ impl Hub {
             Grant::Once => None,
         };
         drop(inner);
-        let by: Vec<String> = p.approvals.iter().map(|(_, n)| n.clone()).collect();
-        let rec = Record::new("approval_granted", Some(&session))
+        let rec = Record::new("approval_granted", Some(&p.req.session))
             .with("request", id)
             .with("by", &by)
+            .with("channel", channel)
             .with("break_glass", break_glass)
             .with("grant", if window.is_some() { "window" } else { "once" })
             .with("window_s", window.map(|d| d.as_secs()))
             .with("held_ms", p.started.elapsed().as_millis() as u64);
         let _ = self.audit.append(&rec);
-        let mut event = json!({"event": "granted", "request": id, "by": by, "break_glass": break_glass});
+        let mut event =
+            json!({"event": "granted", "request": id, "by": by, "break_glass": break_glass, "channel": channel});
         if break_glass {
             // Every approver hears of a break-glass approval.
             event["notify"] = json!(p.settings.approvers.iter().map(ToString::to_string).collect::<Vec<_>>());
-            tracing::warn!(request = %id, by = %name, "break-glass approval");
         }
         self.emit(event, &p);
         let decision = Decision::Approved { id: id.to_string(), by, break_glass, window: window.is_some() };
-        let delivered = p.tx.take().is_some_and(|tx| tx.send(decision).is_ok());
-        if !delivered {
-            return Ok(Answer {
-                state: "withdrawn",
-                message: format!("request {id} was approved, but its session had already ended"),
-            });
-        }
-        Ok(Answer { state: "approved", message: format!("request {id} approved; the statement runs now") })
+        p.tx.take().is_some_and(|tx| tx.send(decision).is_ok())
     }
 
     /// Send an event to watchers and webhooks, with the profile it concerns
@@ -687,151 +623,6 @@ impl Hub {
         ev["text"] = json!(p.req.text);
         ev["rule"] = json!(p.req.rule);
         let _ = self.events.send(ev);
-    }
-
-    fn close_in_store(&self, p: &Pending, id: &str, state: &'static str) {
-        if let (Some(st), true) = (&p.settings.store, p.published) {
-            if let Ok(mut c) = self.closing.lock() {
-                c.push((st.clone(), id.to_string(), state));
-            }
-            self.store_wake.notify_one();
-        }
-    }
-
-    /// A request the store says was decided (by approvers' roles).
-    pub fn store_decided(&self, d: store::Decided) {
-        let mut inner = self.lock();
-        let Some(mut p) = inner.pending.remove(&d.id) else { return };
-        let id = d.id.clone();
-        let session = p.req.session.clone();
-        let decision = match d.state.as_str() {
-            "approved" => {
-                for role in &d.approvals {
-                    let rec = Record::new("approval_decision", Some(&session))
-                        .with("request", &id)
-                        .with("approver", json!({"role": role}))
-                        .with("channel", "store")
-                        .with("decision", "approve")
-                        .with("reason", &d.reason);
-                    let _ = self.audit.append(&rec);
-                }
-                let window = match p.settings.grant {
-                    Grant::Window(w) => {
-                        inner.windows.push(Window {
-                            id: id.clone(),
-                            key: WindowKey::of(&p.req),
-                            expires: Instant::now() + w,
-                        });
-                        Some(w)
-                    }
-                    Grant::Once => None,
-                };
-                let rec = Record::new("approval_granted", Some(&session))
-                    .with("request", &id)
-                    .with("by", &d.approvals)
-                    .with("channel", "store")
-                    .with("break_glass", false)
-                    .with("grant", if window.is_some() { "window" } else { "once" })
-                    .with("window_s", window.map(|w| w.as_secs()))
-                    .with("held_ms", p.started.elapsed().as_millis() as u64);
-                let _ = self.audit.append(&rec);
-                Decision::Approved {
-                    id: id.clone(),
-                    by: d.approvals.clone(),
-                    break_glass: false,
-                    window: window.is_some(),
-                }
-            }
-            "denied" => {
-                let by = d.decided_by.clone().unwrap_or_default();
-                let rec = Record::new("approval_decision", Some(&session))
-                    .with("request", &id)
-                    .with("approver", json!({"role": by}))
-                    .with("channel", "store")
-                    .with("decision", "deny")
-                    .with("reason", &d.reason);
-                let _ = self.audit.append(&rec);
-                let rec = Record::new("approval_denied", Some(&session)).with("request", &id).with("by", &by);
-                let _ = self.audit.append(&rec);
-                Decision::Denied { id: id.clone(), by, reason: d.reason.clone().unwrap_or_default() }
-            }
-            // Closed by someone else in the store: fail closed.
-            other => {
-                let rec = Record::new("approval_withdrawn", Some(&session))
-                    .with("request", &id)
-                    .with("cause", format!("store_{other}"));
-                let _ = self.audit.append(&rec);
-                Decision::Withdrawn { id: id.clone(), cause: "closed_in_store" }
-            }
-        };
-        drop(inner);
-        self.emit(json!({"event": d.state, "request": id, "channel": "store"}), &p);
-        if let Some(tx) = p.tx.take() {
-            let _ = tx.send(decision);
-        }
-    }
-
-    /// What the store task has to do: requests to insert, ids to poll, and
-    /// requests to close, per store.
-    pub fn store_work(&self) -> Vec<StoreWork> {
-        let inner = self.lock();
-        let mut out: Vec<StoreWork> = Vec::new();
-        for (id, p) in &inner.pending {
-            let Some(st) = &p.settings.store else { continue };
-            let slot = match out.iter().position(|w| &w.store == st) {
-                Some(i) => i,
-                None => {
-                    out.push(StoreWork { store: st.clone(), insert: Vec::new(), poll: Vec::new(), close: Vec::new() });
-                    out.len() - 1
-                }
-            };
-            let Some(w) = out.get_mut(slot) else { continue };
-            if p.published {
-                w.poll.push(id.clone());
-            } else {
-                let role = p
-                    .req
-                    .workload
-                    .user
-                    .as_ref()
-                    .map(|u| p.settings.workload_roles.get(u).cloned().unwrap_or_else(|| u.clone()));
-                w.insert.push(Insert {
-                    id: id.clone(),
-                    req: p.req.clone(),
-                    required: p.settings.required,
-                    expires_in: p.deadline.saturating_duration_since(Instant::now()),
-                    requester_role: role,
-                });
-            }
-        }
-        drop(inner);
-        let closing = self.closing.lock().map(|mut c| std::mem::take(&mut *c)).unwrap_or_default();
-        for (st, id, state) in closing {
-            match out.iter_mut().find(|w| w.store == st) {
-                Some(w) => w.close.push((id, state)),
-                None => {
-                    out.push(StoreWork { store: st, insert: Vec::new(), poll: Vec::new(), close: vec![(id, state)] })
-                }
-            }
-        }
-        out
-    }
-
-    pub fn mark_published(&self, id: &str) {
-        if let Some(p) = self.lock().pending.get_mut(id) {
-            p.published = true;
-        }
-    }
-
-    /// Note a store outage once per request (the request still waits for
-    /// its timeout, then is denied).
-    pub fn store_unreachable(&self, id: &str, error: &str) {
-        let session = self.lock().pending.get(id).map(|p| p.req.session.clone());
-        if let Some(session) = session {
-            let rec =
-                Record::new("approval_store_unreachable", Some(&session)).with("request", id).with("error", error);
-            let _ = self.audit.append(&rec);
-        }
     }
 
     /// Pending requests this person may see.

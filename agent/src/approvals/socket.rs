@@ -48,18 +48,9 @@ pub fn path_beside(control_socket: &Path) -> std::path::PathBuf {
     control_socket.with_file_name("approvals.sock")
 }
 
+/// Open to every local user: each request is authorised by its caller's uid.
 pub fn bind(path: &Path) -> Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing the stale socket {}", path.display())),
-    }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("binding the approvals socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
-        .with_context(|| format!("opening {} to approvers", path.display()))?;
-    Ok(listener)
+    crate::control::bind_socket(path, 0o666)
 }
 
 pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
