@@ -782,19 +782,17 @@ impl Agent {
     /// approver on this host does. The agent's directory is opened for
     /// traversal so the approvals socket is reachable, as /run/cordon is.
     pub fn approvals_as(&self, uid: u32, args: &[&str]) -> Output {
+        self.approvals_command(uid, args).output().unwrap_or_else(|e| panic!("cannot run cordon approvals: {e}"))
+    }
+
+    /// `cordon approvals ARGS` as a local user, not yet run (for `watch`).
+    pub fn approvals_command(&self, uid: u32, args: &[&str]) -> Command {
         use std::os::unix::fs::PermissionsExt;
         let _ = fs::set_permissions(self.dir.path(), fs::Permissions::from_mode(0o755));
         let socket = self.dir.path().join("run/approvals.sock");
-        Command::new(cordon_bin())
-            .arg("approvals")
-            .args(args)
-            .arg("--socket")
-            .arg(&socket)
-            .uid(uid)
-            .gid(WORKLOAD_GID)
-            .current_dir("/tmp")
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run cordon approvals: {e}"))
+        let mut cmd = Command::new(cordon_bin());
+        cmd.arg("approvals").args(args).arg("--socket").arg(&socket).uid(uid).gid(WORKLOAD_GID).current_dir("/tmp");
+        cmd
     }
 
     /// Wait for the next pending approval request the audit shows (the

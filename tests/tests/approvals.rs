@@ -134,8 +134,28 @@ fn held_statement_runs_once_a_group_member_approves() {
         &format!("approvers = [\"%{GROUP}\"]\nhold_timeout = \"60s\""),
         "idle_timeout_secs = 2",
     );
+    // An approver watching sees the request arrive.
+    let mut watch = s
+        .agent
+        .approvals_command(s.who.bob, &["watch", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("watch");
+    thread::sleep(Duration::from_millis(300));
     let mut held = s.spawn_psql(&["drop table scratch"]);
     let id = s.agent.wait_request(1);
+    let mut lines = cordon_tests::lines_of(&mut watch);
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(lines.next().unwrap_or_default());
+    });
+    let first = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let ev: Value = serde_json::from_str(&first).unwrap_or(Value::Null);
+    assert_eq!(ev["event"], "request", "{first}");
+    assert_eq!(ev["request"]["id"], id.as_str(), "{first}");
 
     // Nothing reached the server, and the hold outlives the idle timeout.
     thread::sleep(Duration::from_secs(3));
