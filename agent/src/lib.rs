@@ -20,5 +20,6 @@ pub mod relay;
 pub mod replay;
 pub mod secrets;
 pub mod sessions;
+pub mod ssh;
 pub mod state;
 pub mod tagging;

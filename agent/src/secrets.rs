@@ -40,7 +40,10 @@ impl fmt::Display for Secret {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credential {
     pub user: String,
+    /// Empty for a key-only credential.
     pub password: Secret,
+    /// An OpenSSH private key (SSH intercepts), from `key_file`.
+    pub key: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -84,6 +87,8 @@ struct RawCredential {
     password: Option<String>,
     password_file: Option<String>,
     password_env: Option<String>,
+    /// An OpenSSH private key file (0600), for SSH.
+    key_file: Option<String>,
 }
 
 impl Secrets {
@@ -100,7 +105,20 @@ impl Secrets {
         })?;
         let mut credentials = BTreeMap::new();
         for (name, c) in raw.credentials {
+            let key = match &c.key_file {
+                Some(f) => {
+                    let fp = Path::new(f);
+                    let m = std::fs::metadata(fp).with_context(|| format!("credentials.{name}.key_file {f}"))?;
+                    check_private(fp, &m)?;
+                    Some(Secret(
+                        std::fs::read_to_string(fp)
+                            .with_context(|| format!("reading credentials.{name}.key_file {f}"))?,
+                    ))
+                }
+                None => None,
+            };
             let password = match (c.password, c.password_file, c.password_env) {
+                (None, None, None) if key.is_some() => String::new(),
                 (Some(p), None, None) => p,
                 (None, Some(f), None) => {
                     let fp = Path::new(&f);
@@ -115,11 +133,11 @@ impl Secrets {
                     format!("credentials.{name}.password_env: ${v} is not set in the agent's environment")
                 })?,
                 _ => bail!(
-                    "{}: credentials.{name}: give exactly one of password, password_file, password_env",
+                    "{}: credentials.{name}: give exactly one of password, password_file, password_env (or only key_file)",
                     path.display()
                 ),
             };
-            credentials.insert(name, Credential { user: c.user, password: Secret(password) });
+            credentials.insert(name, Credential { user: c.user, password: Secret(password), key });
         }
         let pseudonym_key = match raw.masking {
             Some(m) if m.pseudonym_key.len() < 16 => {

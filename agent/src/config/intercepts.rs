@@ -93,7 +93,32 @@ impl Validator<'_> {
                 return None;
             }
         }
-        Some(Intercept { name, protocol: protocol?, port, destinations, upstream, login })
+        let is_ssh = protocol.is_some_and(|p| p.name() == "ssh");
+        let known_hosts = raw.known_hosts.as_ref().map(|k| PathBuf::from(k.get_ref()));
+        match (&raw.known_hosts, is_ssh) {
+            (None, true) => {
+                self.error(
+                    raw.protocol.span(),
+                    &field("known_hosts"),
+                    "an ssh intercept pins its servers' host keys: name a known_hosts file (plain keys or @cert-authority lines); an unknown key is refused",
+                );
+                return None;
+            }
+            (Some(k), false) => {
+                self.error(k.span(), &field("known_hosts"), "known_hosts applies to protocol = \"ssh\" only");
+                return None;
+            }
+            _ => {}
+        }
+        if is_ssh && matches!(&login, Some(Login { auth: AuthMode::Passthrough, .. })) {
+            self.error(
+                raw.protocol.span(),
+                &field("auth"),
+                "ssh terminates the workload's connection: cordon logs in with its own credential (auth = \"inject\")",
+            );
+            return None;
+        }
+        Some(Intercept { name, protocol: protocol?, port, destinations, upstream, login, known_hosts })
     }
 
     /// `auth`, `credentials` and `upstream_*` apply to protocols that log in

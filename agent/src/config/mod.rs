@@ -144,6 +144,8 @@ struct RawIntercept {
     upstream_tls: Option<Spanned<String>>,
     upstream_ca: Option<Spanned<String>>,
     upstream_server_name: Option<Spanned<String>>,
+    /// SSH: the pinned host keys of the servers behind this intercept.
+    known_hosts: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -165,6 +167,7 @@ struct RawProfile {
     lookups: BTreeMap<String, Spanned<String>>,
     guardrails: Option<Spanned<RawGuardrails>>,
     approvals: Option<Spanned<approvals::RawApprovals>>,
+    ssh: Option<Spanned<ssh::RawSsh>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -253,6 +256,9 @@ pub struct Intercept {
     /// How cordon logs in upstream; set for protocols that terminate the
     /// connection (`Spec::logs_in`), None for byte relays.
     pub login: Option<Login>,
+    /// SSH: a known_hosts file (plain keys and `@cert-authority` lines)
+    /// pinning the upstream servers' host keys; anything else fails closed.
+    pub known_hosts: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -319,6 +325,8 @@ pub struct Profile {
     pub max_connections: Option<u32>,
     /// Who releases statements a rule or label sends for approval.
     pub approvals: Option<crate::approvals::Settings>,
+    /// What SSH sessions may do (exec, shell, transfers, forwarding).
+    pub ssh: crate::ssh::policy::SshPolicy,
 }
 
 impl Profile {
@@ -430,6 +438,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Policy, PolicyErrors> {
 mod agent;
 mod approvals;
 mod intercepts;
+mod ssh;
 pub use approvals::parse_duration;
 mod profiles;
 
@@ -510,6 +519,10 @@ impl Validator<'_> {
                     .filter(|(_, a)| **a == crate::pipeline::classify::Action::Approve)
                     .map(|(rank, _)| format!("labels.{}", classifier.labels.name(rank))),
             );
+            let ssh = self.ssh(&name, p.ssh);
+            if ssh.approves() {
+                approving.push("ssh.approve".into());
+            }
             if approvals.is_none() && !approving.is_empty() {
                 self.error(
                     profile_span.unwrap_or(whole),
@@ -529,6 +542,7 @@ impl Validator<'_> {
                 guardrails,
                 max_connections,
                 approvals,
+                ssh,
             });
         }
         let mut tags = Vec::new();
