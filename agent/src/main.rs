@@ -70,6 +70,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AuditCmd,
     },
+    /// SSH: the lines that make workloads trust cordon's host key.
+    Ssh {
+        #[command(subcommand)]
+        cmd: SshCmd,
+    },
     /// Statements held for approval: list, show, approve, deny, watch.
     Approvals {
         #[command(subcommand)]
@@ -82,6 +87,19 @@ enum Cmd {
         #[arg(long, global = true)]
         store: Option<String>,
         #[arg(long, short, default_value = DEFAULT_CONFIG, global = true)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum SshCmd {
+    /// Print the lines to install once in /etc/ssh/ssh_known_hosts on each
+    /// workload host: cordon's host CA (@cert-authority *) and its host key
+    /// (* and, for clients without certificates or patterns, per destination).
+    KnownHosts {
+        /// Names or addresses workloads dial (paramiko matches exact names only).
+        destinations: Vec<String>,
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
 }
@@ -284,6 +302,14 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 Ok(1)
             }
         },
+        Cmd::Ssh { cmd: SshCmd::KnownHosts { destinations, config } } => {
+            let state_dir = agent_settings(&config).state_dir;
+            let id = cordon::ssh::hostkey::HostIdentity::load_or_create(&state_dir)?;
+            for line in id.known_hosts_lines(&destinations)? {
+                println!("{line}");
+            }
+            Ok(0)
+        }
         Cmd::Approvals { cmd, store: Some(url), .. } => {
             runtime()?.block_on(cordon::approvals::cli::run_store(cmd, &url))
         }

@@ -86,12 +86,13 @@ pub struct Spec {
 const REGISTRY: &[Spec] = &[
     Spec { name: "tcp", logs_in: false, serve: |c, s| Box::pin(crate::relay::serve(c, s)) },
     Spec { name: "postgres", logs_in: true, serve: |c, s| Box::pin(crate::postgres::serve(c, s)) },
+    Spec { name: "ssh", logs_in: true, serve: |c, s| Box::pin(crate::ssh::serve(c, s)) },
 ];
 
 /// Protocols that are planned but not built yet. Naming one is an error, not
 /// a silent fallback to a byte relay: a policy that asks for statement-level
 /// governance must not get less without saying so.
-const PLANNED: [&str; 2] = ["mysql", "ssh"];
+const PLANNED: [&str; 1] = ["mysql"];
 
 /// A registered protocol.
 #[derive(Clone, Copy)]

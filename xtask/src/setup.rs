@@ -27,6 +27,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("php-pgsql", "PHP's PostgreSQL driver (PDO pgsql)"),
     ("faketime", "libfaketime, to step the agent's wall clock backwards in the audit fault tests"),
     ("e2fsprogs", "mkfs.ext4 and e2fsck for the read-only filesystem fault test"),
+    ("openssh-server", "sshd, the real upstream server of the SSH end-to-end tests (on 127.0.0.x)"),
+    ("openssh-client", "ssh, scp and sftp: the workloads of the SSH tests"),
 ];
 
 /// node-postgres from the npm registry, where every user can read it.

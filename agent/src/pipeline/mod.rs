@@ -56,6 +56,10 @@ pub enum StatementKind {
     Execute,
     /// A fast-path function call.
     FunctionCall,
+    /// An SSH exec request (the command sshd would run).
+    Command,
+    /// An SSH interactive shell, subsystem (sftp) or transfer.
+    Channel,
 }
 
 pub struct Statement<'a> {
@@ -131,6 +135,9 @@ pub struct Outcome {
     /// Values masked, by "column/strategy" or "column/detector:kind".
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub masked: std::collections::BTreeMap<String, u64>,
+    /// Bytes sent to the workload (SSH channels).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -1,0 +1,347 @@
+//! SSH end to end: a real sshd (Debian's openssh-server) on 127.0.0.5, the
+//! real OpenSSH client as an unprivileged workload in a tagged cgroup,
+//! cordon in between with credentials only it holds. Written the way a
+//! workload trying to get around the command policy would: substitutions,
+//! shells, forwarding, a changed upstream key, the files cordon writes.
+
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use cordon_tests::{free_port, require_e2e, stderr, stdout, Agent, Cgroup, WORKLOAD_UID};
+use serde_json::Value;
+
+const HOST: &str = "127.0.0.5";
+const DEPLOY: &str = "cordon-deploy";
+
+/// A throwaway sshd with its own host key, accepting cordon's key for the
+/// deploy user.
+struct Sshd {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Child,
+}
+
+impl Sshd {
+    fn start() -> Self {
+        let dir = tempfile::Builder::new().prefix("cordon-sshd-").tempdir().expect("tempdir");
+        let d = dir.path();
+        let _ = fs::create_dir_all("/run/sshd");
+        keygen(&d.join("host_key"));
+        keygen(&d.join("cordon_key"));
+        fs::copy(d.join("cordon_key.pub"), d.join("authorized_keys")).expect("authorized_keys");
+        deploy_user();
+        let port = free_port();
+        let cfg = format!(
+            "Port {port}\nListenAddress {HOST}\nHostKey {d}/host_key\nPidFile none\nUsePAM no\nStrictModes no\n\
+             AuthorizedKeysFile {d}/authorized_keys\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+             PubkeyAuthentication yes\nAllowUsers {DEPLOY}\nSubsystem sftp internal-sftp\nLogLevel VERBOSE\n\
+             AcceptEnv LANG LC_*\n",
+            d = d.display()
+        );
+        fs::write(d.join("sshd_config"), cfg).expect("config");
+        let log = fs::File::create(d.join("sshd.log")).expect("log");
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(d.join("sshd_config"))
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("sshd");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect((HOST, port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "sshd did not start: {}",
+                fs::read_to_string(d.join("sshd.log")).unwrap_or_default()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        Self { dir, port, child }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The known_hosts line cordon pins the server with (its own key, or
+    /// another one).
+    fn pin(&self, key: Option<&str>) -> String {
+        let own = fs::read_to_string(self.path("host_key.pub")).expect("host key");
+        format!("[{HOST}]:{} {}", self.port, key.unwrap_or(&own).trim())
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn keygen(path: &Path) {
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "cordon-test", "-f"])
+        .arg(path)
+        .status()
+        .expect("ssh-keygen");
+    assert!(st.success());
+}
+
+/// The upstream account: a shell, a home in /tmp, no password but not
+/// locked (sshd without PAM refuses locked accounts even for keys).
+fn deploy_user() {
+    if !Command::new("id").arg(DEPLOY).output().is_ok_and(|o| o.status.success()) {
+        let st = Command::new("useradd")
+            .args(["-M", "-N", "-d", "/tmp", "-s", "/bin/sh", DEPLOY])
+            .status()
+            .expect("useradd");
+        assert!(st.success());
+    }
+    let st = Command::new("usermod").args(["-p", "*", DEPLOY]).status().expect("usermod");
+    assert!(st.success());
+}
+
+struct Setup {
+    sshd: Sshd,
+    cg: Cgroup,
+    agent: Agent,
+    /// The workload's known_hosts (what an admin installs once).
+    known: PathBuf,
+}
+
+fn setup(test: &str, profile: &str) -> Setup {
+    setup_pinned(test, profile, None)
+}
+
+fn setup_pinned(test: &str, profile: &str, pin: Option<String>) -> Setup {
+    // `pin`: a host key to pin instead of the server's own.
+    let sshd = Sshd::start();
+    let name = format!("cordon-ssh-{test}-{}", std::process::id());
+    let cg = Cgroup::create(&name).expect("cgroup");
+    let pins = sshd.path("pins");
+    fs::write(&pins, sshd.pin(pin.as_deref()) + "\n").expect("pins");
+    let body = format!(
+        "[[intercept]]\nname = \"hosts\"\nprotocol = \"ssh\"\nport = {port}\ndestinations = [\"{HOST}/32\"]\n\
+         credentials = \"deploy\"\nknown_hosts = \"{pins}\"\n\n[profiles.ci]\n{profile}\n\n\
+         [[tag]]\ncgroup = \"{name}\"\nprofile = \"ci\"\n",
+        port = sshd.port,
+        pins = pins.display(),
+    );
+    let mut agent = Agent::new(&body).expect("agent");
+    {
+        use std::io::Write;
+        let mut f = fs::OpenOptions::new().append(true).open(agent.dir.path().join("secrets.toml")).expect("secrets");
+        writeln!(
+            f,
+            "\n[credentials.deploy]\nuser = \"{DEPLOY}\"\nkey_file = \"{}\"",
+            sshd.path("cordon_key").display()
+        )
+        .expect("write");
+    }
+    agent.start().expect("agent start");
+    // What an admin installs once on the workload host.
+    let out = agent.cli(&["ssh", "known-hosts"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let known = sshd.path("ssh_known_hosts");
+    fs::write(&known, stdout(&out)).expect("known_hosts");
+    fs::set_permissions(sshd.dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    fs::set_permissions(&known, fs::Permissions::from_mode(0o644)).expect("chmod");
+    Setup { sshd, cg, agent, known }
+}
+
+impl Setup {
+    /// OpenSSH as the workload: strict host key checking against the
+    /// installed lines only, no key of its own, no password.
+    fn ssh_cmd(&self, extra: &[&str], remote: &[&str]) -> Command {
+        let mut cmd = self.cg.command("ssh");
+        // ssh keeps the first value of an option: the test's own go first.
+        cmd.args(extra);
+        cmd.args([
+            "-F",
+            "none",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .arg("-o")
+        .arg(format!("GlobalKnownHostsFile={}", self.known.display()))
+        .args(["-o", "ConnectTimeout=10", "-p", &self.sshd.port.to_string()])
+        .arg(format!("anyone@{HOST}"))
+        .args(remote);
+        cmd
+    }
+
+    fn ssh(&self, remote: &str) -> Output {
+        self.ssh_cmd(&[], &[remote]).output().expect("ssh")
+    }
+
+    fn events(&self, event: &str) -> Vec<Value> {
+        self.agent.audit_events(event)
+    }
+}
+
+#[test]
+fn exec_allowed_runs_upstream_with_cordons_credential_and_is_recorded() {
+    require_e2e!();
+    let s = setup("allow", "[profiles.ci.ssh]\ncommands = [\"echo *\", \"id -un\"]");
+    let out = s.ssh("echo hello from the workload");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "hello from the workload");
+    // It ran upstream as the deploy account, which the workload has no key for.
+    let out = s.ssh("id -un");
+    assert_eq!(stdout(&out), DEPLOY, "{}", stderr(&out));
+    let stmts = s.events("statement");
+    assert!(stmts.iter().any(|r| r["text"] == "echo hello from the workload" && r["kind"] == "command"), "{stmts:?}");
+    let ends = s.events("statement_end");
+    assert!(ends.iter().any(|r| r["outcome"]["tags"][0] == "exit 0"), "{ends:?}");
+    let opens = s.events("open");
+    assert_eq!(opens[0]["workload"]["uid"], WORKLOAD_UID);
+    let closes = s.events("close");
+    assert_eq!(closes[0]["upstream_user"], DEPLOY);
+    let out = s.agent.cli(&["audit", "verify"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+}
+
+#[test]
+fn commands_outside_the_policy_are_refused_before_anything_runs() {
+    require_e2e!();
+    let s = setup("deny", "[profiles.ci.ssh]\ncommands = [\"echo *\", \"cat *\", \"touch /tmp/cordon-ssh-*\"]");
+    let marker = format!("/tmp/cordon-ssh-marker-{}", std::process::id());
+    fs::write(&marker, "x").expect("marker");
+    for attack in [
+        format!("rm -f {marker}"),
+        format!("echo $(rm -f {marker})"),
+        format!("echo `rm -f {marker}`"),
+        format!("echo ok; rm -f {marker}"),
+        format!("cat /dev/null && rm -f {marker}"),
+        format!("sh -c 'rm -f {marker}'"),
+        format!("echo rm -f {marker} | sh"),
+        format!("cat <(rm -f {marker})"),
+        format!("X=1 rm -f {marker}"),
+        "echo $HOME".to_string(),
+        format!("echo x > {marker}"),
+        "find / -maxdepth 0 -exec id ;".to_string(),
+        "echo 'unterminated".to_string(),
+    ] {
+        let out = s.ssh(&attack);
+        assert_eq!(out.status.code(), Some(126), "{attack}: {}{}", stdout(&out), stderr(&out));
+        assert!(stderr(&out).contains("cordon: refused"), "{attack}: {}", stderr(&out));
+        assert!(Path::new(&marker).exists(), "{attack} ran");
+    }
+    let denied = s.events("statement").into_iter().filter(|r| r["verdict"] == "deny").count();
+    assert_eq!(denied, 13);
+    let _ = fs::remove_file(&marker);
+}
+
+#[test]
+fn the_installed_ca_line_is_enough_for_strict_host_key_checking() {
+    require_e2e!();
+    let s = setup("trust", "[profiles.ci.ssh]\ncommands = [\"echo *\"]");
+    let all = fs::read_to_string(&s.known).expect("known");
+    assert!(all.starts_with("@cert-authority * ssh-ed25519 "), "{all}");
+    // Only the CA line: the per-connection certificate proves the host.
+    let ca_only = s.sshd.path("ca_only");
+    fs::write(&ca_only, all.lines().next().unwrap_or_default().to_string() + "\n").expect("write");
+    fs::set_permissions(&ca_only, fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = s
+        .ssh_cmd(&["-v", "-o", &format!("GlobalKnownHostsFile={}", ca_only.display())], &["echo via-cert"])
+        .output()
+        .expect("ssh");
+    assert_eq!(stdout(&out), "via-cert", "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("Server host certificate") && stderr(&out).contains("cordon session"),
+        "{}",
+        stderr(&out)
+    );
+    // Only the plain line, for clients that do not take certificates.
+    let plain = s.sshd.path("plain_only");
+    fs::write(&plain, all.lines().nth(1).unwrap_or_default().to_string() + "\n").expect("write");
+    fs::set_permissions(&plain, fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = s
+        .ssh_cmd(
+            &["-o", &format!("GlobalKnownHostsFile={}", plain.display()), "-o", "HostKeyAlgorithms=ssh-ed25519"],
+            &["echo via-key"],
+        )
+        .output()
+        .expect("ssh");
+    assert_eq!(stdout(&out), "via-key", "{}", stderr(&out));
+    // Nothing installed: strict checking refuses, as it should.
+    let out = s.ssh_cmd(&["-o", "GlobalKnownHostsFile=/dev/null"], &["echo nope"]).output().expect("ssh");
+    assert!(!out.status.success() && stderr(&out).contains("Host key verification failed"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_changed_upstream_host_key_is_refused_and_audited() {
+    require_e2e!();
+    let other = tempfile::tempdir().expect("tempdir");
+    keygen(&other.path().join("k"));
+    let wrong = fs::read_to_string(other.path().join("k.pub")).expect("key");
+    // The pin names the right server with a key it does not have.
+    let s = setup_pinned("mismatch", "[profiles.ci.ssh]\ncommands = [\"echo *\"]", Some(wrong));
+    let out = s.ssh("echo should-not-run");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not pinned"), "{}", stderr(&out));
+    let refused = s.events("upstream_refused");
+    assert_eq!(refused[0]["kind"], "host_key", "{refused:?}");
+}
+
+#[test]
+fn shells_forwarding_and_agent_are_refused_by_default() {
+    require_e2e!();
+    let s = setup("shell", "[profiles.ci.ssh]\ncommands = [\"echo *\"]");
+    let out = s.ssh_cmd(&["-tt"], &[]).stdin(Stdio::null()).output().expect("ssh");
+    assert!(
+        stdout(&out).contains("interactive shells are not allowed")
+            || stderr(&out).contains("interactive shells are not allowed"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    // -W opens a direct-tcpip channel: forwarding.
+    let out = s.ssh_cmd(&["-W", &format!("{HOST}:{}", s.sshd.port)], &[]).stdin(Stdio::null()).output().expect("ssh");
+    assert!(!out.status.success(), "{}", stderr(&out));
+    let refused = s.events("ssh_refused");
+    assert!(refused.iter().any(|r| r["what"] == "port_forwarding"), "{refused:?}");
+    let out = s.ssh_cmd(&["-A", "-o", "ForwardAgent=yes"], &["echo $SSH_AUTH_SOCK"]).output().expect("ssh");
+    assert_eq!(out.status.code(), Some(126), "an expansion is refused either way: {}", stderr(&out));
+}
+
+#[test]
+fn no_credential_reaches_anything_cordon_writes_or_the_workload() {
+    require_e2e!();
+    let s = setup("secrets", "[profiles.ci.ssh]\ncommands = [\"echo *\"]");
+    let _ = s.ssh("echo one");
+    let _ = s.ssh("rm -rf /");
+    s.agent.wait_synced();
+    let key = fs::read_to_string(s.sshd.path("cordon_key")).expect("key");
+    let body: String = key.lines().filter(|l| !l.starts_with("-----")).collect::<Vec<_>>().join("");
+    // The end of the body is the private part (the start is the same for
+    // every Ed25519 key).
+    let chunk = body.get(body.len() - 80..body.len() - 40).expect("key body").to_string();
+    let mut files = Vec::new();
+    let mut stack = vec![s.agent.dir.path().to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name().is_some_and(|n| n != "secrets.toml") {
+                files.push(p);
+            }
+        }
+    }
+    assert!(files.len() > 3, "{files:?}");
+    for f in files {
+        let text = fs::read(&f).unwrap_or_default();
+        assert!(!String::from_utf8_lossy(&text).contains(&chunk), "{} holds the upstream key", f.display());
+    }
+}
