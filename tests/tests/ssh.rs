@@ -345,3 +345,64 @@ fn no_credential_reaches_anything_cordon_writes_or_the_workload() {
         assert!(!String::from_utf8_lossy(&text).contains(&chunk), "{} holds the upstream key", f.display());
     }
 }
+
+fn finish(mut child: Child, within: Duration) -> Output {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return child.wait_with_output().expect("output");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("output");
+    panic!("still running after {within:?}: {}\n{}", stdout(&out), stderr(&out));
+}
+
+#[test]
+fn an_exec_that_needs_approval_is_held_then_runs_or_is_refused() {
+    require_e2e!();
+    let alice = cordon_tests::local_user("cordon-alice", &["cordon-approvers"]).expect("alice");
+    let s = setup(
+        "approve",
+        "[profiles.ci.ssh]\ncommands = [\"echo *\"]\napprove = [\"touch /tmp/cordon-ssh-approved-*\"]\n\
+         [profiles.ci.approvals]\napprovers = [\"%cordon-approvers\"]\nhold_timeout = \"60s\"",
+    );
+    let file = format!("/tmp/cordon-ssh-approved-{}", std::process::id());
+    let _ = fs::remove_file(&file);
+    let held =
+        s.ssh_cmd(&[], &[&format!("touch {file}")]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("ssh");
+    let id = s.agent.wait_request(1);
+    thread::sleep(Duration::from_millis(300));
+    assert!(!Path::new(&file).exists(), "ran before approval");
+    let out = s.agent.approvals_as(alice, &["show", &id]);
+    assert!(stdout(&out).contains(&format!("touch {file}")), "{}", stdout(&out));
+    assert!(s.agent.approvals_as(alice, &["approve", &id]).status.success());
+    let out = finish(held, Duration::from_secs(30));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("held for approval (request {id})")), "{}", stderr(&out));
+    assert!(Path::new(&file).exists());
+    fs::remove_file(&file).expect("cleanup");
+    // Denied: refused with the reason, nothing runs.
+    let held =
+        s.ssh_cmd(&[], &[&format!("touch {file}")]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("ssh");
+    let id = s.agent.wait_request(2);
+    assert!(s.agent.approvals_as(alice, &["deny", &id, "--reason", "not now"]).status.success());
+    let out = finish(held, Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(126));
+    assert!(stderr(&out).contains("not now"), "{}", stderr(&out));
+    assert!(!Path::new(&file).exists());
+    // A disconnect withdraws.
+    let mut held =
+        s.ssh_cmd(&[], &[&format!("touch {file}")]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("ssh");
+    let id = s.agent.wait_request(3);
+    held.kill().expect("kill");
+    let _ = held.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s.events("approval_withdrawn").iter().any(|r| r["request"] == id.as_str()) {
+        assert!(Instant::now() < deadline, "not withdrawn");
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!s.agent.approvals_as(alice, &["approve", &id]).status.success());
+    assert!(!Path::new(&file).exists());
+}

@@ -97,7 +97,8 @@ pub async fn run(ctx: Arc<Ctx>, down: Channel<server::Msg>, open: server::Channe
         Start::Shell => ("<interactive shell>".to_string(), StatementKind::Channel),
         Start::Subsystem(n) => (format!("<subsystem {n}>"), StatementKind::Channel),
     };
-    let (verdict, decision) = decide(&ctx, &start, &text, &rx_notice(&handle, id)).await;
+    let mut waiting = Waiting { rx: &mut rx, early: &mut early, early_len: &mut early_len, early_eof: &mut early_eof };
+    let (verdict, decision) = decide(&ctx, &start, &text, &rx_notice(&handle, id), &mut waiting).await;
     let stmt = Statement { text: &text, literals: &[], kind, params: &[], prepared: None, approval: decision.as_ref() };
     let (admitted, written) = match ctx.pipeline.lock() {
         Ok(mut p) => p.statement(&stmt, &verdict),
@@ -269,9 +270,24 @@ impl Notice<'_> {
     }
 }
 
+/// The channel while its command is held: stdin is kept (bounded), a close
+/// or disconnect withdraws the request.
+struct Waiting<'a> {
+    rx: &'a mut russh::ChannelReadHalf,
+    early: &'a mut Vec<Bytes>,
+    early_len: &'a mut usize,
+    early_eof: &'a mut bool,
+}
+
 /// The verdict on what the channel asked to run, after approval if the
 /// profile asks for it.
-async fn decide(ctx: &Arc<Ctx>, start: &Start, text: &str, notice: &Notice<'_>) -> (Verdict, Option<Decision>) {
+async fn decide(
+    ctx: &Arc<Ctx>,
+    start: &Start,
+    text: &str,
+    notice: &Notice<'_>,
+    waiting: &mut Waiting<'_>,
+) -> (Verdict, Option<Decision>) {
     let p = &ctx.profile.ssh;
     let deny = |rule: &str, message: String| (Verdict::Deny { rule: rule.into(), message }, None);
     match start {
@@ -310,14 +326,20 @@ async fn decide(ctx: &Arc<Ctx>, start: &Start, text: &str, notice: &Notice<'_>) 
             match policy::judge(cmd, p) {
                 Judgement::Allow => (Verdict::Allow, None),
                 Judgement::Deny { rule, reason } => deny(rule, reason),
-                Judgement::Approve { reason } => hold(ctx, text, reason, notice).await,
+                Judgement::Approve { reason } => hold(ctx, text, reason, notice, waiting).await,
             }
         }
     }
 }
 
 /// Hold an exec command for approval, off russh's loop.
-async fn hold(ctx: &Arc<Ctx>, text: &str, reason: String, notice: &Notice<'_>) -> (Verdict, Option<Decision>) {
+async fn hold(
+    ctx: &Arc<Ctx>,
+    text: &str,
+    reason: String,
+    notice: &Notice<'_>,
+    waiting: &mut Waiting<'_>,
+) -> (Verdict, Option<Decision>) {
     let deny = |message: String| Verdict::Deny { rule: "approval".into(), message };
     let Some(settings) = ctx.profile.approvals.as_ref() else {
         return (deny(format!("{reason}; profile {} names no approvers", ctx.profile.name)), None);
@@ -357,7 +379,21 @@ async fn hold(ctx: &Arc<Ctx>, text: &str, reason: String, notice: &Notice<'_>) -
             hold.id, hold.id
         ))
         .await;
-    let d = hold.decision().await;
+    let d = loop {
+        tokio::select! {
+            d = hold.decision() => break d,
+            m = waiting.rx.wait() => match m {
+                Some(ChannelMsg::Data { data }) if *waiting.early_len + data.len() <= EARLY_MAX => {
+                    *waiting.early_len += data.len();
+                    waiting.early.push(data);
+                }
+                Some(ChannelMsg::Eof) => *waiting.early_eof = true,
+                Some(ChannelMsg::Close) | None => break hold.withdraw("client_disconnected"),
+                Some(ChannelMsg::Data { .. }) => break hold.withdraw("too_much_input_while_held"),
+                Some(_) => {}
+            },
+        }
+    };
     let v = match &d {
         Decision::Approved { .. } => Verdict::Allow,
         Decision::Denied { by, reason: why, .. } => deny(format!("{reason}; denied by {by}: {why}")),
