@@ -57,9 +57,18 @@ enum Cmd {
         #[command(subcommand)]
         cmd: SessionsCmd,
     },
-    /// Print a session as the client saw it.
+    /// Print a session as the client saw it (SSH: play it in the terminal).
     Replay {
         session: String,
+        /// SSH: print the output at once, without the recorded timing.
+        #[arg(long)]
+        no_wait: bool,
+        /// SSH: play faster (2) or slower (0.5).
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// SSH: write the recording as asciicast v2 (for older players) instead of playing it.
+        #[arg(long)]
+        format: Option<String>,
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         #[arg(long)]
@@ -368,9 +377,14 @@ fn dispatch(cli: Cli) -> Result<i32> {
             }
             Ok(if found.is_empty() { 1 } else { 0 })
         }
-        Cmd::Replay { session, config, audit_dir } => {
+        Cmd::Replay { session, config, audit_dir, no_wait, speed, format } => {
             let dir = audit_dir.unwrap_or_else(|| agent_settings(&config).audit_dir);
-            print!("{}", cordon::replay::replay(&dir, &session)?);
+            let play = match format.as_deref() {
+                None => cordon::replay::Play::Terminal { wait: !no_wait, speed },
+                Some("v2") => cordon::replay::Play::AsciicastV2,
+                Some(other) => anyhow::bail!("unknown --format {other:?}; use v2"),
+            };
+            cordon::replay::replay_to(&dir, &session, play, &mut std::io::stdout())?;
             Ok(0)
         }
         Cmd::Sessions { cmd: SessionsCmd::List { json, identity, since, config, audit_dir } } => {

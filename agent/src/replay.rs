@@ -20,6 +20,91 @@ use sha2::{Digest, Sha256};
 
 use crate::audit::{self, Record};
 
+/// How an SSH recording is shown.
+#[derive(Debug, Clone, Copy)]
+pub enum Play {
+    /// In the terminal, with the recorded timing unless `wait` is false.
+    Terminal { wait: bool, speed: f64 },
+    /// Converted to asciicast v2 on stdout.
+    AsciicastV2,
+}
+
+/// `cordon replay`: PostgreSQL sessions as text, SSH sessions played.
+pub fn replay_to(audit_dir: &Path, session: &str, play: Play, out: &mut dyn std::io::Write) -> Result<()> {
+    let records: Vec<Record> =
+        audit::read_all(audit_dir)?.into_iter().filter(|r| r.session.as_deref() == Some(session)).collect();
+    let casts = records
+        .iter()
+        .find(|r| r.event == "close")
+        .and_then(|c| c.fields.get("recordings"))
+        .and_then(Value::as_array)
+        .cloned();
+    match casts {
+        Some(casts) if !casts.is_empty() => {
+            for c in &casts {
+                play_cast(c, play, out)?;
+            }
+            Ok(())
+        }
+        _ => {
+            out.write_all(replay(audit_dir, session)?.as_bytes())?;
+            Ok(())
+        }
+    }
+}
+
+/// One channel's asciicast v3 recording, checked against the hash in the
+/// close record first.
+fn play_cast(c: &Value, play: Play, out: &mut dyn std::io::Write) -> Result<()> {
+    let path = c.get("path").and_then(Value::as_str).context("a recording without a path")?;
+    let sha = c.get("sha256").and_then(Value::as_str).context("a recording without a hash")?;
+    let mut bytes = Vec::new();
+    File::open(path).with_context(|| format!("opening the recording {path}"))?.read_to_end(&mut bytes)?;
+    if hex::encode(Sha256::digest(&bytes)) != sha {
+        bail!("the recording {path} does not match the hash in the audit log: it was altered");
+    }
+    let mut lines = bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty() && !l.starts_with(b"#"));
+    let header: Value =
+        serde_json::from_slice(lines.next().context("an empty recording")?).context("the recording's header")?;
+    let mut at = 0.0f64;
+    if let Play::AsciicastV2 = play {
+        let v2 = serde_json::json!({
+            "version": 2,
+            "width": header["term"]["cols"],
+            "height": header["term"]["rows"],
+            "timestamp": header["timestamp"],
+            "title": header["title"],
+            "command": header["command"],
+        });
+        writeln!(out, "{v2}")?;
+    }
+    for l in lines {
+        let ev: Value = serde_json::from_slice(l).context("a recording event")?;
+        let dt = ev.get(0).and_then(Value::as_f64).unwrap_or(0.0);
+        let code = ev.get(1).and_then(Value::as_str).unwrap_or("");
+        let data = ev.get(2).and_then(Value::as_str).unwrap_or("");
+        at += dt;
+        match play {
+            Play::AsciicastV2 => {
+                if matches!(code, "o" | "r" | "m") {
+                    writeln!(out, "{}", serde_json::json!([(at * 1000.0).round() / 1000.0, code, data]))?;
+                }
+            }
+            Play::Terminal { wait, speed } => {
+                if wait && dt > 0.0 {
+                    let s = (dt / speed.max(0.01)).min(5.0);
+                    std::thread::sleep(std::time::Duration::from_secs_f64(s));
+                }
+                if code == "o" {
+                    out.write_all(data.as_bytes())?;
+                    out.flush()?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn replay(audit_dir: &Path, session: &str) -> Result<String> {
     let records: Vec<Record> =
         audit::read_all(audit_dir)?.into_iter().filter(|r| r.session.as_deref() == Some(session)).collect();

@@ -406,3 +406,47 @@ fn an_exec_that_needs_approval_is_held_then_runs_or_is_refused() {
     assert!(!s.agent.approvals_as(alice, &["approve", &id]).status.success());
     assert!(!Path::new(&file).exists());
 }
+
+#[test]
+fn output_is_masked_across_chunk_boundaries_and_the_recording_matches() {
+    require_e2e!();
+    let s = setup("mask", "[profiles.ci.ssh]\ncommands = [\"cat /tmp/cordon-ssh-cards-*\", \"echo *\"]");
+    let file = format!("/tmp/cordon-ssh-cards-{}", std::process::id());
+    // Many lines: SSH packets (32 KiB) end inside cards at arbitrary places.
+    let mut body = String::new();
+    for i in 0..5000 {
+        body.push_str(&format!("row {i:05} card 4111 1111 1111 1111 and key AKIAIOSFODNN7ABCDEFG end\n"));
+    }
+    fs::write(&file, &body).expect("cards");
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = s.ssh(&format!("cat {file}"));
+    let _ = fs::remove_file(&file);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(text.lines().count(), 5000);
+    assert!(
+        !text.contains("4111 1111") && !text.contains("AKIAIOSFODNN7ABCDEFG"),
+        "a secret got through: {}",
+        text.lines().find(|l| l.contains("4111 1111") || l.contains("AKIA")).unwrap_or_default()
+    );
+    assert!(
+        text.contains("row 04999 card **** **** **** **** and key ******************** end"),
+        "{}",
+        &text[text.len() - 200..]
+    );
+    let ends = s.events("statement_end");
+    let masked = &ends.iter().find(|r| r["outcome"]["masked"].is_object()).expect("masked counts")["outcome"]["masked"];
+    assert_eq!(masked["output/detector:card"], 5000, "{masked}");
+    // The recording holds what the workload saw, hashed into the close record.
+    let close = s.events("close").into_iter().next().expect("close");
+    let rec = &close["recordings"][0];
+    let cast = fs::read_to_string(rec["path"].as_str().expect("path")).expect("cast");
+    assert!(cast.starts_with("{\"version\":3") || cast.contains("\"version\":3"), "{}", &cast[..200.min(cast.len())]);
+    assert!(!cast.contains("4111 1111") && !cast.contains("AKIAIOSFODNN7ABCDEFG"));
+    let session = close["session"].as_str().expect("session");
+    let out = s.agent.cli(&["replay", session, "--no-wait"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let replayed = stdout(&out);
+    assert!(replayed.contains(text.lines().last().unwrap_or("?")), "{}", &replayed[..300.min(replayed.len())]);
+    assert_eq!(replayed.matches("**** **** **** ****").count(), 5000);
+}

@@ -17,6 +17,7 @@ pub(super) struct RawSsh {
     #[serde(default)]
     forwarding: Vec<String>,
     allow_hidden_commands: Option<bool>,
+    binary: Option<Spanned<String>>,
 }
 
 impl Validator<'_> {
@@ -65,7 +66,16 @@ impl Validator<'_> {
                 TransferMode::Deny
             }
         };
+        let binary_passes = match raw.binary.as_ref().map(|s| (s, s.get_ref().as_str())) {
+            None | Some((_, "block")) => false,
+            Some((_, "pass")) => true,
+            Some((s, other)) => {
+                self.error(s.span(), &field("binary"), format!("unknown mode {other:?}; use \"block\" or \"pass\""));
+                false
+            }
+        };
         SshPolicy {
+            binary_passes,
             commands,
             deny,
             approve,

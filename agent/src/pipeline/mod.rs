@@ -26,6 +26,7 @@ pub mod mask;
 pub mod params;
 pub mod plan;
 pub mod recorder;
+pub mod stream_mask;
 
 use std::time::Instant;
 

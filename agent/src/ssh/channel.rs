@@ -181,61 +181,15 @@ pub async fn run(ctx: Arc<Ctx>, down: Channel<server::Msg>, open: server::Channe
     if early_eof {
         let _ = utx.eof().await;
     }
-    let mut bytes_down = 0u64;
-    let mut exit: Option<u32> = None;
-    let mut signal: Option<String> = None;
-    loop {
-        tokio::select! {
-            m = rx.wait() => match m {
-                Some(ChannelMsg::Data { data }) => {
-                    ctx.bytes_up.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                    if utx.data_bytes(data).await.is_err() { break; }
-                }
-                Some(ChannelMsg::Eof) => { let _ = utx.eof().await; }
-                Some(ChannelMsg::WindowChange { col_width, row_height, pix_width, pix_height }) => {
-                    let _ = utx.window_change(col_width, row_height, pix_width, pix_height).await;
-                }
-                Some(ChannelMsg::Signal { signal }) => { let _ = utx.signal(signal).await; }
-                Some(ChannelMsg::Exec { .. } | ChannelMsg::RequestShell { .. } | ChannelMsg::RequestSubsystem { .. }
-                    | ChannelMsg::AgentForward { .. } | ChannelMsg::RequestX11 { .. } | ChannelMsg::SetEnv { .. } | ChannelMsg::RequestPty { .. }) => {
-                    // One program per channel; anything asked later is refused.
-                    let _ = handle.channel_failure(id).await;
-                }
-                Some(ChannelMsg::Close) | None => { let _ = utx.close().await; break; }
-                Some(_) => {}
-            },
-            m = urx.wait() => match m {
-                Some(ChannelMsg::Data { data }) => {
-                    bytes_down += data.len() as u64;
-                    if tx.data_bytes(data).await.is_err() { break; }
-                }
-                Some(ChannelMsg::ExtendedData { data, ext }) => {
-                    bytes_down += data.len() as u64;
-                    if tx.extended_data_bytes(ext, data).await.is_err() { break; }
-                }
-                Some(ChannelMsg::ExitStatus { exit_status }) => {
-                    exit = Some(exit_status);
-                    let _ = handle.exit_status_request(id, exit_status).await;
-                }
-                Some(ChannelMsg::ExitSignal { signal_name, core_dumped, error_message, lang_tag }) => {
-                    signal = Some(format!("{signal_name:?}"));
-                    let _ = handle.exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag).await;
-                }
-                Some(ChannelMsg::Eof) => { let _ = tx.eof().await; }
-                Some(ChannelMsg::Close) | None => { let _ = tx.close().await; break; }
-                Some(_) => {}
-            },
-        }
-    }
-    ctx.bytes_down.fetch_add(bytes_down, std::sync::atomic::Ordering::Relaxed);
-    let mut tags = Vec::new();
-    if let Some(s) = exit {
-        tags.push(format!("exit {s}"));
-    }
-    if let Some(s) = signal {
-        tags.push(format!("signal {s}"));
-    }
-    finish(&ctx, &admitted, Outcome { tags, bytes: Some(bytes_down), ..Outcome::default() });
+    let mask = matches!(start, Start::Exec(_) | Start::Shell) && policy::transfer(&text).is_none();
+    let recording = matches!(start, Start::Shell | Start::Exec(_)) && policy::transfer(&text).is_none();
+    let cast = if recording {
+        super::record::Cast::create(&ctx, id, &text, pty.as_ref().map(|p| (p.cols, p.rows, p.term.as_str())))
+    } else {
+        None
+    };
+    let outcome = super::relay::run(&ctx, &handle, id, &mut rx, &tx, &mut urx, &utx, mask, cast).await;
+    finish(&ctx, &admitted, outcome);
 }
 
 /// Tell the workload why, in its terminal, and end the channel with exit

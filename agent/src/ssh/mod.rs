@@ -12,6 +12,8 @@
 pub mod channel;
 pub mod hostkey;
 pub mod policy;
+pub mod record;
+pub mod relay;
 pub mod server;
 pub mod upstream;
 
@@ -57,6 +59,8 @@ pub struct Ctx {
     upstream: tokio::sync::Mutex<Option<Result<Arc<upstream::Upstream>, String>>>,
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
+    /// Each channel's recording (path, hash), for the close record.
+    pub recordings: Mutex<Vec<serde_json::Value>>,
 }
 
 impl Ctx {
@@ -154,6 +158,7 @@ pub async fn serve(client: tokio::net::TcpStream, s: Session) -> crate::protocol
         upstream: tokio::sync::Mutex::new(None),
         bytes_up: AtomicU64::new(0),
         bytes_down: AtomicU64::new(0),
+        recordings: Mutex::new(Vec::new()),
     });
     let handler = server::Server { ctx: ctx.clone() };
     let result = match russh::server::run_stream(config, client, handler).await {
@@ -173,6 +178,10 @@ pub async fn serve(client: tokio::net::TcpStream, s: Session) -> crate::protocol
     }
     if let Some(c) = ctx.credential() {
         fields.push(("upstream_user", c.user.into()));
+    }
+    let casts = ctx.recordings.lock().map(|r| r.clone()).unwrap_or_default();
+    if !casts.is_empty() {
+        fields.push(("recordings", casts.into()));
     }
     let (outcome, error) = match (&ctx.refused, result) {
         (Some(r), _) => (r.outcome, Some(r.message.clone())),

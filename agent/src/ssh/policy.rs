@@ -51,6 +51,9 @@ pub struct SshPolicy {
     /// Let constructs that hide commands through (profiles that trust their
     /// workload's commands but still want them recorded).
     pub allow_hidden: bool,
+    /// Binary output (not text) passes unmasked; else, in a profile that
+    /// masks anything, it is blocked.
+    pub binary_passes: bool,
 }
 
 impl SshPolicy {
