@@ -61,6 +61,8 @@ pub struct Ctx {
     pub bytes_down: AtomicU64,
     /// Each channel's recording (path, hash), for the close record.
     pub recordings: Mutex<Vec<serde_json::Value>>,
+    /// The channel tasks: the close record waits for their records.
+    pub tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Ctx {
@@ -159,6 +161,7 @@ pub async fn serve(client: tokio::net::TcpStream, s: Session) -> crate::protocol
         bytes_up: AtomicU64::new(0),
         bytes_down: AtomicU64::new(0),
         recordings: Mutex::new(Vec::new()),
+        tasks: Mutex::new(Vec::new()),
     });
     let handler = server::Server { ctx: ctx.clone() };
     let result = match russh::server::run_stream(config, client, handler).await {
@@ -168,6 +171,15 @@ pub async fn serve(client: tokio::net::TcpStream, s: Session) -> crate::protocol
         }
         Err(e) => Err(e),
     };
+    // Each channel ends with the connection; its statement_end and
+    // recording come before the close record.
+    let tasks: Vec<_> = ctx.tasks.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+    for t in tasks {
+        let abort = t.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(5), t).await.is_err() {
+            abort.abort();
+        }
+    }
     if let Some(up) = ctx.upstream.lock().await.take().and_then(Result::ok) {
         let _ = up.disconnect(russh::Disconnect::ByApplication, "", "en").await;
     }

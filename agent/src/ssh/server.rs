@@ -71,7 +71,10 @@ impl server::Handler for Server {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         let ctx = self.ctx.clone();
-        tokio::spawn(super::channel::run(ctx, channel, reply));
+        let task = tokio::spawn(super::channel::run(ctx, channel, reply));
+        if let Ok(mut t) = self.ctx.tasks.lock() {
+            t.push(task);
+        }
         Ok(())
     }
 
