@@ -450,3 +450,125 @@ fn output_is_masked_across_chunk_boundaries_and_the_recording_matches() {
     assert!(replayed.contains(text.lines().last().unwrap_or("?")), "{}", &replayed[..300.min(replayed.len())]);
     assert_eq!(replayed.matches("**** **** **** ****").count(), 5000);
 }
+
+impl Setup {
+    /// The options every client here uses (the workload changes nothing
+    /// but trusts the installed lines).
+    fn opts(&self) -> Vec<String> {
+        vec![
+            "-F".into(),
+            "none".into(),
+            "-o".into(),
+            "BatchMode=yes".into(),
+            "-o".into(),
+            "StrictHostKeyChecking=yes".into(),
+            "-o".into(),
+            "UserKnownHostsFile=/dev/null".into(),
+            "-o".into(),
+            format!("GlobalKnownHostsFile={}", self.known.display()),
+        ]
+    }
+
+    fn scp(&self, extra: &[&str], from: &str, to: &str) -> Output {
+        let mut cmd = self.cg.command("scp");
+        cmd.args(self.opts()).args(["-P", &self.sshd.port.to_string()]).args(extra).args([from, to]);
+        cmd.output().expect("scp")
+    }
+
+    fn sftp(&self, batch: &str) -> Output {
+        let mut cmd = self.cg.command("sftp");
+        cmd.args(self.opts())
+            .args(["-P", &self.sshd.port.to_string(), "-b", "-"])
+            .arg(format!("x@{HOST}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("sftp");
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().expect("stdin");
+            let _ = stdin.write_all(batch.as_bytes());
+        }
+        finish(child, Duration::from_secs(30))
+    }
+
+    fn rsync(&self, from: &str, to: &str) -> Output {
+        let ssh = format!("ssh {} -p {}", self.opts().join(" "), self.sshd.port);
+        self.cg.command("rsync").args(["-a", "-e", &ssh, from, to]).output().expect("rsync")
+    }
+}
+
+/// A world-writable scratch directory for the workload (runs as nobody).
+fn scratch(name: &str) -> PathBuf {
+    let d = PathBuf::from(format!("/tmp/cordon-ssh-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&d);
+    fs::create_dir_all(&d).expect("scratch");
+    fs::set_permissions(&d, fs::Permissions::from_mode(0o777)).expect("chmod");
+    d
+}
+
+#[test]
+fn transfers_follow_the_profile_deny_read_only_allow() {
+    require_e2e!();
+    let remote = scratch("remote");
+    fs::write(remote.join("report.txt"), "quarterly numbers\n").expect("remote file");
+    fs::set_permissions(remote.join("report.txt"), fs::Permissions::from_mode(0o644)).expect("chmod");
+    let local = scratch("local");
+    let up = local.join("upload.txt");
+    fs::write(&up, "from the workload\n").expect("local file");
+    fs::set_permissions(&up, fs::Permissions::from_mode(0o644)).expect("chmod");
+    let src = |f: &str| format!("x@{HOST}:{}/{f}", remote.display());
+
+    // Denied (the default): scp in both protocols, sftp and rsync fail.
+    let s = setup("xfer-deny", "[profiles.ci.ssh]\ncommands = [\"echo *\"]");
+    assert!(!s.scp(&[], &src("report.txt"), &local.join("a").display().to_string()).status.success());
+    assert!(!s.scp(&["-O"], &src("report.txt"), &local.join("b").display().to_string()).status.success());
+    assert!(!s.rsync(&src("report.txt"), &local.join("c").display().to_string()).status.success());
+    assert!(!local.join("a").exists() && !local.join("b").exists() && !local.join("c").exists());
+    drop(s);
+
+    // Read-only: downloads work, every upload is refused.
+    let s = setup("xfer-ro", "[profiles.ci.ssh]\ncommands = [\"echo *\"]\ntransfer = \"read-only\"");
+    let out = s.scp(&[], &src("report.txt"), &local.join("sftp-dl").display().to_string());
+    assert!(out.status.success(), "scp (sftp): {}", stderr(&out));
+    let out = s.scp(&["-O"], &src("report.txt"), &local.join("scp-dl").display().to_string());
+    assert!(out.status.success(), "scp -O: {}", stderr(&out));
+    let out = s.rsync(&src("report.txt"), &local.join("rsync-dl").display().to_string());
+    assert!(out.status.success(), "rsync: {}", stderr(&out));
+    for f in ["sftp-dl", "scp-dl", "rsync-dl"] {
+        assert_eq!(fs::read_to_string(local.join(f)).unwrap_or_default(), "quarterly numbers\n", "{f}");
+    }
+    let out = s.scp(&[], &up.display().to_string(), &src("up-sftp.txt"));
+    assert!(!out.status.success(), "an sftp upload went through");
+    let out = s.scp(&["-O"], &up.display().to_string(), &src("up-scp.txt"));
+    assert!(!out.status.success(), "an scp -O upload went through");
+    let out = s.rsync(&up.display().to_string(), &src("up-rsync.txt"));
+    assert!(!out.status.success(), "an rsync upload went through");
+    let out = s.sftp(&format!(
+        "-rm {}/report.txt\n-mkdir {}/newdir\nget {}/report.txt {}/sftp-get\n",
+        remote.display(),
+        remote.display(),
+        remote.display(),
+        local.display()
+    ));
+    assert!(stderr(&out).contains("Permission denied"), "{}{}", stdout(&out), stderr(&out));
+    assert!(remote.join("report.txt").exists() && !remote.join("newdir").exists());
+    let ends = s.events("statement_end");
+    assert!(
+        ends.iter().any(|r| r["outcome"]["tags"].to_string().contains("refused: remove; mkdir")),
+        "the refusals are recorded: {ends:?}"
+    );
+    assert!(local.join("sftp-get").exists(), "a read in the same session still works");
+    for f in ["up-sftp.txt", "up-scp.txt", "up-rsync.txt"] {
+        assert!(!remote.join(f).exists(), "{f} was written");
+    }
+    drop(s);
+
+    // Allowed: uploads work.
+    let s = setup("xfer-allow", "[profiles.ci.ssh]\ncommands = [\"echo *\"]\ntransfer = \"allow\"");
+    let out = s.scp(&[], &up.display().to_string(), &src("up-ok.txt"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(fs::read_to_string(remote.join("up-ok.txt")).unwrap_or_default(), "from the workload\n");
+    let _ = fs::remove_dir_all(&remote);
+    let _ = fs::remove_dir_all(&local);
+}

@@ -188,7 +188,10 @@ pub async fn run(ctx: Arc<Ctx>, down: Channel<server::Msg>, open: server::Channe
     } else {
         None
     };
-    let outcome = super::relay::run(&ctx, &handle, id, &mut rx, &tx, &mut urx, &utx, mask, cast).await;
+    let sftp_read_only =
+        matches!(&start, Start::Subsystem(n) if n == "sftp") && ctx.profile.ssh.transfer == TransferMode::ReadOnly;
+    let filter = sftp_read_only.then(super::sftp::ReadOnly::default);
+    let outcome = super::relay::run(&ctx, &handle, id, &mut rx, &tx, &mut urx, &utx, mask, cast, filter).await;
     finish(&ctx, &admitted, outcome);
 }
 
@@ -257,9 +260,8 @@ async fn decide(
         },
         Start::Subsystem(name) if name == "sftp" => match p.transfer {
             TransferMode::Allow => (Verdict::Allow, None),
-            TransferMode::ReadOnly => {
-                deny("transfer", "sftp is refused under transfer = \"read-only\" (use scp -O to download)".into())
-            }
+            // Writes are answered "permission denied" by the relay.
+            TransferMode::ReadOnly => (Verdict::Allow, None),
             TransferMode::Deny => {
                 deny("transfer", format!("file transfer is not allowed for profile {}", ctx.profile.name))
             }

@@ -15,6 +15,7 @@ pub mod policy;
 pub mod record;
 pub mod relay;
 pub mod server;
+pub mod sftp;
 pub mod upstream;
 
 use std::{

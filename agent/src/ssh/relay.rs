@@ -28,6 +28,7 @@ pub async fn run(
     utx: &ChannelWriteHalf<client::Msg>,
     mask: bool,
     mut cast: Option<Cast>,
+    mut sftp: Option<super::sftp::ReadOnly>,
 ) -> Outcome {
     let policy = ctx.shared.policy();
     let classifier = policy.classifier.clone();
@@ -82,7 +83,19 @@ pub async fn run(
             m = rx.wait() => match m {
                 Some(ChannelMsg::Data { data }) => {
                     ctx.bytes_up.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                    if utx.data_bytes(data).await.is_err() { break; }
+                    match sftp.as_mut().map(|f| f.feed(&data)) {
+                        None => if utx.data_bytes(data).await.is_err() { break; },
+                        Some(Ok(f)) => {
+                            if !f.forward.is_empty() && utx.data_bytes(Bytes::from(f.forward)).await.is_err() { break; }
+                            if !f.reply.is_empty() && tx.data_bytes(Bytes::from(f.reply)).await.is_err() { break; }
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!("sftp: {e}; closing the channel");
+                            let _ = utx.close().await;
+                            let _ = tx.close().await;
+                            break;
+                        }
+                    }
                 }
                 Some(ChannelMsg::Eof) => { let _ = utx.eof().await; }
                 Some(ChannelMsg::WindowChange { col_width, row_height, pix_width, pix_height }) => {
@@ -170,6 +183,11 @@ pub async fn run(
     for mk in [&out_mask, &err_mask].into_iter().flatten() {
         for (k, v) in &mk.masked {
             *masked.entry(format!("output/{k}")).or_default() += *v;
+        }
+    }
+    if let Some(f) = &sftp {
+        if !f.refused.is_empty() {
+            tags.push(format!("refused: {}", f.refused.join("; ")));
         }
     }
     let recording = cast.and_then(Cast::finish);
