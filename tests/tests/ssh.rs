@@ -572,3 +572,63 @@ fn transfers_follow_the_profile_deny_read_only_allow() {
     let _ = fs::remove_dir_all(&remote);
     let _ = fs::remove_dir_all(&local);
 }
+
+#[test]
+fn an_allowed_shell_is_recorded_and_masked_on_screen() {
+    require_e2e!();
+    let s = setup("shell-rec", "[profiles.ci.ssh]\ncommands = [\"echo *\"]\nshell = \"record\"");
+    let sock = scratch("tmux");
+    let tmux = |args: &[&str]| {
+        s.cg.command("tmux").arg("-S").arg(sock.join("s")).args(args).output().expect("tmux")
+    };
+    let ssh = format!(
+        "ssh {} -tt -p {} anyone@{HOST}",
+        s.opts().iter().map(|o| format!("'{o}'")).collect::<Vec<_>>().join(" "),
+        s.sshd.port
+    );
+    let out = tmux(&["new-session", "-d", "-s", "t", "-x", "100", "-y", "30", &ssh]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let screen = || stdout(&tmux(&["capture-pane", "-p", "-t", "t"]));
+    let wait_for = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let text = screen();
+            if text.contains(needle) {
+                return text;
+            }
+            assert!(Instant::now() < deadline, "no {needle:?} on the screen:\n{text}");
+            thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for("$");
+    tmux(&["send-keys", "-t", "t", "echo card 4111 1111 1111 1111 done", "Enter"]);
+    let text = wait_for("card **** **** **** **** done\n");
+    assert!(!text.contains("4111 1111"), "{text}");
+    tmux(&["send-keys", "-t", "t", "exit", "Enter"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tmux(&["has-session", "-t", "t"]).status.success() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let close = s.events("close").into_iter().next().expect("close");
+    let session = close["session"].as_str().expect("session").to_string();
+    let out = s.agent.cli(&["replay", &session, "--no-wait"]);
+    let replayed = stdout(&out);
+    assert!(replayed.contains("card **** **** **** **** done") && !replayed.contains("4111 1111"), "{replayed}");
+    let stmts = s.events("statement");
+    assert!(stmts.iter().any(|r| r["text"] == "<interactive shell>" && r["verdict"].is_null()), "{stmts:?}");
+    let _ = fs::remove_dir_all(&sock);
+}
+
+#[test]
+fn kill_9_of_the_agent_fails_closed_for_ssh() {
+    require_e2e!();
+    let mut s = setup("kill9", "[profiles.ci.ssh]\ncommands = [\"echo *\", \"touch /tmp/cordon-ssh-kill9-*\"]");
+    assert_eq!(stdout(&s.ssh("echo up")), "up");
+    s.agent.kill();
+    let marker = format!("/tmp/cordon-ssh-kill9-{}", std::process::id());
+    let out = s.ssh(&format!("touch {marker}"));
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(!Path::new(&marker).exists(), "a governed ssh reached the server with the agent dead");
+    // The programs stayed pinned: the connect went to the dead proxy.
+    assert!(stderr(&out).contains("Connection refused") || stderr(&out).contains("closed"), "{}", stderr(&out));
+}
