@@ -578,9 +578,7 @@ fn an_allowed_shell_is_recorded_and_masked_on_screen() {
     require_e2e!();
     let s = setup("shell-rec", "[profiles.ci.ssh]\ncommands = [\"echo *\"]\nshell = \"record\"");
     let sock = scratch("tmux");
-    let tmux = |args: &[&str]| {
-        s.cg.command("tmux").arg("-S").arg(sock.join("s")).args(args).output().expect("tmux")
-    };
+    let tmux = |args: &[&str]| s.cg.command("tmux").arg("-S").arg(sock.join("s")).args(args).output().expect("tmux");
     let ssh = format!(
         "ssh {} -tt -p {} anyone@{HOST}",
         s.opts().iter().map(|o| format!("'{o}'")).collect::<Vec<_>>().join(" "),
@@ -631,4 +629,77 @@ fn kill_9_of_the_agent_fails_closed_for_ssh() {
     assert!(!Path::new(&marker).exists(), "a governed ssh reached the server with the agent dead");
     // The programs stayed pinned: the connect went to the dead proxy.
     assert!(stderr(&out).contains("Connection refused") || stderr(&out).contains("closed"), "{}", stderr(&out));
+}
+
+const PARAMIKO: &str = r#"
+import sys, paramiko
+host, port, known, cmd = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+c = paramiko.SSHClient()
+c.load_host_keys(known)
+c.set_missing_host_key_policy(paramiko.RejectPolicy())
+# No key and no agent: the workload has nothing; cordon accepts "none".
+t = paramiko.Transport((host, port))
+t.connect()
+key = t.get_remote_server_key()
+name = "[%s]:%d" % (host, port)
+ok = c.get_host_keys().check(name, key)
+print("hostkey", "ok" if ok else "UNKNOWN")
+t.auth_none("anyone")
+ch = t.open_session()
+ch.exec_command(cmd)
+out = ch.makefile("rb").read().decode()
+err = ch.makefile_stderr("rb").read().decode()
+print("status", ch.recv_exit_status())
+print("out", out.strip())
+print("err", err.strip())
+"#;
+
+const ASYNCSSH: &str = r#"
+import sys, asyncio, asyncssh
+host, port, known, cmd = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+async def main():
+    async with asyncssh.connect(host, port, username="anyone", known_hosts=known, client_keys=None, agent_path=None, password=None) as c:
+        r = await c.run(cmd)
+        print("status", r.exit_status)
+        print("out", (r.stdout or "").strip())
+        print("err", (r.stderr or "").strip())
+asyncio.run(main())
+"#;
+
+#[test]
+fn paramiko_and_asyncssh_work_as_clients() {
+    require_e2e!();
+    let s = setup("pyclients", "[profiles.ci.ssh]\ncommands = [\"echo *\"]");
+    // paramiko matches exact names only and cannot read @cert-authority
+    // lines: the per-destination line is for it.
+    let out = s.agent.cli(&["ssh", "known-hosts", &format!("[{HOST}]:{}", s.sshd.port)]);
+    let known = s.sshd.path("known_exact");
+    let lines = stdout(&out);
+    let exact = lines.lines().filter(|l| l.starts_with('[')).collect::<Vec<_>>().join("\n") + "\n";
+    fs::write(&known, exact).expect("known");
+    fs::set_permissions(&known, fs::Permissions::from_mode(0o644)).expect("chmod");
+    for (name, script, kh) in [("paramiko", PARAMIKO, &known), ("asyncssh", ASYNCSSH, &s.known)] {
+        let (_d, path) = cordon_tests::workload_script(&format!("client_{name}.py"), script).expect("script");
+        let run = |cmd: &str| {
+            s.cg.command(cordon_tests::TEST_PYTHON)
+                .args([
+                    path.display().to_string(),
+                    HOST.to_string(),
+                    s.sshd.port.to_string(),
+                    kh.display().to_string(),
+                    cmd.to_string(),
+                ])
+                .output()
+                .expect("python")
+        };
+        let out = run("echo from python");
+        let text = stdout(&out);
+        assert!(text.contains("status 0") && text.contains("out from python"), "{name}: {text}\n{}", stderr(&out));
+        if name == "paramiko" {
+            assert!(text.contains("hostkey ok"), "{text}");
+        }
+        let out = run("echo $(id)");
+        let text = stdout(&out);
+        assert!(text.contains("status 126") && text.contains("cordon: refused"), "{name}: {text}\n{}", stderr(&out));
+    }
 }

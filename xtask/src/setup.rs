@@ -38,7 +38,7 @@ const NPM_PACKAGES: &[&str] = &["pg@8"];
 /// Python clients the end-to-end tests drive, in a venv every user can
 /// read (workloads run as `nobody`).
 pub const TEST_VENV: &str = "/opt/cordon-test-venv";
-const PIP_PACKAGES: &[&str] = &["psycopg[binary]>=3.1,<3.4", "faker>=30"];
+const PIP_PACKAGES: &[&str] = &["psycopg[binary]>=3.1,<3.4", "faker>=30", "paramiko>=3.4,<6", "asyncssh>=2.14,<3"];
 
 pub fn run() -> Result<()> {
     rust_nightly()?;
@@ -76,13 +76,15 @@ fn node_clients() -> Result<()> {
 fn python_clients() -> Result<()> {
     let py = format!("{TEST_VENV}/bin/python3");
     let usable = Command::new("runuser")
-        .args(["-u", "nobody", "--", &py, "-c", "import psycopg, faker"])
+        .args(["-u", "nobody", "--", &py, "-c", "import psycopg, faker, paramiko, asyncssh"])
         .output()
         .is_ok_and(|o| o.status.success());
     if usable {
         return Ok(());
     }
-    say(&format!("creating {TEST_VENV} with psycopg from PyPI (a real client for the end-to-end tests)"));
+    say(&format!(
+        "creating {TEST_VENV} with psycopg, paramiko and asyncssh from PyPI (real clients for the end-to-end tests)"
+    ));
     // Debian's interpreter, not one under /root: workloads run as nobody.
     let _ = std::fs::remove_dir_all(TEST_VENV);
     util::run("/usr/bin/python3", &["-m", "venv", TEST_VENV])?;
