@@ -803,3 +803,100 @@ impl Agent {
         got[n - 1]["request"].as_str().unwrap_or_default().to_string()
     }
 }
+
+/// The account cordon logs in as on the test sshd.
+pub const SSH_DEPLOY_USER: &str = "cordon-deploy";
+
+/// A throwaway sshd with its own host key, accepting cordon's key for the
+/// deploy user.
+pub struct Sshd {
+    pub dir: tempfile::TempDir,
+    pub host: String,
+    pub port: u16,
+    child: Child,
+}
+
+impl Sshd {
+    /// Start one listening on `host:port`.
+    pub fn start(host: &str, port: u16) -> Self {
+        let dir = tempfile::Builder::new().prefix("cordon-sshd-").tempdir().expect("tempdir");
+        let d = dir.path();
+        let _ = fs::create_dir_all("/run/sshd");
+        keygen(&d.join("host_key"));
+        keygen(&d.join("cordon_key"));
+        fs::copy(d.join("cordon_key.pub"), d.join("authorized_keys")).expect("authorized_keys");
+        deploy_user();
+        let cfg = format!(
+            "Port {port}\nListenAddress {host}\nHostKey {d}/host_key\nPidFile none\nUsePAM no\nStrictModes no\n\
+             AuthorizedKeysFile {d}/authorized_keys\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+             PubkeyAuthentication yes\nAllowUsers {SSH_DEPLOY_USER}\nSubsystem sftp internal-sftp\nLogLevel VERBOSE\n\
+             AcceptEnv LANG LC_*\n",
+            d = d.display()
+        );
+        fs::write(d.join("sshd_config"), cfg).expect("config");
+        let log = fs::File::create(d.join("sshd.log")).expect("log");
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(d.join("sshd_config"))
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("sshd");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect((host, port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "sshd did not start: {}",
+                fs::read_to_string(d.join("sshd.log")).unwrap_or_default()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        Self { dir, host: host.to_string(), port, child }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The known_hosts line cordon pins the server with (its own key, or
+    /// another one).
+    pub fn pin(&self, key: Option<&str>) -> String {
+        let own = fs::read_to_string(self.path("host_key.pub")).expect("host key");
+        if self.port == 22 {
+            format!("{} {}", self.host, key.unwrap_or(&own).trim())
+        } else {
+            format!("[{}]:{} {}", self.host, self.port, key.unwrap_or(&own).trim())
+        }
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn keygen(path: &Path) {
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "cordon-test", "-f"])
+        .arg(path)
+        .status()
+        .expect("ssh-keygen");
+    assert!(st.success());
+}
+
+/// The upstream account: a shell, a home in /tmp, no password but not
+/// locked (sshd without PAM refuses locked accounts even for keys).
+pub fn deploy_user() {
+    if !Command::new("id").arg(SSH_DEPLOY_USER).output().is_ok_and(|o| o.status.success()) {
+        let st = Command::new("useradd")
+            .args(["-M", "-N", "-d", "/tmp", "-s", "/bin/sh", SSH_DEPLOY_USER])
+            .status()
+            .expect("useradd");
+        assert!(st.success());
+    }
+    let st = Command::new("usermod").args(["-p", "*", SSH_DEPLOY_USER]).status().expect("usermod");
+    assert!(st.success());
+}
+

@@ -13,99 +13,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cordon_tests::{free_port, require_e2e, stderr, stdout, Agent, Cgroup, WORKLOAD_UID};
+use cordon_tests::{keygen, require_e2e, stderr, stdout, Agent, Cgroup, Sshd, WORKLOAD_UID};
 use serde_json::Value;
 
 const HOST: &str = "127.0.0.5";
-const DEPLOY: &str = "cordon-deploy";
-
-/// A throwaway sshd with its own host key, accepting cordon's key for the
-/// deploy user.
-struct Sshd {
-    dir: tempfile::TempDir,
-    port: u16,
-    child: Child,
-}
-
-impl Sshd {
-    fn start() -> Self {
-        let dir = tempfile::Builder::new().prefix("cordon-sshd-").tempdir().expect("tempdir");
-        let d = dir.path();
-        let _ = fs::create_dir_all("/run/sshd");
-        keygen(&d.join("host_key"));
-        keygen(&d.join("cordon_key"));
-        fs::copy(d.join("cordon_key.pub"), d.join("authorized_keys")).expect("authorized_keys");
-        deploy_user();
-        let port = free_port();
-        let cfg = format!(
-            "Port {port}\nListenAddress {HOST}\nHostKey {d}/host_key\nPidFile none\nUsePAM no\nStrictModes no\n\
-             AuthorizedKeysFile {d}/authorized_keys\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-             PubkeyAuthentication yes\nAllowUsers {DEPLOY}\nSubsystem sftp internal-sftp\nLogLevel VERBOSE\n\
-             AcceptEnv LANG LC_*\n",
-            d = d.display()
-        );
-        fs::write(d.join("sshd_config"), cfg).expect("config");
-        let log = fs::File::create(d.join("sshd.log")).expect("log");
-        let child = Command::new("/usr/sbin/sshd")
-            .args(["-D", "-e", "-f"])
-            .arg(d.join("sshd_config"))
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("sshd");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect((HOST, port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "sshd did not start: {}",
-                fs::read_to_string(d.join("sshd.log")).unwrap_or_default()
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-        Self { dir, port, child }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// The known_hosts line cordon pins the server with (its own key, or
-    /// another one).
-    fn pin(&self, key: Option<&str>) -> String {
-        let own = fs::read_to_string(self.path("host_key.pub")).expect("host key");
-        format!("[{HOST}]:{} {}", self.port, key.unwrap_or(&own).trim())
-    }
-}
-
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn keygen(path: &Path) {
-    let st = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "cordon-test", "-f"])
-        .arg(path)
-        .status()
-        .expect("ssh-keygen");
-    assert!(st.success());
-}
-
-/// The upstream account: a shell, a home in /tmp, no password but not
-/// locked (sshd without PAM refuses locked accounts even for keys).
-fn deploy_user() {
-    if !Command::new("id").arg(DEPLOY).output().is_ok_and(|o| o.status.success()) {
-        let st = Command::new("useradd")
-            .args(["-M", "-N", "-d", "/tmp", "-s", "/bin/sh", DEPLOY])
-            .status()
-            .expect("useradd");
-        assert!(st.success());
-    }
-    let st = Command::new("usermod").args(["-p", "*", DEPLOY]).status().expect("usermod");
-    assert!(st.success());
-}
+const DEPLOY: &str = cordon_tests::SSH_DEPLOY_USER;
 
 struct Setup {
     sshd: Sshd,
@@ -121,7 +33,7 @@ fn setup(test: &str, profile: &str) -> Setup {
 
 fn setup_pinned(test: &str, profile: &str, pin: Option<String>) -> Setup {
     // `pin`: a host key to pin instead of the server's own.
-    let sshd = Sshd::start();
+    let sshd = Sshd::start(HOST, cordon_tests::free_port());
     let name = format!("cordon-ssh-{test}-{}", std::process::id());
     let cg = Cgroup::create(&name).expect("cgroup");
     let pins = sshd.path("pins");
