@@ -123,6 +123,46 @@ pub fn audit_segment(data: &[u8]) {
     }
 }
 
+/// An SSH exec command through the judge (with a permissive and a strict
+/// profile) and the transfer classifier.
+pub fn ssh_command(data: &[u8]) {
+    use crate::ssh::policy::{judge, transfer, SshPolicy};
+    let Ok(cmd) = std::str::from_utf8(data) else { return };
+    let Ok(shape) = "echo *".parse() else { return };
+    let strict = SshPolicy { commands: vec![shape], ..SshPolicy::default() };
+    let lenient = SshPolicy { allow_hidden: true, ..strict.clone() };
+    let _ = judge(cmd, &strict);
+    let _ = judge(cmd, &lenient);
+    let _ = transfer(cmd);
+}
+
+/// Terminal output through the stream masker, cut at every 7th byte; the
+/// output never holds more visible text than went in, and flushing always
+/// empties it.
+pub fn stream_mask(data: &[u8]) {
+    use crate::pipeline::{classify::Classifier, stream_mask::StreamMask};
+    let classifier = Classifier::default();
+    let Ok(mut policy) = crate::config::parse(Path::new("fuzz.toml"), "[profiles.ci]\n") else { return };
+    let Some(profile) = policy.profiles.pop() else { return };
+    let mut m = StreamMask::new(&classifier, &profile);
+    let mut out = Vec::new();
+    for chunk in data.chunks(7) {
+        m.push(chunk, &mut out);
+    }
+    m.flush(&mut out);
+    assert!(!m.holding(), "the masker held output after a flush");
+}
+
+/// The read-only SFTP filter over client bytes, cut at every 5th byte.
+pub fn sftp(data: &[u8]) {
+    let mut f = crate::ssh::sftp::ReadOnly::default();
+    for chunk in data.chunks(5) {
+        if f.feed(chunk).is_err() {
+            return;
+        }
+    }
+}
+
 /// A catalog with one table, `public.customers`, whose email, card and ssn
 /// are masked (partial): for the fuzz targets and the benchmarks.
 pub struct SampleCatalog;

@@ -899,4 +899,3 @@ pub fn deploy_user() {
     let st = Command::new("usermod").args(["-p", "*", SSH_DEPLOY_USER]).status().expect("usermod");
     assert!(st.success());
 }
-

@@ -62,7 +62,12 @@ pub fn run() -> Result<()> {
     {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new().append(true).open(secrets)?;
-        writeln!(f, "\n[credentials.deploy]\nuser = \"{}\"\nkey_file = \"{}\"", cordon_tests::SSH_DEPLOY_USER, sshd.path("cordon_key").display())?;
+        writeln!(
+            f,
+            "\n[credentials.deploy]\nuser = \"{}\"\nkey_file = \"{}\"",
+            cordon_tests::SSH_DEPLOY_USER,
+            sshd.path("cordon_key").display()
+        )?;
     }
 
     say(&format!("starting cordon with {}", policy.display()));
@@ -147,7 +152,10 @@ pub fn run() -> Result<()> {
     std::fs::write("/run/cordon-demo/ssh/known_hosts", stdout(&out))?;
     std::fs::set_permissions("/run/cordon-demo/ssh", std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     std::fs::set_permissions("/run/cordon-demo/ssh/known_hosts", std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
-    print_section("$ cordon ssh known-hosts   # installed once in /etc/ssh/ssh_known_hosts on the workload host", &stdout(&out));
+    print_section(
+        "$ cordon ssh known-hosts   # installed once in /etc/ssh/ssh_known_hosts on the workload host",
+        &stdout(&out),
+    );
     let ssh = |remote: &str| {
         ci.command("ssh")
             .args([
@@ -175,7 +183,10 @@ pub fn run() -> Result<()> {
     }
     if let Some(close) = agent.audit_events("close").into_iter().find(|c| c["recordings"].is_array()) {
         let session = close["session"].as_str().unwrap_or_default().to_string();
-        print_section(&format!("$ cordon replay {session} --no-wait"), &stdout(&agent.cli(&["replay", &session, "--no-wait"])));
+        print_section(
+            &format!("$ cordon replay {session} --no-wait"),
+            &stdout(&agent.cli(&["replay", &session, "--no-wait"])),
+        );
     }
     drop(sshd);
 

@@ -23,6 +23,9 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("sql_analysis", "SQL analysis: facts, scanner shape, mask-at-read rewrite and template"),
     ("policy", "the policy parser"),
     ("audit_segment", "the audit record parser and `audit verify`"),
+    ("ssh_command", "the SSH exec judge (brush-parser) and the transfer classifier"),
+    ("stream_mask", "the terminal output masker (VT states, UTF-8 carry, hold and flush)"),
+    ("sftp", "the read-only SFTP request filter"),
 ];
 
 const BEGIN: &str = "<!-- fuzz: begin (cargo xtask fuzz --secs 600 --report) -->";

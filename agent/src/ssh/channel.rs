@@ -268,7 +268,18 @@ async fn decide(
         },
         Start::Subsystem(name) => deny("subsystem", format!("the subsystem {name:?} is not allowed")),
         Start::Exec(cmd) => {
-            if let Some(t) = policy::transfer(cmd) {
+            // Parsing is bounded (length, parentheses) but still CPU work:
+            // off the async workers, and refused if it takes too long.
+            let (c, pol) = (cmd.clone(), p.clone());
+            let judged = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                tokio::task::spawn_blocking(move || (policy::transfer(&c), policy::judge(&c, &pol))),
+            )
+            .await;
+            let Ok(Ok((transfer, judgement))) = judged else {
+                return deny("parse_error", "the command took too long to read; it is refused".into());
+            };
+            if let Some(t) = transfer {
                 return match (t, p.transfer) {
                     (_, TransferMode::Allow) | (Transfer::Download, TransferMode::ReadOnly) => (Verdict::Allow, None),
                     (Transfer::Upload, TransferMode::ReadOnly) => {
@@ -279,7 +290,7 @@ async fn decide(
                     }
                 };
             }
-            match policy::judge(cmd, p) {
+            match judgement {
                 Judgement::Allow => (Verdict::Allow, None),
                 Judgement::Deny { rule, reason } => deny(rule, reason),
                 Judgement::Approve { reason } => hold(ctx, text, reason, notice, waiting).await,

@@ -172,7 +172,22 @@ const HIDES: &[&str] = &[
 /// Wrappers unwrapped before the command they run is judged.
 const WRAPPERS: &[&str] = &["sudo", "timeout", "nice", "ionice", "time", "stdbuf"];
 
+/// Longest command judged.
+pub const MAX_COMMAND: usize = 16 * 1024;
+/// Most `(` in one command: the parser's cost grows exponentially with
+/// nested parentheses (24 cost it a minute), so more are refused unread.
+const MAX_PARENS: usize = 12;
+
 pub fn judge(cmd: &str, p: &SshPolicy) -> Judgement {
+    if cmd.len() > MAX_COMMAND {
+        return deny("too_long", format!("the command is {} bytes, more than cordon reads ({MAX_COMMAND})", cmd.len()));
+    }
+    if cmd.matches('(').count() > MAX_PARENS {
+        return deny(
+            "too_nested",
+            format!("the command has more than {MAX_PARENS} parentheses, more than cordon reads safely"),
+        );
+    }
     let program = match parse(cmd) {
         Ok(pr) => pr,
         Err(e) => {
@@ -226,8 +241,26 @@ fn deny(rule: &'static str, reason: String) -> Judgement {
 }
 
 fn parse(cmd: &str) -> Result<ast::Program, String> {
-    let tokens = brush_parser::tokenize_str(cmd).map_err(|e| e.to_string())?;
-    brush_parser::parse_tokens(&tokens, &brush_parser::ParserOptions::default()).map_err(|e| e.to_string())
+    // brush-parser panics on a redirection's descriptor number that does
+    // not fit an i32 (found by fuzzing): such a command is refused unread.
+    let b = cmd.as_bytes();
+    let mut run = 0;
+    for (i, c) in b.iter().enumerate() {
+        if c.is_ascii_digit() {
+            run += 1;
+        } else {
+            if run > 9 && matches!(b.get(i), Some(b'<' | b'>')) {
+                return Err("a file descriptor number too large".into());
+            }
+            run = 0;
+        }
+    }
+    // Any other panic inside the parser is a refusal too, not a crash.
+    std::panic::catch_unwind(|| {
+        let tokens = brush_parser::tokenize_str(cmd).map_err(|e| e.to_string())?;
+        brush_parser::parse_tokens(&tokens, &brush_parser::ParserOptions::default()).map_err(|e| e.to_string())
+    })
+    .unwrap_or_else(|_| Err("the shell parser failed on it".into()))
 }
 
 /// Every simple command's argv, literal; an error for anything else.
@@ -408,6 +441,9 @@ fn hides(argv: &[String]) -> Result<(), String> {
 
 /// scp's and rsync's server sides, from a parsed command.
 pub fn transfer(cmd: &str) -> Option<Transfer> {
+    if cmd.len() > MAX_COMMAND || cmd.matches('(').count() > MAX_PARENS {
+        return None;
+    }
     let program = parse(cmd).ok()?;
     let mut argvs = Vec::new();
     collect(&program, false, &mut argvs).ok()?;
@@ -530,6 +566,14 @@ mod tests {
         assert!(matches!(judge("systemctl stop db", &p), Judgement::Deny { rule: "denied_command", .. }));
         assert!(matches!(judge("systemctl status db", &p), Judgement::Allow));
         assert!(matches!(judge("systemctl restart db; systemctl stop db", &p), Judgement::Deny { .. }));
+    }
+
+    #[test]
+    fn inputs_that_would_make_the_parser_slow_are_refused_unread() {
+        let p = policy(&["echo *"]);
+        assert!(matches!(judge(&("(".repeat(30) + "\n\n"), &p), Judgement::Deny { rule: "too_nested", .. }));
+        assert!(matches!(judge(&"x".repeat(MAX_COMMAND + 1), &p), Judgement::Deny { rule: "too_long", .. }));
+        assert!(transfer(&"(".repeat(30)).is_none());
     }
 
     #[test]

@@ -28,6 +28,18 @@ const CASES: &[(&str, &[u8])] = &[
     ("policy", b"[profiles.x.labels]\n\"\" = \"mask\"\n"),
     ("audit_segment", b"{\"seq\":1,\"prev\":\"\",\"ts\":\"\",\"event\":\"x\"}\n{"),
     ("audit_segment", b"\n\n\n"),
+    ("ssh_command", b"echo $("),
+    ("ssh_command", b"a | b && c || (d; e) & f <<EOF\nx\nEOF\n"),
+    ("ssh_command", b"sudo -u -- timeout"),
+    // Found by fuzzing: nested parentheses cost the shell parser
+    // exponential time (a minute for these).
+    ("ssh_command", b"((((((((((((((((((((((((\n\n"),
+    // Found by fuzzing: a descriptor number past i32 panicked the parser.
+    ("ssh_command", b"999999999922>&22>&1>&\x00\x00\x12\x00\x00"),
+    ("stream_mask", b"\x1b]52;c;\x1b\x1b[999999999999m\xf0\x9f"),
+    ("stream_mask", b"\x1bP\x1b\x1b\\4111 1111 1111 1111\r\n"),
+    ("sftp", b"\x00\x00\x00\x05\x03\x00\x00\x00\x01"),
+    ("sftp", b"\x00\x00\x00\x00"),
 ];
 
 fn run(target: &str, data: &[u8]) {
@@ -39,6 +51,9 @@ fn run(target: &str, data: &[u8]) {
         "sql_analysis" => sql_analysis(data),
         "policy" => policy(data),
         "audit_segment" => audit_segment(data),
+        "ssh_command" => ssh_command(data),
+        "stream_mask" => stream_mask(data),
+        "sftp" => sftp(data),
         other => panic!("unknown fuzz target {other}"),
     }
 }

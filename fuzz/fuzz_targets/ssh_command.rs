@@ -1,0 +1,3 @@
+#![no_main]
+//! See agent/src/fuzz.rs.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| cordon::fuzz::ssh_command(data));
