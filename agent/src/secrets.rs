@@ -44,6 +44,9 @@ pub struct Credential {
     pub password: Secret,
     /// An OpenSSH private key (SSH intercepts), from `key_file`.
     pub key: Option<Secret>,
+    /// An SSH user CA's private key (`user_ca_file`): cordon signs a
+    /// short-lived certificate for each session instead of using a key.
+    pub user_ca: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -89,6 +92,8 @@ struct RawCredential {
     password_env: Option<String>,
     /// An OpenSSH private key file (0600), for SSH.
     key_file: Option<String>,
+    /// An SSH user CA's private key file (0600).
+    user_ca_file: Option<String>,
 }
 
 impl Secrets {
@@ -105,6 +110,18 @@ impl Secrets {
         })?;
         let mut credentials = BTreeMap::new();
         for (name, c) in raw.credentials {
+            let user_ca = match &c.user_ca_file {
+                Some(f) => {
+                    let fp = Path::new(f);
+                    let m = std::fs::metadata(fp).with_context(|| format!("credentials.{name}.user_ca_file {f}"))?;
+                    check_private(fp, &m)?;
+                    Some(Secret(
+                        std::fs::read_to_string(fp)
+                            .with_context(|| format!("reading credentials.{name}.user_ca_file {f}"))?,
+                    ))
+                }
+                None => None,
+            };
             let key = match &c.key_file {
                 Some(f) => {
                     let fp = Path::new(f);
@@ -118,7 +135,7 @@ impl Secrets {
                 None => None,
             };
             let password = match (c.password, c.password_file, c.password_env) {
-                (None, None, None) if key.is_some() => String::new(),
+                (None, None, None) if key.is_some() || user_ca.is_some() => String::new(),
                 (Some(p), None, None) => p,
                 (None, Some(f), None) => {
                     let fp = Path::new(&f);
@@ -133,11 +150,11 @@ impl Secrets {
                     format!("credentials.{name}.password_env: ${v} is not set in the agent's environment")
                 })?,
                 _ => bail!(
-                    "{}: credentials.{name}: give exactly one of password, password_file, password_env (or only key_file)",
+                    "{}: credentials.{name}: give exactly one of password, password_file, password_env (or only key_file or user_ca_file)",
                     path.display()
                 ),
             };
-            credentials.insert(name, Credential { user: c.user, password: Secret(password), key });
+            credentials.insert(name, Credential { user: c.user, password: Secret(password), key, user_ca });
         }
         let pseudonym_key = match raw.masking {
             Some(m) if m.pseudonym_key.len() < 16 => {

@@ -824,11 +824,12 @@ impl Sshd {
         let _ = fs::create_dir_all("/run/sshd");
         keygen(&d.join("host_key"));
         keygen(&d.join("cordon_key"));
+        keygen(&d.join("user_ca"));
         fs::copy(d.join("cordon_key.pub"), d.join("authorized_keys")).expect("authorized_keys");
         deploy_user();
         let cfg = format!(
             "Port {port}\nListenAddress {host}\nHostKey {d}/host_key\nPidFile none\nUsePAM no\nStrictModes no\n\
-             AuthorizedKeysFile {d}/authorized_keys\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+             AuthorizedKeysFile {d}/authorized_keys\nTrustedUserCAKeys {d}/user_ca.pub\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
              PubkeyAuthentication yes\nAllowUsers {SSH_DEPLOY_USER}\nSubsystem sftp internal-sftp\nLogLevel VERBOSE\n\
              AcceptEnv LANG LC_*\n",
             d = d.display()

@@ -32,7 +32,13 @@ fn setup(test: &str, profile: &str) -> Setup {
 }
 
 fn setup_pinned(test: &str, profile: &str, pin: Option<String>) -> Setup {
-    // `pin`: a host key to pin instead of the server's own.
+    setup_full(test, profile, pin, false)
+}
+
+/// `pin`: a host key to pin instead of the server's own; `ca`: cordon logs
+/// in with per-session certificates from a user CA (and the server no
+/// longer accepts its plain key).
+fn setup_full(test: &str, profile: &str, pin: Option<String>, ca: bool) -> Setup {
     let sshd = Sshd::start(HOST, cordon_tests::free_port());
     let name = format!("cordon-ssh-{test}-{}", std::process::id());
     let cg = Cgroup::create(&name).expect("cgroup");
@@ -49,12 +55,12 @@ fn setup_pinned(test: &str, profile: &str, pin: Option<String>) -> Setup {
     {
         use std::io::Write;
         let mut f = fs::OpenOptions::new().append(true).open(agent.dir.path().join("secrets.toml")).expect("secrets");
-        writeln!(
-            f,
-            "\n[credentials.deploy]\nuser = \"{DEPLOY}\"\nkey_file = \"{}\"",
-            sshd.path("cordon_key").display()
-        )
-        .expect("write");
+        let (field, file) = if ca { ("user_ca_file", "user_ca") } else { ("key_file", "cordon_key") };
+        writeln!(f, "\n[credentials.deploy]\nuser = \"{DEPLOY}\"\n{field} = \"{}\"", sshd.path(file).display())
+            .expect("write");
+    }
+    if ca {
+        fs::write(sshd.path("authorized_keys"), "").expect("no plain key");
     }
     agent.start().expect("agent start");
     // What an admin installs once on the workload host.
@@ -613,5 +619,33 @@ fn paramiko_and_asyncssh_work_as_clients() {
         let out = run("echo $(id)");
         let text = stdout(&out);
         assert!(text.contains("status 126") && text.contains("cordon: refused"), "{name}: {text}\n{}", stderr(&out));
+    }
+}
+
+#[test]
+fn per_session_user_certificates_scope_each_login_to_its_command() {
+    require_e2e!();
+    let s = setup_full("usercert", "[profiles.ci.ssh]\ncommands = [\"echo *\", \"id -un\"]", None, true);
+    let out = s.ssh("echo with a certificate");
+    assert_eq!(stdout(&out), "with a certificate", "{}", stderr(&out));
+    let out = s.ssh("id -un");
+    assert_eq!(stdout(&out), DEPLOY, "{}", stderr(&out));
+    // sshd saw a certificate naming the session and the workload.
+    let log = fs::read_to_string(s.sshd.path("sshd.log")).unwrap_or_default();
+    assert!(log.contains("ED25519-CERT") && log.contains("cordon session") && log.contains("uid 65534"), "{log}");
+    // Nothing of the CA key reaches what cordon writes.
+    let ca = fs::read_to_string(s.sshd.path("user_ca")).expect("ca");
+    let body: String = ca.lines().filter(|l| !l.starts_with("-----")).collect();
+    let chunk = body.get(body.len() - 80..body.len() - 40).expect("ca body").to_string();
+    s.agent.wait_synced();
+    let mut stack = vec![s.agent.dir.path().join("state")];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            } else {
+                assert!(!fs::read_to_string(e.path()).unwrap_or_default().contains(&chunk), "{}", e.path().display());
+            }
+        }
     }
 }

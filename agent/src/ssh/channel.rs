@@ -120,8 +120,25 @@ pub async fn run(ctx: Arc<Ctx>, down: Channel<server::Msg>, open: server::Channe
         return;
     }
 
-    // Upstream: one connection per workload connection, opened on first use.
-    let up = match ctx.upstream().await {
+    // Upstream: one connection per workload connection, opened on first
+    // use; with a user CA, one per channel, its certificate scoped to what
+    // the channel runs (sshd enforces the forced command).
+    let scoped = ctx.uses_certificates();
+    let up = if scoped {
+        let scope = super::upstream::Scope {
+            key_id: format!("cordon session {} uid {} channel {}", ctx.session, ctx.workload.uid, u32::from(id)),
+            force_command: match &start {
+                Start::Exec(c) => Some(c.clone()),
+                Start::Subsystem(n) if n == "sftp" => Some("internal-sftp".into()),
+                Start::Subsystem(_) | Start::Shell => None,
+            },
+            pty: pty.is_some() && ctx.profile.ssh.shell != ShellMode::Deny,
+        };
+        ctx.connect_scoped(scope).await
+    } else {
+        ctx.upstream().await
+    };
+    let up = match up {
         Ok(u) => u,
         Err(message) => {
             refuse(&handle, id, &tx, &format!("cordon: {message}")).await;
@@ -192,6 +209,9 @@ pub async fn run(ctx: Arc<Ctx>, down: Channel<server::Msg>, open: server::Channe
         matches!(&start, Start::Subsystem(n) if n == "sftp") && ctx.profile.ssh.transfer == TransferMode::ReadOnly;
     let filter = sftp_read_only.then(super::sftp::ReadOnly::default);
     let outcome = super::relay::run(&ctx, &handle, id, &mut rx, &tx, &mut urx, &utx, mask, cast, filter).await;
+    if scoped {
+        let _ = up.disconnect(russh::Disconnect::ByApplication, "", "en").await;
+    }
     finish(&ctx, &admitted, outcome);
 }
 

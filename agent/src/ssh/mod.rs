@@ -86,14 +86,30 @@ impl Ctx {
         r
     }
 
+    /// Whether upstream logins use per-session user certificates (then each
+    /// channel gets its own connection, with a certificate for exactly
+    /// what it runs).
+    pub fn uses_certificates(&self) -> bool {
+        self.credential().is_some_and(|c| c.user_ca.is_some())
+    }
+
+    /// A connection for one channel, with a certificate scoped to it.
+    pub async fn connect_scoped(&self, scope: upstream::Scope) -> Result<Arc<upstream::Upstream>, String> {
+        self.connect_with(Some(&scope)).await
+    }
+
     async fn connect(&self) -> Result<Arc<upstream::Upstream>, String> {
+        self.connect_with(None).await
+    }
+
+    async fn connect_with(&self, scope: Option<&upstream::Scope>) -> Result<Arc<upstream::Upstream>, String> {
         let Some(cred) = self.credential() else {
             return Err(format!("intercept {} has no credential in the secrets file", self.rule.name));
         };
         let Some(known_hosts) = self.rule.known_hosts.as_ref() else {
             return Err(format!("intercept {} pins no host keys", self.rule.name));
         };
-        match upstream::connect(&self.shared, self.upstream_addr, known_hosts, &cred).await {
+        match upstream::connect(&self.shared, self.upstream_addr, known_hosts, &cred, scope).await {
             Ok(h) => Ok(Arc::new(h)),
             Err(f) => {
                 let rec =

@@ -175,6 +175,31 @@ impl client::Handler for Checker {
 
 pub type Upstream = client::Handle<Checker>;
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_certificates_carry_the_command_the_source_and_no_forwarding() {
+        let seed: [u8; 32] = [7; 32];
+        let ca = PrivateKey::from(russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&seed));
+        let pem = ca.to_openssh(russh::keys::ssh_key::LineEnding::LF).expect("pem");
+        let scope = Scope { key_id: "cordon session s1".into(), force_command: Some("uptime".into()), pty: false };
+        let (key, cert) = user_certificate(&pem, "deploy", "127.0.0.1".parse().expect("ip"), &scope).expect("cert");
+        assert_eq!(cert.public_key(), key.public_key().key_data());
+        assert_eq!(cert.valid_principals(), ["deploy".to_string()]);
+        assert_eq!(cert.critical_options().get("force-command").map(String::as_str), Some("uptime"));
+        assert_eq!(cert.critical_options().get("source-address").map(String::as_str), Some("127.0.0.1"));
+        assert!(cert.extensions().is_empty(), "no permit-* extension: {:?}", cert.extensions());
+        assert!(cert.valid_before() - cert.valid_after() <= 360);
+        let fp = ca.public_key().fingerprint(HashAlg::Sha256);
+        cert.validate([&fp]).expect("signed by the CA");
+        let shell = Scope { force_command: None, pty: true, ..scope };
+        let (_, cert) = user_certificate(&pem, "deploy", "127.0.0.1".parse().expect("ip"), &shell).expect("cert");
+        assert_eq!(cert.extensions().keys().collect::<Vec<_>>(), ["permit-pty"]);
+    }
+}
+
 /// Why the upstream login failed, for the workload and the audit.
 #[derive(Debug)]
 pub struct Failure {
@@ -183,17 +208,64 @@ pub struct Failure {
     pub message: String,
 }
 
-/// Connect, check the pins, log in.
+/// What a per-session user certificate allows (sshd enforces it even if
+/// cordon had a bug): one command, a pty or not, from cordon's address.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    pub key_id: String,
+    pub force_command: Option<String>,
+    pub pty: bool,
+}
+
+/// An ephemeral Ed25519 key and its user certificate: valid from a minute
+/// ago for five minutes, for `user` only, from `source` only, no
+/// forwarding, `permit-pty` only when asked.
+pub fn user_certificate(
+    ca_pem: &str,
+    user: &str,
+    source: std::net::IpAddr,
+    scope: &Scope,
+) -> Result<(PrivateKey, Certificate)> {
+    use russh::keys::ssh_key::{
+        certificate::{Builder, CertType},
+        private::Ed25519Keypair,
+    };
+    let ca = PrivateKey::from_openssh(ca_pem).context("the credential's user_ca_file is not an OpenSSH private key")?;
+    let seed: [u8; 32] = rand::random();
+    let key = PrivateKey::from(Ed25519Keypair::from_seed(&seed));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let nonce: [u8; 32] = rand::random();
+    let mut b = Builder::new(nonce.to_vec(), key.public_key().key_data().clone(), now.saturating_sub(60), now + 300)?;
+    b.cert_type(CertType::User)?;
+    b.serial(rand::random())?;
+    b.key_id(scope.key_id.clone())?;
+    b.valid_principal(user)?;
+    b.critical_option("source-address", source.to_string())?;
+    if let Some(c) = &scope.force_command {
+        b.critical_option("force-command", c.clone())?;
+    }
+    if scope.pty {
+        b.extension("permit-pty", "")?;
+    }
+    let cert = b.sign(&ca).context("signing the user certificate")?;
+    Ok((key, cert))
+}
+
+/// Connect, check the pins, log in: with a per-session user certificate
+/// when the credential holds a user CA (`scope` says what it allows),
+/// else with its key or password.
 pub async fn connect(
     shared: &Shared,
     addr: std::net::SocketAddr,
     known_hosts: &Path,
     cred: &Credential,
+    scope: Option<&Scope>,
 ) -> std::result::Result<Upstream, Failure> {
     let fail = |kind, message: String| Failure { kind, message };
     let pins = Pins::load(known_hosts, addr).map_err(|e| fail("host_key", format!("{e:#}")))?;
     let seen = pins.seen.clone();
     let tcp = crate::proxy::connect_upstream(addr, shared).await.map_err(|e| fail("connect", format!("{e:#}")))?;
+    let source = tcp.local_addr().map(|a| a.ip()).map_err(|e| fail("connect", format!("{e}")))?;
     let config = Arc::new(client::Config {
         inactivity_timeout: None,
         keepalive_interval: Some(std::time::Duration::from_secs(30)),
@@ -212,8 +284,18 @@ pub async fn connect(
             return Err(fail("connect", format!("SSH handshake with {addr} failed: {e}")));
         }
     };
-    let ok = match cred.key.as_ref() {
-        Some(pem) => {
+    let ok = match (cred.user_ca.as_ref(), cred.key.as_ref()) {
+        (Some(ca), _) => {
+            let scope = scope.cloned().unwrap_or(Scope { key_id: "cordon".into(), force_command: None, pty: false });
+            let (key, cert) = user_certificate(ca.expose(), &cred.user, source, &scope)
+                .map_err(|e| fail("auth", format!("{e:#}")))?;
+            handle
+                .authenticate_openssh_cert(&cred.user, Arc::new(key), cert)
+                .await
+                .map_err(|e| fail("auth", format!("certificate login as {} failed: {e}", cred.user)))?
+                .success()
+        }
+        (None, Some(pem)) => {
             let key = PrivateKey::from_openssh(pem.expose())
                 .map_err(|e| fail("auth", format!("the credential's key_file is not an OpenSSH private key ({e})")))?;
             let hash = handle.best_supported_rsa_hash().await.ok().flatten().flatten();
@@ -223,7 +305,7 @@ pub async fn connect(
                 .map_err(|e| fail("auth", format!("public-key login as {} failed: {e}", cred.user)))?
                 .success()
         }
-        None => handle
+        (None, None) => handle
             .authenticate_password(&cred.user, cred.password.expose())
             .await
             .map_err(|e| fail("auth", format!("password login as {} failed: {e}", cred.user)))?
