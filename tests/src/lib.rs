@@ -831,7 +831,7 @@ impl Sshd {
             "Port {port}\nListenAddress {host}\nHostKey {d}/host_key\nPidFile none\nUsePAM no\nStrictModes no\n\
              AuthorizedKeysFile {d}/authorized_keys\nTrustedUserCAKeys {d}/user_ca.pub\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
              PubkeyAuthentication yes\nAllowUsers {SSH_DEPLOY_USER}\nSubsystem sftp internal-sftp\nLogLevel VERBOSE\n\
-             AcceptEnv LANG LC_*\n",
+             AcceptEnv *\n",
             d = d.display()
         );
         fs::write(d.join("sshd_config"), cfg).expect("config");

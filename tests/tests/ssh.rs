@@ -649,3 +649,23 @@ fn per_session_user_certificates_scope_each_login_to_its_command() {
         }
     }
 }
+
+#[test]
+fn only_the_locale_reaches_the_server_from_the_environment() {
+    require_e2e!();
+    // This sshd accepts any variable: only cordon stands in between.
+    let s = setup("env", "[profiles.ci.ssh]\ncommands = [\"printenv *\"]");
+    let out = s
+        .ssh_cmd(
+            &["-o", "SendEnv=LC_CORDON_TEST", "-o", "SendEnv=BASH_ENV", "-o", "SendEnv=PROMPT_COMMAND"],
+            &["printenv LC_CORDON_TEST BASH_ENV PROMPT_COMMAND"],
+        )
+        .env("LC_CORDON_TEST", "locale-ok")
+        .env("BASH_ENV", "/tmp/evil.sh")
+        .env("PROMPT_COMMAND", "evil")
+        .output()
+        .expect("ssh");
+    let text = stdout(&out);
+    assert!(text.contains("locale-ok"), "{text}\n{}\n{:?}", stderr(&out), s.events("statement"));
+    assert!(!text.contains("evil"), "{text}");
+}

@@ -64,12 +64,12 @@ pub async fn run(ctx: Arc<Ctx>, down: Channel<server::Msg>, open: server::Channe
             }
             ChannelMsg::SetEnv { variable_name, variable_value, .. } => {
                 // Only the locale passes: BASH_ENV, LD_PRELOAD and the like
-                // would run code before the judged command.
+                // would run code before the judged command. No reply:
+                // clients send env without asking for one, and russh keeps
+                // only the latest request's want-reply, so a reply here
+                // could be read as the answer to the exec that follows.
                 if variable_name == "LANG" || variable_name.starts_with("LC_") {
                     env.push((variable_name, variable_value));
-                    let _ = handle.channel_success(id).await;
-                } else {
-                    let _ = handle.channel_failure(id).await;
                 }
             }
             ChannelMsg::Exec { command, .. } => break Start::Exec(String::from_utf8_lossy(&command).into_owned()),
@@ -84,9 +84,9 @@ pub async fn run(ctx: Arc<Ctx>, down: Channel<server::Msg>, open: server::Channe
                 early.push(data);
             }
             ChannelMsg::Eof => early_eof = true,
-            ChannelMsg::AgentForward { .. } | ChannelMsg::RequestX11 { .. } => {
-                let _ = handle.channel_failure(id).await;
-            }
+            // Refused (russh answers agent forwarding through the handler);
+            // no reply from here, for the same reason as env.
+            ChannelMsg::AgentForward { .. } | ChannelMsg::RequestX11 { .. } => {}
             ChannelMsg::Close => return,
             _ => {}
         }
