@@ -669,3 +669,27 @@ fn only_the_locale_reaches_the_server_from_the_environment() {
     assert!(text.contains("locale-ok"), "{text}\n{}\n{:?}", stderr(&out), s.events("statement"));
     assert!(!text.contains("evil"), "{text}");
 }
+
+#[test]
+fn forwarding_reaches_only_the_destinations_the_profile_lists() {
+    require_e2e!();
+    for ca in [false, true] {
+        let s = setup_full(
+            "fwd",
+            &format!("[profiles.ci.ssh]\ncommands = [\"echo *\"]\nforwarding = [\"{HOST}:*\"]"),
+            None,
+            ca,
+        );
+        // -W to a listed destination: the stream is that server's banner.
+        let out =
+            s.ssh_cmd(&["-W", &format!("{HOST}:{}", s.sshd.port)], &[]).stdin(Stdio::null()).output().expect("ssh");
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("SSH-2.0-OpenSSH"), "ca={ca}: {}", stderr(&out));
+        // Anything else is refused.
+        let out = s.ssh_cmd(&["-W", "127.0.0.1:22"], &[]).stdin(Stdio::null()).output().expect("ssh");
+        assert!(!String::from_utf8_lossy(&out.stdout).starts_with("SSH-2.0"), "ca={ca}");
+        let refused = s.events("ssh_refused");
+        assert!(refused.iter().any(|r| r["what"] == "port_forwarding"), "{refused:?}");
+        let stmts = s.events("statement");
+        assert!(stmts.iter().any(|r| r["text"].as_str().is_some_and(|t| t.starts_with("<forward to"))), "{stmts:?}");
+    }
+}

@@ -133,6 +133,7 @@ pub async fn run(ctx: Arc<Ctx>, down: Channel<server::Msg>, open: server::Channe
                 Start::Subsystem(_) | Start::Shell => None,
             },
             pty: pty.is_some() && ctx.profile.ssh.shell != ShellMode::Deny,
+            forwarding: false,
         };
         ctx.connect_scoped(scope).await
     } else {

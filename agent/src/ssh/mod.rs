@@ -10,6 +10,7 @@
 //! reason.
 
 pub mod channel;
+pub mod forward;
 pub mod hostkey;
 pub mod policy;
 pub mod record;

@@ -93,6 +93,11 @@ impl Shape {
     }
 }
 
+/// `glob` over strings (forwarding destinations, `host:port`).
+pub fn glob_str(p: &str, s: &str) -> bool {
+    glob(p.as_bytes(), s.as_bytes())
+}
+
 /// `*` any run, `?` one byte, anything else itself.
 fn glob(p: &[u8], s: &[u8]) -> bool {
     let (mut pi, mut si) = (0, 0);

@@ -80,15 +80,25 @@ impl server::Handler for Server {
 
     async fn channel_open_direct_tcpip(
         &mut self,
-        _channel: Channel<Msg>,
+        channel: Channel<Msg>,
         host_to_connect: &str,
         port_to_connect: u32,
-        _originator_address: &str,
-        _originator_port: u32,
+        originator_address: &str,
+        originator_port: u32,
         reply: server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         let dest = format!("{host_to_connect}:{port_to_connect}");
+        if self.ctx.profile.ssh.forwarding.iter().any(|p| super::policy::glob_str(p, &dest)) {
+            let ctx = self.ctx.clone();
+            let target =
+                (host_to_connect.to_string(), port_to_connect, originator_address.to_string(), originator_port);
+            let task = tokio::spawn(super::forward::run(ctx, channel, reply, target));
+            if let Ok(mut t) = self.ctx.tasks.lock() {
+                t.push(task);
+            }
+            return Ok(());
+        }
         self.refuse(
             "port_forwarding",
             format!("local port forwarding to {dest} is not allowed by profile {}", self.ctx.profile.name),

@@ -184,7 +184,12 @@ mod tests {
         let seed: [u8; 32] = [7; 32];
         let ca = PrivateKey::from(russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&seed));
         let pem = ca.to_openssh(russh::keys::ssh_key::LineEnding::LF).expect("pem");
-        let scope = Scope { key_id: "cordon session s1".into(), force_command: Some("uptime".into()), pty: false };
+        let scope = Scope {
+            key_id: "cordon session s1".into(),
+            force_command: Some("uptime".into()),
+            pty: false,
+            forwarding: false,
+        };
         let (key, cert) = user_certificate(&pem, "deploy", "127.0.0.1".parse().expect("ip"), &scope).expect("cert");
         assert_eq!(cert.public_key(), key.public_key().key_data());
         assert_eq!(cert.valid_principals(), ["deploy".to_string()]);
@@ -215,6 +220,8 @@ pub struct Scope {
     pub key_id: String,
     pub force_command: Option<String>,
     pub pty: bool,
+    /// `permit-port-forwarding`, for a forwarding the profile lists.
+    pub forwarding: bool,
 }
 
 /// An ephemeral Ed25519 key and its user certificate: valid from a minute
@@ -246,6 +253,9 @@ pub fn user_certificate(
     }
     if scope.pty {
         b.extension("permit-pty", "")?;
+    }
+    if scope.forwarding {
+        b.extension("permit-port-forwarding", "")?;
     }
     let cert = b.sign(&ca).context("signing the user certificate")?;
     Ok((key, cert))
@@ -286,7 +296,12 @@ pub async fn connect(
     };
     let ok = match (cred.user_ca.as_ref(), cred.key.as_ref()) {
         (Some(ca), _) => {
-            let scope = scope.cloned().unwrap_or(Scope { key_id: "cordon".into(), force_command: None, pty: false });
+            let scope = scope.cloned().unwrap_or(Scope {
+                key_id: "cordon".into(),
+                force_command: None,
+                pty: false,
+                forwarding: false,
+            });
             let (key, cert) = user_certificate(ca.expose(), &cred.user, source, &scope)
                 .map_err(|e| fail("auth", format!("{e:#}")))?;
             handle
