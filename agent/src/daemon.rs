@@ -234,6 +234,17 @@ fn load_secrets(policy: &Policy) -> Result<crate::secrets::Secrets> {
             bail!("intercept {intercept:?} injects credentials {cred:?}, which {} does not define", path.display());
         }
     }
+    for i in &policy.intercepts {
+        for (user, cred) in &i.users {
+            if secrets.get(cred).is_none() {
+                bail!(
+                    "intercept {:?} maps ssh user {user:?} to credentials {cred:?}, which {} does not define",
+                    i.name,
+                    path.display()
+                );
+            }
+        }
+    }
     // What approvals name: the store's login and the webhooks' secrets.
     for p in &policy.profiles {
         let Some(a) = &p.approvals else { continue };

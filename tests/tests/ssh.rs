@@ -35,10 +35,15 @@ fn setup_pinned(test: &str, profile: &str, pin: Option<String>) -> Setup {
     setup_full(test, profile, pin, false)
 }
 
+fn setup_full(test: &str, profile: &str, pin: Option<String>, ca: bool) -> Setup {
+    setup_users(test, profile, pin, ca, "")
+}
+
 /// `pin`: a host key to pin instead of the server's own; `ca`: cordon logs
 /// in with per-session certificates from a user CA (and the server no
 /// longer accepts its plain key).
-fn setup_full(test: &str, profile: &str, pin: Option<String>, ca: bool) -> Setup {
+/// …and `users`: the intercept's typed-user map, as TOML lines.
+fn setup_users(test: &str, profile: &str, pin: Option<String>, ca: bool, users: &str) -> Setup {
     let sshd = Sshd::start(HOST, cordon_tests::free_port());
     let name = format!("cordon-ssh-{test}-{}", std::process::id());
     let cg = Cgroup::create(&name).expect("cgroup");
@@ -46,7 +51,7 @@ fn setup_full(test: &str, profile: &str, pin: Option<String>, ca: bool) -> Setup
     fs::write(&pins, sshd.pin(pin.as_deref()) + "\n").expect("pins");
     let body = format!(
         "[[intercept]]\nname = \"hosts\"\nprotocol = \"ssh\"\nport = {port}\ndestinations = [\"{HOST}/32\"]\n\
-         credentials = \"deploy\"\nknown_hosts = \"{pins}\"\n\n[profiles.ci]\n{profile}\n\n\
+         credentials = \"deploy\"\nknown_hosts = \"{pins}\"\n{users}\n\n[profiles.ci]\n{profile}\n\n\
          [[tag]]\ncgroup = \"{name}\"\nprofile = \"ci\"\n",
         port = sshd.port,
         pins = pins.display(),
@@ -692,4 +697,25 @@ fn forwarding_reaches_only_the_destinations_the_profile_lists() {
         let stmts = s.events("statement");
         assert!(stmts.iter().any(|r| r["text"].as_str().is_some_and(|t| t.starts_with("<forward to"))), "{stmts:?}");
     }
+}
+
+#[test]
+fn the_typed_user_picks_the_upstream_credential_and_unmapped_users_are_refused() {
+    require_e2e!();
+    let s = setup_users(
+        "users",
+        "[profiles.ci.ssh]\ncommands = [\"id -un\"]",
+        None,
+        false,
+        "[intercept.users]\ndeploy = \"deploy\"",
+    );
+    let run = |user: &str| {
+        let mut cmd = s.cg.command("ssh");
+        cmd.args(s.opts()).args(["-p", &s.sshd.port.to_string()]).arg(format!("{user}@{HOST}")).arg("id -un");
+        cmd.output().expect("ssh")
+    };
+    let out = run("deploy");
+    assert_eq!(stdout(&out), DEPLOY, "{}", stderr(&out));
+    let out = run("root");
+    assert!(!out.status.success() && stderr(&out).contains("no credential for the user \"root\""), "{}", stderr(&out));
 }

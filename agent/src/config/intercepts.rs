@@ -118,7 +118,14 @@ impl Validator<'_> {
             );
             return None;
         }
-        Some(Intercept { name, protocol: protocol?, port, destinations, upstream, login, known_hosts })
+        if !is_ssh {
+            if let Some((u, v)) = raw.users.iter().next() {
+                self.error(v.span(), &field(&format!("users.{u}")), "users applies to protocol = \"ssh\" only");
+                return None;
+            }
+        }
+        let users = raw.users.iter().map(|(k, v)| (k.clone(), v.get_ref().clone())).collect();
+        Some(Intercept { name, protocol: protocol?, port, destinations, upstream, login, known_hosts, users })
     }
 
     /// `auth`, `credentials` and `upstream_*` apply to protocols that log in

@@ -146,6 +146,9 @@ struct RawIntercept {
     upstream_server_name: Option<Spanned<String>>,
     /// SSH: the pinned host keys of the servers behind this intercept.
     known_hosts: Option<Spanned<String>>,
+    /// SSH: the user the workload typed → `[credentials.NAME]`.
+    #[serde(default)]
+    users: BTreeMap<String, Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -259,6 +262,9 @@ pub struct Intercept {
     /// SSH: a known_hosts file (plain keys and `@cert-authority` lines)
     /// pinning the upstream servers' host keys; anything else fails closed.
     pub known_hosts: Option<PathBuf>,
+    /// SSH: which credential each typed user gets (`*` for any other); empty:
+    /// every user gets `credentials`.
+    pub users: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -68,11 +68,20 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// The credential for the user the workload typed: `users.<typed>`,
+    /// else `users."*"`, else (no map) the intercept's `credentials`. A map
+    /// that names neither the user nor `*` gives none: refused.
     pub fn credential(&self) -> Option<Credential> {
-        match self.rule.login.as_ref().map(|l| &l.auth) {
-            Some(AuthMode::Inject { credentials }) => self.shared.secrets().get(credentials).cloned(),
-            _ => None,
-        }
+        let name = if self.rule.users.is_empty() {
+            match self.rule.login.as_ref().map(|l| &l.auth) {
+                Some(AuthMode::Inject { credentials }) => credentials.clone(),
+                _ => return None,
+            }
+        } else {
+            let typed = self.typed_user.lock().ok().and_then(|u| u.clone()).unwrap_or_default();
+            self.rule.users.get(&typed).or_else(|| self.rule.users.get("*"))?.clone()
+        };
+        self.shared.secrets().get(&name).cloned()
     }
 
     /// The upstream connection, opened once (a failure is kept: every
@@ -105,7 +114,11 @@ impl Ctx {
 
     async fn connect_with(&self, scope: Option<&upstream::Scope>) -> Result<Arc<upstream::Upstream>, String> {
         let Some(cred) = self.credential() else {
-            return Err(format!("intercept {} has no credential in the secrets file", self.rule.name));
+            let typed = self.typed_user.lock().ok().and_then(|u| u.clone()).unwrap_or_default();
+            return Err(format!(
+                "intercept {} has no credential for the user {typed:?} (intercept.users, or credentials in the secrets file)",
+                self.rule.name
+            ));
         };
         let Some(known_hosts) = self.rule.known_hosts.as_ref() else {
             return Err(format!("intercept {} pins no host keys", self.rule.name));
