@@ -66,6 +66,10 @@ pub fn run(what: &str) -> Result<()> {
     if what == "ab" {
         return ab();
     }
+    if what == "ssh" {
+        let s = crate::bench_ssh::run()?;
+        return crate::bench_ssh::write(&s);
+    }
     if what == "variants" {
         let pg = Postgres::start(&["127.0.0.2"], cordon_tests::free_port())?;
         pgbench_init(&pg)?;
@@ -79,6 +83,9 @@ pub fn run(what: &str) -> Result<()> {
     }
     if what == "micro" || what == "all" {
         micro(&mut report)?;
+    }
+    if what == "all" {
+        report.sections.push(crate::bench_ssh::run()?);
     }
     if what == "detectors" || what == "all" {
         let d = crate::detector_eval::run()?;
@@ -135,7 +142,7 @@ fn bench_agent_env(
     Ok(agent)
 }
 
-fn release_bin() -> PathBuf {
+pub fn release_bin() -> PathBuf {
     cordon_tests::workspace_root().join("target/release/cordon")
 }
 
@@ -1009,7 +1016,9 @@ fn write_report(report: &Report, what: &str, took: Duration) -> Result<()> {
         doc.push('\n');
     }
     let path = cordon_tests::workspace_root().join("BENCHMARKS.md");
-    crate::fuzz::keep_section(&std::fs::read_to_string(&path).unwrap_or_default(), &mut doc);
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    crate::fuzz::keep_section(&old, &mut doc);
+    crate::bench_ssh::keep(&old, &mut doc);
     std::fs::write(&path, doc)?;
     say(&format!("wrote {}", path.display()));
     Ok(())

@@ -4,6 +4,7 @@
 //! `test` and `demo` run it first, so a fresh machine needs nothing else.
 
 mod bench;
+mod bench_ssh;
 mod demo;
 mod detector_eval;
 mod fuzz;
@@ -34,7 +35,7 @@ fn main() {
 fn usage() -> Result<()> {
     bail!(
         "usage: cargo xtask <command>\n  setup  install prerequisites (idempotent)\n  build  build the agent (and its eBPF programs)\n  \
-         test   unit tests, end-to-end tests (root for the e2e part) and a short fuzz smoke run\n  demo   the end-to-end demo\n  bench  [pg|micro|detectors|all] benchmarks, written to BENCHMARKS.md\n  \
+         test   unit tests, end-to-end tests (root for the e2e part) and a short fuzz smoke run\n  demo   the end-to-end demo\n  bench  [pg|micro|detectors|ssh|all] benchmarks, written to BENCHMARKS.md\n  \
          gen-walk [--check]  regenerate the SQL parse-tree walker from pg_query\n  \
          fuzz   [--secs N] [--report]  every fuzz target for N seconds (default 60); --report writes BENCHMARKS.md"
     )
