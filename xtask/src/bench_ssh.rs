@@ -68,7 +68,7 @@ pub fn run() -> Result<String> {
             "-o",
             "UserKnownHostsFile=/dev/null",
             "-o",
-            "Ciphers=aes128-gcm@openssh.com",
+            "Ciphers=aes256-gcm@openssh.com",
             "-p",
             &port,
         ]
@@ -131,7 +131,7 @@ pub fn run() -> Result<String> {
     let _ = writeln!(s, "{BEGIN}\n## SSH\n");
     let _ = writeln!(
         s,
-        "OpenSSH 9.2 client and server on loopback, AES-128-GCM; through cordon the workload is `nobody` in a tagged cgroup \
+        "OpenSSH 9.2 client and server on loopback, AES-256-GCM; through cordon the workload is `nobody` in a tagged cgroup \
          and cordon logs in with its key; direct is the same client with the same key. Medians of {REPS} interleaved rounds \
          (1 GiB) and 10 (connect + `true`).\n"
     );
