@@ -29,6 +29,9 @@ pub struct Cast {
     carry: Vec<u8>,
     channel: u32,
     failed: bool,
+    /// The output turned out binary: not written as terminal text (a
+    /// marker says so and how many bytes followed).
+    binary: Option<u64>,
 }
 
 impl Cast {
@@ -68,6 +71,7 @@ impl Cast {
             carry: Vec::new(),
             channel,
             failed: false,
+            binary: None,
         };
         c.line(&header.to_string());
         Some(c)
@@ -106,11 +110,29 @@ impl Cast {
     }
 
     pub fn output(&mut self, b: &[u8]) {
+        // Not text (a NUL, invalid UTF-8): counted from here, not recorded.
+        let text = !b.contains(&0) && std::str::from_utf8(b).map_or_else(|e| e.error_len().is_none(), |_| true);
+        if !text {
+            self.binary();
+        }
+        if let Some(n) = self.binary.as_mut() {
+            *n += b.len() as u64;
+            return;
+        }
         self.carry.extend_from_slice(b);
         let (text, rest) = decode(&self.carry);
         self.carry = rest;
         if !text.is_empty() {
             self.event("o", &text);
+        }
+    }
+
+    /// From here on the output is binary: it is counted, not recorded (a
+    /// terminal recording of it would be neither readable nor small).
+    pub fn binary(&mut self) {
+        if self.binary.is_none() {
+            self.event("m", "binary output follows: not recorded");
+            self.binary = Some(0);
         }
     }
 
@@ -136,6 +158,7 @@ impl Cast {
             "sha256": hex::encode(self.hash.finalize()),
             "bytes": self.bytes,
             "complete": !self.failed,
+            "binary_bytes_not_recorded": self.binary,
         }))
     }
 }

@@ -50,6 +50,9 @@ pub async fn run(
             if !b.is_empty() {
                 bytes_down += b.len() as u64;
                 if let Some(c) = cast.as_mut() {
+                    if out_mask.as_ref().is_some_and(|m| m.binary) || err_mask.as_ref().is_some_and(|m| m.binary) {
+                        c.binary();
+                    }
                     c.output(&b);
                 }
                 let sent = if $ext == 0 {
