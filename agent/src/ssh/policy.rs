@@ -246,6 +246,31 @@ fn deny(rule: &'static str, reason: String) -> Judgement {
 }
 
 fn parse(cmd: &str) -> Result<ast::Program, String> {
+    // A here-document can send brush-parser's tokenizer into an endless,
+    // allocating loop (found by fuzzing: `\x03<<\r\t`); here-documents are
+    // input redirections, which the judge refuses anyway.
+    if cmd.contains("<<") {
+        return Err("here-documents (`<<`) are refused: they are input redirections".into());
+    }
+    // Control characters have no place in a command line, and they are
+    // where the parser's corner cases live.
+    if cmd.chars().any(|c| c.is_control() && c != '\t' && c != '\n') {
+        return Err("control characters in a command are refused".into());
+    }
+    // `~N`, `~+N`, `~-N` (directory-stack expansion) with a long number
+    // panics the word parser; it is an expansion, refused anyway.
+    let b = cmd.as_bytes();
+    for (i, c) in b.iter().enumerate() {
+        if *c == b'~' {
+            let mut j = i + 1;
+            if matches!(b.get(j), Some(b'+' | b'-')) {
+                j += 1;
+            }
+            if b.get(j).is_some_and(u8::is_ascii_digit) {
+                return Err("directory-stack expansion (`~N`) is refused".into());
+            }
+        }
+    }
     // brush-parser panics on a redirection's descriptor number that does
     // not fit an i32 (found by fuzzing): such a command is refused unread.
     let b = cmd.as_bytes();

@@ -34,6 +34,11 @@ const CASES: &[(&str, &[u8])] = &[
     // Found by fuzzing: nested parentheses cost the shell parser
     // exponential time (a minute for these).
     ("ssh_command", b"((((((((((((((((((((((((\n\n"),
+    // Found by fuzzing: a here-document sent the tokenizer into an endless,
+    // allocating loop.
+    ("ssh_command", b"\x03<<\r\t"),
+    // Found by fuzzing: `~` and a long number panicked the word parser.
+    ("ssh_command", b"~111111111111111111111111111111111111111111111111111111111111111111111111"),
     // Found by fuzzing: a descriptor number past i32 panicked the parser.
     ("ssh_command", b"999999999922>&22>&1>&\x00\x00\x12\x00\x00"),
     ("stream_mask", b"\x1b]52;c;\x1b\x1b[999999999999m\xf0\x9f"),
