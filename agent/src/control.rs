@@ -131,9 +131,16 @@ fn execute(req: Request, shared: &Shared) -> Result<Value> {
 
 /// Client side, for the CLI.
 pub async fn request(path: &Path, req: &Request) -> Result<Value> {
-    let mut stream = UnixStream::connect(path).await.with_context(|| {
+    let stream = UnixStream::connect(path).await.with_context(|| {
         format!("cannot reach the agent at {}: is `cordon run` running (and are you root)?", path.display())
     })?;
+    exchange(stream, req).await
+}
+
+/// One JSON request line out, one JSON response line back; a response
+/// without `"ok": true` is its `error`. Shared by the control and approvals
+/// sockets' clients.
+pub async fn exchange(mut stream: UnixStream, req: &impl Serialize) -> Result<Value> {
     let line = serde_json::to_string(req)?;
     stream.write_all(format!("{line}\n").as_bytes()).await?;
     let mut resp = String::new();

@@ -900,3 +900,17 @@ pub fn deploy_user() {
     let st = Command::new("usermod").args(["-p", "*", SSH_DEPLOY_USER]).status().expect("usermod");
     assert!(st.success());
 }
+
+/// Wait for a child with a deadline (a test must stop by itself).
+pub fn finish(mut child: Child, within: Duration) -> Output {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return child.wait_with_output().expect("output");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("output");
+    panic!("still running after {within:?}: {}\n{}", stdout(&out), stderr(&out));
+}

@@ -12,7 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cordon_tests::{local_user, require_e2e, stderr, stdout, workload_script, Agent, Cgroup, Postgres, WORKLOAD_UID};
+use cordon_tests::{
+    finish, local_user, require_e2e, stderr, stdout, workload_script, Agent, Cgroup, Postgres, WORKLOAD_UID,
+};
 use serde_json::Value;
 
 const SCHEMA: &str = "\
@@ -105,20 +107,6 @@ impl Setup {
     fn events(&self, event: &str, request: &str) -> Vec<Value> {
         self.agent.audit_events(event).into_iter().filter(|r| r["request"] == request).collect()
     }
-}
-
-/// Wait for a child with a deadline (a test must stop by itself).
-fn finish(mut child: Child, within: Duration) -> Output {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return child.wait_with_output().expect("output");
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let out = child.wait_with_output().expect("output");
-    panic!("still running after {within:?}: {}\n{}", stdout(&out), stderr(&out));
 }
 
 fn still_running(child: &mut Child) -> bool {

@@ -8,12 +8,12 @@ use std::{
     fs,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
-use cordon_tests::{keygen, require_e2e, stderr, stdout, Agent, Cgroup, Sshd, WORKLOAD_UID};
+use cordon_tests::{finish, keygen, require_e2e, stderr, stdout, Agent, Cgroup, Sshd, WORKLOAD_UID};
 use serde_json::Value;
 
 const HOST: &str = "127.0.0.5";
@@ -267,19 +267,6 @@ fn no_credential_reaches_anything_cordon_writes_or_the_workload() {
         let text = fs::read(&f).unwrap_or_default();
         assert!(!String::from_utf8_lossy(&text).contains(&chunk), "{} holds the upstream key", f.display());
     }
-}
-
-fn finish(mut child: Child, within: Duration) -> Output {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return child.wait_with_output().expect("output");
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let out = child.wait_with_output().expect("output");
-    panic!("still running after {within:?}: {}\n{}", stdout(&out), stderr(&out));
 }
 
 #[test]

@@ -143,17 +143,7 @@ fn answer(r: Result<super::Answer, String>) -> Value {
 
 /// Client side: one request, one response.
 pub async fn request(path: &Path, req: &Request) -> Result<Value> {
-    let mut stream = connect(path).await?;
-    let line = serde_json::to_string(req)?;
-    stream.write_all(format!("{line}\n").as_bytes()).await?;
-    let mut resp = String::new();
-    BufReader::new(stream).take(16 * 1024 * 1024).read_line(&mut resp).await?;
-    let v: Value = serde_json::from_str(&resp).with_context(|| format!("bad response from the agent: {resp:?}"))?;
-    if v.get("ok") != Some(&Value::Bool(true)) {
-        let msg = v.get("error").and_then(Value::as_str).unwrap_or("unknown error");
-        bail!("{msg}");
-    }
-    Ok(v)
+    crate::control::exchange(connect(path).await?, req).await
 }
 
 /// Client side of `watch`: each event line to `each` until the agent

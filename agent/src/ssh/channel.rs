@@ -142,29 +142,14 @@ pub async fn run(ctx: Arc<Ctx>, down: Channel<server::Msg>, open: server::Channe
     let up = match up {
         Ok(u) => u,
         Err(message) => {
-            refuse(&handle, id, &tx, &format!("cordon: {message}")).await;
-            let outcome = Outcome {
-                error: Some(ServerError { severity: "ERROR".into(), code: "upstream".into(), message }),
-                ..Outcome::default()
-            };
-            finish(&ctx, &admitted, outcome);
-            return;
+            return upstream_failed(&ctx, &admitted, &handle, id, &tx, message).await;
         }
     };
     let upc = match up.channel_open_session().await {
         Ok(c) => c,
         Err(e) => {
             let message = format!("the server refused a session channel: {e}");
-            refuse(&handle, id, &tx, &format!("cordon: {message}")).await;
-            finish(
-                &ctx,
-                &admitted,
-                Outcome {
-                    error: Some(ServerError { severity: "ERROR".into(), code: "upstream".into(), message }),
-                    ..Outcome::default()
-                },
-            );
-            return;
+            return upstream_failed(&ctx, &admitted, &handle, id, &tx, message).await;
         }
     };
     for (k, v) in &env {
@@ -180,16 +165,7 @@ pub async fn run(ctx: Arc<Ctx>, down: Channel<server::Msg>, open: server::Channe
     };
     if let Err(e) = started {
         let message = format!("the server did not start it: {e}");
-        refuse(&handle, id, &tx, &format!("cordon: {message}")).await;
-        finish(
-            &ctx,
-            &admitted,
-            Outcome {
-                error: Some(ServerError { severity: "ERROR".into(), code: "upstream".into(), message }),
-                ..Outcome::default()
-            },
-        );
-        return;
+        return upstream_failed(&ctx, &admitted, &handle, id, &tx, message).await;
     }
     let _ = handle.channel_success(id).await;
     let (mut urx, utx) = upc.split();
@@ -224,6 +200,21 @@ async fn refuse(handle: &server::Handle, id: ChannelId, tx: &russh::ChannelWrite
     let _ = handle.exit_status_request(id, 126).await;
     let _ = tx.eof().await;
     let _ = tx.close().await;
+}
+
+/// The upstream could not run what was admitted: the workload reads why,
+/// and the statement ends with that error.
+async fn upstream_failed(
+    ctx: &Ctx,
+    admitted: &crate::pipeline::Admitted,
+    handle: &server::Handle,
+    id: ChannelId,
+    tx: &russh::ChannelWriteHalf<server::Msg>,
+    message: String,
+) {
+    refuse(handle, id, tx, &format!("cordon: {message}")).await;
+    let error = ServerError { severity: "ERROR".into(), code: "upstream".into(), message };
+    finish(ctx, admitted, Outcome { error: Some(error), ..Outcome::default() });
 }
 
 fn finish(ctx: &Ctx, admitted: &crate::pipeline::Admitted, outcome: Outcome) {
