@@ -488,15 +488,32 @@ fn an_allowed_shell_is_recorded_and_masked_on_screen() {
     require_e2e!();
     let s = setup("shell-rec", "[profiles.ci.ssh]\ncommands = [\"echo *\"]\nshell = \"record\"");
     let sock = scratch("tmux");
-    let tmux = |args: &[&str]| s.cg.command("tmux").arg("-S").arg(sock.join("s")).args(args).output().expect("tmux");
+    // The workload user's login shell is nologin; without SHELL (CI's environment is
+    // bare) tmux would run the pane through it and the server would exit at once.
+    let tmux = |args: &[&str]| {
+        s.cg.command("tmux")
+            .env("SHELL", "/bin/sh")
+            .env("TERM", "xterm")
+            .arg("-f")
+            .arg("/dev/null")
+            .arg("-S")
+            .arg(sock.join("s"))
+            .args(args)
+            .output()
+            .expect("tmux")
+    };
+    // If ssh ends early, the pane keeps its error on the screen for the failure message.
     let ssh = format!(
-        "ssh {} -tt -p {} anyone@{HOST}",
+        "ssh {} -tt -p {} anyone@{HOST} 2>&1; echo ssh ended with status $?; sleep 60",
         s.opts().iter().map(|o| format!("'{o}'")).collect::<Vec<_>>().join(" "),
         s.sshd.port
     );
     let out = tmux(&["new-session", "-d", "-s", "t", "-x", "100", "-y", "30", &ssh]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let screen = || stdout(&tmux(&["capture-pane", "-p", "-t", "t"]));
+    let screen = || {
+        let out = tmux(&["capture-pane", "-p", "-t", "t"]);
+        format!("{}{}", stdout(&out), stderr(&out))
+    };
     let wait_for = |needle: &str| {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -513,10 +530,8 @@ fn an_allowed_shell_is_recorded_and_masked_on_screen() {
     let text = wait_for("card **** **** **** **** done\n");
     assert!(!text.contains("4111 1111"), "{text}");
     tmux(&["send-keys", "-t", "t", "exit", "Enter"]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tmux(&["has-session", "-t", "t"]).status.success() && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(100));
-    }
+    wait_for("ssh ended with status 0");
+    let _ = tmux(&["kill-server"]);
     let close = s.events("close").into_iter().next().expect("close");
     let session = close["session"].as_str().expect("session").to_string();
     let out = s.agent.cli(&["replay", &session, "--no-wait"]);

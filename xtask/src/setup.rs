@@ -29,6 +29,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("e2fsprogs", "mkfs.ext4 and e2fsck for the read-only filesystem fault test"),
     ("openssh-server", "sshd, the real upstream server of the SSH end-to-end tests (on 127.0.0.x)"),
     ("openssh-client", "ssh, scp and sftp: the workloads of the SSH tests"),
+    ("rsync", "rsync over ssh, a transfer the SSH tests govern"),
+    ("tmux", "a terminal for the SSH interactive-shell test"),
 ];
 
 /// node-postgres from the npm registry, where every user can read it.
