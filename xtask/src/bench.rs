@@ -432,9 +432,18 @@ fn ab() -> Result<()> {
         let (cg, agent, _) = &agents[0];
         let pid = agent.pid().context("agent pid")?;
         let data = std::env::temp_dir().join("cordon-ab-perf.data");
-        let mut perf = Command::new("perf")
-            .args(["record", "-e", "cpu-clock", "-F", "1999", "-g", "-o"])
-            .arg(&data)
+        // CORDON_AB_CALLGRAPH=dwarf attributes time through async frames
+        // (slower); =syscalls counts the agent's system calls instead.
+        let graph = std::env::var("CORDON_AB_CALLGRAPH").unwrap_or_else(|_| "fp".into());
+        let syscalls = graph == "syscalls";
+        let trace = std::env::temp_dir().join("cordon-ab-syscalls.txt");
+        let mut perf = Command::new("perf");
+        if syscalls {
+            perf.args(["trace", "-s", "-o"]).arg(&trace);
+        } else {
+            perf.args(["record", "-e", "cpu-clock", "-F", "1999", "--call-graph", &graph, "-o"]).arg(&data);
+        }
+        let mut perf = perf
             .args(["-p", &pid.to_string(), "--", "sleep", "4"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -450,6 +459,10 @@ fn ab() -> Result<()> {
             (after.1 - before.1) as f64 / (tps * 4.0)
         );
         perf.wait()?;
+        if syscalls {
+            println!("transactions: {:.0}\n{}", tps * 4.0, std::fs::read_to_string(&trace).unwrap_or_default());
+            return Ok(());
+        }
         for mode in ["--no-children", "--children"] {
             let out = Command::new("perf")
                 .args(["report", mode, "--stdio", "--no-call-graph", "--percent-limit", "0.7", "-i"])
@@ -466,22 +479,43 @@ fn ab() -> Result<()> {
             let threads = clients.min(2).to_string();
             let args = ["-S", "-M", protocol, "-T", &secs, "-c", &cl, "-j", &threads];
             let mut runs: Vec<Vec<f64>> = vec![Vec::new(); agents.len() + 1];
+            // The agent's own CPU per transaction (user + system), the cost
+            // cordon controls; steadier than TPS on a shared VM.
+            let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); agents.len()];
             for _ in 0..REPS {
                 runs[0].push(pgbench(None, "127.0.0.2", pg.port, &args)?.0);
-                for (i, (cg, _, _)) in agents.iter().enumerate() {
-                    runs[i + 1].push(pgbench(Some(cg), "127.0.0.2", pg.port, &args)?.0);
+                for (i, (cg, agent, _)) in agents.iter().enumerate() {
+                    let before = agent.pid().map(cpu_seconds).unwrap_or(0.0);
+                    let tps = pgbench(Some(cg), "127.0.0.2", pg.port, &args)?.0;
+                    let after = agent.pid().map(cpu_seconds).unwrap_or(0.0);
+                    runs[i + 1].push(tps);
+                    cpu[i].push((after - before) * 1e6 / (tps * PGBENCH_SECONDS as f64).max(1.0));
                 }
             }
             let direct = stats(&runs[0]).median;
             let mut line = format!("{protocol:8} c{clients}: direct {direct:.0}");
             for (i, (_, _, label)) in agents.iter().enumerate() {
                 let m = stats(&runs[i + 1]).median;
-                let _ = write!(line, " | {label:?} {m:.0} ({:.2})", m / direct);
+                let c = stats(&cpu[i]).median;
+                let _ = write!(line, " | {label:?} {m:.0} ({:.2}, {c:.1} µs CPU/tx)", m / direct);
             }
             println!("{line}");
         }
     }
     Ok(())
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat: 11 and 12 after the name.
+    // SAFETY: sysconf reads a constant; no memory is passed.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz.max(1.0)
 }
 
 /// (voluntary, involuntary) context switches of every thread of `pid`.

@@ -6,7 +6,7 @@
 //!     `classification: <label>`, or a SECURITY LABEL naming one;
 //! (c) content detectors, on values of columns neither source labels.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Mutex};
 
 use globset::{GlobBuilder, GlobMatcher};
 use serde::Serialize;
@@ -177,13 +177,79 @@ pub struct Classifier {
     pub detectors: bool,
     /// Label rank per detector kind.
     pub detector_labels: HashMap<Kind, usize>,
+    /// Answers already worked out (see `Memo`).
+    memo: Memo,
 }
 
 impl Default for Classifier {
     fn default() -> Self {
         let labels = Labels::default();
         let detector_labels = Kind::ALL.iter().map(|k| (*k, labels.scaled(k.default_rank()))).collect();
-        Self { labels, rules: Vec::new(), detectors: true, detector_labels }
+        Self { labels, rules: Vec::new(), detectors: true, detector_labels, memo: Memo::default() }
+    }
+}
+
+/// Most answers remembered; the memo is emptied when it fills.
+const MEMO_MAX: usize = 16_384;
+
+/// Remembered labels by exact key (`db.schema.table[.column]`, lowercased,
+/// with the database's own label): every statement asks for each column
+/// of every table it names (guardrails, mask at read, result plans), and
+/// matching every glob every time was ~4 % of the agent's CPU under
+/// pgbench. A classifier never changes once built (a policy reload builds
+/// a new one), so an answer stays right; the rule count is kept to catch a
+/// rule added after lookups began (only tests build classifiers that way).
+#[derive(Debug, Default)]
+struct Memo {
+    inner: Mutex<MemoInner>,
+}
+
+#[derive(Debug, Default)]
+struct MemoInner {
+    rules: usize,
+    columns: HashMap<(String, Option<usize>), Option<Labeled>>,
+    tables: HashMap<(String, Option<usize>), Option<usize>>,
+}
+
+impl Clone for Memo {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PartialEq for Memo {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Memo {
+    fn get_or<T: Copy>(
+        &self,
+        rules: usize,
+        pick: impl Fn(&mut MemoInner) -> &mut HashMap<(String, Option<usize>), T>,
+        key: (String, Option<usize>),
+        work: impl FnOnce(&str) -> T,
+    ) -> T {
+        if let Ok(mut m) = self.inner.lock() {
+            if m.rules != rules {
+                *m = MemoInner { rules, ..MemoInner::default() };
+            }
+            if let Some(v) = pick(&mut m).get(&key) {
+                return *v;
+            }
+        }
+        let v = work(&key.0);
+        if let Ok(mut m) = self.inner.lock() {
+            if m.rules == rules {
+                let map = pick(&mut m);
+                if map.len() >= MEMO_MAX {
+                    map.clear();
+                }
+                map.insert(key, v);
+            }
+        }
+        v
     }
 }
 
@@ -210,26 +276,41 @@ impl Classifier {
         column: &str,
         db_label: Option<usize>,
     ) -> Option<Labeled> {
-        let key = Self::key(&[db, schema, table, column]);
-        let mut best: Option<Labeled> = None;
-        for r in self.rules.iter().filter(|r| r.column_rule && r.matcher.is_match(&key)) {
-            if best.is_none_or(|b| r.label > b.label) {
-                best = Some(Labeled { label: r.label, strategy: r.strategy, source: Source::Policy });
-            }
-        }
-        if let Some(l) = db_label {
-            if best.is_none_or(|b| l > b.label) {
-                best = Some(Labeled { label: l, strategy: Strategy::Redact, source: Source::DbComment });
-            }
-        }
-        best
+        let key = (Self::key(&[db, schema, table, column]), db_label);
+        self.memo.get_or(
+            self.rules.len(),
+            |m| &mut m.columns,
+            key,
+            |key| {
+                let mut best: Option<Labeled> = None;
+                for r in self.rules.iter().filter(|r| r.column_rule && r.matcher.is_match(key)) {
+                    if best.is_none_or(|b| r.label > b.label) {
+                        best = Some(Labeled { label: r.label, strategy: r.strategy, source: Source::Policy });
+                    }
+                }
+                if let Some(l) = db_label {
+                    if best.is_none_or(|b| l > b.label) {
+                        best = Some(Labeled { label: l, strategy: Strategy::Redact, source: Source::DbComment });
+                    }
+                }
+                best
+            },
+        )
     }
 
     /// Label of a table as a whole (table rules and the table's comment).
     pub fn table(&self, db: &str, schema: &str, table: &str, db_label: Option<usize>) -> Option<usize> {
-        let key = Self::key(&[db, schema, table]);
-        let policy = self.rules.iter().filter(|r| !r.column_rule && r.matcher.is_match(&key)).map(|r| r.label).max();
-        policy.max(db_label)
+        let key = (Self::key(&[db, schema, table]), db_label);
+        self.memo.get_or(
+            self.rules.len(),
+            |m| &mut m.tables,
+            key,
+            |key| {
+                let policy =
+                    self.rules.iter().filter(|r| !r.column_rule && r.matcher.is_match(key)).map(|r| r.label).max();
+                policy.max(db_label)
+            },
+        )
     }
 
     pub fn detector_label(&self, kind: Kind) -> usize {
@@ -240,6 +321,24 @@ impl Classifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remembered_answers_equal_fresh_ones() {
+        let mut c = Classifier::default();
+        assert_eq!(c.column("shop", "public", "customers", "ssn", None), None);
+        assert_eq!(c.table("shop", "public", "customers", None), None);
+        // A rule added after lookups began is seen (the memo starts over).
+        c.rules.push(Rule::new("*.public.customers.ssn", 3, Strategy::Partial).unwrap_or_else(|e| panic!("{e}")));
+        c.rules.push(Rule::new("*.public.customers", 2, Strategy::Redact).unwrap_or_else(|e| panic!("{e}")));
+        for _ in 0..2 {
+            assert_eq!(c.column("shop", "public", "customers", "SSN", None).map(|l| l.label), Some(3));
+            // The database's own label is part of the question.
+            assert_eq!(c.column("shop", "public", "customers", "name", Some(1)).map(|l| l.label), Some(1));
+            assert_eq!(c.column("shop", "public", "customers", "name", None), None);
+            assert_eq!(c.table("shop", "public", "customers", None), Some(2));
+            assert_eq!(c.table("shop", "public", "customers", Some(3)), Some(3));
+        }
+    }
 
     #[test]
     fn comments_and_rules() {
