@@ -19,7 +19,11 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
 use super::{frame::FrameReader, upstream, wire, Ctx};
-use crate::{net::Stream, pipeline::guard::TableRef, secrets::Credential};
+use crate::{
+    net::Stream,
+    pipeline::{classify::Classifier, guard::TableRef},
+    secrets::Credential,
+};
 
 const TTL: Duration = Duration::from_secs(30);
 
@@ -47,13 +51,72 @@ pub struct TableInfo {
     /// A view's definition.
     pub definition: Option<String>,
     pub columns: Vec<ColumnInfo>,
+    /// The policy's labels for this table, worked out once per classifier.
+    pub labels: LabelsMemo,
 }
 
 impl TableInfo {
     pub fn column(&self, attnum: i16) -> Option<&ColumnInfo> {
         self.columns.iter().find(|c| c.attnum == attnum)
     }
+
+    /// The table's label and its labeled columns under `c`: every
+    /// statement that names the table asks (guardrails, literal marking),
+    /// several times; the answer changes only with the classifier (a policy
+    /// reload) or the catalog entry (a refresh builds a new one).
+    pub fn labels(&self, c: &Arc<Classifier>) -> Arc<TableLabels> {
+        if let Ok(m) = self.labels.0.lock() {
+            if let Some((by, l)) = m.as_ref() {
+                if Arc::ptr_eq(by, c) {
+                    return l.clone();
+                }
+            }
+        }
+        let l = Arc::new(TableLabels {
+            table: c.table(&self.db, &self.schema, &self.name, c.labels.from_comment(&self.labels_text)),
+            columns: self
+                .columns
+                .iter()
+                .filter_map(|col| {
+                    c.column(&self.db, &self.schema, &self.name, &col.name, c.labels.from_comment(&col.labels_text))
+                        .map(|l| (col.name.clone(), l.label))
+                })
+                .collect(),
+        });
+        if let Ok(mut m) = self.labels.0.lock() {
+            // The classifier is kept, so the pointer compared above can
+            // never belong to another one.
+            *m = Some((c.clone(), l.clone()));
+        }
+        l
+    }
 }
+
+/// A table's labels under one classifier (see `TableInfo::labels`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct TableLabels {
+    pub table: Option<usize>,
+    /// Columns with a label, and the label.
+    pub columns: Vec<(String, usize)>,
+}
+
+/// `TableInfo::labels`' memo: not part of the entry's identity.
+#[derive(Debug, Default)]
+pub struct LabelsMemo(std::sync::Mutex<Option<(Arc<Classifier>, Arc<TableLabels>)>>);
+
+impl Clone for LabelsMemo {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PartialEq for LabelsMemo {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for LabelsMemo {}
 
 /// A statement's mask-at-read rewrite for one profile (or its refusal).
 pub type CachedRewrite = Arc<Result<super::sqltree::rewrite::Rewritten, super::sqltree::rewrite::Refusal>>;
@@ -318,6 +381,7 @@ impl Catalog {
                 relkind: col(10).chars().next().unwrap_or('?'),
                 definition: r.get(11).cloned().flatten(),
                 columns: Vec::new(),
+                labels: LabelsMemo::default(),
             });
             if let Ok(attnum) = col(6).parse::<i16>() {
                 t.columns.push(ColumnInfo {

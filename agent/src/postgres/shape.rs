@@ -17,7 +17,7 @@
 //!   (SET, COPY … PROGRAM, DO, DDL) is never shared: those texts are
 //!   analysed one by one.
 
-use std::sync::Arc;
+use std::{fmt::Write as _, sync::Arc};
 
 use pg_query::{
     protobuf::{self as pb, Token},
@@ -59,7 +59,7 @@ pub fn scan(sql: &str) -> Scan {
             literals.push(Literal { start, end, value, labeled: false });
             minus.push(if number { prev_minus } else { None });
             key.push('\u{1}');
-            key.push_str(&t.token.to_string());
+            let _ = write!(key, "{}", t.token);
         } else if t.keyword_kind != 0 {
             // Keywords are case-insensitive; identifiers keep their case.
             key.push_str(&raw.to_ascii_lowercase());

@@ -16,6 +16,20 @@ fn rfc3339_round_trip() {
     assert_eq!(parse_rfc3339("2023-11-14T22:13:20.123456Z"), Some(t));
     assert_eq!(parse_rfc3339("2024-02-29"), Some(UNIX_EPOCH + Duration::from_secs(1_709_164_800)));
     assert_eq!(parse_rfc3339("garbage"), None);
+    // Every field at its edges, and far-future years, round-trip.
+    for micros in [
+        0u64,
+        951_782_399_999_999,     // 2000-02-28T23:59:59.999999
+        951_868_800_000_001,     // 2000-03-01
+        4_107_542_400_000_000,   // 2100-03-01
+        253_402_300_799_999_999, // 9999-12-31T23:59:59.999999
+        253_402_300_800_000_000, // year 10000: the general path
+    ] {
+        let t = UNIX_EPOCH + Duration::from_micros(micros);
+        let text = format_rfc3339(t);
+        assert_eq!(parse_rfc3339(&text), Some(t), "{text}");
+    }
+    assert_eq!(format_rfc3339(UNIX_EPOCH + Duration::from_micros(951_782_399_999_999)), "2000-02-28T23:59:59.999999Z");
 }
 
 async fn write_n(log: &AuditLog, n: usize) {

@@ -163,20 +163,13 @@ impl LabelLookup for Lookup<'_> {
     fn table_label(&self, t: &TableRef) -> Option<usize> {
         let c = &self.0.classifier;
         match self.info(t) {
-            Some(i) => c.table(&i.db, &i.schema, &i.name, c.labels.from_comment(&i.labels_text)),
+            Some(i) => i.labels(c).table,
             None => c.table(&self.0.db, t.schema.as_deref().unwrap_or("public"), &t.name, None),
         }
     }
     fn column_labels(&self, t: &TableRef) -> Vec<(String, usize)> {
-        let c = &self.0.classifier;
         let Some(i) = self.info(t) else { return Vec::new() };
-        i.columns
-            .iter()
-            .filter_map(|col| {
-                c.column(&i.db, &i.schema, &i.name, &col.name, c.labels.from_comment(&col.labels_text))
-                    .map(|l| (col.name.clone(), l.label))
-            })
-            .collect()
+        i.labels(&self.0.classifier).columns.clone()
     }
     fn label_name(&self, rank: usize) -> String {
         self.0.classifier.labels.name(rank).to_string()
