@@ -5,12 +5,6 @@ use clap::{Parser, Subcommand};
 use cordon::{config, control, daemon, kernel, sessions};
 use serde_json::Value;
 
-/// mimalloc: every statement allocates its reading, records and frames on
-/// one worker and frees some on the other; glibc's malloc was ~8 % of the
-/// agent's CPU under pgbench (see BENCHMARKS.md).
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 const DEFAULT_CONFIG: &str = "/etc/cordon/policy.toml";
 
 #[derive(Parser)]

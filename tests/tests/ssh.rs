@@ -45,6 +45,8 @@ fn setup_full(test: &str, profile: &str, pin: Option<String>, ca: bool) -> Setup
 /// …and `users`: the intercept's typed-user map, as TOML lines.
 fn setup_users(test: &str, profile: &str, pin: Option<String>, ca: bool, users: &str) -> Setup {
     let sshd = Sshd::start(HOST, cordon_tests::free_port());
+    // `@SSHD_PORT@` in the profile: the test server's port, known only now.
+    let profile = &profile.replace("@SSHD_PORT@", &sshd.port.to_string());
     let name = format!("cordon-ssh-{test}-{}", std::process::id());
     let cg = Cgroup::create(&name).expect("cgroup");
     let pins = sshd.path("pins");
@@ -681,9 +683,15 @@ fn only_the_locale_reaches_the_server_from_the_environment() {
 fn forwarding_reaches_only_the_destinations_the_profile_lists() {
     require_e2e!();
     for ca in [false, true] {
+        // The SSH port is one cordon governs (the intercept's port): listed
+        // with the port written out it may be forwarded to (`ssh -J`);
+        // through a glob it may not, since the nested session would be
+        // invisible to cordon.
         let s = setup_full(
             "fwd",
-            &format!("[profiles.ci.ssh]\ncommands = [\"echo *\"]\nforwarding = [\"{HOST}:*\"]"),
+            &format!(
+                "[profiles.ci.ssh]\ncommands = [\"echo *\"]\nforwarding = [\"{HOST}:@SSHD_PORT@\", \"127.0.0.*:*\"]"
+            ),
             None,
             ca,
         );
@@ -691,11 +699,18 @@ fn forwarding_reaches_only_the_destinations_the_profile_lists() {
         let out =
             s.ssh_cmd(&["-W", &format!("{HOST}:{}", s.sshd.port)], &[]).stdin(Stdio::null()).output().expect("ssh");
         assert!(String::from_utf8_lossy(&out.stdout).starts_with("SSH-2.0-OpenSSH"), "ca={ca}: {}", stderr(&out));
-        // Anything else is refused.
-        let out = s.ssh_cmd(&["-W", "127.0.0.1:22"], &[]).stdin(Stdio::null()).output().expect("ssh");
-        assert!(!String::from_utf8_lossy(&out.stdout).starts_with("SSH-2.0"), "ca={ca}");
+        // Anything else is refused: an unlisted destination, and a governed
+        // port reached only through the glob.
+        for dest in ["127.0.1.1:22".to_string(), format!("127.0.0.9:{}", s.sshd.port)] {
+            let out = s.ssh_cmd(&["-W", &dest], &[]).stdin(Stdio::null()).output().expect("ssh");
+            assert!(!String::from_utf8_lossy(&out.stdout).starts_with("SSH-2.0"), "ca={ca} {dest}");
+        }
         let refused = s.events("ssh_refused");
         assert!(refused.iter().any(|r| r["what"] == "port_forwarding"), "{refused:?}");
+        assert!(
+            refused.iter().any(|r| r.to_string().contains("port cordon governs")),
+            "the glob did not reach the governed port: {refused:?}"
+        );
         let stmts = s.events("statement");
         assert!(stmts.iter().any(|r| r["text"].as_str().is_some_and(|t| t.starts_with("<forward to"))), "{stmts:?}");
     }

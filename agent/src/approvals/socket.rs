@@ -6,7 +6,12 @@
 //! `break_glass`. Everything else cordon does stays on the root-only
 //! control socket.
 
-use std::{path::Path, sync::Arc};
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -53,11 +58,76 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     crate::control::bind_socket(path, 0o666)
 }
 
+/// Open connections one uid may hold (watchers included).
+const PER_UID: usize = 8;
+/// Open connections in all.
+const TOTAL: usize = 128;
+/// How long a connection may take to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connection slots: the socket is open to every local user, and each
+/// connection costs the agent a descriptor and a task, so one user must
+/// not be able to hold enough of them to starve the proxy.
+#[derive(Default)]
+pub(crate) struct Slots {
+    open: Mutex<HashMap<u32, usize>>,
+}
+
+/// A taken slot, given back when the connection ends.
+pub(crate) struct Slot {
+    slots: Arc<Slots>,
+    uid: u32,
+}
+
+impl Slots {
+    pub(crate) fn take(self: &Arc<Self>, uid: u32) -> Result<Slot, String> {
+        let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let total: usize = open.values().sum();
+        let mine = open.get(&uid).copied().unwrap_or(0);
+        if mine >= PER_UID {
+            return Err(format!(
+                "uid {uid} already has {mine} open connections to the approvals socket (at most {PER_UID}); close some (e.g. extra `cordon approvals watch`) and retry"
+            ));
+        }
+        if total >= TOTAL {
+            return Err(format!("the approvals socket has {total} open connections (at most {TOTAL}); retry shortly"));
+        }
+        *open.entry(uid).or_insert(0) += 1;
+        Ok(Slot { slots: self.clone(), uid })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.slots.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.uid);
+            }
+        }
+    }
+}
+
 pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
+    let slots = Arc::new(Slots::default());
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let Ok(cred) = stream.peer_cred() else { continue };
+        let slot = match slots.take(cred.uid()) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("approvals socket: {e}");
+                // Told, not left hanging; the write is bounded so a client
+                // that never reads cannot hold the accept loop.
+                let line = format!("{}\n", json!({"ok": false, "error": e}));
+                let _ = tokio::time::timeout(Duration::from_millis(100), stream.write_all(line.as_bytes())).await;
+                continue;
+            }
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(e) = handle(stream, &shared).await {
                 warn!("approvals request failed: {e:#}");
             }
@@ -75,7 +145,9 @@ async fn handle(stream: UnixStream, shared: &Shared) -> Result<()> {
     let who = Approver::of_uid(cred.uid());
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(r.take(MAX_REQUEST)).read_line(&mut line).await?;
+    tokio::time::timeout(REQUEST_TIMEOUT, BufReader::new(r.take(MAX_REQUEST)).read_line(&mut line))
+        .await
+        .with_context(|| format!("no request line within {REQUEST_TIMEOUT:?}"))??;
     let req = match serde_json::from_str::<Request>(&line) {
         Ok(r) => r,
         Err(e) => {
@@ -166,4 +238,25 @@ async fn connect(path: &Path) -> Result<UnixStream> {
     UnixStream::connect(path).await.with_context(|| {
         format!("cannot reach the agent's approvals socket {}: is `cordon run` running?", path.display())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_uid_cannot_take_every_slot() {
+        let slots = Arc::new(Slots::default());
+        let mine: Vec<Slot> = (0..PER_UID).map(|_| slots.take(1000).unwrap_or_else(|e| panic!("{e}"))).collect();
+        let refused = slots.take(1000).err().unwrap_or_default();
+        assert!(refused.contains("at most 8"), "{refused}");
+        // Someone else still gets in; a closed connection gives its slot back.
+        assert!(slots.take(1001).is_ok());
+        drop(mine);
+        assert!(slots.take(1000).is_ok());
+        // And the total is bounded across many uids.
+        let many: Vec<Slot> = (0..TOTAL as u32).filter_map(|u| slots.take(2000 + u).ok()).collect();
+        assert_eq!(many.len(), TOTAL);
+        assert!(slots.take(1).err().unwrap_or_default().contains("retry shortly"));
+    }
 }

@@ -6,6 +6,32 @@
 
 use std::sync::Arc;
 
+/// Whether the profile's `ssh.forwarding` list admits `host:port`; Err says
+/// why not. A port one of cordon's intercepts governs (PostgreSQL, SSH, …)
+/// is admitted only by an entry that names that port exactly: the forward
+/// is opened from the remote host, past the eBPF redirect, so a broad glob
+/// like `*:*` or `db:*` would carry a database session cordon never reads,
+/// or a nested `ssh -J` session it cannot see into.
+pub fn admits(list: &[String], governed_ports: &[u16], host: &str, port: u32) -> Result<(), String> {
+    let dest = format!("{host}:{port}");
+    let matching: Vec<&String> = list.iter().filter(|p| super::policy::glob_str(p, &dest)).collect();
+    if matching.is_empty() {
+        return Err(format!("local port forwarding to {dest} is not allowed"));
+    }
+    let governed = u16::try_from(port).is_ok_and(|p| governed_ports.contains(&p));
+    if !governed {
+        return Ok(());
+    }
+    let explicit = |entry: &str| entry.rsplit_once(':').is_some_and(|(_, p)| p == port.to_string());
+    if matching.iter().any(|e| explicit(e)) {
+        return Ok(());
+    }
+    Err(format!(
+        "forwarding to {dest} would carry a connection on a port cordon governs ({port}) past its pipeline; connect to it \
+         directly (cordon intercepts it), or list \"{host}:{port}\" in ssh.forwarding with the port written out"
+    ))
+}
+
 use russh::{server, Channel, ChannelMsg};
 
 use super::Ctx;
@@ -103,4 +129,29 @@ pub async fn run(
         bytes: Some(down_bytes),
         ..Outcome::default()
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::admits;
+
+    #[test]
+    fn governed_ports_need_an_entry_that_names_them() {
+        let list = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let governed = [22u16, 5432];
+        // A broad glob reaches ordinary ports, never governed ones.
+        assert!(admits(&list(&["*:*"]), &governed, "10.0.0.9", 8080).is_ok());
+        for (host, port) in [("10.0.0.9", 22), ("db.internal", 5432)] {
+            let e = admits(&list(&["*:*", "db.internal:*", "*:5?32", "*:2*"]), &governed, host, port)
+                .err()
+                .unwrap_or_default();
+            assert!(e.contains("port cordon governs"), "{e}");
+        }
+        // Written out, the operator meant it.
+        assert!(admits(&list(&["db.internal:5432"]), &governed, "db.internal", 5432).is_ok());
+        assert!(admits(&list(&["10.0.0.*:22"]), &governed, "10.0.0.9", 22).is_ok());
+        // Not listed at all.
+        assert!(admits(&list(&["db.internal:5432"]), &governed, "db.internal", 5433).is_err());
+        assert!(admits(&[], &governed, "x", 1).is_err());
+    }
 }

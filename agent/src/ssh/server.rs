@@ -88,8 +88,10 @@ impl server::Handler for Server {
         reply: server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let dest = format!("{host_to_connect}:{port_to_connect}");
-        if self.ctx.profile.ssh.forwarding.iter().any(|p| super::policy::glob_str(p, &dest)) {
+        let governed: Vec<u16> = self.ctx.shared.policy().intercepts.iter().map(|i| i.port).collect();
+        let verdict =
+            super::forward::admits(&self.ctx.profile.ssh.forwarding, &governed, host_to_connect, port_to_connect);
+        if verdict.is_ok() {
             let ctx = self.ctx.clone();
             let target =
                 (host_to_connect.to_string(), port_to_connect, originator_address.to_string(), originator_port);
@@ -99,10 +101,8 @@ impl server::Handler for Server {
             }
             return Ok(());
         }
-        self.refuse(
-            "port_forwarding",
-            format!("local port forwarding to {dest} is not allowed by profile {}", self.ctx.profile.name),
-        );
+        let why = verdict.err().unwrap_or_default();
+        self.refuse("port_forwarding", format!("{why} (profile {})", self.ctx.profile.name));
         reply.reject(russh::ChannelOpenFailure::AdministrativelyProhibited).await;
         Ok(())
     }
