@@ -236,6 +236,23 @@ fn shells_forwarding_and_agent_are_refused_by_default() {
     assert!(!out.status.success(), "{}", stderr(&out));
     let refused = s.events("ssh_refused");
     assert!(refused.iter().any(|r| r["what"] == "port_forwarding"), "{refused:?}");
+    // Remote forwarding, of a port and of a Unix socket: refused, and the
+    // client is told (ExitOnForwardFailure turns that into its exit status).
+    for spec in ["0:127.0.0.1:1", "/tmp/cordon-rfwd.sock:127.0.0.1:1"] {
+        let out = s
+            .ssh_cmd(&["-o", "ExitOnForwardFailure=yes", "-R", spec], &["echo forwarded"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("ssh");
+        assert!(!stdout(&out).contains("forwarded"), "-R {spec} was accepted: {}", stderr(&out));
+    }
+    let refused = s.events("ssh_refused");
+    for what in ["port", "Unix socket"] {
+        assert!(
+            refused.iter().any(|r| r["what"] == "remote_forwarding" && r.to_string().contains(what)),
+            "no remote_forwarding refusal naming a {what}: {refused:?}"
+        );
+    }
     let out = s.ssh_cmd(&["-A", "-o", "ForwardAgent=yes"], &["echo $SSH_AUTH_SOCK"]).output().expect("ssh");
     assert_eq!(out.status.code(), Some(126), "an expansion is refused either way: {}", stderr(&out));
 }

@@ -281,15 +281,15 @@ async fn decide(
         Start::Subsystem(name) => deny("subsystem", format!("the subsystem {name:?} is not allowed")),
         Start::Exec(cmd) => {
             // Parsing is bounded (length, parentheses) but still CPU work:
-            // off the async workers, and refused if it takes too long.
+            // off the async workers, refused if it takes too long, and no
+            // new reads once some never came back (see `bounded`).
+            static JUDGES: std::sync::LazyLock<super::bounded::Bounded> =
+                std::sync::LazyLock::new(|| super::bounded::Bounded::new(2, std::time::Duration::from_secs(2)));
             let (c, pol) = (cmd.clone(), p.clone());
-            let judged = tokio::time::timeout(
-                std::time::Duration::from_secs(2),
-                tokio::task::spawn_blocking(move || (policy::transfer(&c), policy::judge(&c, &pol))),
-            )
-            .await;
-            let Ok(Ok((transfer, judgement))) = judged else {
-                return deny("parse_error", "the command took too long to read; it is refused".into());
+            let (transfer, judgement) = match JUDGES.run(move || (policy::transfer(&c), policy::judge(&c, &pol))).await
+            {
+                Ok(j) => j,
+                Err(refused) => return deny("parse_error", refused.message()),
             };
             if let Some(t) = transfer {
                 return match (t, p.transfer) {

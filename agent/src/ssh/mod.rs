@@ -9,6 +9,7 @@
 //! the pipeline → errors that close only this session, with an audited
 //! reason.
 
+mod bounded;
 pub mod channel;
 pub mod forward;
 pub mod hostkey;

@@ -130,6 +130,26 @@ impl server::Handler for Server {
         Ok(false)
     }
 
+    async fn streamlocal_forward(&mut self, socket_path: &str, _session: &mut Session) -> Result<bool, Self::Error> {
+        self.refuse(
+            "remote_forwarding",
+            format!("remote forwarding from the Unix socket {socket_path:?} is not allowed"),
+        );
+        Ok(false)
+    }
+
+    async fn channel_open_direct_streamlocal(
+        &mut self,
+        _channel: Channel<Msg>,
+        socket_path: &str,
+        reply: server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse("port_forwarding", format!("forwarding to the Unix socket {socket_path:?} is not allowed"));
+        reply.reject(russh::ChannelOpenFailure::AdministrativelyProhibited).await;
+        Ok(())
+    }
+
     async fn agent_request(&mut self, _channel: ChannelId, _session: &mut Session) -> Result<bool, Self::Error> {
         // The workload's agent is never forwarded upstream.
         self.refuse("agent_forwarding", "agent forwarding is not allowed".into());
