@@ -253,6 +253,11 @@ fn shells_forwarding_and_agent_are_refused_by_default() {
             "no remote_forwarding refusal naming a {what}: {refused:?}"
         );
     }
+    // Workloads are offered AES-GCM only; a client without it is told why.
+    let out = s.ssh_cmd(&["-o", "Ciphers=chacha20-poly1305@openssh.com"], &["echo hi"]).output().expect("ssh");
+    assert!(!out.status.success() && stderr(&out).contains("no matching cipher"), "{}", stderr(&out));
+    let out = s.ssh_cmd(&["-o", "Ciphers=aes128-gcm@openssh.com"], &["echo hi"]).output().expect("ssh");
+    assert_eq!(stdout(&out), "hi", "{}", stderr(&out));
     let out = s.ssh_cmd(&["-A", "-o", "ForwardAgent=yes"], &["echo $SSH_AUTH_SOCK"]).output().expect("ssh");
     assert_eq!(out.status.code(), Some(126), "an expansion is refused either way: {}", stderr(&out));
 }

@@ -57,6 +57,11 @@ pub fn run() -> Result<String> {
     std::fs::set_permissions(sshd.dir.path(), std::fs::Permissions::from_mode(0o755))?;
     std::fs::set_permissions(&known, std::fs::Permissions::from_mode(0o644))?;
     let port = sshd.port.to_string();
+    // CORDON_BENCH_SSH_CIPHER: another cipher for the workload's client (both paths).
+    let cipher = format!(
+        "Ciphers={}",
+        std::env::var("CORDON_BENCH_SSH_CIPHER").unwrap_or_else(|_| "aes256-gcm@openssh.com".into())
+    );
     let common = |kh: &std::path::Path| -> Vec<String> {
         [
             "-F",
@@ -68,7 +73,7 @@ pub fn run() -> Result<String> {
             "-o",
             "UserKnownHostsFile=/dev/null",
             "-o",
-            "Ciphers=aes256-gcm@openssh.com",
+            &cipher,
             // One key exchange for every leg: OpenSSH alone would pick the
             // post-quantum sntrup761 hybrid, which russh does not offer.
             "-o",
