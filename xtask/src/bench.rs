@@ -77,6 +77,9 @@ pub fn run(what: &str) -> Result<()> {
         println!("{s}");
         return Ok(());
     }
+    if what == "large" {
+        return large_only();
+    }
     if what == "scale" {
         let pg = Postgres::start(&["127.0.0.2"], cordon_tests::free_port())?;
         scale(&mut report, &pg)?;
@@ -227,32 +230,10 @@ fn pg(report: &mut Report) -> Result<()> {
     pg.admin_sql("alter system set max_connections = 1200")?;
     restart_pg(&pg)?;
     pgbench_init(&pg)?;
-    pg.admin_sql(
-        "create table big as select g as id, 'user' || g || '@example.com' as email, \
-         case when g % 10 = 0 then 'call +44 20 7946 ' || lpad((g % 10000)::text, 4, '0') else 'nothing to see ' || g end as note \
-         from generate_series(1, 1000000) g; analyze big",
-    )?;
+    pg.admin_sql(BIG_TABLE)?;
     let bouncer = Bouncer::start(pg.port)?;
     let cg = Cgroup::create(&format!("cordon-bench-{}", std::process::id()))?;
-    let mut agent = bench_agent(
-        &pg,
-        &cg,
-        "bench",
-        r#"
-# One column masked by a catalog label (pgbench -S returns abalance), and
-# big.email for the large result; big.note is left to the detectors.
-[[classify]]
-column = "*.public.pgbench_accounts.abalance"
-label = "confidential"
-[[classify]]
-column = "*.public.big.email"
-label = "confidential"
-mask = "partial"
-
-[profiles.bench]
-description = "masks one column, guardrails on (the defaults)"
-"#,
-    )?;
+    let mut agent = bench_agent(&pg, &cg, "bench", BIG_POLICY)?;
 
     // Sanity: the cordon path really masks.
     let out =
@@ -854,6 +835,59 @@ fn time_psql(cg: Option<&Cgroup>, port: u16, sql: &str) -> Result<(f64, u64)> {
     }
     Ok((secs, out.stdout.len() as u64))
 }
+
+/// `bench large`: the large result alone, then the agent's profile over one
+/// more run of it (self time per symbol), to see where the rows' time goes.
+fn large_only() -> Result<()> {
+    let pg = Postgres::start(&["127.0.0.2"], cordon_tests::free_port())?;
+    pg.admin_sql(BIG_TABLE)?;
+    let cg = Cgroup::create(&format!("cordon-bench-large-{}", std::process::id()))?;
+    let agent = bench_agent(&pg, &cg, "bench", BIG_POLICY)?;
+    let mut report = Report::default();
+    large_result(&mut report, &pg, &cg)?;
+    println!("{}", report.sections.join("\n"));
+    let pid = agent.pid().context("agent pid")?;
+    let data = std::env::temp_dir().join("cordon-large-perf.data");
+    let mut perf = Command::new("perf")
+        .args(["record", "-e", "cpu-clock", "-F", "1999", "-g", "-o"])
+        .arg(&data)
+        .args(["-p", &pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    time_psql(Some(&cg), pg.port, "select id, email, note from big")?;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
+    perf.wait()?;
+    let out = Command::new("perf")
+        .args(["report", "--no-children", "--stdio", "--sort", "symbol", "-g", "none", "--percent-limit", "0.8", "-i"])
+        .arg(&data)
+        .output()?;
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    Ok(())
+}
+
+/// The large result's table: an email column (masked by a policy label)
+/// and a note the detectors scan (a phone number in every tenth row).
+const BIG_TABLE: &str = "create table big as select g as id, 'user' || g || '@example.com' as email, \
+     case when g % 10 = 0 then 'call +44 20 7946 ' || lpad((g % 10000)::text, 4, '0') else 'nothing to see ' || g end as note \
+     from generate_series(1, 1000000) g; analyze big";
+
+const BIG_POLICY: &str = r#"
+# One column masked by a catalog label (pgbench -S returns abalance), and
+# big.email for the large result; big.note is left to the detectors.
+[[classify]]
+column = "*.public.pgbench_accounts.abalance"
+label = "confidential"
+[[classify]]
+column = "*.public.big.email"
+label = "confidential"
+mask = "partial"
+
+[profiles.bench]
+description = "masks one column, guardrails on (the defaults)"
+"#;
 
 fn large_result(report: &mut Report, pg: &Postgres, cg: &Cgroup) -> Result<()> {
     say("large result: 1,000,000 rows, two masked columns");
