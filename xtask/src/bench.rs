@@ -628,7 +628,9 @@ fn pgbench_section(report: &mut Report, pg: &Postgres, bouncer: &Bouncer, cg: &C
 fn variants(pg: &Postgres) -> Result<(String, f64)> {
     let base =
         "[[classify]]\ncolumn = \"*.public.pgbench_accounts.abalance\"\nlabel = \"confidential\"\n[profiles.bench]\n";
-    let cases: [(&str, String, &str, &[(&str, &str)]); 5] = [
+    // (label, policy, agent settings, client environment)
+    type Case<'a> = (&'a str, String, &'a str, &'a [(&'a str, &'a str)]);
+    let cases: [Case; 5] = [
         ("as above (the bench policy)", base.to_string(), "", &[]),
         ("no labels (nothing to mask or rewrite)", "[profiles.bench]\n".to_string(), "", &[]),
         ("`record_results = true`", format!("{base}record_results = true\n"), "", &[]),

@@ -347,7 +347,7 @@ impl Profile {
 
     /// Whether some label's values are released by approval.
     pub fn approves_labels(&self) -> bool {
-        self.actions.iter().any(|a| *a == crate::pipeline::classify::Action::Approve)
+        self.actions.contains(&crate::pipeline::classify::Action::Approve)
     }
 
     /// This profile as it applies to a statement whose approval is asked

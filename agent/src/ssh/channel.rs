@@ -62,16 +62,17 @@ pub async fn run(ctx: Arc<Ctx>, down: Channel<server::Msg>, open: server::Channe
                 });
                 let _ = handle.channel_success(id).await;
             }
-            ChannelMsg::SetEnv { variable_name, variable_value, .. } => {
-                // Only the locale passes: BASH_ENV, LD_PRELOAD and the like
-                // would run code before the judged command. No reply:
-                // clients send env without asking for one, and russh keeps
-                // only the latest request's want-reply, so a reply here
-                // could be read as the answer to the exec that follows.
-                if variable_name == "LANG" || variable_name.starts_with("LC_") {
-                    env.push((variable_name, variable_value));
-                }
+            // Only the locale passes: BASH_ENV, LD_PRELOAD and the like
+            // would run code before the judged command. No reply: clients
+            // send env without asking for one, and russh keeps only the
+            // latest request's want-reply, so a reply here could be read as
+            // the answer to the exec that follows.
+            ChannelMsg::SetEnv { variable_name, variable_value, .. }
+                if variable_name == "LANG" || variable_name.starts_with("LC_") =>
+            {
+                env.push((variable_name, variable_value));
             }
+            ChannelMsg::SetEnv { .. } => {}
             ChannelMsg::Exec { command, .. } => break Start::Exec(String::from_utf8_lossy(&command).into_owned()),
             ChannelMsg::RequestShell { .. } => break Start::Shell,
             ChannelMsg::RequestSubsystem { name, .. } => break Start::Subsystem(name),

@@ -49,10 +49,7 @@ impl ReadOnly {
     pub fn feed(&mut self, chunk: &[u8]) -> Result<Filtered, String> {
         self.buf.extend_from_slice(chunk);
         let mut out = Filtered::default();
-        loop {
-            let Some(len) = self.buf.get(..4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize) else {
-                break;
-            };
+        while let Some(len) = self.buf.get(..4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize) {
             if len == 0 || len > MAX_PACKET {
                 return Err(format!("an SFTP packet of {len} bytes (at most {MAX_PACKET})"));
             }
