@@ -10,7 +10,7 @@ use std::{
     collections::HashMap,
     path::Path,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
@@ -109,8 +109,44 @@ impl Drop for Slot {
     }
 }
 
+/// `approval_refused` records one uid may cause per window.
+const REFUSALS_PER_WINDOW: u32 = 10;
+const REFUSAL_WINDOW: Duration = Duration::from_secs(60);
+/// Uids tracked before old windows are forgotten.
+const REFUSAL_UIDS: usize = 1024;
+
+/// Per uid: refusal records written in the current window, and attempts
+/// left unrecorded since the last record.
+#[derive(Default)]
+pub(crate) struct Refusals {
+    by_uid: Mutex<HashMap<u32, (Instant, u32, u64)>>,
+}
+
+impl Refusals {
+    /// Some(n): write the record, noting `n` attempts left out before it;
+    /// None: over the limit, counted instead.
+    pub(crate) fn admit(&self, uid: u32, now: Instant) -> Option<u64> {
+        let mut m = self.by_uid.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if m.len() >= REFUSAL_UIDS && !m.contains_key(&uid) {
+            m.retain(|_, (start, _, left)| now.duration_since(*start) < REFUSAL_WINDOW || *left > 0);
+        }
+        let e = m.entry(uid).or_insert((now, 0, 0));
+        if now.duration_since(e.0) >= REFUSAL_WINDOW {
+            e.0 = now;
+            e.1 = 0;
+        }
+        if e.1 >= REFUSALS_PER_WINDOW {
+            e.2 += 1;
+            return None;
+        }
+        e.1 += 1;
+        Some(std::mem::take(&mut e.2))
+    }
+}
+
 pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
     let slots = Arc::new(Slots::default());
+    let refusals = Arc::new(Refusals::default());
     loop {
         let Ok((mut stream, _)) = listener.accept().await else { continue };
         let Ok(cred) = stream.peer_cred() else { continue };
@@ -125,10 +161,10 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let shared = shared.clone();
+        let (shared, refusals) = (shared.clone(), refusals.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            if let Err(e) = handle(stream, &shared).await {
+            if let Err(e) = handle(stream, &shared, &refusals).await {
                 warn!("approvals request failed: {e:#}");
             }
         });
@@ -140,7 +176,7 @@ fn named_in_policy(shared: &Shared, who: &Approver) -> bool {
     who.uid == 0 || shared.policy().profiles.iter().filter_map(|p| p.approvals.as_ref()).any(|s| s.concerns(who))
 }
 
-async fn handle(stream: UnixStream, shared: &Shared) -> Result<()> {
+async fn handle(stream: UnixStream, shared: &Shared, refusals: &Refusals) -> Result<()> {
     let cred = stream.peer_cred().context("reading the peer's credentials")?;
     let who = Approver::of_uid(cred.uid());
     let (r, mut w) = stream.into_split();
@@ -161,12 +197,19 @@ async fn handle(stream: UnixStream, shared: &Shared) -> Result<()> {
         // recorded: it is what an attempt to approve one's own way in
         // looks like.
         if let Request::Approve { id, .. } | Request::Deny { id, .. } = &req {
-            let rec = crate::audit::Record::new("approval_refused", None)
-                .with("request", id)
-                .with("approver", &who)
-                .with("channel", "local")
-                .with("why", "not an approver in the policy");
-            let _ = shared.audit.append(&rec);
+            // Bounded per uid, so a loop of attempts cannot fill the audit
+            // disk; the next record written says how many were left out.
+            if let Some(left_out) = refusals.admit(cred.uid(), Instant::now()) {
+                let mut rec = crate::audit::Record::new("approval_refused", None)
+                    .with("request", id)
+                    .with("approver", &who)
+                    .with("channel", "local")
+                    .with("why", "not an approver in the policy");
+                if left_out > 0 {
+                    rec = rec.with("earlier_attempts_not_recorded", left_out);
+                }
+                let _ = shared.audit.append(&rec);
+            }
         }
         let resp = json!({"ok": false, "error": format!("{} is not an approver in the policy ({})", who.display(), shared.policy().source.display())});
         w.write_all(format!("{resp}\n").as_bytes()).await?;
@@ -243,6 +286,23 @@ async fn connect(path: &Path) -> Result<UnixStream> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusal_records_are_bounded_per_uid_and_say_what_was_left_out() {
+        let r = Refusals::default();
+        let t0 = Instant::now();
+        for _ in 0..REFUSALS_PER_WINDOW {
+            assert_eq!(r.admit(7, t0), Some(0));
+        }
+        assert_eq!(r.admit(7, t0), None);
+        assert_eq!(r.admit(7, t0), None);
+        // Another uid is not affected.
+        assert_eq!(r.admit(8, t0), Some(0));
+        // The next window's first record carries the count.
+        let later = t0 + REFUSAL_WINDOW;
+        assert_eq!(r.admit(7, later), Some(2));
+        assert_eq!(r.admit(7, later), Some(0));
+    }
 
     #[test]
     fn one_uid_cannot_take_every_slot() {
