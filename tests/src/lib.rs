@@ -807,6 +807,21 @@ impl Agent {
 /// The account cordon logs in as on the test sshd.
 pub const SSH_DEPLOY_USER: &str = "cordon-deploy";
 
+/// OpenSSH client options of every governed workload in the tests, the
+/// benchmarks and the demo: no config file, no prompts, and host keys
+/// trusted only from `known_hosts` (the lines `cordon ssh known-hosts`
+/// prints), strictly.
+pub fn ssh_strict_opts(known_hosts: &Path) -> Vec<String> {
+    let mut v: Vec<String> = ["-F", "none", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    v.push("UserKnownHostsFile=/dev/null".into());
+    v.push("-o".into());
+    v.push(format!("GlobalKnownHostsFile={}", known_hosts.display()));
+    v
+}
+
 /// A throwaway sshd with its own host key, accepting cordon's key for the
 /// deploy user.
 pub struct Sshd {

@@ -87,21 +87,10 @@ impl Setup {
         let mut cmd = self.cg.command("ssh");
         // ssh keeps the first value of an option: the test's own go first.
         cmd.args(extra);
-        cmd.args([
-            "-F",
-            "none",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-        ])
-        .arg("-o")
-        .arg(format!("GlobalKnownHostsFile={}", self.known.display()))
-        .args(["-o", "ConnectTimeout=10", "-p", &self.sshd.port.to_string()])
-        .arg(format!("anyone@{HOST}"))
-        .args(remote);
+        cmd.args(self.opts())
+            .args(["-o", "ConnectTimeout=10", "-p", &self.sshd.port.to_string()])
+            .arg(format!("anyone@{HOST}"))
+            .args(remote);
         cmd
     }
 
@@ -389,18 +378,7 @@ impl Setup {
     /// The options every client here uses (the workload changes nothing
     /// but trusts the installed lines).
     fn opts(&self) -> Vec<String> {
-        vec![
-            "-F".into(),
-            "none".into(),
-            "-o".into(),
-            "BatchMode=yes".into(),
-            "-o".into(),
-            "StrictHostKeyChecking=yes".into(),
-            "-o".into(),
-            "UserKnownHostsFile=/dev/null".into(),
-            "-o".into(),
-            format!("GlobalKnownHostsFile={}", self.known.display()),
-        ]
+        cordon_tests::ssh_strict_opts(&self.known)
     }
 
     fn scp(&self, extra: &[&str], from: &str, to: &str) -> Output {

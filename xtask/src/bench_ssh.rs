@@ -63,28 +63,11 @@ pub fn run() -> Result<String> {
         std::env::var("CORDON_BENCH_SSH_CIPHER").unwrap_or_else(|_| "aes256-gcm@openssh.com".into())
     );
     let common = |kh: &std::path::Path| -> Vec<String> {
-        [
-            "-F",
-            "none",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            &cipher,
-            // One key exchange for every leg: OpenSSH alone would pick the
-            // post-quantum sntrup761 hybrid, which russh does not offer.
-            "-o",
-            "KexAlgorithms=curve25519-sha256",
-            "-p",
-            &port,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([format!("-oGlobalKnownHostsFile={}", kh.display())])
-        .collect()
+        let mut v = cordon_tests::ssh_strict_opts(kh);
+        // One key exchange for every leg: OpenSSH alone would pick the
+        // post-quantum sntrup761 hybrid, which russh does not offer.
+        v.extend(["-o", &cipher, "-o", "KexAlgorithms=curve25519-sha256", "-p", &port].iter().map(|s| s.to_string()));
+        v
     };
     // Direct: the same unprivileged user, from an untagged cgroup, with a
     // copy of cordon's key it can read: the same client doing the same

