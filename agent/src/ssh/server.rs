@@ -89,19 +89,21 @@ impl server::Handler for Server {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         let governed: Vec<u16> = self.ctx.shared.policy().intercepts.iter().map(|i| i.port).collect();
-        let verdict =
-            super::forward::admits(&self.ctx.profile.ssh.forwarding, &governed, host_to_connect, port_to_connect);
-        if verdict.is_ok() {
-            let ctx = self.ctx.clone();
-            let target =
-                (host_to_connect.to_string(), port_to_connect, originator_address.to_string(), originator_port);
-            let task = tokio::spawn(super::forward::run(ctx, channel, reply, target));
-            if let Ok(mut t) = self.ctx.tasks.lock() {
-                t.push(task);
-            }
-            return Ok(());
-        }
-        let why = verdict.err().unwrap_or_default();
+        let why =
+            match super::forward::admits(&self.ctx.profile.ssh.forwarding, &governed, host_to_connect, port_to_connect)
+            {
+                Ok(()) => {
+                    let ctx = self.ctx.clone();
+                    let target =
+                        (host_to_connect.to_string(), port_to_connect, originator_address.to_string(), originator_port);
+                    let task = tokio::spawn(super::forward::run(ctx, channel, reply, target));
+                    if let Ok(mut t) = self.ctx.tasks.lock() {
+                        t.push(task);
+                    }
+                    return Ok(());
+                }
+                Err(why) => why,
+            };
         self.refuse("port_forwarding", format!("{why} (profile {})", self.ctx.profile.name));
         reply.reject(russh::ChannelOpenFailure::AdministrativelyProhibited).await;
         Ok(())
