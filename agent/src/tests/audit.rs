@@ -32,6 +32,14 @@ fn rfc3339_round_trip() {
     assert_eq!(format_rfc3339(UNIX_EPOCH + Duration::from_micros(951_782_399_999_999)), "2000-02-28T23:59:59.999999Z");
 }
 
+/// Settings for tests that count records: the host's free space must not
+/// matter (a CI machine with less than `space_left` free would add an
+/// `audit_space_low` record and shift every seq). The watermark has its own
+/// test below and an end-to-end one in tests/faults.rs.
+fn settings() -> Settings {
+    Settings { space_left: None, ..Settings::default() }
+}
+
 async fn write_n(log: &AuditLog, n: usize) {
     for i in 0..n {
         log.write_durable(Record::new("open", Some(&format!("s{i}"))).with("i", i)).await.unwrap();
@@ -41,10 +49,10 @@ async fn write_n(log: &AuditLog, n: usize) {
 #[tokio::test]
 async fn chain_verifies_and_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let log = AuditLog::open(dir.path(), Settings::default()).unwrap();
+    let log = AuditLog::open(dir.path(), settings()).unwrap();
     write_n(&log, 5).await;
     drop(log);
-    let log = AuditLog::open(dir.path(), Settings::default()).unwrap();
+    let log = AuditLog::open(dir.path(), settings()).unwrap();
     write_n(&log, 2).await;
     let v = verify(dir.path()).unwrap();
     assert_eq!((v.records, v.first_seq, v.last_seq), (7, 1, 7));
@@ -62,7 +70,7 @@ fn only_segment(dir: &Path) -> PathBuf {
 #[tokio::test]
 async fn one_changed_byte_is_detected() {
     let dir = tempfile::tempdir().unwrap();
-    let log = AuditLog::open(dir.path(), Settings::default()).unwrap();
+    let log = AuditLog::open(dir.path(), settings()).unwrap();
     write_n(&log, 4).await;
     let seg = only_segment(dir.path());
     let mut bytes = fs::read(&seg).unwrap();
@@ -76,7 +84,7 @@ async fn one_changed_byte_is_detected() {
 #[tokio::test]
 async fn removed_last_record_is_detected() {
     let dir = tempfile::tempdir().unwrap();
-    let log = AuditLog::open(dir.path(), Settings::default()).unwrap();
+    let log = AuditLog::open(dir.path(), settings()).unwrap();
     write_n(&log, 3).await;
     let seg = only_segment(dir.path());
     let text = fs::read_to_string(&seg).unwrap();
@@ -89,7 +97,7 @@ async fn removed_last_record_is_detected() {
 #[tokio::test]
 async fn removed_middle_record_is_detected() {
     let dir = tempfile::tempdir().unwrap();
-    let log = AuditLog::open(dir.path(), Settings::default()).unwrap();
+    let log = AuditLog::open(dir.path(), settings()).unwrap();
     write_n(&log, 3).await;
     let seg = only_segment(dir.path());
     let text = fs::read_to_string(&seg).unwrap();
@@ -101,14 +109,14 @@ async fn removed_middle_record_is_detected() {
 #[tokio::test]
 async fn torn_tail_is_cut_on_open() {
     let dir = tempfile::tempdir().unwrap();
-    let log = AuditLog::open(dir.path(), Settings::default()).unwrap();
+    let log = AuditLog::open(dir.path(), settings()).unwrap();
     write_n(&log, 2).await;
     drop(log);
     let seg = only_segment(dir.path());
     let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
     f.write_all(b"{\"seq\":3,\"prev\":\"ab").unwrap();
     drop(f);
-    let log = AuditLog::open(dir.path(), Settings::default()).unwrap();
+    let log = AuditLog::open(dir.path(), settings()).unwrap();
     write_n(&log, 1).await;
     let v = verify(dir.path()).unwrap();
     assert_eq!(v.last_seq, 3);
@@ -117,7 +125,7 @@ async fn torn_tail_is_cut_on_open() {
 #[tokio::test]
 async fn retention_prunes_whole_segments_and_keeps_the_chain_verifiable() {
     let dir = tempfile::tempdir().unwrap();
-    let keep_all = Settings { segment_max_bytes: 300, retention: None, ..Settings::default() };
+    let keep_all = Settings { segment_max_bytes: 300, retention: None, ..settings() };
     let log = AuditLog::open(dir.path(), keep_all).unwrap();
     // Old records, back-dated two hours, then fresh ones.
     let old = format_rfc3339(SystemTime::now() - Duration::from_secs(7200));
@@ -132,7 +140,7 @@ async fn retention_prunes_whole_segments_and_keeps_the_chain_verifiable() {
     assert!(before >= 4, "expected rotation, got {before} segments");
 
     let settings =
-        Settings { segment_max_bytes: 300, retention: Some(Duration::from_secs(3600)), ..Settings::default() };
+        Settings { segment_max_bytes: 300, retention: Some(Duration::from_secs(3600)), ..settings() };
     let log = AuditLog::open(dir.path(), settings).unwrap();
     log.prune().await.unwrap();
     let after = segments(dir.path()).unwrap().len();
@@ -162,7 +170,7 @@ async fn until_available(log: &AuditLog) {
 async fn a_removed_directory_fails_closed_and_the_chain_continues_anchored() {
     let parent = tempfile::tempdir().unwrap();
     let dir = parent.path().join("audit");
-    let log = AuditLog::open(&dir, Settings::default()).unwrap();
+    let log = AuditLog::open(&dir, settings()).unwrap();
     write_n(&log, 3).await;
     fs::remove_dir_all(&dir).unwrap();
     // The first append after the removal notices the unlinked segment: it
@@ -190,7 +198,7 @@ async fn a_torn_record_is_cut_and_never_chained_onto() {
     // A partly written record (what a full disk leaves) is cut back on
     // reopen, and the chain continues from the last whole record.
     let dir = tempfile::tempdir().unwrap();
-    let log = AuditLog::open(dir.path(), Settings::default()).unwrap();
+    let log = AuditLog::open(dir.path(), settings()).unwrap();
     write_n(&log, 2).await;
     let seg = only_segment(dir.path());
     // Simulate a torn append while the log is failed (directory made
@@ -211,7 +219,7 @@ async fn a_torn_record_is_cut_and_never_chained_onto() {
 #[tokio::test]
 async fn statement_durability_waits_for_the_sync_and_interval_does_not() {
     let dir = tempfile::tempdir().unwrap();
-    let slow = Settings { sync_interval: Duration::from_secs(3600), ..Settings::default() };
+    let slow = Settings { sync_interval: Duration::from_secs(3600), ..settings() };
     let log = AuditLog::open(dir.path(), slow).unwrap();
     // Interval: written at once, durable only at the next group commit.
     let t = log.append(&Record::new("statement", None)).unwrap();
@@ -219,7 +227,7 @@ async fn statement_durability_waits_for_the_sync_and_interval_does_not() {
     assert_eq!(read_all(dir.path()).unwrap().len(), 1, "written into the file before append returned");
     drop(log);
     let strict =
-        Settings { durability: Durability::Statement, sync_interval: Duration::from_secs(3600), ..Settings::default() };
+        Settings { durability: Durability::Statement, sync_interval: Duration::from_secs(3600), ..settings() };
     let log = AuditLog::open(dir.path(), strict).unwrap();
     let t = log.append(&Record::new("statement", None)).unwrap();
     tokio::time::timeout(Duration::from_secs(5), t.durable()).await.expect("a statement sync is not delayed").unwrap();
@@ -234,4 +242,19 @@ fn space_left_parses_percent_and_sizes() {
     assert_eq!(SpaceLeft::parse("4096"), Ok(SpaceLeft::Bytes(4096)));
     assert!(SpaceLeft::parse("0%").is_err());
     assert!(SpaceLeft::parse("lots").is_err());
+}
+
+#[tokio::test]
+async fn a_filesystem_below_space_left_is_said_once_in_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    // No filesystem has u64::MAX bytes free: always below the watermark.
+    let low = Settings { space_left: Some(SpaceLeft::Bytes(u64::MAX)), ..settings() };
+    let log = AuditLog::open(dir.path(), low).unwrap();
+    write_n(&log, 3).await;
+    let recs = read_all(dir.path()).unwrap();
+    let said: Vec<_> =
+        recs.iter().filter(|r| r.fields.get("action").and_then(|a| a.as_str()) == Some("audit_space_low")).collect();
+    assert_eq!(said.len(), 1, "said once, not per write: {recs:?}");
+    assert!(said[0].fields["available_bytes"].as_u64().is_some());
+    assert_eq!(verify(dir.path()).unwrap().records, 4);
 }
