@@ -564,7 +564,8 @@ impl Agent {
             .arg("run")
             .arg("--config")
             .arg(&self.config)
-            .env("CORDON_LOG", "info")
+            // CORDON_TEST_LOG: a finer filter when chasing a failure.
+            .env("CORDON_LOG", std::env::var("CORDON_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone()?)

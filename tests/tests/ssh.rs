@@ -736,3 +736,70 @@ fn the_typed_user_picks_the_upstream_credential_and_unmapped_users_are_refused()
     let out = run("root");
     assert!(!out.status.success() && stderr(&out).contains("no credential for the user \"root\""), "{}", stderr(&out));
 }
+
+#[test]
+fn a_multiplexed_connection_runs_each_exec_on_its_own_channel() {
+    // Ansible and many CI scripts keep one connection open (ControlMaster,
+    // ControlPersist) and open a channel per command. Every command over
+    // it is judged on its own; the idle master is not cut in between.
+    require_e2e!();
+    let s = setup("mux", "[profiles.ci.ssh]\ncommands = [\"echo *\", \"true\"]");
+    let dir = scratch("mux");
+    let sock = dir.join("ctl");
+    let path = format!("ControlPath={}", sock.display());
+    let master = s
+        .ssh_cmd(&["-o", &path, "-M", "-N", "-f"], &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("ssh -M");
+    assert!(master.status.success(), "the master did not start: {}", stderr(&master));
+    let check = |what: &str| {
+        let out = s.ssh_cmd(&["-o", &path, "-O", "check"], &[]).output().expect("ssh -O check");
+        assert!(out.status.success(), "{what}: the master does not answer: {}", stderr(&out));
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s.ssh_cmd(&["-o", &path, "-O", "check"], &[]).output().is_ok_and(|o| o.status.success()) {
+        assert!(Instant::now() < deadline, "the master never answered on its socket");
+        thread::sleep(Duration::from_millis(50));
+    }
+    for i in 0..12 {
+        let out = s.ssh_cmd(&["-o", &path], &[&format!("echo over the master {i}")]).output().expect("ssh");
+        assert!(
+            out.status.success(),
+            "exec {i} over the master: {:?} {}\n{}",
+            out.status,
+            stderr(&out),
+            s.agent.log_text()
+        );
+        assert_eq!(stdout(&out), format!("over the master {i}"));
+        if i == 5 {
+            // Idle for a while between commands, as a ControlPersist master is.
+            thread::sleep(Duration::from_secs(3));
+            check("after an idle pause");
+        }
+    }
+    // A command with no output: its exit status must still reach the
+    // client before the channel closes (a mux client without one exits 255).
+    for i in 0..30 {
+        let out = s.ssh_cmd(&["-o", &path], &["true"]).output().expect("ssh");
+        assert!(
+            out.status.success(),
+            "silent exec {i} over the master: {:?} {}\n{}",
+            out.status,
+            stderr(&out),
+            s.agent.log_text()
+        );
+    }
+    let out = s.ssh_cmd(&["-o", &path], &["echo $(id)"]).output().expect("ssh");
+    assert!(!out.status.success() && stderr(&out).contains("cordon: refused"), "{}", stderr(&out));
+    check("after a refusal");
+    let out = s.ssh_cmd(&["-o", &path], &["true"]).output().expect("ssh");
+    assert!(out.status.success(), "an allowed exec after a refusal: {}", stderr(&out));
+    let _ = s.ssh_cmd(&["-o", &path, "-O", "exit"], &[]).output();
+    let opens = s.events("open");
+    assert_eq!(opens.len(), 1, "one workload connection: {opens:?}");
+    let stmts = s.events("statement");
+    assert_eq!(stmts.iter().filter(|r| r["text"].as_str().is_some_and(|t| t.starts_with("echo over"))).count(), 12);
+    let _ = fs::remove_dir_all(&dir);
+}

@@ -43,6 +43,13 @@ pub async fn run(
     let mut exit: Option<u32> = None;
     let mut signal: Option<String> = None;
     let mut blocked = false;
+    // The server's EOF waits for its exit status. An OpenSSH client whose
+    // input is done closes the channel as soon as output ends; russh
+    // answers that close at once, so an exit status sent after it is lost
+    // and the client reports 255 (a ControlMaster client does, every time
+    // sshd happens to send EOF first). sshd itself never closes before the
+    // exit status; holding the EOF keeps that order through cordon.
+    let mut eof_held = false;
     // Send masked output of one stream (0 = stdout, 1 = stderr).
     macro_rules! emit {
         ($ext:expr, $bytes:expr) => {{
@@ -140,18 +147,21 @@ pub async fn run(
                     if let Some(c) = cast.as_mut() { c.exit(exit_status); }
                     flush!();
                     let _ = handle.exit_status_request(id, exit_status).await;
+                    if std::mem::take(&mut eof_held) { let _ = tx.eof().await; }
                 }
                 Some(ChannelMsg::ExitSignal { signal_name, core_dumped, error_message, lang_tag }) => {
                     signal = Some(format!("{signal_name:?}"));
                     flush!();
                     let _ = handle.exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag).await;
+                    if std::mem::take(&mut eof_held) { let _ = tx.eof().await; }
                 }
                 Some(ChannelMsg::Eof) => {
                     flush!();
-                    let _ = tx.eof().await;
+                    eof_held = true;
                 }
                 Some(ChannelMsg::Close) | None => {
                     flush!();
+                    if eof_held { let _ = tx.eof().await; }
                     let _ = tx.close().await;
                     break;
                 }

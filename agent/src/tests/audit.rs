@@ -139,8 +139,7 @@ async fn retention_prunes_whole_segments_and_keeps_the_chain_verifiable() {
     let before = segments(dir.path()).unwrap().len();
     assert!(before >= 4, "expected rotation, got {before} segments");
 
-    let settings =
-        Settings { segment_max_bytes: 300, retention: Some(Duration::from_secs(3600)), ..settings() };
+    let settings = Settings { segment_max_bytes: 300, retention: Some(Duration::from_secs(3600)), ..settings() };
     let log = AuditLog::open(dir.path(), settings).unwrap();
     log.prune().await.unwrap();
     let after = segments(dir.path()).unwrap().len();
@@ -226,8 +225,7 @@ async fn statement_durability_waits_for_the_sync_and_interval_does_not() {
     assert!(tokio::time::timeout(Duration::from_millis(200), t.durable()).await.is_err());
     assert_eq!(read_all(dir.path()).unwrap().len(), 1, "written into the file before append returned");
     drop(log);
-    let strict =
-        Settings { durability: Durability::Statement, sync_interval: Duration::from_secs(3600), ..settings() };
+    let strict = Settings { durability: Durability::Statement, sync_interval: Duration::from_secs(3600), ..settings() };
     let log = AuditLog::open(dir.path(), strict).unwrap();
     let t = log.append(&Record::new("statement", None)).unwrap();
     tokio::time::timeout(Duration::from_secs(5), t.durable()).await.expect("a statement sync is not delayed").unwrap();
