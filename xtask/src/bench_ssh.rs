@@ -104,6 +104,49 @@ pub fn run() -> Result<String> {
     };
     let agent_pid = agent.pid().context("agent pid")?;
     let big = format!("head -c {BYTES} /dev/zero");
+    // CORDON_BENCH_SSH_PERF=1: profile the agent over one governed 1 GiB
+    // transfer instead of measuring (perf's report is printed).
+    if std::env::var_os("CORDON_BENCH_SSH_PERF").is_some() {
+        let data = std::env::temp_dir().join("cordon-ssh-perf.data");
+        // =dwarf: call graphs through russh's frames (to find who copies).
+        let graph = match std::env::var("CORDON_BENCH_SSH_PERF").as_deref() {
+            Ok("dwarf") => "dwarf,16384",
+            _ => "fp",
+        };
+        // =syscalls: count the agent's system calls instead.
+        let syscalls = std::env::var("CORDON_BENCH_SSH_PERF").as_deref() == Ok("syscalls");
+        let trace = std::env::temp_dir().join("cordon-ssh-syscalls.txt");
+        let mut perf = Command::new("perf");
+        if syscalls {
+            perf.args(["trace", "-s", "-o"]).arg(&trace);
+        } else {
+            perf.args(["record", "-e", "cpu-clock", "-F", "999", "--call-graph", graph, "-o"]).arg(&data);
+        }
+        let mut perf = perf
+            .args(["-p", &agent_pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let before = crate::bench::cpu_seconds(agent_pid);
+        let secs = timed(governed_cmd(&[]), &big, "ssh through cordon")?;
+        let cpu = crate::bench::cpu_seconds(agent_pid) - before;
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(perf.id() as i32), nix::sys::signal::Signal::SIGINT);
+        perf.wait()?;
+        println!("1 GiB in {secs:.2} s; agent CPU {cpu:.2} s");
+        if syscalls {
+            println!("{}", std::fs::read_to_string(&trace).unwrap_or_default());
+            return Ok(String::new());
+        }
+        for mode in ["--no-children", "--children"] {
+            let out = Command::new("perf")
+                .args(["report", mode, "--stdio", "--no-call-graph", "--percent-limit", "0.7", "-i"])
+                .arg(&data)
+                .output()?;
+            println!("==== perf report {mode}\n{}", String::from_utf8_lossy(&out.stdout));
+        }
+        return Ok(String::new());
+    }
     // Per 1 GiB: wall seconds, CPU seconds of the whole machine, and of cordon.
     let (mut d_mb, mut c_mb, mut d_cpu, mut c_cpu, mut c_agent) = (vec![], vec![], vec![], vec![], vec![]);
     for i in 0..REPS {
@@ -246,6 +289,9 @@ fn machine_cpu_seconds() -> f64 {
 
 /// Put the SSH section into BENCHMARKS.md (replacing an older one).
 pub fn write(section: &str) -> Result<()> {
+    if section.is_empty() {
+        return Ok(()); // a profiling run: nothing measured
+    }
     let path = cordon_tests::workspace_root().join("BENCHMARKS.md");
     let old = std::fs::read_to_string(&path).unwrap_or_default();
     let new = match (old.find(BEGIN), old.find(END)) {

@@ -53,7 +53,7 @@ pub async fn run(
     // Send masked output of one stream (0 = stdout, 1 = stderr).
     macro_rules! emit {
         ($ext:expr, $bytes:expr) => {{
-            let b: Vec<u8> = $bytes;
+            let b: Bytes = $bytes;
             if !b.is_empty() {
                 bytes_down += b.len() as u64;
                 if let Some(c) = cast.as_mut() {
@@ -62,11 +62,7 @@ pub async fn run(
                     }
                     c.output(&b);
                 }
-                let sent = if $ext == 0 {
-                    tx.data_bytes(Bytes::from(b)).await
-                } else {
-                    tx.extended_data_bytes($ext, Bytes::from(b)).await
-                };
+                let sent = if $ext == 0 { tx.data_bytes(b).await } else { tx.extended_data_bytes($ext, b).await };
                 if sent.is_err() {
                     break;
                 }
@@ -80,12 +76,12 @@ pub async fn run(
             if let Some(mk) = out_mask.as_mut() {
                 mk.flush(&mut b);
             }
-            emit!(0u32, b);
+            emit!(0u32, Bytes::from(b));
             let mut b = Vec::new();
             if let Some(mk) = err_mask.as_mut() {
                 mk.flush(&mut b);
             }
-            emit!(1u32, b);
+            emit!(1u32, Bytes::from(b));
         }};
     }
     loop {
@@ -123,24 +119,26 @@ pub async fn run(
             },
             m = urx.wait() => match m {
                 Some(ChannelMsg::Data { data }) => match out_mask.as_mut() {
-                    Some(mk) => {
+                    // Once a stream is binary the masker holds nothing and
+                    // passes it as it came: the frame goes on uncopied.
+                    Some(mk) if !mk.binary || block_binary => {
                         let mut b = Vec::with_capacity(data.len() + 64);
                         mk.push(&data, &mut b);
                         if mk.binary && block_binary { blocked = true; break; }
                         if mk.holding() { idle.as_mut().reset(tokio::time::Instant::now() + IDLE_FLUSH); armed = true; }
-                        emit!(0u32, b);
+                        emit!(0u32, Bytes::from(b));
                     }
-                    None => emit!(0u32, data.to_vec()),
+                    _ => emit!(0u32, data),
                 },
                 Some(ChannelMsg::ExtendedData { data, ext }) => match err_mask.as_mut() {
-                    Some(mk) => {
+                    Some(mk) if !mk.binary || block_binary => {
                         let mut b = Vec::with_capacity(data.len() + 64);
                         mk.push(&data, &mut b);
                         if mk.binary && block_binary { blocked = true; break; }
                         if mk.holding() { idle.as_mut().reset(tokio::time::Instant::now() + IDLE_FLUSH); armed = true; }
-                        emit!(ext, b);
+                        emit!(ext, Bytes::from(b));
                     }
-                    None => emit!(ext, data.to_vec()),
+                    _ => emit!(ext, data),
                 },
                 Some(ChannelMsg::ExitStatus { exit_status }) => {
                     exit = Some(exit_status);
