@@ -104,46 +104,16 @@ pub fn run() -> Result<String> {
     };
     let agent_pid = agent.pid().context("agent pid")?;
     let big = format!("head -c {BYTES} /dev/zero");
-    // CORDON_BENCH_SSH_PERF=1: profile the agent over one governed 1 GiB
-    // transfer instead of measuring (perf's report is printed).
-    if std::env::var_os("CORDON_BENCH_SSH_PERF").is_some() {
-        let data = std::env::temp_dir().join("cordon-ssh-perf.data");
-        // =dwarf: call graphs through russh's frames (to find who copies).
-        let graph = match std::env::var("CORDON_BENCH_SSH_PERF").as_deref() {
-            Ok("dwarf") => "dwarf,16384",
-            _ => "fp",
-        };
-        // =syscalls: count the agent's system calls instead.
-        let syscalls = std::env::var("CORDON_BENCH_SSH_PERF").as_deref() == Ok("syscalls");
-        let trace = std::env::temp_dir().join("cordon-ssh-syscalls.txt");
-        let mut perf = Command::new("perf");
-        if syscalls {
-            perf.args(["trace", "-s", "-o"]).arg(&trace);
-        } else {
-            perf.args(["record", "-e", "cpu-clock", "-F", "999", "--call-graph", graph, "-o"]).arg(&data);
-        }
-        let mut perf = perf
-            .args(["-p", &agent_pid.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        let before = crate::bench::cpu_seconds(agent_pid);
-        let secs = timed(governed_cmd(&[]), &big, "ssh through cordon")?;
-        let cpu = crate::bench::cpu_seconds(agent_pid) - before;
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(perf.id() as i32), nix::sys::signal::Signal::SIGINT);
-        perf.wait()?;
-        println!("1 GiB in {secs:.2} s; agent CPU {cpu:.2} s");
-        if syscalls {
-            println!("{}", std::fs::read_to_string(&trace).unwrap_or_default());
-            return Ok(String::new());
-        }
-        for mode in ["--no-children", "--children"] {
-            let out = Command::new("perf")
-                .args(["report", mode, "--stdio", "--no-call-graph", "--percent-limit", "0.7", "-i"])
-                .arg(&data)
-                .output()?;
-            println!("==== perf report {mode}\n{}", String::from_utf8_lossy(&out.stdout));
+    // CORDON_BENCH_SSH_PERF=fp|dwarf|syscalls: profile the agent over one
+    // governed 1 GiB transfer instead of measuring (perf's report is printed).
+    if let Ok(mode) = std::env::var("CORDON_BENCH_SSH_PERF") {
+        let run = || timed(governed_cmd(&[]), &big, "ssh through cordon");
+        let (secs, cpu, report) = perf_during(agent_pid, &mode, run)?;
+        println!("1 GiB in {secs:.2} s; agent CPU {cpu:.2} s\n{report}");
+        if mode == "flat" {
+            for (part, share) in buckets(&report) {
+                println!("{:5.1} %  {part}", share * 100.0);
+            }
         }
         return Ok(String::new());
     }
@@ -217,6 +187,9 @@ pub fn run() -> Result<String> {
             (Vec::new(), Vec::new(), Some(format!("{e:#}").lines().next().unwrap_or_default().to_string()))
         }
     };
+    // Where cordon's own CPU goes, from one more transfer under perf.
+    let profile = perf_during(agent_pid, "flat", || timed(governed_cmd(&[]), &big, "ssh through cordon"))
+        .map(|(_, cpu, flat)| (cpu, buckets(&flat)));
     let med = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
         v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -266,10 +239,32 @@ pub fn run() -> Result<String> {
          decrypted and encrypted once more (russh, AES-256-GCM), and cordon's own {acpu:.2} s per GiB come from the \
          same two cores, so the machine needs {ccpu:.2} s per GiB. At the same CPU budget the throughput ratio cannot \
          exceed {:.2}; cordon reaches {ratio:.2}. Binary output is passed without masking and counted, not recorded; \
-         window 8 MiB, packets 64 KiB, TCP_NODELAY on both sides.\n{END}",
+         window 8 MiB, packets 64 KiB, TCP_NODELAY on both sides.\n",
         100.0 * dcpu / (cores * BYTES as f64 / 1e6 / dm.max(1e-9)),
         dcpu / ccpu.max(1e-9)
     );
+    match profile {
+        Ok((cpu, rows)) => {
+            let _ = writeln!(
+                s,
+                "Where cordon's CPU goes (`perf record` of the agent over one more 1 GiB transfer, {cpu:.2} CPU s; \
+                 `CORDON_BENCH_SSH_PERF=dwarf cargo xtask bench ssh` prints the call graphs):\n\n| part | share | CPU s per GiB |\n|---|---|---|"
+            );
+            for (part, share) in rows {
+                let _ = writeln!(s, "| {part} | {:.0} % | {:.2} |", share * 100.0, share * cpu);
+            }
+            let _ = writeln!(
+                s,
+                "\nThe kernel's socket work and the second AES-GCM pass are what any terminating SSH proxy pays; the \
+                 copy into russh's packet buffer is its in-place encryption (cordon passes binary output on as the \
+                 frame it came in)."
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(s, "No profile: {e:#}.");
+        }
+    }
+    let _ = writeln!(s, "{END}");
     agent.stop();
     Ok(s)
 }
@@ -313,4 +308,137 @@ pub fn keep(old: &str, new: &mut String) {
             new.push('\n');
         }
     }
+}
+
+/// Run `work` with perf attached to the agent: (its result, the agent's CPU
+/// seconds meanwhile, perf's report). `mode`: fp or dwarf (call graphs),
+/// syscalls (counts), flat (self time per symbol, for `buckets`).
+fn perf_during(pid: u32, mode: &str, work: impl FnOnce() -> Result<f64>) -> Result<(f64, f64, String)> {
+    let data = std::env::temp_dir().join(format!("cordon-ssh-perf-{}.data", std::process::id()));
+    let trace = std::env::temp_dir().join(format!("cordon-ssh-syscalls-{}.txt", std::process::id()));
+    let mut perf = Command::new("perf");
+    match mode {
+        "syscalls" => perf.args(["trace", "-s", "-o"]).arg(&trace),
+        "dwarf" => {
+            perf.args(["record", "-e", "cpu-clock", "-F", "999", "--call-graph", "dwarf,16384", "-o"]).arg(&data)
+        }
+        "flat" => perf.args(["record", "-e", "cpu-clock", "-F", "999", "-o"]).arg(&data),
+        _ => perf.args(["record", "-e", "cpu-clock", "-F", "999", "--call-graph", "fp", "-o"]).arg(&data),
+    };
+    let mut perf = perf
+        .args(["-p", &pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("perf (apt-get install linux-perf)")?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let before = crate::bench::cpu_seconds(pid);
+    let done = work();
+    let cpu = crate::bench::cpu_seconds(pid) - before;
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(perf.id() as i32), nix::sys::signal::Signal::SIGINT);
+    let status = perf.wait()?;
+    let secs = done?;
+    // perf ends on the SIGINT it was sent; what matters is its data file.
+    if mode != "syscalls" && !data.exists() {
+        bail!("perf record wrote nothing ({status})");
+    }
+    let report = if mode == "syscalls" {
+        std::fs::read_to_string(&trace).unwrap_or_default()
+    } else {
+        let mut out = String::new();
+        let modes: &[&str] = if mode == "flat" { &["--no-children"] } else { &["--no-children", "--children"] };
+        for m in modes {
+            let mut c = Command::new("perf");
+            c.args(["report", m, "--stdio", "--percent-limit", "0.1", "-i"]).arg(&data);
+            if mode == "flat" {
+                c.args(["--sort", "sym", "--no-call-graph"]);
+            } else {
+                c.arg("--no-call-graph");
+            }
+            let o = c.output()?;
+            out.push_str(&format!("==== perf report {m}\n{}", String::from_utf8_lossy(&o.stdout)));
+        }
+        out
+    };
+    let _ = std::fs::remove_file(&data);
+    let _ = std::fs::remove_file(&trace);
+    Ok((secs, cpu, report))
+}
+
+/// perf's flat report (self time per symbol) put into parts, largest first.
+fn buckets(report: &str) -> Vec<(&'static str, f64)> {
+    const PARTS: &[(&str, &[&str])] = &[
+        (
+            "AES-GCM: decrypt from the server, encrypt to the workload",
+            &["aes_gcm", "gcm_", "aes_hw", "ghash", "chacha", "poly1305"],
+        ),
+        ("memory copies (russh's packet buffers)", &["memmove", "memcpy", "memset"]),
+        (
+            "kernel: TCP send and receive, copies to and from user space",
+            &[
+                "tcp_",
+                "skb",
+                "_copy_to_iter",
+                "_copy_from_iter",
+                "ip_",
+                "__dev_",
+                "net_",
+                "napi",
+                "sock_",
+                "__check_object_size",
+                "softirq",
+                "inet_",
+                "kmem_cache",
+                "slab",
+                "page",
+                "__pv_queued_spin_lock",
+                "fdget",
+                "__sys_sendto",
+                "__sys_recvfrom",
+                "copy_user",
+            ],
+        ),
+        (
+            "waking and switching threads (kernel wakeups, tokio tasks, futex, epoll)",
+            &[
+                "finish_task_switch",
+                "_raw_spin_unlock",
+                "schedule",
+                "futex",
+                "epoll",
+                "irqentry",
+                "try_to_wake_up",
+                "read_tsc",
+                "pthread",
+                "syscall",
+                "tokio::runtime",
+                "mio::",
+                "eventfd",
+                "ep_",
+            ],
+        ),
+        ("allocation", &["malloc", "_int_free", "cfree", "realloc", "alloc::"]),
+        ("russh and cordon's relay: framing, channel messages", &["russh", "cordon::", "bytes::", "tokio::sync"]),
+    ];
+    let mut shares = vec![0.0f64; PARTS.len() + 1];
+    for line in report.lines() {
+        let mut cols = line.split_whitespace();
+        let Some(pct) = cols.next().and_then(|c| c.strip_suffix('%')).and_then(|c| c.parse::<f64>().ok()) else {
+            continue;
+        };
+        let sym = line.rsplit("] ").next().unwrap_or(line);
+        let i = PARTS.iter().position(|(_, keys)| keys.iter().any(|k| sym.contains(k))).unwrap_or(PARTS.len());
+        if let Some(s) = shares.get_mut(i) {
+            *s += pct / 100.0;
+        }
+    }
+    // What perf's limit left out goes to "other" with what no part named.
+    let named: f64 = shares.iter().take(PARTS.len()).sum();
+    if let Some(other) = shares.get_mut(PARTS.len()) {
+        *other = (1.0 - named).max(0.0);
+    }
+    let mut rows: Vec<(&'static str, f64)> =
+        PARTS.iter().map(|(name, _)| *name).chain(["other"]).zip(shares).filter(|(_, s)| *s > 0.0).collect();
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    rows
 }
