@@ -187,12 +187,19 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
             .context("starting the async runtime");
     }
     let mut b = tokio::runtime::Builder::new_multi_thread();
-    // A tuning knob for benchmarks (default: one worker per core).
-    if let Some(n) =
-        std::env::var("CORDON_WORKER_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|n| *n > 0)
-    {
-        b.worker_threads(n);
-    }
+    // Half the cores by default (one on a 2-core host): the agent shares the
+    // host with the workloads it governs and often with the servers, and
+    // every hop through it is a wake-up; a worker per core spends more on
+    // waking the other workers than it gains (on 2 cores, 10 % more CPU
+    // per PostgreSQL statement and 15 % more per SSH GiB; BENCHMARKS.md).
+    // CORDON_WORKER_THREADS overrides it.
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let workers = std::env::var("CORDON_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| (cores / 2).max(1));
+    b.worker_threads(workers);
     b.enable_all().build().context("starting the async runtime")
 }
 

@@ -320,9 +320,22 @@ fn a_filesystem_gone_read_only_refuses_and_resumes_after_repair() {
     }
     let _ = sh(&format!("e2fsck -fy {} >/dev/null 2>&1", img.display()));
     must(&format!("mount -o loop,errors=remount-ro {} {}", img.display(), mnt.display()));
-    // Recovery retries every second; one CI run in six saw none within 20 s
-    // of the remount (under investigation: see the session note).
-    run.wait_log("the audit log is writable again", 60);
+    // Recovery retries every second (and says so every 10 s while it
+    // fails). One run in six or so saw none within 60 s of the remount: if
+    // it happens again, say what the mount and the kernel looked like.
+    if !run.agent.wait_log("the audit log is writable again", Duration::from_secs(60)) {
+        let probe = sh(&format!("touch {0}/probe && rm {0}/probe && echo writable", audit.display()));
+        let mount = sh(&format!("findmnt -n -o SOURCE,OPTIONS {}", mnt.display()));
+        let kernel = sh("dmesg | grep -iE 'ext4|loop' | tail -15");
+        panic!(
+            "the agent never logged that the audit log is writable again\nthe directory: {} {}\nthe mount: {}\nthe kernel:\n{}\nthe agent:\n{}",
+            stdout(&probe),
+            stderr(&probe),
+            stdout(&mount),
+            stdout(&kernel),
+            run.agent.log_text()
+        );
+    }
     thread::sleep(Duration::from_millis(1500));
     let attempts = run.finish();
     run.check(&attempts, "read_only", false);

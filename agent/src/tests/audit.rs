@@ -216,6 +216,55 @@ async fn a_torn_record_is_cut_and_never_chained_onto() {
 }
 
 #[tokio::test]
+async fn a_repaired_filesystem_that_lost_synced_records_continues_from_cordons_own_record_and_says_so() {
+    // ext4 whose journal aborts during a sync can come back from e2fsck
+    // without records fdatasync had confirmed. What is left is the start of
+    // cordon's own chain: it goes on from there and counts the loss.
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::open(dir.path(), settings()).unwrap();
+    write_n(&log, 3).await;
+    let seg = only_segment(dir.path());
+    let first_three = fs::read(&seg).unwrap();
+    write_n(&log, 2).await; // synced: seq 4 and 5
+    fs::remove_file(&seg).unwrap();
+    assert!(log.append(&Record::new("statement", None)).is_err());
+    fs::write(&seg, &first_three).unwrap();
+    until_available(&log).await;
+    write_n(&log, 1).await;
+    let v = verify(dir.path()).unwrap();
+    assert_eq!((v.first_seq, v.last_seq), (1, 5), "3 kept, the outage record, 1 new: {v:?}");
+    let recs = read_all(dir.path()).unwrap();
+    let outage = recs.iter().find(|r| r.fields.get("action").and_then(|a| a.as_str()) == Some("audit_outage")).unwrap();
+    assert_eq!(outage.seq, 4);
+    assert_eq!(outage.fields["lost_synced_records"], 2, "{outage:?}");
+    assert_eq!(outage.fields["lost_unsynced_records"], 0, "{outage:?}");
+    drop(log);
+
+    // A file that ends at a record cordon never wrote stays refused.
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::open(dir.path(), settings()).unwrap();
+    write_n(&log, 3).await;
+    let seg = only_segment(dir.path());
+    let mut forged = fs::read(&seg).unwrap();
+    write_n(&log, 2).await;
+    let mut lines: Vec<Vec<u8>> = forged.split(|b| *b == b'\n').map(<[u8]>::to_vec).collect();
+    lines.retain(|l| !l.is_empty());
+    let last = lines.pop().unwrap();
+    let mut other: Value = serde_json::from_slice(&last).unwrap();
+    other["event"] = "close".into();
+    forged = lines.join(&b'\n');
+    forged.push(b'\n');
+    forged.extend_from_slice(serde_json::to_string(&other).unwrap().as_bytes());
+    forged.push(b'\n');
+    fs::remove_file(&seg).unwrap();
+    assert!(log.append(&Record::new("statement", None)).is_err());
+    fs::write(&seg, &forged).unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let down = log.unavailable().expect("a changed record is not cordon's chain: still down");
+    assert_eq!(down.cause, Cause::Diverged, "{down}");
+}
+
+#[tokio::test]
 async fn statement_durability_waits_for_the_sync_and_interval_does_not() {
     let dir = tempfile::tempdir().unwrap();
     let slow = Settings { sync_interval: Duration::from_secs(3600), ..settings() };

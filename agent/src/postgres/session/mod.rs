@@ -200,6 +200,8 @@ struct Tracker {
     decision: Option<hold::Settled>,
     /// A statement is held for approval: the session is not idle.
     holding: bool,
+    /// Where each value of the DataRow being masked lies (scratch, reused).
+    row_values: Vec<Option<(usize, usize)>>,
     /// Messages from cordon for the client, written by the server side in
     /// turn (a hold's notice).
     to_client: BytesMut,
@@ -307,6 +309,7 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
         next_gen: 0,
         decision: None,
         holding: false,
+        row_values: Vec::new(),
         to_client: BytesMut::new(),
     }));
 

@@ -380,23 +380,30 @@ pub(super) fn on_server_frame_inner(
                 swallow_start(t);
                 return;
             }
-            let binary = run.binary.clone();
+            // Taken and put back, not cloned: this runs once per row.
+            let binary = std::mem::take(&mut run.binary);
             let mut counts = std::mem::take(&mut run.outcome.masked);
             // Values PostgreSQL masked as it read them (mask at read): a
             // result column computed from a masked one, by name.
             for m in &run.notes.masked {
                 let col = m.split('/').next().unwrap_or_default();
                 if described.fields.iter().any(|f| f.table_oid == 0 && f.name == col) {
-                    *counts.entry(m.clone()).or_default() += 1;
+                    match counts.get_mut(m) {
+                        Some(n) => *n += 1,
+                        None => {
+                            counts.insert(m.clone(), 1);
+                        }
+                    }
                 }
             }
             let rewritten = if described.plan.active() {
-                mask_row(f.body(), &described, &binary, &t.gov, &mut counts)
+                mask_row(f.body(), &described, &binary, &t.gov, &mut counts, &mut t.row_values)
             } else {
                 Ok(None)
             };
             if let Some(run) = current_run(t) {
                 run.outcome.masked = counts;
+                run.binary = binary;
             }
             let bytes = match rewritten {
                 Ok(Some(b)) => b,
@@ -623,47 +630,58 @@ pub(super) fn skip_to_sync(t: &mut Tracker) {
 }
 
 /// Rewrite a DataRow with masked values; Ok(None) when nothing changed.
+/// `spans` is the session's scratch for the row's value positions (reused
+/// row after row: a large result allocates nothing for the rows it passes).
 pub(super) fn mask_row(
     body: &[u8],
     d: &Described,
     binary: &[bool],
     g: &Governance,
     counts: &mut BTreeMap<String, u64>,
+    spans: &mut Vec<Option<(usize, usize)>>,
 ) -> std::result::Result<Option<Bytes>, String> {
     let mut b = Body::new(body);
     let n = b.i16().ok_or("a DataRow without a column count")?.max(0) as usize;
-    let mut values: Vec<Option<&[u8]>> = Vec::with_capacity(n);
+    spans.clear();
     for _ in 0..n {
         let len = b.i32().ok_or("a DataRow cut short")?;
-        values.push(if len < 0 { None } else { Some(b.bytes(len as usize).ok_or("a DataRow value cut short")?) });
+        spans.push(if len < 0 {
+            None
+        } else {
+            let start = body.len() - b.remaining();
+            b.bytes(len as usize).ok_or("a DataRow value cut short")?;
+            Some((start, len as usize))
+        });
     }
-    let mut changed: Vec<Option<Option<Vec<u8>>>> = vec![None; n];
+    let value = |i: usize| -> Option<&[u8]> {
+        spans.get(i).copied().flatten().and_then(|(start, len)| body.get(start..start.checked_add(len)?))
+    };
+    // Only a row that changes allocates its replacements.
+    let mut changed: Vec<(usize, Option<Vec<u8>>)> = Vec::new();
     for (i, action) in d.plan.cols.iter().enumerate() {
         if *action == ColAction::Keep {
             continue;
         }
-        let (Some(Some(v)), Some(field)) = (values.get(i), d.fields.get(i)) else { continue };
+        let (Some(v), Some(field)) = (value(i), d.fields.get(i)) else { continue };
         let is_binary = binary.get(i).copied().unwrap_or(false);
         let ty = types::value_type(field.type_oid, field.typmod);
-        let text = if is_binary {
+        let text: std::borrow::Cow<'_, str> = if is_binary {
             match types::binary_to_text(field.type_oid, v) {
-                Some(t) => t,
+                Some(t) => t.into(),
                 // Masking by constant needs no reading; detection does.
-                None if matches!(action, ColAction::Mask { .. }) => String::new(),
+                None if matches!(action, ColAction::Mask { .. }) => "".into(),
                 None => continue,
             }
         } else {
             match std::str::from_utf8(v) {
-                Ok(s) => s.to_string(),
+                Ok(s) => s.into(),
                 // Not readable: masked whole rather than passed unread.
                 Err(_) => match action {
-                    ColAction::Mask { .. } => String::new(),
+                    ColAction::Mask { .. } => "".into(),
                     _ => {
                         let redacted =
                             crate::pipeline::mask::redact(ty).map_err(|e| format!("column {:?}: {e}", field.name))?;
-                        if let Some(slot) = changed.get_mut(i) {
-                            *slot = Some(Some(redacted.into_bytes()));
-                        }
+                        changed.push((i, Some(redacted.into_bytes())));
                         continue;
                     }
                 },
@@ -680,22 +698,20 @@ pub(super) fn mask_row(
                 ),
                 Some(s) => Some(s.into_bytes()),
             };
-            if let Some(slot) = changed.get_mut(i) {
-                *slot = Some(bytes);
-            }
+            changed.push((i, bytes));
         }
     }
-    if changed.iter().all(Option::is_none) {
+    if changed.is_empty() {
         return Ok(None);
     }
     let mut out = BytesMut::with_capacity(body.len() + 32);
     out.put_u8(b'D');
     out.put_i32(0);
     out.put_i16(n as i16);
-    for (i, v) in values.iter().enumerate() {
-        let v: Option<&[u8]> = match changed.get(i) {
-            Some(Some(c)) => c.as_deref(),
-            _ => *v,
+    for i in 0..n {
+        let v: Option<&[u8]> = match changed.iter().find(|(c, _)| *c == i) {
+            Some((_, c)) => c.as_deref(),
+            None => value(i),
         };
         match v {
             None => out.put_i32(-1),
