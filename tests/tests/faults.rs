@@ -185,9 +185,19 @@ impl Run {
         // where the fault destroyed the files themselves).
         let outage = self.outage();
         let missing: Vec<&String> = rows.iter().filter(|t| !recorded.contains(*t)).collect();
+        // Records the repaired filesystem lost although fdatasync had
+        // confirmed them (ext4 whose journal aborted mid-sync): the outage
+        // record counts them, and only that many may be missing.
+        let lost_confirmed = outage["lost_synced_records"].as_u64().unwrap_or(0);
         if lost_with_the_files {
             let kept: Vec<&Attempt> = attempts.iter().filter(|a| a.ok && recorded.contains(&a.tag)).collect();
             assert!(!kept.is_empty(), "no statement after the outage was recorded");
+        } else if lost_confirmed > 0 {
+            assert!(
+                missing.len() as u64 <= lost_confirmed,
+                "{} statements took effect without a record, more than the {lost_confirmed} the outage record says the filesystem lost: {missing:?}",
+                missing.len()
+            );
         } else {
             assert!(missing.is_empty(), "{} statements took effect without a record: {missing:?}", missing.len());
         }
@@ -216,7 +226,10 @@ impl Run {
             "no statement succeeded after the fault was gone; last attempts: {:?}",
             attempts.iter().rev().take(4).map(|a| (&a.tag, &a.code, &a.message)).collect::<Vec<_>>()
         );
-        assert_eq!(outage["cause"], cause, "{outage}");
+        // The kernel may report the fault first as something else (ext4
+        // whose journal aborts fails the running fdatasync with EIO before
+        // it is remounted read-only): the cause then shows as the last one.
+        assert!(outage["cause"] == cause || outage["last_cause"] == cause, "{outage}");
         let refused =
             outage["refused_statements"].as_u64().unwrap_or(0) + outage["refused_sessions"].as_u64().unwrap_or(0);
         assert!(refused > 0, "the outage record counts no refusals: {outage}");

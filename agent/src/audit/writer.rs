@@ -138,6 +138,10 @@ impl Ticket {
 }
 
 struct Failure {
+    /// What started the outage (the outage record's cause).
+    first: Unavailable,
+    /// The latest retry's error (a repair passes through others: an
+    /// unmounted filesystem is a missing directory for a while).
     error: Unavailable,
     started: SystemTime,
     since: Instant,
@@ -488,6 +492,7 @@ impl Core {
         self.epoch += 1;
         let now = Instant::now();
         self.failure = Some(Failure {
+            first: error.clone(),
             error: error.clone(),
             started: SystemTime::now(),
             since: now,
@@ -543,9 +548,7 @@ impl Core {
                     self.unsynced.truncate(pos + 1);
                     self.seq = end_seq;
                     self.hash = end_hash;
-                } else if let Some(pos) =
-                    self.synced_recent.iter().position(|(s, h)| *s == end_seq && *h == end_hash)
-                {
+                } else if let Some(pos) = self.synced_recent.iter().position(|(s, h)| *s == end_seq && *h == end_hash) {
                     // The repaired filesystem ends at an earlier record of
                     // this chain, before records fdatasync had confirmed: it
                     // broke its promise (an aborted ext4 journal does). The
@@ -590,10 +593,10 @@ impl Core {
         self.path = path;
         self.size = size;
         let Some(f) = &self.failure else { return Ok(()) };
-        let outage = Record::new("agent", None)
+        let mut outage = Record::new("agent", None)
             .with("action", "audit_outage")
-            .with("cause", f.error.cause)
-            .with("detail", &f.error.detail)
+            .with("cause", f.first.cause)
+            .with("detail", &f.first.detail)
             .with("started", format_rfc3339(f.started))
             .with("duration_ms", f.since.elapsed().as_millis() as u64)
             .with("refused_sessions", f.refused_sessions)
@@ -602,6 +605,9 @@ impl Core {
             .with("dropped_statement_ends", f.dropped)
             .with("lost_unsynced_records", lost - lost_synced)
             .with("lost_synced_records", lost_synced);
+        if f.error != f.first {
+            outage = outage.with("last_cause", f.error.cause).with("last_detail", &f.error.detail);
+        }
         let (outage_ms, statements, sessions) =
             (f.since.elapsed().as_millis() as u64, f.refused_statements, f.refused_sessions);
         let seq = self.write(Some(&outage), inner)?;
