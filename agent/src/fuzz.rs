@@ -115,7 +115,7 @@ pub fn policy(data: &[u8]) {
 /// The audit record parser and `verify` over one segment's bytes.
 pub fn audit_segment(data: &[u8]) {
     for line in data.split(|b| *b == b'\n') {
-        let _ = serde_json::from_slice::<crate::audit::Record>(line);
+        let _ = serde_json::from_slice::<crate::audit::Entry>(line);
     }
     let dir = std::env::temp_dir().join(format!("cordon-fuzz-audit-{}", std::process::id()));
     if std::fs::create_dir_all(&dir).is_ok() && std::fs::write(dir.join("audit-000000000001.jsonl"), data).is_ok() {

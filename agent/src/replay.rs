@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::audit::{self, Record};
+use crate::audit::{self, Entry};
 
 /// How an SSH recording is shown.
 #[derive(Debug, Clone, Copy)]
@@ -31,7 +31,7 @@ pub enum Play {
 
 /// `cordon replay`: PostgreSQL sessions as text, SSH sessions played.
 pub fn replay_to(audit_dir: &Path, session: &str, play: Play, out: &mut dyn std::io::Write) -> Result<()> {
-    let records: Vec<Record> =
+    let records: Vec<Entry> =
         audit::read_all(audit_dir)?.into_iter().filter(|r| r.session.as_deref() == Some(session)).collect();
     let casts = records
         .iter()
@@ -106,7 +106,7 @@ fn play_cast(c: &Value, play: Play, out: &mut dyn std::io::Write) -> Result<()> 
 }
 
 pub fn replay(audit_dir: &Path, session: &str) -> Result<String> {
-    let records: Vec<Record> =
+    let records: Vec<Entry> =
         audit::read_all(audit_dir)?.into_iter().filter(|r| r.session.as_deref() == Some(session)).collect();
     let Some(open) = records.iter().find(|r| r.event == "open") else {
         bail!("no session {session:?} in {} (see `cordon sessions list`)", audit_dir.display());
@@ -125,7 +125,7 @@ pub fn replay(audit_dir: &Path, session: &str) -> Result<String> {
     Ok(out)
 }
 
-fn header(out: &mut String, session: &str, open: &Record, close: Option<&Record>) {
+fn header(out: &mut String, session: &str, open: &Entry, close: Option<&Entry>) {
     let w = open.fields.get("workload").cloned().unwrap_or(Value::Null);
     let s = |k: &str| w.get(k).map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string)).unwrap_or_default();
     let _ = writeln!(
@@ -257,7 +257,7 @@ fn decision_line(ev: &Value) -> String {
     }
 }
 
-fn from_audit(out: &mut String, records: &[Record]) {
+fn from_audit(out: &mut String, records: &[Entry]) {
     let _ = writeln!(out, "-- (no result recording for this session: statements and outcomes from the audit log)");
     for r in records {
         match r.event.as_str() {

@@ -6,7 +6,7 @@ use anyhow::Result;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::audit::{self, Record};
+use crate::audit::{self, Entry};
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Session {
@@ -31,9 +31,9 @@ pub fn list(audit_dir: &Path) -> Result<Vec<Session>> {
     Ok(assemble(&audit::read_all(audit_dir)?))
 }
 
-pub fn assemble(records: &[Record]) -> Vec<Session> {
+pub fn assemble(records: &[Entry]) -> Vec<Session> {
     let mut out: Vec<Session> = Vec::new();
-    let get = |r: &Record, k: &str| r.fields.get(k).cloned().unwrap_or(Value::Null);
+    let get = |r: &Entry, k: &str| r.fields.get(k).cloned().unwrap_or(Value::Null);
     for r in records {
         match r.event.as_str() {
             "open" => out.push(Session {

@@ -43,10 +43,103 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 const HEAD: &str = "audit.head";
 const ANCHOR: &str = "audit.anchor";
 
-/// One audit record. `event` says which: `open`, `close`, `reject`,
-/// `statement`, `statement_end`, `cancel`, `agent`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// One audit record being built. `event` says which: `open`, `close`,
+/// `reject`, `statement`, `statement_end`, `cancel`, `agent`.
+///
+/// Fields are serialised once, as they are added (`with`), into `body`: the
+/// writer puts `seq`, `prev`, `ts`, `event` and `session` in front and the
+/// line is done, with no intermediate `Value` tree per record. What is read
+/// back from the log is an [`Entry`].
+#[derive(Debug, Clone, PartialEq)]
 pub struct Record {
+    /// RFC 3339 UTC time.
+    pub ts: String,
+    pub event: String,
+    pub session: Option<String>,
+    /// `,"key":value` for each field, in the order added (JSON, UTF-8).
+    body: Vec<u8>,
+    /// Where each field lies in `body` (key, start, end): a key added again
+    /// replaces the earlier value, as a map would.
+    spans: Vec<(Box<str>, usize, usize)>,
+}
+
+impl Record {
+    pub fn new(event: &str, session: Option<&str>) -> Self {
+        Self {
+            ts: now_rfc3339(),
+            event: event.to_string(),
+            session: session.map(str::to_string),
+            body: Vec::new(),
+            spans: Vec::new(),
+        }
+    }
+
+    pub fn with(mut self, key: &str, value: impl Serialize) -> Self {
+        if let Some(i) = self.spans.iter().position(|(k, _, _)| &**k == key) {
+            let (_, start, end) = self.spans.remove(i);
+            self.body.drain(start..end);
+            for span in &mut self.spans {
+                if span.1 >= end {
+                    span.1 -= end - start;
+                    span.2 -= end - start;
+                }
+            }
+        }
+        let start = self.body.len();
+        self.body.push(b',');
+        // Writing JSON into a Vec fails only for values serde cannot
+        // express (a map with non-string keys): those become null.
+        let _ = serde_json::to_writer(&mut self.body, key);
+        self.body.push(b':');
+        let value_at = self.body.len();
+        if serde_json::to_writer(&mut self.body, &value).is_err() {
+            self.body.truncate(value_at);
+            self.body.extend_from_slice(b"null");
+        }
+        self.spans.push((key.into(), start, self.body.len()));
+        self
+    }
+
+    /// A copy of a base record under another event name, stamped now.
+    pub fn with_event(mut self, event: &str) -> Self {
+        event.clone_into(&mut self.event);
+        self.ts = now_rfc3339();
+        self
+    }
+
+    /// The record's line with the writer's `seq` and `prev`, appended to
+    /// `out` (no newline).
+    pub(crate) fn write_line(&self, seq: u64, prev: &str, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        use std::io::Write;
+        let _ = write!(out, "{{\"seq\":{seq},\"prev\":");
+        serde_json::to_writer(&mut *out, prev)?;
+        out.extend_from_slice(b",\"ts\":");
+        serde_json::to_writer(&mut *out, &self.ts)?;
+        out.extend_from_slice(b",\"event\":");
+        serde_json::to_writer(&mut *out, &self.event)?;
+        if let Some(session) = &self.session {
+            out.extend_from_slice(b",\"session\":");
+            serde_json::to_writer(&mut *out, session)?;
+        }
+        out.extend_from_slice(&self.body);
+        out.push(b'}');
+        Ok(())
+    }
+
+    /// One field's value, parsed back (for tests, and the rare reader of a
+    /// record still being built).
+    pub fn field(&self, key: &str) -> Option<Value> {
+        let (_, start, end) = self.spans.iter().find(|(k, _, _)| &**k == key)?;
+        let key_len = serde_json::to_vec(key).ok()?.len();
+        // `,` + the key's JSON + `:` come before the value.
+        let value = self.body.get(start + 1 + key_len + 1..*end)?;
+        serde_json::from_slice(value).ok()
+    }
+}
+
+/// One audit record as read back from the log.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Entry {
     /// Position in the chain; set by the writer.
     #[serde(default)]
     pub seq: u64,
@@ -60,46 +153,6 @@ pub struct Record {
     pub session: Option<String>,
     #[serde(flatten)]
     pub fields: serde_json::Map<String, Value>,
-}
-
-impl Record {
-    pub fn new(event: &str, session: Option<&str>) -> Self {
-        Self {
-            seq: 0,
-            prev: String::new(),
-            ts: now_rfc3339(),
-            event: event.to_string(),
-            session: session.map(str::to_string),
-            fields: serde_json::Map::new(),
-        }
-    }
-
-    pub fn with(mut self, key: &str, value: impl Serialize) -> Self {
-        let v = serde_json::to_value(value).unwrap_or(Value::Null);
-        self.fields.insert(key.to_string(), v);
-        self
-    }
-
-    /// A copy of a base record under another event name, stamped now.
-    pub fn with_event(mut self, event: &str) -> Self {
-        event.clone_into(&mut self.event);
-        self.ts = now_rfc3339();
-        self
-    }
-}
-
-/// The line as written: the record with the writer's `seq` and `prev`,
-/// serialised straight from borrowed parts (no copy of the record).
-#[derive(Serialize)]
-struct Line<'a> {
-    seq: u64,
-    prev: &'a str,
-    ts: &'a str,
-    event: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    session: Option<&'a str>,
-    #[serde(flatten)]
-    fields: &'a serde_json::Map<String, Value>,
 }
 
 /// When a written record is also made durable (fdatasync).

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::{sha256_hex, Record, ANCHOR, GENESIS, HEAD};
+use super::{sha256_hex, Entry, ANCHOR, GENESIS, HEAD};
 
 /// Segments in chain order.
 pub fn segments(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -66,7 +66,7 @@ pub(super) fn scan_tail(path: &Path) -> Result<(Option<u64>, Option<String>, u64
             let line_start = body.iter().rposition(|b| *b == b'\n').map(|i| i + 1);
             if line_start.is_some() || start == 0 {
                 let line = body.get(line_start.unwrap_or(0)..).unwrap_or_default();
-                let rec: Record = serde_json::from_slice(line)
+                let rec: Entry = serde_json::from_slice(line)
                     .with_context(|| format!("the last record of {} does not parse", path.display()))?;
                 return Ok((Some(rec.seq), Some(sha256_hex(line)), start + end as u64));
             }
@@ -84,7 +84,7 @@ pub(super) fn last_ts(path: &Path) -> Result<Option<String>> {
     let mut last = None;
     for line in BufReader::new(File::open(path)?).lines() {
         let line = line?;
-        if let Ok(r) = serde_json::from_str::<Record>(&line) {
+        if let Ok(r) = serde_json::from_str::<Entry>(&line) {
             last = Some(r.ts);
         }
     }
@@ -93,7 +93,7 @@ pub(super) fn last_ts(path: &Path) -> Result<Option<String>> {
 
 /// Every record, in chain order; a line that does not parse is an error
 /// naming the segment and line.
-pub fn read_all(dir: &Path) -> Result<Vec<Record>> {
+pub fn read_all(dir: &Path) -> Result<Vec<Entry>> {
     let mut out = Vec::new();
     for seg in segments(dir)? {
         let file = File::open(&seg).with_context(|| format!("opening {}", seg.display()))?;
@@ -102,7 +102,7 @@ pub fn read_all(dir: &Path) -> Result<Vec<Record>> {
             if line.trim().is_empty() {
                 continue;
             }
-            let rec: Record = serde_json::from_str(&line)
+            let rec: Entry = serde_json::from_str(&line)
                 .with_context(|| format!("{}:{}: not an audit record", seg.display(), i + 1))?;
             out.push(rec);
         }
@@ -147,7 +147,7 @@ pub fn verify(dir: &Path) -> Result<Verified> {
                 bail!("{at}: the record is cut off (no newline): the log was truncated");
             }
             let body = line.get(..line.len() - 1).unwrap_or_default();
-            let rec: Record = serde_json::from_slice(body)
+            let rec: Entry = serde_json::from_slice(body)
                 .with_context(|| format!("{at}: the record does not parse: it was modified"))?;
             if rec.seq != seq + 1 {
                 bail!("{at}: seq {} follows {seq}: records were removed or reordered", rec.seq);

@@ -34,8 +34,8 @@ use anyhow::{Context, Result};
 use tokio::sync::watch;
 
 use super::{
-    format_rfc3339, read, segment_name, sha256_hex, Cause, Durability, Line, Record, Settings, Unavailable, ANCHOR,
-    GENESIS, HEAD,
+    format_rfc3339, read, segment_name, sha256_hex, Cause, Durability, Record, Settings, Unavailable, ANCHOR, GENESIS,
+    HEAD,
 };
 
 /// Size of the head file; written in place (one sector) with pwrite.
@@ -396,9 +396,7 @@ impl Core {
         for r in records {
             seq += 1;
             let start = buf.len();
-            let line =
-                Line { seq, prev: &hash, ts: &r.ts, event: &r.event, session: r.session.as_deref(), fields: &r.fields };
-            if let Err(e) = serde_json::to_writer(&mut buf, &line) {
+            if let Err(e) = r.write_line(seq, &hash, &mut buf) {
                 encoded = Err(e);
                 break;
             }

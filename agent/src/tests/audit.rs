@@ -305,3 +305,26 @@ async fn a_filesystem_below_space_left_is_said_once_in_the_chain() {
     assert!(said[0].fields["available_bytes"].as_u64().is_some());
     assert_eq!(verify(dir.path()).unwrap().records, 4);
 }
+
+#[test]
+fn records_serialise_once_and_a_key_added_again_replaces_the_value() {
+    let rec = Record::new("statement", Some("s\"1"))
+        .with("text", "select 1; -- \"quoted\" \u{2028}")
+        .with("stmt", 7)
+        .with("key:with:colons", vec![1, 2])
+        .with("stmt", 8)
+        .with("nested", serde_json::json!({"a": [true, null]}));
+    assert_eq!(rec.field("stmt"), Some(Value::from(8)));
+    assert_eq!(rec.field("key:with:colons"), Some(serde_json::json!([1, 2])));
+    assert_eq!(rec.field("absent"), None);
+    let mut line = Vec::new();
+    rec.write_line(3, GENESIS, &mut line).unwrap();
+    let back: Entry = serde_json::from_slice(&line).unwrap();
+    assert_eq!((back.seq, back.prev.as_str(), back.event.as_str()), (3, GENESIS, "statement"));
+    assert_eq!(back.session.as_deref(), Some("s\"1"));
+    assert_eq!(back.fields["text"], "select 1; -- \"quoted\" \u{2028}");
+    assert_eq!(back.fields["stmt"], 8);
+    assert_eq!(back.fields["nested"]["a"][1], Value::Null);
+    assert_eq!(back.fields.len(), 4, "stmt once: {back:?}");
+    assert_eq!(std::str::from_utf8(&line).unwrap().matches("\"stmt\"").count(), 1);
+}

@@ -1,12 +1,20 @@
 //! Unit tests for `sessions.rs`.
 use super::*;
+use crate::audit::Record;
+
+/// A record as `cordon sessions` reads it back from the log.
+fn entry(r: Record) -> Entry {
+    let mut line = Vec::new();
+    r.write_line(1, audit::GENESIS, &mut line).unwrap();
+    serde_json::from_slice(&line).unwrap()
+}
 
 #[test]
 fn pairs_open_and_close() {
     let recs = vec![
-        Record::new("open", Some("a-1")).with("workload", serde_json::json!({"cgroup": "ci/x", "pid": 5})),
-        Record::new("reject", None).with("reason", "unidentified").with("peer", "127.0.0.1:5"),
-        Record::new("close", Some("a-1")).with("outcome", "closed").with("bytes_up", 10),
+        entry(Record::new("open", Some("a-1")).with("workload", serde_json::json!({"cgroup": "ci/x", "pid": 5}))),
+        entry(Record::new("reject", None).with("reason", "unidentified").with("peer", "127.0.0.1:5")),
+        entry(Record::new("close", Some("a-1")).with("outcome", "closed").with("bytes_up", 10)),
     ];
     let s = assemble(&recs);
     assert_eq!(s.len(), 2);
