@@ -803,3 +803,31 @@ fn a_multiplexed_connection_runs_each_exec_on_its_own_channel() {
     assert_eq!(stmts.iter().filter(|r| r["text"].as_str().is_some_and(|t| t.starts_with("echo over"))).count(), 12);
     let _ = fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn output_made_binary_cannot_carry_secrets_past_the_masker() {
+    // The masker passes binary streams unread: a workload that puts a NUL
+    // or a byte that is not UTF-8 in front of secrets must not get them
+    // out in clear that way. A profile that masks blocks binary output
+    // unless it says `binary = "pass"`.
+    require_e2e!();
+    let s = setup("binary", "[profiles.ci.ssh]\ncommands = [\"cat /tmp/cordon-ssh-binary-*\"]");
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    let cards = "card 4111 1111 1111 1111\n".repeat(200);
+    cases.push(("nul", [b"header\n\0".as_slice(), cards.as_bytes()].concat()));
+    cases.push(("latin1", [b"caf\xe9\n".as_slice(), cards.as_bytes()].concat()));
+    cases.push(("late nul", [cards.as_bytes(), b"\0tail\n".as_slice(), cards.as_bytes()].concat()));
+    for (name, body) in cases {
+        let file = format!("/tmp/cordon-ssh-binary-{}-{}", name.replace(' ', "_"), std::process::id());
+        fs::write(&file, &body).expect("file");
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).expect("chmod");
+        let out = s.ssh(&format!("cat {file}"));
+        let _ = fs::remove_file(&file);
+        let seen = String::from_utf8_lossy(&out.stdout);
+        assert!(!seen.contains("4111 1111"), "{name}: a card got through in clear ({} bytes out)", out.stdout.len());
+        if name != "latin1" {
+            assert_eq!(out.status.code(), Some(126), "{name}: {}", stderr(&out));
+            assert!(stderr(&out).contains("not text"), "{name}: {}", stderr(&out));
+        }
+    }
+}
