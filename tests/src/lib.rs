@@ -209,7 +209,17 @@ impl Postgres {
         Self::start_with(hosts, port, true)
     }
 
+    /// Trust authentication, with TLS offered (not required): the
+    /// benchmarks' server, where one path measures TLS to the server.
+    pub fn start_tls_optional(hosts: &[&str], port: u16) -> Result<Self> {
+        Self::start_mode(hosts, port, false, true)
+    }
+
     fn start_with(hosts: &[&str], port: u16, secure: bool) -> Result<Self> {
+        Self::start_mode(hosts, port, secure, secure)
+    }
+
+    fn start_mode(hosts: &[&str], port: u16, secure: bool, tls: bool) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("cordon-pg-").tempdir()?;
         let (uid, gid) = postgres_user()?;
         nix::unistd::chown(dir.path(), Some(uid.into()), Some(gid.into()))?;
@@ -230,7 +240,7 @@ impl Postgres {
             dir.path().display()
         );
         let mut ca_file = None;
-        if secure {
+        if tls {
             let (ca_pem, cert_pem, key_pem) = server_certificates(hosts)?;
             let ca = dir.path().join("ca.crt");
             fs::write(&ca, ca_pem)?;
@@ -241,6 +251,9 @@ impl Postgres {
                 fs::set_permissions(data.join(f), std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
             }
             conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+            ca_file = Some(ca);
+        }
+        if secure {
             fs::write(
                 data.join("pg_hba.conf"),
                 "local all all trust\n\
@@ -251,7 +264,6 @@ impl Postgres {
                  host all all 0.0.0.0/0 reject\n\
                  host all all ::/0 reject\n",
             )?;
-            ca_file = Some(ca);
         }
         fs::OpenOptions::new()
             .append(true)

@@ -71,7 +71,7 @@ pub fn run(what: &str) -> Result<()> {
         return crate::bench_ssh::write(&s);
     }
     if what == "variants" {
-        let pg = Postgres::start(&["127.0.0.2"], cordon_tests::free_port())?;
+        let pg = Postgres::start_tls_optional(&["127.0.0.2"], cordon_tests::free_port())?;
         pgbench_init(&pg)?;
         let (s, _) = variants(&pg)?;
         println!("{s}");
@@ -116,8 +116,11 @@ fn install_pgbouncer() -> Result<()> {
 /// the cgroup `cg`, with `policy` (classify rules and the profile named
 /// `profile`) after the intercept.
 pub(crate) fn bench_agent(pg: &Postgres, cg: &Cgroup, profile: &str, policy: &str) -> Result<Agent> {
-    bench_agent_env(pg, cg, profile, policy, &[], "")
+    bench_agent_env(pg, cg, profile, policy, &[], "", NO_UPSTREAM_TLS)
 }
+
+/// The intercept's line for plain TCP to the bench server.
+const NO_UPSTREAM_TLS: &str = "upstream_tls = \"disable\"";
 
 /// As [`bench_agent`], with environment and `[agent]` settings.
 fn bench_agent_env(
@@ -127,10 +130,11 @@ fn bench_agent_env(
     policy: &str,
     env: &[(String, String)],
     agent_settings: &str,
+    upstream_tls: &str,
 ) -> Result<Agent> {
     let body = format!(
         "[[intercept]]\nname = \"{profile}\"\nprotocol = \"postgres\"\nport = {port}\ndestinations = [\"127.0.0.2/32\"]\n\
-         credentials = \"{profile}\"\nupstream_tls = \"disable\"\n{policy}\n[[tag]]\ncgroup = \"{cg}\"\nprofile = \"{profile}\"\n",
+         credentials = \"{profile}\"\n{upstream_tls}\n{policy}\n[[tag]]\ncgroup = \"{cg}\"\nprofile = \"{profile}\"\n",
         port = pg.port,
         cg = cg.rel,
     );
@@ -226,7 +230,8 @@ fn pgbench(cg: Option<&Cgroup>, host: &str, port: u16, args: &[&str]) -> Result<
 
 fn pg(report: &mut Report) -> Result<()> {
     say("starting PostgreSQL, pgbouncer and cordon for the PostgreSQL benchmarks");
-    let pg = Postgres::start(&["127.0.0.2"], cordon_tests::free_port())?;
+    // TLS offered, not required: one variant measures TLS to the server.
+    let pg = Postgres::start_tls_optional(&["127.0.0.2"], cordon_tests::free_port())?;
     pg.admin_sql("alter system set max_connections = 1200")?;
     restart_pg(&pg)?;
     pgbench_init(&pg)?;
@@ -403,9 +408,9 @@ fn ab() -> Result<()> {
             a
         } else if std::env::var(var).as_deref() == Ok("nomask") {
             // Every policy but no label: no rewrite, nothing masked.
-            bench_agent_env(&pg, &cg, "bench", "[profiles.bench]\n", &[], "")?
+            bench_agent_env(&pg, &cg, "bench", "[profiles.bench]\n", &[], "", NO_UPSTREAM_TLS)?
         } else {
-            bench_agent_env(&pg, &cg, "bench", policy, &env, &settings)?
+            bench_agent_env(&pg, &cg, "bench", policy, &env, &settings, NO_UPSTREAM_TLS)?
         };
         agents.push((cg, agent, std::env::var(var).unwrap_or_default()));
     }
@@ -629,18 +634,37 @@ fn variants(pg: &Postgres) -> Result<(String, f64)> {
     let base =
         "[[classify]]\ncolumn = \"*.public.pgbench_accounts.abalance\"\nlabel = \"confidential\"\n[profiles.bench]\n";
     // (label, policy, agent settings, client environment)
-    type Case<'a> = (&'a str, String, &'a str, &'a [(&'a str, &'a str)]);
-    let cases: [Case; 5] = [
-        ("as above (the bench policy)", base.to_string(), "", &[]),
-        ("no labels (nothing to mask or rewrite)", "[profiles.bench]\n".to_string(), "", &[]),
-        ("`record_results = true`", format!("{base}record_results = true\n"), "", &[]),
-        ("`audit_durability = \"statement\"`", base.to_string(), "audit_durability = \"statement\"\n", &[]),
-        ("TLS from the client to cordon (`sslmode=require`)", base.to_string(), "", &[("PGSSLMODE", "require")]),
+    type Case<'a> = (&'a str, String, &'a str, &'a [(&'a str, &'a str)], String);
+    let plain = || NO_UPSTREAM_TLS.to_string();
+    // TLS to the server: verified against the bench server's own CA.
+    let verified = match &pg.ca_file {
+        Some(ca) => format!("upstream_tls = \"verify-full\"\nupstream_ca = \"{}\"", ca.display()),
+        None => bail!("the bench server has no CA: start it with Postgres::start_tls_optional"),
+    };
+    let cases: [Case; 6] = [
+        ("as above (the bench policy)", base.to_string(), "", &[], plain()),
+        ("no labels (nothing to mask or rewrite)", "[profiles.bench]\n".to_string(), "", &[], plain()),
+        ("`record_results = true`", format!("{base}record_results = true\n"), "", &[], plain()),
+        ("`audit_durability = \"statement\"`", base.to_string(), "audit_durability = \"statement\"\n", &[], plain()),
+        (
+            "TLS from the client to cordon (`sslmode=require`)",
+            base.to_string(),
+            "",
+            &[("PGSSLMODE", "require")],
+            plain(),
+        ),
+        (
+            "TLS on both sides (client `sslmode=require`; cordon to PostgreSQL `verify-full`)",
+            base.to_string(),
+            "",
+            &[("PGSSLMODE", "require")],
+            verified,
+        ),
     ];
     let mut agents = Vec::new();
-    for (i, (label, policy, settings, env)) in cases.iter().enumerate() {
+    for (i, (label, policy, settings, env, upstream)) in cases.iter().enumerate() {
         let cg = Cgroup::create(&format!("cordon-var{i}-{}", std::process::id()))?;
-        let agent = bench_agent_env(pg, &cg, "bench", policy, &[], settings)?;
+        let agent = bench_agent_env(pg, &cg, "bench", policy, &[], settings, upstream)?;
         agents.push((cg, agent, *label, *env));
     }
     let mut s = String::from(
