@@ -200,13 +200,13 @@ pub const LEGACY_PASSWORD: &str = "legacy-Secret-0b8d4a6e";
 impl Postgres {
     /// Trust authentication: for tests of the transport, not of auth.
     pub fn start(hosts: &[&str], port: u16) -> Result<Self> {
-        Self::start_with(hosts, port, false)
+        Self::start_mode(hosts, port, false, false)
     }
 
     /// TLS required and SCRAM-SHA-256 (role `app`) or md5 (role `legacy`)
     /// for every TCP connection; trust only on the unix socket (admin).
     pub fn start_secure(hosts: &[&str], port: u16) -> Result<Self> {
-        Self::start_with(hosts, port, true)
+        Self::start_mode(hosts, port, true, true)
     }
 
     /// Trust authentication, with TLS offered (not required): the
@@ -215,10 +215,8 @@ impl Postgres {
         Self::start_mode(hosts, port, false, true)
     }
 
-    fn start_with(hosts: &[&str], port: u16, secure: bool) -> Result<Self> {
-        Self::start_mode(hosts, port, secure, secure)
-    }
-
+    /// `tls`: the server offers TLS; `secure`: it also requires TLS and
+    /// passwords on TCP.
     fn start_mode(hosts: &[&str], port: u16, secure: bool, tls: bool) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("cordon-pg-").tempdir()?;
         let (uid, gid) = postgres_user()?;

@@ -110,17 +110,13 @@ impl Cast {
     }
 
     pub fn output(&mut self, b: &[u8]) {
+        // Not text (a NUL, invalid UTF-8): counted from here, not recorded
+        // (and not scanned again once the stream is binary).
+        if self.binary.is_none() && (b.contains(&0) || std::str::from_utf8(b).is_err_and(|e| e.error_len().is_some())) {
+            self.binary();
+        }
         if let Some(n) = self.binary.as_mut() {
             *n += b.len() as u64;
-            return;
-        }
-        // Not text (a NUL, invalid UTF-8): counted from here, not recorded.
-        let text = !b.contains(&0) && std::str::from_utf8(b).map_or_else(|e| e.error_len().is_none(), |_| true);
-        if !text {
-            self.binary();
-            if let Some(n) = self.binary.as_mut() {
-                *n += b.len() as u64;
-            }
             return;
         }
         self.carry.extend_from_slice(b);
