@@ -763,16 +763,20 @@ fn a_multiplexed_connection_runs_each_exec_on_its_own_channel() {
         assert!(Instant::now() < deadline, "the master never answered on its socket");
         thread::sleep(Duration::from_millis(50));
     }
-    for i in 0..12 {
-        let out = s.ssh_cmd(&["-o", &path], &[&format!("echo over the master {i}")]).output().expect("ssh");
+    // One exec over the master that must succeed; its output.
+    let exec = |what: &str, command: &str| {
+        let out = s.ssh_cmd(&["-o", &path], &[command]).output().expect("ssh");
         assert!(
             out.status.success(),
-            "exec {i} over the master: {:?} {}\n{}",
+            "{what} over the master: {:?} {}\n{}",
             out.status,
             stderr(&out),
             s.agent.log_text()
         );
-        assert_eq!(stdout(&out), format!("over the master {i}"));
+        stdout(&out)
+    };
+    for i in 0..12 {
+        assert_eq!(exec(&format!("exec {i}"), &format!("echo over the master {i}")), format!("over the master {i}"));
         if i == 5 {
             // Idle for a while between commands, as a ControlPersist master is.
             thread::sleep(Duration::from_secs(3));
@@ -782,20 +786,12 @@ fn a_multiplexed_connection_runs_each_exec_on_its_own_channel() {
     // A command with no output: its exit status must still reach the
     // client before the channel closes (a mux client without one exits 255).
     for i in 0..30 {
-        let out = s.ssh_cmd(&["-o", &path], &["true"]).output().expect("ssh");
-        assert!(
-            out.status.success(),
-            "silent exec {i} over the master: {:?} {}\n{}",
-            out.status,
-            stderr(&out),
-            s.agent.log_text()
-        );
+        exec(&format!("silent exec {i}"), "true");
     }
     let out = s.ssh_cmd(&["-o", &path], &["echo $(id)"]).output().expect("ssh");
     assert!(!out.status.success() && stderr(&out).contains("cordon: refused"), "{}", stderr(&out));
     check("after a refusal");
-    let out = s.ssh_cmd(&["-o", &path], &["true"]).output().expect("ssh");
-    assert!(out.status.success(), "an allowed exec after a refusal: {}", stderr(&out));
+    exec("an allowed exec after a refusal", "true");
     let _ = s.ssh_cmd(&["-o", &path, "-O", "exit"], &[]).output();
     let opens = s.events("open");
     assert_eq!(opens.len(), 1, "one workload connection: {opens:?}");
