@@ -769,5 +769,6 @@ pub(super) fn running(admitted: Admitted) -> Running {
         notes: Arc::default(),
         noticed: false,
         approved: false,
+        read_masked_rows: 0,
     }
 }

@@ -128,6 +128,8 @@ struct Running {
     /// Released by an approval: its results are classified with the
     /// approved profile (labels sent for approval read in clear).
     approved: bool,
+    /// Rows passed under `described` not yet counted for mask at read.
+    read_masked_rows: u64,
 }
 
 enum Req {
@@ -368,7 +370,8 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
     let open: Vec<Req> = t.queue.drain(..).collect();
     for r in open {
         match r {
-            Req::Exec(run) | Req::Simple(run) | Req::Func(run) => {
+            Req::Exec(mut run) | Req::Simple(mut run) | Req::Func(mut run) => {
+                server::settle_read_masked(&mut run);
                 let mut o = run.outcome;
                 o.skipped = o.tags.is_empty() && o.error.is_none();
                 t.pipeline.finish(&run.admitted, &o);
@@ -427,11 +430,18 @@ fn credential(ctx: &Ctx) -> Option<Credential> {
 
 fn take_frames(reader: &mut FrameReader) -> (Vec<Frame>, Option<FrameError>) {
     let mut frames = Vec::new();
+    let err = take_frames_into(reader, &mut frames);
+    (frames, err)
+}
+
+/// Every complete frame buffered, appended to `frames` (a vector reused
+/// batch after batch where results stream).
+fn take_frames_into(reader: &mut FrameReader, frames: &mut Vec<Frame>) -> Option<FrameError> {
     loop {
         match reader.next_frame() {
             Ok(Some(f)) => frames.push(f),
-            Ok(None) => return (frames, None),
-            Err(e) => return (frames, Some(e)),
+            Ok(None) => return None,
+            Err(e) => return Some(e),
         }
     }
 }
@@ -465,7 +475,8 @@ fn head_id(t: &Tracker) -> u64 {
     }
 }
 
-fn finish_run(t: &mut Tracker, run: &Running) {
+fn finish_run(t: &mut Tracker, mut run: Box<Running>) {
+    server::settle_read_masked(&mut run);
     t.pipeline.finish(&run.admitted, &run.outcome);
 }
 

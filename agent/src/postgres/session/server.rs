@@ -15,8 +15,10 @@ pub(super) async fn server_to_client(
 ) -> Result<()> {
     let mut out = BytesMut::with_capacity(64 * 1024);
     let mut eof = false;
+    let mut frames = Vec::new();
     loop {
-        let (frames, err) = take_frames(&mut reader);
+        frames.clear();
+        let err = take_frames_into(&mut reader, &mut frames);
         if let Some(e) = err {
             // What was framed before it is not delivered (it may be part of
             // a result cordon could not see whole); the client is told why.
@@ -333,6 +335,9 @@ pub(super) fn on_server_frame_inner(
                 Some(Req::Simple(_)) => {
                     let id = head_id(t);
                     if let Some(run) = current_run(t) {
+                        // Rows of an earlier result of the same query are
+                        // counted against its own description.
+                        settle_read_masked(run);
                         run.binary = described.fields.iter().map(|f| f.binary).collect();
                         if let Some(d) = described.plan.deny.clone() {
                             run.refused = Some(d);
@@ -349,78 +354,17 @@ pub(super) fn on_server_frame_inner(
             }
         }
         b'D' => {
-            let id = head_id(t);
-            let record = t.pipeline.wants_rows();
             resolve_portal_description(t);
-            let Some(run) = current_run(t) else {
-                // A row cordon cannot attribute to a statement: the books are
-                // out of step with the server. Never pass it on unread.
-                t.desync = true;
-                return;
-            };
-            run.outcome.rows = run.outcome.rows.saturating_add(1);
-            let Some(described) = run.described.clone() else {
-                // Rows with no description at all (the client never asked
-                // for one): cordon cannot classify them, so they do not pass.
-                run.refused = Some(Denied::policy(
-                    "classification",
-                    "result rows arrived without a row description; describe the statement or portal",
-                ));
-                swallow_start(t);
-                return;
-            };
-            if let Some(d) = described.plan.deny.clone() {
-                run.refused = Some(d);
-                swallow_start(t);
-                return;
-            }
-            let columns = Body::new(f.body()).i16().unwrap_or(-1);
-            if usize::try_from(columns).ok() != Some(described.fields.len()) {
-                run.refused = Some(Denied::policy("classification", "a result row does not match its row description"));
-                swallow_start(t);
-                return;
-            }
-            // Taken and put back, not cloned: this runs once per row.
-            let binary = std::mem::take(&mut run.binary);
-            let mut counts = std::mem::take(&mut run.outcome.masked);
-            // Values PostgreSQL masked as it read them (mask at read): a
-            // result column computed from a masked one, by name.
-            for m in &run.notes.masked {
-                let col = m.split('/').next().unwrap_or_default();
-                if described.fields.iter().any(|f| f.table_oid == 0 && f.name == col) {
-                    match counts.get_mut(m) {
-                        Some(n) => *n += 1,
-                        None => {
-                            counts.insert(m.clone(), 1);
-                        }
-                    }
-                }
-            }
-            let rewritten = if described.plan.active() {
-                mask_row(f.body(), &described, &binary, &t.gov, &mut counts, &mut t.row_values)
-            } else {
-                Ok(None)
-            };
-            if let Some(run) = current_run(t) {
-                run.outcome.masked = counts;
-                run.binary = binary;
-            }
-            let bytes = match rewritten {
-                Ok(Some(b)) => b,
-                Ok(None) => f.bytes.clone(),
-                Err(e) => {
+            match data_row(t, f, out) {
+                Ok(()) => {}
+                Err(None) => t.desync = true,
+                Err(Some(refused)) => {
                     if let Some(run) = current_run(t) {
-                        run.refused = Some(Denied::policy("mask", e));
+                        run.refused = Some(refused);
                     }
                     swallow_start(t);
-                    return;
                 }
-            };
-            if record {
-                let values = wire::data_row(bytes.get(5..).unwrap_or_default());
-                t.pipeline.row(id, &values);
             }
-            out.extend_from_slice(&bytes);
             return;
         }
         b'H' => {
@@ -471,7 +415,7 @@ pub(super) fn on_server_frame_inner(
             }
             if !simple {
                 if let Some(Req::Exec(run)) = t.queue.pop_front() {
-                    finish_run(t, &run);
+                    finish_run(t, run);
                 }
             }
         }
@@ -493,7 +437,7 @@ pub(super) fn on_server_frame_inner(
                 // commit) leaves the Sync for its ReadyForQuery.
                 if !matches!(t.queue.front(), Some(Req::Sync) | None) {
                     if let Some(Req::Exec(run)) = t.queue.pop_front() {
-                        finish_run(t, &run);
+                        finish_run(t, run);
                     }
                     skip_to_sync(t);
                 }
@@ -544,7 +488,7 @@ pub(super) fn ready(t: &mut Tracker, out: &mut BytesMut) {
                 if let Some(d) = run.refused.take() {
                     run.outcome.denied = Some(d);
                 }
-                finish_run(t, &run);
+                finish_run(t, run);
             }
         }
         _ => loop {
@@ -553,7 +497,7 @@ pub(super) fn ready(t: &mut Tracker, out: &mut BytesMut) {
                 Some(Req::Exec(mut run)) => {
                     run.outcome.skipped =
                         run.outcome.tags.is_empty() && run.outcome.error.is_none() && !run.outcome.suspended;
-                    finish_run(t, &run);
+                    finish_run(t, run);
                 }
                 Some(Req::Denied { admitted, denied, .. }) => {
                     t.pipeline.finish(&admitted, &Outcome { denied: Some(denied), ..Outcome::default() });
@@ -587,7 +531,7 @@ pub(super) fn swallow(t: &mut Tracker, f: &Frame, out: &mut BytesMut) {
                         refuse(out, &d);
                         run.outcome.denied = Some(d);
                     }
-                    finish_run(t, &run);
+                    finish_run(t, run);
                 }
             }
         }
@@ -619,12 +563,82 @@ pub(super) fn skip_to_sync(t: &mut Tracker) {
         match t.queue.pop_front() {
             Some(Req::Exec(mut run)) => {
                 run.outcome.skipped = true;
-                finish_run(t, &run);
+                finish_run(t, run);
             }
             Some(Req::Denied { admitted, denied, .. }) => {
                 t.pipeline.finish(&admitted, &Outcome { denied: Some(denied), ..Outcome::default() });
             }
             _ => {}
+        }
+    }
+}
+
+/// One DataRow of the statement at the head: checked against its
+/// description, masked, recorded if asked, and copied out. Err(None): a row
+/// cordon cannot attribute to a statement; Err(Some): the result is refused.
+/// This runs once per row: it borrows what it needs from the tracker and
+/// allocates nothing for a row that passes unchanged.
+fn data_row(t: &mut Tracker, f: &Frame, out: &mut BytesMut) -> std::result::Result<(), Option<Denied>> {
+    let Tracker { queue, gov, row_values, pipeline, .. } = t;
+    let Some(Req::Exec(run) | Req::Simple(run) | Req::Func(run)) = queue.front_mut() else {
+        // The books are out of step with the server. Never pass it on unread.
+        return Err(None);
+    };
+    let run: &mut Running = run;
+    run.outcome.rows = run.outcome.rows.saturating_add(1);
+    let Some(described) = run.described.as_deref() else {
+        // Rows with no description at all (the client never asked for one):
+        // cordon cannot classify them, so they do not pass.
+        return Err(Some(Denied::policy(
+            "classification",
+            "result rows arrived without a row description; describe the statement or portal",
+        )));
+    };
+    if let Some(d) = &described.plan.deny {
+        return Err(Some(d.clone()));
+    }
+    let columns = Body::new(f.body()).i16().unwrap_or(-1);
+    if usize::try_from(columns).ok() != Some(described.fields.len()) {
+        return Err(Some(Denied::policy("classification", "a result row does not match its row description")));
+    }
+    // Counted per description, not per row (see `settle_read_masked`).
+    run.read_masked_rows += 1;
+    let rewritten = if described.plan.active() {
+        mask_row(f.body(), described, &run.binary, gov, &mut run.outcome.masked, row_values)
+    } else {
+        Ok(None)
+    };
+    // An unchanged row is copied out from the frame as it came.
+    let bytes: &[u8] = match &rewritten {
+        Ok(Some(b)) => b,
+        Ok(None) => &f.bytes,
+        Err(e) => return Err(Some(Denied::policy("mask", e.clone()))),
+    };
+    if pipeline.wants_rows() {
+        pipeline.row(run.admitted.id, &wire::data_row(bytes.get(5..).unwrap_or_default()));
+    }
+    out.extend_from_slice(bytes);
+    Ok(())
+}
+
+/// Values PostgreSQL masked as it read them (mask at read) are counted for
+/// every result column computed from a masked one, by name: once per
+/// description for the rows that passed under it, not per row.
+pub(super) fn settle_read_masked(run: &mut Running) {
+    let rows = std::mem::take(&mut run.read_masked_rows);
+    let Some(described) = run.described.as_deref() else { return };
+    if rows == 0 {
+        return;
+    }
+    for m in &run.notes.masked {
+        let col = m.split('/').next().unwrap_or_default();
+        if described.fields.iter().any(|f| f.table_oid == 0 && f.name == col) {
+            match run.outcome.masked.get_mut(m) {
+                Some(n) => *n += rows,
+                None => {
+                    run.outcome.masked.insert(m.clone(), rows);
+                }
+            }
         }
     }
 }
