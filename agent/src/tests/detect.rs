@@ -160,3 +160,16 @@ fn never_panics_on_odd_input() {
         let _ = scan(s, Context::default());
     }
 }
+
+#[test]
+fn the_census_counts_across_its_chunks() {
+    // The census counts in chunks of 255 bytes: a number whose digits
+    // straddle a chunk boundary, or lie far into a long value, still fires.
+    for pad in [0usize, 248, 251, 254, 255, 256, 600] {
+        let v = format!("{}123-45-6789 and 4111 1111 1111 1111", "x ".repeat(pad / 2) + &" ".repeat(pad % 2));
+        let kinds: Vec<Kind> = scan(&v, Context::default()).iter().map(|f| f.kind).collect();
+        assert_eq!(kinds, [Kind::Ssn, Kind::Card], "pad {pad}: {v}");
+    }
+    let v = format!("{}AKIA2E0A8F3B244C9986 {}", "word ".repeat(60), "b".repeat(300));
+    assert_eq!(scan(&v, Context::default()).first().map(|f| f.kind), Some(Kind::AwsKey));
+}
