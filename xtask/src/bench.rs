@@ -138,7 +138,9 @@ fn bench_agent_env(
         port = pg.port,
         cg = cg.rel,
     );
-    std::env::set_var("CORDON_BIN", release_bin());
+    // `CORDON_BIN=…` among the settings runs another build (A/B of builds).
+    let bin = env.iter().find(|(k, _)| k == "CORDON_BIN").map_or_else(release_bin, |(_, v)| PathBuf::from(v));
+    std::env::set_var("CORDON_BIN", bin);
     let mut agent = Agent::new_with(&body, agent_settings)?;
     agent.env = env.to_vec();
     std::fs::write(
