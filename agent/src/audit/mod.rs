@@ -310,7 +310,10 @@ impl fmt::Display for Unavailable {
 impl std::error::Error for Unavailable {}
 
 fn sha256_hex(line: &[u8]) -> String {
-    hex::encode(Sha256::digest(line))
+    let mut hex = [0u8; 64];
+    // Cannot fail: 32 bytes always fit 64 hex digits.
+    let _ = hex::encode_to_slice(Sha256::digest(line), &mut hex);
+    hex.iter().map(|&c| char::from(c)).collect()
 }
 
 fn segment_name(first_seq: u64) -> String {

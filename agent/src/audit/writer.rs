@@ -365,22 +365,23 @@ impl Core {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         let mut seq = self.seq;
-        let mut hash = self.hash.clone();
-        let mut lines: Vec<(u64, String)> = Vec::new();
+        let mut lines: Vec<(u64, String)> = Vec::with_capacity(self.lazy.len() + 1);
         let records = self.lazy.iter().chain(clock.as_ref()).chain(extra);
         let mut encoded = Ok(());
         for r in records {
             seq += 1;
             let start = buf.len();
-            if let Err(e) = r.write_line(seq, &hash, &mut buf) {
+            // Each record links to the hash of the line before it.
+            let prev = lines.last().map_or(&self.hash, |(_, h)| h);
+            if let Err(e) = r.write_line(seq, prev, &mut buf) {
                 encoded = Err(e);
                 break;
             }
             let h = sha256_hex(buf.get(start..).unwrap_or_default());
             buf.push(b'\n');
-            lines.push((seq, h.clone()));
-            hash = h;
+            lines.push((seq, h));
         }
+        let hash = lines.last().map_or_else(|| self.hash.clone(), |(_, h)| h.clone());
         let result = match encoded {
             Err(e) => Err(Unavailable::new(Cause::Io, format!("encoding an audit record: {e}"), dir)),
             Ok(()) => self.write_bytes(&buf, dir),

@@ -139,9 +139,9 @@ pub fn analyse_parsed(parsed: &pg_query::protobuf::ParseResult) -> Vec<StmtFacts
 /// scanner rejects has none (it is refused as a parse error anyway).
 pub fn literals(sql: &str) -> Vec<Literal> {
     use pg_query::protobuf::Token;
-    let Ok(scan) = pg_query::scan(sql) else { return Vec::new() };
+    let Ok(tokens) = pg_query::scan_tokens(sql) else { return Vec::new() };
     let mut out = Vec::new();
-    for t in scan.tokens {
+    for t in tokens {
         let kind = Token::try_from(t.token).ok();
         let string = matches!(kind, Some(Token::Sconst | Token::Usconst));
         let number = matches!(kind, Some(Token::Iconst | Token::Fconst | Token::Bconst | Token::Xconst));

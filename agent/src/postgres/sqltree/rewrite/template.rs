@@ -228,8 +228,8 @@ pub fn build(stmt: &Node, version: i32, shape: &Shape, r: &dyn Resolve) -> Resul
     let Ok(rewritten) = super::rewrite_statement(&holed, version, r) else { return Ok(None) };
     let mut holes = Vec::new();
     if let Some(text) = &rewritten.text {
-        let Ok(scan) = pg_query::scan(text) else { return Ok(None) };
-        for t in scan.tokens {
+        let Ok(tokens) = pg_query::scan_tokens(text) else { return Ok(None) };
+        for t in tokens {
             if pb::Token::try_from(t.token) != Ok(pb::Token::Param) {
                 continue;
             }
