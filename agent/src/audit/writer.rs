@@ -20,7 +20,7 @@ use std::{
     collections::VecDeque,
     fs::{self, File, OpenOptions},
     io::Write,
-    os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt},
+    os::unix::fs::{FileExt, OpenOptionsExt},
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -416,8 +416,10 @@ impl Core {
         // Every write checks that its segment is still linked (an fstat, ~1 % of
         // the agent's CPU under pgbench): a record is never committed into a
         // file that a removed directory took with it.
-        let linked = written.and_then(|()| match file.metadata() {
-            Ok(m) if m.nlink() == 0 => Err(Unavailable::new(
+        // fstat(2), not std's metadata() (statx with a path lookup): this
+        // runs once per statement.
+        let linked = written.and_then(|()| match nix::sys::stat::fstat(&*file).map_err(std::io::Error::from) {
+            Ok(m) if m.st_nlink == 0 => Err(Unavailable::new(
                 Cause::DirectoryMissing,
                 format!("{} was removed while cordon was writing it", path.display()),
                 dir,
