@@ -80,6 +80,20 @@ pub fn run(what: &str) -> Result<()> {
     if what == "large" {
         return large_only();
     }
+    if what == "machine" {
+        // The whole machine's CPU per transaction, per path, alone.
+        let pg = Postgres::start(&["127.0.0.2"], cordon_tests::free_port())?;
+        pg.admin_sql("alter system set max_connections = 300")?;
+        restart_pg(&pg)?;
+        pgbench_init(&pg)?;
+        let bouncer = Bouncer::start(pg.port)?;
+        let cg = Cgroup::create(&format!("cordon-bench-machine-{}", std::process::id()))?;
+        // CORDON_BENCH_NOMASK=1: every policy but no label (no rewrite).
+        let policy = if std::env::var_os("CORDON_BENCH_NOMASK").is_some() { "[profiles.bench]\n" } else { BIG_POLICY };
+        let _agent = bench_agent(&pg, &cg, "bench", policy)?;
+        println!("{}", machine_profile(&pg, &cg, &bouncer)?);
+        return Ok(());
+    }
     if what == "scale" {
         let pg = Postgres::start(&["127.0.0.2"], cordon_tests::free_port())?;
         scale(&mut report, &pg)?;
@@ -630,6 +644,7 @@ fn pgbench_section(report: &mut Report, pg: &Postgres, bouncer: &Bouncer, cg: &C
     s.push_str(&section);
     if !report.misses.is_empty() {
         s.push_str(&profile_agent(agent, cg, pg, relay_cpu_us)?);
+        s.push_str(&machine_profile(pg, cg, bouncer)?);
     }
     report.sections.push(s);
     Ok(())
@@ -740,6 +755,107 @@ fn variants(pg: &Postgres) -> Result<(String, f64)> {
 /// these machines and async frames need unwinding), each sample put in the
 /// first bucket any of its frames matches, then scaled by the agent's
 /// measured CPU per transaction.
+/// The whole machine's CPU per transaction, by process, for each path
+/// (`perf record -a` during `pgbench -S -M simple -c 8`): what the extra hop
+/// costs PostgreSQL and pgbench, not only the proxy, and how much of the
+/// difference is the proxy's own.
+fn machine_profile(pg: &Postgres, cg: &Cgroup, bouncer: &Bouncer) -> Result<String> {
+    say("profiling the whole machine under pgbench -S -M simple -c 8 (perf -a), per path");
+    let relay_cg = Cgroup::create(&format!("cordon-mrelay-{}", std::process::id()))?;
+    let _relay = relay_agent(pg, &relay_cg)?;
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64;
+    let groups = ["PostgreSQL", "pgbench", "the proxy", "kernel threads (softirq, writeback, journal)", "idle"];
+    let mut columns: Vec<(&str, f64, Vec<f64>)> = Vec::new();
+    let args = ["-S", "-M", "simple", "-T", "4", "-c", "8", "-j", "2"];
+    for (label, path) in [("direct", 0), ("byte relay", 1), ("pgbouncer", 2), ("cordon", 3)] {
+        let data = std::env::temp_dir().join(format!("cordon-machine-{}-{path}.data", std::process::id()));
+        let Ok(mut perf) = Command::new("perf")
+            .args(["record", "-a", "-e", "cpu-clock", "-F", "499", "-o"])
+            .arg(&data)
+            .args(["--", "sleep", "4"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+        else {
+            return Ok("\nNo machine profile: `perf` could not be started here.\n".into());
+        };
+        let tps = match path {
+            0 => pgbench(None, "127.0.0.2", pg.port, &args)?.0,
+            1 => pgbench(Some(&relay_cg), "127.0.0.2", pg.port, &args)?.0,
+            2 => pgbench(None, "127.0.0.3", bouncer.port, &args)?.0,
+            _ => pgbench(Some(cg), "127.0.0.2", pg.port, &args)?.0,
+        };
+        let _ = perf.wait();
+        let out = Command::new("perf")
+            .args(["report", "--stdio", "--sort", "comm", "--percent-limit", "0", "-i"])
+            .arg(&data)
+            .output()?;
+        let _ = std::fs::remove_file(&data);
+        let mut shares = vec![0.0; groups.len()];
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let mut f = line.split_whitespace();
+            let (Some(pct), Some(comm)) = (f.next(), f.next()) else { continue };
+            let Some(pct) = pct.strip_suffix('%').and_then(|p| p.parse::<f64>().ok()) else { continue };
+            let g = match comm {
+                "postgres" => 0,
+                "pgbench" => 1,
+                c if c.starts_with("tokio-rt") || c.starts_with("cordon") || c == "pgbouncer" => 2,
+                c if c.starts_with("swapper") => 4,
+                _ => 3,
+            };
+            if let Some(v) = shares.get_mut(g) {
+                *v += pct / 100.0;
+            }
+        }
+        // Every CPU for 4 s, shared out per transaction.
+        let per_tx = cpus * 4.0 * 1e6 / (tps * 4.0).max(1.0);
+        columns.push((label, tps, shares.iter().map(|sh| sh * per_tx).collect()));
+    }
+    let mut s = format!(
+        "\n### Where the machine's time goes, per path\n\n`perf record -a -e cpu-clock` during `pgbench -S -M simple -c 8 -j 2 -T 4` \
+         on each path in turn: all {cpus:.0} CPUs' time per transaction, by process (perf itself is counted with the kernel threads). \
+         With 8 clients the machine is CPU-bound, so a path's TPS is the inverse of its column's total.\n\n| process |"
+    );
+    for (label, tps, _) in &columns {
+        let _ = write!(s, " {label} ({tps:.0} TPS) |");
+    }
+    s.push_str("\n|---|");
+    for _ in &columns {
+        s.push_str("---|");
+    }
+    s.push('\n');
+    for (g, name) in groups.iter().enumerate() {
+        let _ = write!(s, "| {name} |");
+        for (_, _, v) in &columns {
+            let _ = write!(s, " {:.1} µs |", v.get(g).copied().unwrap_or(0.0));
+        }
+        s.push('\n');
+    }
+    let total = |v: &[f64]| v.iter().sum::<f64>();
+    let busy = |v: &[f64]| total(v) - v.get(4).copied().unwrap_or(0.0);
+    s.push_str("| **busy, all processes** |");
+    for (_, _, v) in &columns {
+        let _ = write!(s, " **{:.1} µs** |", busy(v));
+    }
+    s.push('\n');
+    if let (Some((_, _, d)), Some((_, _, r)), Some((_, _, c))) = (columns.first(), columns.get(1), columns.get(3)) {
+        let proxy = |v: &[f64]| v.get(2).copied().unwrap_or(0.0);
+        let _ = writeln!(
+            s,
+            "\nAgainst direct, cordon costs the machine {:.1} µs more per transaction: {:.1} µs in the agent itself and \
+             {:.1} µs in PostgreSQL, pgbench and the kernel (the extra hop's sockets and wake-ups, on the two cores they share). \
+             The byte relay costs {:.1} µs more, {:.1} µs of it in the relay. cordon's own work beyond the relay: {:.1} µs.",
+            busy(c) - busy(d),
+            proxy(c),
+            busy(c) - busy(d) - proxy(c),
+            busy(r) - busy(d),
+            proxy(r),
+            proxy(c) - proxy(r),
+        );
+    }
+    Ok(s)
+}
+
 fn profile_agent(agent: &Agent, cg: &Cgroup, pg: &Postgres, relay_cpu_us: f64) -> Result<String> {
     let Some(pid) = agent.pid() else { return Ok(String::new()) };
     say("profiling the agent under pgbench -S -M simple -c 8 (perf, cpu-clock, DWARF call graphs)");
