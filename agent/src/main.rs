@@ -161,12 +161,6 @@ enum AuditCmd {
     },
 }
 
-/// mimalloc rather than glibc's malloc: a statement's life allocates small
-/// objects on one worker and frees them on another, where glibc's arenas
-/// cost about 8 % of the agent's CPU under pgbench (see BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() {
     let cli = Cli::parse();
     let code = match dispatch(cli) {
