@@ -999,6 +999,45 @@ fn large_only() -> Result<()> {
     pg.admin_sql(BIG_TABLE)?;
     let cg = Cgroup::create(&format!("cordon-bench-large-{}", std::process::id()))?;
     let agent = bench_agent(&pg, &cg, "bench", BIG_POLICY)?;
+    // CORDON_LARGE_B=<binary>: that build against this one, interleaved.
+    if let Some(b) = std::env::var_os("CORDON_LARGE_B") {
+        let cg_b = Cgroup::create(&format!("cordon-bench-large-b-{}", std::process::id()))?;
+        let env = [("CORDON_BIN".to_string(), b.to_string_lossy().into_owned())];
+        let agent_b = bench_agent_env(&pg, &cg_b, "bench", BIG_POLICY, &env, "", NO_UPSTREAM_TLS)?;
+        let sql = "select id, email, note from big";
+        let (mut a, mut bb, mut ca, mut cb) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..5 {
+            let before = agent.pid().map(cpu_seconds).unwrap_or(0.0);
+            a.push(time_psql(Some(&cg), "127.0.0.2", pg.port, sql)?.0);
+            ca.push(agent.pid().map(cpu_seconds).unwrap_or(0.0) - before);
+            let before = agent_b.pid().map(cpu_seconds).unwrap_or(0.0);
+            bb.push(time_psql(Some(&cg_b), "127.0.0.2", pg.port, sql)?.0);
+            cb.push(agent_b.pid().map(cpu_seconds).unwrap_or(0.0) - before);
+        }
+        // The agents' system calls and context switches over one more run each.
+        for (label, ag, g) in [("this build", &agent, &cg), ("B", &agent_b, &cg_b)] {
+            let Some(pid) = ag.pid() else { continue };
+            let stat = Command::new("perf")
+                .args(["stat", "-e", "syscalls:sys_enter_recvfrom,syscalls:sys_enter_sendto,syscalls:sys_enter_read,syscalls:sys_enter_write,context-switches", "-p", &pid.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()?;
+            std::thread::sleep(Duration::from_millis(300));
+            time_psql(Some(g), "127.0.0.2", pg.port, sql)?;
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(stat.id() as i32, libc::SIGINT) };
+            let out = stat.wait_with_output()?;
+            println!("{label}:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        println!(
+            "this build: {} s (CPU {:.3} s) | B: {} s (CPU {:.3} s)",
+            fmt_stats(&stats(&a), 3),
+            stats(&ca).median,
+            fmt_stats(&stats(&bb), 3),
+            stats(&cb).median
+        );
+        return Ok(());
+    }
     let bouncer = Bouncer::start(pg.port)?;
     let mut report = Report::default();
     large_result(&mut report, &pg, &cg, &agent, &bouncer)?;
