@@ -15,6 +15,12 @@ mod util;
 use anyhow::{bail, Result};
 
 fn main() {
+    // `cargo xtask` runs us with CARGO_MANIFEST_DIR set to xtask's folder, and
+    // every cargo we start would inherit it: ring's build script watches that
+    // variable, so each switch between `cargo xtask …` and a plain `cargo
+    // build` rebuilt ring, rustls and everything above them. Nothing here
+    // reads it at run time (paths come from env! at compile time).
+    std::env::remove_var("CARGO_MANIFEST_DIR");
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("setup") => setup::run(),
