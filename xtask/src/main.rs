@@ -15,12 +15,23 @@ mod util;
 use anyhow::{bail, Result};
 
 fn main() {
-    // `cargo xtask` runs us with CARGO_MANIFEST_DIR set to xtask's folder, and
-    // every cargo we start would inherit it: ring's build script watches that
-    // variable, so each switch between `cargo xtask …` and a plain `cargo
-    // build` rebuilt ring, rustls and everything above them. Nothing here
-    // reads it at run time (paths come from env! at compile time).
-    std::env::remove_var("CARGO_MANIFEST_DIR");
+    // `cargo xtask` runs us with xtask's own package variables set
+    // (CARGO_MANIFEST_DIR, CARGO_PKG_NAME, …), and every cargo we start would
+    // inherit them: ring's build script watches them, so each switch between
+    // `cargo xtask …` and a plain `cargo build` rebuilt ring, rustls and
+    // everything above them. Nothing here reads them at run time (paths come
+    // from env! at compile time). CARGO, CARGO_HOME and the like stay.
+    let package_vars: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| {
+            k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_MANIFEST_")
+                || matches!(k.as_str(), "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE")
+        })
+        .collect();
+    for k in package_vars {
+        std::env::remove_var(k);
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("setup") => setup::run(),
