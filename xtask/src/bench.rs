@@ -493,11 +493,9 @@ fn ab() -> Result<()> {
             for _ in 0..REPS {
                 runs[0].push(pgbench(None, "127.0.0.2", pg.port, &args)?.0);
                 for (i, (cg, agent, _)) in agents.iter().enumerate() {
-                    let before = agent.pid().map(cpu_seconds).unwrap_or(0.0);
-                    let tps = pgbench(Some(cg), "127.0.0.2", pg.port, &args)?.0;
-                    let after = agent.pid().map(cpu_seconds).unwrap_or(0.0);
+                    let (tps, us) = pgbench_cpu(agent.pid(), || Ok(pgbench(Some(cg), "127.0.0.2", pg.port, &args)?.0))?;
                     runs[i + 1].push(tps);
-                    cpu[i].push((after - before) * 1e6 / (tps * PGBENCH_SECONDS as f64).max(1.0));
+                    cpu[i].push(us);
                 }
             }
             let direct = stats(&runs[0]).median;
@@ -511,6 +509,20 @@ fn ab() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What `run` returns, and the CPU seconds the process `pid` used while it
+/// ran (0 without a pid).
+fn cpu_during<T>(pid: Option<u32>, run: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
+    let before = pid.map(cpu_seconds).unwrap_or(0.0);
+    let out = run()?;
+    Ok((out, pid.map(cpu_seconds).unwrap_or(0.0) - before))
+}
+
+/// A pgbench run's TPS and the process `pid`'s CPU µs per transaction.
+fn pgbench_cpu(pid: Option<u32>, run: impl FnOnce() -> Result<f64>) -> Result<(f64, f64)> {
+    let (tps, used) = cpu_during(pid, run)?;
+    Ok((tps, used * 1e6 / (tps * PGBENCH_SECONDS as f64).max(1.0)))
 }
 
 /// CPU seconds (user + system) a process has used so far.
@@ -595,19 +607,13 @@ fn pgbench_section(report: &mut Report, pg: &Postgres, bouncer: &Bouncer, cg: &C
             let threads = clients.min(2).to_string();
             let args = ["-S", "-M", protocol, "-T", &secs, "-c", &cl, "-j", &threads];
             let (mut c_cpu, mut b_cpu) = (Vec::new(), Vec::new());
-            let per_tx = |pid: Option<u32>, run: &mut dyn FnMut() -> Result<f64>| -> Result<(f64, f64)> {
-                let before = pid.map(cpu_seconds).unwrap_or(0.0);
-                let tps = run()?;
-                let used = pid.map(cpu_seconds).unwrap_or(0.0) - before;
-                Ok((tps, used * 1e6 / (tps * PGBENCH_SECONDS as f64).max(1.0)))
-            };
             for _ in 0..REPS {
                 d.push(pgbench(None, "127.0.0.2", pg.port, &args)?.0);
-                let (tps, cpu) = per_tx(agent.pid(), &mut || Ok(pgbench(Some(cg), "127.0.0.2", pg.port, &args)?.0))?;
+                let (tps, cpu) = pgbench_cpu(agent.pid(), || Ok(pgbench(Some(cg), "127.0.0.2", pg.port, &args)?.0))?;
                 c.push(tps);
                 c_cpu.push(cpu);
                 let (tps, cpu) =
-                    per_tx(Some(bouncer.child.id()), &mut || Ok(pgbench(None, "127.0.0.3", bouncer.port, &args)?.0))?;
+                    pgbench_cpu(Some(bouncer.child.id()), || Ok(pgbench(None, "127.0.0.3", bouncer.port, &args)?.0))?;
                 b.push(tps);
                 b_cpu.push(cpu);
             }
@@ -711,11 +717,8 @@ fn variants(pg: &Postgres) -> Result<(String, f64)> {
         let mut relay_cpu = Vec::new();
         for _ in 0..REPS {
             direct.push(pgbench(None, "127.0.0.2", pg.port, &args)?.0);
-            let before = relay.pid().map(cpu_seconds).unwrap_or(0.0);
-            let tps = pgbench(Some(&relay_cg), "127.0.0.2", pg.port, &args)?.0;
-            relay_cpu.push(
-                (relay.pid().map(cpu_seconds).unwrap_or(0.0) - before) * 1e6 / (tps * PGBENCH_SECONDS as f64).max(1.0),
-            );
+            let (tps, us) = pgbench_cpu(relay.pid(), || Ok(pgbench(Some(&relay_cg), "127.0.0.2", pg.port, &args)?.0))?;
+            relay_cpu.push(us);
             relayed.push(tps);
             for (i, (cg, _, _, env)) in agents.iter().enumerate() {
                 for (key, v) in env.iter() {
@@ -750,11 +753,6 @@ fn variants(pg: &Postgres) -> Result<(String, f64)> {
     Ok((s, relay_cpu_us[1]))
 }
 
-/// Where the agent's time goes under pgbench load: perf (cpu-clock samples
-/// with DWARF call graphs, since hardware counters are not available on
-/// these machines and async frames need unwinding), each sample put in the
-/// first bucket any of its frames matches, then scaled by the agent's
-/// measured CPU per transaction.
 /// The whole machine's CPU per transaction, by process, for each path
 /// (`perf record -a` during `pgbench -S -M simple -c 8`): what the extra hop
 /// costs PostgreSQL and pgbench, not only the proxy, and how much of the
@@ -868,6 +866,11 @@ fn machine_profile(pg: &Postgres, cg: &Cgroup, bouncer: &Bouncer) -> Result<Stri
     Ok(s)
 }
 
+/// Where the agent's time goes under pgbench load: perf (cpu-clock samples
+/// with DWARF call graphs, since hardware counters are not available on
+/// these machines and async frames need unwinding), each sample put in the
+/// first bucket any of its frames matches, then scaled by the agent's
+/// measured CPU per transaction.
 fn profile_agent(agent: &Agent, cg: &Cgroup, pg: &Postgres, relay_cpu_us: f64) -> Result<String> {
     let Some(pid) = agent.pid() else { return Ok(String::new()) };
     say("profiling the agent under pgbench -S -M simple -c 8 (perf, cpu-clock, DWARF call graphs)");
@@ -1004,15 +1007,14 @@ fn large_only() -> Result<()> {
         let cg_b = Cgroup::create(&format!("cordon-bench-large-b-{}", std::process::id()))?;
         let env = [("CORDON_BIN".to_string(), b.to_string_lossy().into_owned())];
         let agent_b = bench_agent_env(&pg, &cg_b, "bench", BIG_POLICY, &env, "", NO_UPSTREAM_TLS)?;
-        let sql = "select id, email, note from big";
         let (mut a, mut bb, mut ca, mut cb) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..5 {
-            let before = agent.pid().map(cpu_seconds).unwrap_or(0.0);
-            a.push(time_psql(Some(&cg), "127.0.0.2", pg.port, sql)?.0);
-            ca.push(agent.pid().map(cpu_seconds).unwrap_or(0.0) - before);
-            let before = agent_b.pid().map(cpu_seconds).unwrap_or(0.0);
-            bb.push(time_psql(Some(&cg_b), "127.0.0.2", pg.port, sql)?.0);
-            cb.push(agent_b.pid().map(cpu_seconds).unwrap_or(0.0) - before);
+            let ((t, _), used) = cpu_during(agent.pid(), || time_psql(Some(&cg), "127.0.0.2", pg.port, LARGE_SQL))?;
+            a.push(t);
+            ca.push(used);
+            let ((t, _), used) = cpu_during(agent_b.pid(), || time_psql(Some(&cg_b), "127.0.0.2", pg.port, LARGE_SQL))?;
+            bb.push(t);
+            cb.push(used);
         }
         // The agents' system calls and context switches over one more run each.
         for (label, ag, g) in [("this build", &agent, &cg), ("B", &agent_b, &cg_b)] {
@@ -1023,7 +1025,7 @@ fn large_only() -> Result<()> {
                 .stderr(Stdio::piped())
                 .spawn()?;
             std::thread::sleep(Duration::from_millis(300));
-            time_psql(Some(g), "127.0.0.2", pg.port, sql)?;
+            time_psql(Some(g), "127.0.0.2", pg.port, LARGE_SQL)?;
             // SAFETY: signalling our own child.
             unsafe { libc::kill(stat.id() as i32, libc::SIGINT) };
             let out = stat.wait_with_output()?;
@@ -1052,7 +1054,7 @@ fn large_only() -> Result<()> {
         .stderr(Stdio::null())
         .spawn()?;
     std::thread::sleep(Duration::from_millis(300));
-    time_psql(Some(&cg), "127.0.0.2", pg.port, "select id, email, note from big")?;
+    time_psql(Some(&cg), "127.0.0.2", pg.port, LARGE_SQL)?;
     // SAFETY: signalling our own child.
     unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
     perf.wait()?;
@@ -1063,6 +1065,9 @@ fn large_only() -> Result<()> {
     println!("{}", String::from_utf8_lossy(&out.stdout));
     Ok(())
 }
+
+/// The large result's query.
+const LARGE_SQL: &str = "select id, email, note from big";
 
 /// The large result's table: an email column (masked by a policy label)
 /// and a note the detectors scan (a phone number in every tenth row).
@@ -1087,7 +1092,7 @@ description = "masks one column, guardrails on (the defaults)"
 
 fn large_result(report: &mut Report, pg: &Postgres, cg: &Cgroup, agent: &Agent, bouncer: &Bouncer) -> Result<()> {
     say("large result: 1,000,000 rows, two masked columns");
-    let sql = "select id, email, note from big";
+    let sql = LARGE_SQL;
     // The byte relay and pgbouncer on the same result: what the extra hop
     // costs any proxy here, without parsing and with it.
     let relay_cg = Cgroup::create(&format!("cordon-large-relay-{}", std::process::id()))?;
@@ -1098,14 +1103,12 @@ fn large_result(report: &mut Report, pg: &Postgres, cg: &Cgroup, agent: &Agent, 
         let (t, b) = time_psql(None, "127.0.0.2", pg.port, sql)?;
         d.push(t);
         bytes[0] = b;
-        let before = agent.pid().map(cpu_seconds).unwrap_or(0.0);
-        let (t, b) = time_psql(Some(cg), "127.0.0.2", pg.port, sql)?;
-        cpu.push(agent.pid().map(cpu_seconds).unwrap_or(0.0) - before);
+        let ((t, b), used) = cpu_during(agent.pid(), || time_psql(Some(cg), "127.0.0.2", pg.port, sql))?;
+        cpu.push(used);
         c.push(t);
         bytes[1] = b;
-        let before = relay.pid().map(cpu_seconds).unwrap_or(0.0);
-        let (t, b) = time_psql(Some(&relay_cg), "127.0.0.2", pg.port, sql)?;
-        relay_cpu.push(relay.pid().map(cpu_seconds).unwrap_or(0.0) - before);
+        let ((t, b), used) = cpu_during(relay.pid(), || time_psql(Some(&relay_cg), "127.0.0.2", pg.port, sql))?;
+        relay_cpu.push(used);
         r.push(t);
         bytes[2] = b;
         let (t, b) = time_psql(None, "127.0.0.3", bouncer.port, sql)?;
