@@ -91,6 +91,34 @@ fn inner_type(ty: &str) -> (Shape, String) {
     (Shape::Option, ty.to_string())
 }
 
+/// Lines with every field declaration on one line: rustfmt breaks a long
+/// type (`pub on_conflict_clause: ::core::option::Option<` + the boxed type
+/// on the next lines), and a field read from its first line only was
+/// silently left out of the walk (InsertStmt's ON CONFLICT clause was).
+fn joined_fields(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut open = 0i32;
+    for line in text.lines() {
+        let l = line.trim();
+        let depth = l.matches('<').count() as i32 - l.matches('>').count() as i32;
+        match out.last_mut() {
+            Some(last) if open > 0 => {
+                // `Box<OnConflictClause>,` then `>,`: no comma inside.
+                if l.starts_with('>') && last.ends_with(',') {
+                    last.pop();
+                }
+                last.push_str(l);
+                open += depth;
+            }
+            _ => {
+                out.push(l.to_string());
+                open = if l.starts_with("pub ") { depth.max(0) } else { 0 };
+            }
+        }
+    }
+    out
+}
+
 fn generate(text: &str) -> Result<String> {
     let mut structs: BTreeMap<String, Vec<Field>> = BTreeMap::new();
     let mut positions: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -99,8 +127,8 @@ fn generate(text: &str) -> Result<String> {
     let mut current: Option<String> = None;
     let mut in_node_enum = false;
     let mut message_attr = false;
-    for line in text.lines() {
-        let l = line.trim();
+    for line in joined_fields(text) {
+        let l = line.as_str();
         if l.starts_with("pub enum Node {") {
             in_node_enum = true;
             continue;

@@ -996,6 +996,7 @@ fn c_InsertStmt(x: &mut InsertStmt) {
     if let Some(c) = &mut x.relation { c_RangeVar(c); }
     for c in &mut x.cols { c_node(c); }
     if let Some(c) = &mut x.select_stmt { c_node(c); }
+    if let Some(c) = &mut x.on_conflict_clause { c_OnConflictClause(c); }
     if let Some(c) = &mut x.returning_clause { c_ReturningClause(c); }
     if let Some(c) = &mut x.with_clause { c_WithClause(c); }
 }
@@ -1033,6 +1034,7 @@ fn c_JsonArgument(x: &mut JsonArgument) {
 }
 
 fn c_JsonArrayAgg(x: &mut JsonArrayAgg) {
+    if let Some(c) = &mut x.constructor { c_JsonAggConstructor(c); }
     if let Some(c) = &mut x.arg { c_JsonValueExpr(c); }
 }
 
@@ -1102,6 +1104,7 @@ fn c_JsonKeyValue(x: &mut JsonKeyValue) {
 }
 
 fn c_JsonObjectAgg(x: &mut JsonObjectAgg) {
+    if let Some(c) = &mut x.constructor { c_JsonAggConstructor(c); }
     if let Some(c) = &mut x.arg { c_JsonKeyValue(c); }
 }
 
@@ -1410,6 +1413,7 @@ fn c_RangeTableSample(x: &mut RangeTableSample) {
 fn c_RangeTblEntry(x: &mut RangeTblEntry) {
     if let Some(c) = &mut x.alias { c_Alias(c); }
     if let Some(c) = &mut x.eref { c_Alias(c); }
+    if let Some(c) = &mut x.tablesample { c_TableSampleClause(c); }
     if let Some(c) = &mut x.subquery { c_Query(c); }
     for c in &mut x.joinaliasvars { c_node(c); }
     for c in &mut x.joinleftcols { c_node(c); }
@@ -2650,6 +2654,7 @@ pub fn s_InsertStmt<'a>(x: &'a InsertStmt, v: &mut dyn Visit<'a>) {
     if let Some(c) = &x.relation { v.range_var(c); }
     for c in &x.cols { v.node(c); }
     if let Some(c) = &x.select_stmt { v.node(c); }
+    if let Some(c) = &x.on_conflict_clause { s_OnConflictClause(c, v); }
     if let Some(c) = &x.returning_clause { s_ReturningClause(c, v); }
     if let Some(c) = &x.with_clause { s_WithClause(c, v); }
 }
@@ -2686,6 +2691,7 @@ pub fn s_JsonArgument<'a>(x: &'a JsonArgument, v: &mut dyn Visit<'a>) {
 }
 
 pub fn s_JsonArrayAgg<'a>(x: &'a JsonArrayAgg, v: &mut dyn Visit<'a>) {
+    if let Some(c) = &x.constructor { s_JsonAggConstructor(c, v); }
     if let Some(c) = &x.arg { s_JsonValueExpr(c, v); }
 }
 
@@ -2741,6 +2747,7 @@ pub fn s_JsonKeyValue<'a>(x: &'a JsonKeyValue, v: &mut dyn Visit<'a>) {
 }
 
 pub fn s_JsonObjectAgg<'a>(x: &'a JsonObjectAgg, v: &mut dyn Visit<'a>) {
+    if let Some(c) = &x.constructor { s_JsonAggConstructor(c, v); }
     if let Some(c) = &x.arg { s_JsonKeyValue(c, v); }
 }
 
@@ -3012,6 +3019,7 @@ pub fn s_RangeTableSample<'a>(x: &'a RangeTableSample, v: &mut dyn Visit<'a>) {
 pub fn s_RangeTblEntry<'a>(x: &'a RangeTblEntry, v: &mut dyn Visit<'a>) {
     if let Some(c) = &x.alias { s_Alias(c, v); }
     if let Some(c) = &x.eref { s_Alias(c, v); }
+    if let Some(c) = &x.tablesample { s_TableSampleClause(c, v); }
     if let Some(c) = &x.subquery { s_Query(c, v); }
     for c in &x.joinaliasvars { v.node(c); }
     for c in &x.joinleftcols { v.node(c); }
@@ -4219,6 +4227,7 @@ pub fn s_mut_InsertStmt(x: &mut InsertStmt, v: &mut dyn VisitMut) {
     if let Some(c) = &mut x.relation { v.range_var(c); }
     for c in &mut x.cols { v.node(c); }
     if let Some(c) = &mut x.select_stmt { v.node(c); }
+    if let Some(c) = &mut x.on_conflict_clause { s_mut_OnConflictClause(c, v); }
     if let Some(c) = &mut x.returning_clause { s_mut_ReturningClause(c, v); }
     if let Some(c) = &mut x.with_clause { s_mut_WithClause(c, v); }
 }
@@ -4255,6 +4264,7 @@ pub fn s_mut_JsonArgument(x: &mut JsonArgument, v: &mut dyn VisitMut) {
 }
 
 pub fn s_mut_JsonArrayAgg(x: &mut JsonArrayAgg, v: &mut dyn VisitMut) {
+    if let Some(c) = &mut x.constructor { s_mut_JsonAggConstructor(c, v); }
     if let Some(c) = &mut x.arg { s_mut_JsonValueExpr(c, v); }
 }
 
@@ -4310,6 +4320,7 @@ pub fn s_mut_JsonKeyValue(x: &mut JsonKeyValue, v: &mut dyn VisitMut) {
 }
 
 pub fn s_mut_JsonObjectAgg(x: &mut JsonObjectAgg, v: &mut dyn VisitMut) {
+    if let Some(c) = &mut x.constructor { s_mut_JsonAggConstructor(c, v); }
     if let Some(c) = &mut x.arg { s_mut_JsonKeyValue(c, v); }
 }
 
@@ -4581,6 +4592,7 @@ pub fn s_mut_RangeTableSample(x: &mut RangeTableSample, v: &mut dyn VisitMut) {
 pub fn s_mut_RangeTblEntry(x: &mut RangeTblEntry, v: &mut dyn VisitMut) {
     if let Some(c) = &mut x.alias { s_mut_Alias(c, v); }
     if let Some(c) = &mut x.eref { s_mut_Alias(c, v); }
+    if let Some(c) = &mut x.tablesample { s_mut_TableSampleClause(c, v); }
     if let Some(c) = &mut x.subquery { s_mut_Query(c, v); }
     for c in &mut x.joinaliasvars { v.node(c); }
     for c in &mut x.joinleftcols { v.node(c); }
