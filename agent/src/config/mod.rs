@@ -149,6 +149,8 @@ struct RawIntercept {
     /// SSH: the user the workload typed → `[credentials.NAME]`.
     #[serde(default)]
     users: BTreeMap<String, Spanned<String>>,
+    /// PostgreSQL: repeated statements run as prepared statements upstream.
+    prepare_statements: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -265,6 +267,10 @@ pub struct Intercept {
     /// SSH: which credential each typed user gets (`*` for any other); empty:
     /// every user gets `credentials`.
     pub users: BTreeMap<String, String>,
+    /// PostgreSQL: a simple query seen again runs as a prepared statement
+    /// upstream (see `postgres::prepare`). Off behind a pooler that does not
+    /// keep prepared statements (pgbouncer before 1.21 in transaction mode).
+    pub prepare_statements: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,6 +7,7 @@
 
 pub mod catalog;
 pub mod frame;
+pub mod prepare;
 pub mod read_mask;
 pub mod scram;
 pub mod session;

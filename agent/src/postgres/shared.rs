@@ -14,6 +14,8 @@ use super::{catalog::Catalog, sql, CancelTarget};
 pub struct PgShared {
     /// Parsed statements, by text (shared by all sessions).
     pub sql: sql::Cache,
+    /// Which numbers of a statement shape may be sent as parameters.
+    pub prepare: super::prepare::Plans,
     catalogs: Mutex<HashMap<(SocketAddr, String), Arc<Catalog>>>,
     cancel: Mutex<HashMap<(i32, Vec<u8>), CancelTarget>>,
 }

@@ -69,7 +69,10 @@ impl Cache {
             }
         }
         let parsed = pg_query::parse(sql, 0).map_err(|e| format!("{e}"));
-        let facts = parsed.as_ref().map_err(Clone::clone).map(|p| Arc::new(analyse_parsed(&p.protobuf)));
+        let facts = parsed.as_ref().map_err(Clone::clone).and_then(|p| match super::prepare::names_reserved(&p.protobuf.stmts) {
+            Some(reserved) => Err(reserved),
+            None => Ok(Arc::new(analyse_parsed(&p.protobuf))),
+        });
         let mut shape = None;
         if let (Ok(p), Ok(f), Some(key)) = (&parsed, &facts, &scan.key) {
             if let Some(s) = super::shape::shaped(&p.protobuf, &scan, f) {
@@ -107,6 +110,9 @@ pub fn analyse(sql: &str) -> Result<Vec<StmtFacts>, String> {
         return Err("the query contains a NUL byte".into());
     }
     let parsed = pg_query::parse(sql, 0).map_err(|e| format!("{e}"))?;
+    if let Some(reserved) = super::prepare::names_reserved(&parsed.protobuf.stmts) {
+        return Err(reserved);
+    }
     Ok(analyse_parsed(&parsed.protobuf))
 }
 

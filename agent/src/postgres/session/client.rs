@@ -12,7 +12,7 @@ pub(super) async fn client_to_server(
     tracker: &Mutex<Tracker>,
     ctx: &Ctx,
     cred: Option<&Credential>,
-    wake: &tokio::sync::Notify,
+    (wake, wake_up): (&tokio::sync::Notify, &tokio::sync::Notify),
 ) -> Result<()> {
     let mut out = BytesMut::with_capacity(64 * 1024);
     loop {
@@ -31,6 +31,12 @@ pub(super) async fn client_to_server(
             let mut held = None;
             let waits = {
                 let mut t = tracker.lock().map_err(|_| anyhow::anyhow!("session state poisoned"))?;
+                // What cordon sends the server on its own goes first: the
+                // client's messages after it were not sent yet.
+                if !t.to_server.is_empty() {
+                    let mine = t.to_server.split();
+                    out.extend_from_slice(&mine);
+                }
                 for (i, frame) in frames.iter().enumerate().skip(start) {
                     let rerun = t.decision.is_some();
                     if !rerun {
@@ -38,6 +44,9 @@ pub(super) async fn client_to_server(
                     }
                     let p = prepared.get_mut(i).and_then(Option::take);
                     let forward = on_client_frame(&mut t, frame, ctx, p, lookup_error.as_ref());
+                    if forward.is_err() && t.fatal.is_some() {
+                        wake.notify_one();
+                    }
                     // A decision applies to the message it was asked for only.
                     t.decision = None;
                     match forward? {
@@ -86,7 +95,12 @@ pub(super) async fn client_to_server(
             let _ = uw.shutdown().await;
             return Ok(());
         }
-        if reader.fill(&mut cr).await.context("reading from the client")? == 0 {
+        let n = tokio::select! {
+            n = reader.fill(&mut cr) => n.context("reading from the client")?,
+            // Something of cordon's for the server: sent at the loop's top.
+            () = wake_up.notified() => continue,
+        };
+        if n == 0 {
             if reader.buffered() > 0 {
                 bail!("protocol violation: the client closed mid-message ({} bytes of a message)", reader.buffered());
             }
@@ -208,6 +222,9 @@ pub(super) fn judge(
 ) -> (Verdict, Option<Arc<Vec<StmtFacts>>>) {
     let facts = match &prepared.facts {
         Ok(f) => f.clone(),
+        Err(e) if e.starts_with(crate::postgres::prepare::RESERVED) => {
+            return (Verdict::Deny { rule: "reserved_name".into(), message: e.clone() }, None);
+        }
         Err(e) => {
             let v = Verdict::Deny {
                 rule: "parse_error".into(),
@@ -518,9 +535,6 @@ pub(super) fn on_client_frame(
                 }
                 v => (v, None, DenyKind::Policy),
             };
-            if let Some(new_text) = rewritten {
-                forward = Forward::Rewritten(query_frame(&new_text));
-            }
             let stmt = Statement {
                 text: &text,
                 literals: &literals,
@@ -538,10 +552,22 @@ pub(super) fn on_client_frame(
             let mut run = running(admitted);
             run.notes = notes;
             run.approved = matches!(decision, Some(crate::approvals::Decision::Approved { .. }));
+            // What goes upstream: the text (rewritten to mask at read), as
+            // a prepared statement when it came before (see `prepare`).
+            let upstream_text = rewritten.unwrap_or(text);
+            let mut frames = BytesMut::new();
+            if let Some(mut sent) = t.ups.send(&ctx.pg.prepare, &upstream_text, &mut frames) {
+                forward = Forward::Rewritten(frames.freeze());
+                sent.text = upstream_text;
+                run.sent = Some(Box::new(sent));
+            } else if upstream_text.as_bytes() != raw {
+                forward = Forward::Rewritten(query_frame(&upstream_text));
+            }
             t.queue.push_back(Req::Simple(Box::new(run)));
         }
         b'P' => {
             let name = Bytes::copy_from_slice(b.cstr().context("protocol violation: Parse without a name")?);
+            reserved_name(t, &name, "Parse")?;
             let raw = b.cstr().context("protocol violation: Parse without a query")?;
             let text: Arc<str> = String::from_utf8_lossy(raw).into();
             let Assessed { verdict, facts, literals, notes, rewritten } =
@@ -584,6 +610,7 @@ pub(super) fn on_client_frame(
         b'B' => {
             let portal = Bytes::copy_from_slice(b.cstr().context("protocol violation: Bind without a portal")?);
             let statement = Bytes::copy_from_slice(b.cstr().context("protocol violation: Bind without a statement")?);
+            reserved_name(t, &statement, "Bind")?;
             let nfmt = b.i16().context("protocol violation: Bind without format count")?.max(0) as usize;
             let mut formats = Vec::with_capacity(nfmt.min(1024));
             for _ in 0..nfmt {
@@ -671,6 +698,9 @@ pub(super) fn on_client_frame(
         b'D' => {
             let kind = b.u8().context("protocol violation: Describe without a kind")?;
             let name = Bytes::copy_from_slice(b.cstr().context("protocol violation: Describe without a name")?);
+            if kind == b'S' {
+                reserved_name(t, &name, "Describe")?;
+            }
             let req = if kind == b'S' {
                 let gen = t.prepared.get(&name).map_or(0, |p| p.gen);
                 Req::DescribeStmt(name, gen)
@@ -742,6 +772,9 @@ pub(super) fn on_client_frame(
             let kind = b.u8().context("protocol violation: Close without a kind")?;
             let name = Bytes::copy_from_slice(b.cstr().context("protocol violation: Close without a name")?);
             let statement = kind == b'S';
+            if statement {
+                reserved_name(t, &name, "Close")?;
+            }
             let gen = if statement {
                 t.prepared.get(&name).map_or(0, |p| p.gen)
             } else {
@@ -754,6 +787,23 @@ pub(super) fn on_client_frame(
         other => bail!("protocol violation: unknown message type {:?} from the client", other as char),
     }
     Ok(forward)
+}
+
+/// A client's protocol message naming one of cordon's own prepared
+/// statements ends the session: it could run or drop a statement cordon
+/// judged for another text.
+fn reserved_name(t: &mut Tracker, name: &[u8], message: &str) -> Result<()> {
+    if !crate::postgres::prepare::reserved(name) {
+        return Ok(());
+    }
+    let text = format!(
+        "cordon: {message} names statement {:?}: {}; cordon's names start with {}, use another name",
+        String::from_utf8_lossy(name),
+        crate::postgres::prepare::RESERVED,
+        crate::postgres::prepare::PREFIX
+    );
+    t.fatal = Some(("42501", text.clone()));
+    bail!("{text}")
 }
 
 pub(super) fn running(admitted: Admitted) -> Running {
@@ -770,5 +820,6 @@ pub(super) fn running(admitted: Admitted) -> Running {
         noticed: false,
         approved: false,
         read_masked_rows: 0,
+        sent: None,
     }
 }

@@ -130,6 +130,8 @@ struct Running {
     approved: bool,
     /// Rows passed under `described` not yet counted for mask at read.
     read_masked_rows: u64,
+    /// A simple query sent as a prepared statement (see `prepare`).
+    sent: Option<Box<super::prepare::Sent>>,
 }
 
 enum Req {
@@ -207,6 +209,11 @@ struct Tracker {
     /// Messages from cordon for the client, written by the server side in
     /// turn (a hold's notice).
     to_client: BytesMut,
+    /// Statements prepared upstream for simple queries.
+    ups: super::prepare::Upstream,
+    /// Messages from cordon for the server, written by the client side
+    /// before anything else (a stale prepared statement sent again).
+    to_server: BytesMut,
 }
 
 pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
@@ -313,13 +320,18 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
         holding: false,
         row_values: Vec::new(),
         to_client: BytesMut::new(),
+        ups: super::prepare::Upstream::new(ctx.rule.prepare_statements),
+        to_server: BytesMut::new(),
     }));
 
+    // `wake` wakes the server side (cordon has something for the client),
+    // `wake_up` the client side (cordon has something for the server).
     let wake = tokio::sync::Notify::new();
+    let wake_up = tokio::sync::Notify::new();
     let (cr, cw) = tokio::io::split(hello.stream);
     let (ur, uw) = tokio::io::split(up.stream);
-    let c2s = client_to_server(cr, hello.reader, uw, &tracker, ctx, credential.as_ref(), &wake);
-    let s2c = server_to_client(ur, up.reader, cw, &tracker, ctx, credential.as_ref(), &wake);
+    let c2s = client_to_server(cr, hello.reader, uw, &tracker, ctx, credential.as_ref(), (&wake, &wake_up));
+    let s2c = server_to_client(ur, up.reader, cw, &tracker, ctx, credential.as_ref(), (&wake, &wake_up));
     tokio::pin!(c2s, s2c);
     let idle = ctx.shared.idle_timeout();
     let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(100)));

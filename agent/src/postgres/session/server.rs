@@ -11,7 +11,7 @@ pub(super) async fn server_to_client(
     tracker: &Mutex<Tracker>,
     ctx: &Ctx,
     cred: Option<&Credential>,
-    wake: &tokio::sync::Notify,
+    (wake, wake_up): (&tokio::sync::Notify, &tokio::sync::Notify),
 ) -> Result<()> {
     let mut out = BytesMut::with_capacity(64 * 1024);
     let mut eof = false;
@@ -43,6 +43,9 @@ pub(super) async fn server_to_client(
                 on_server_frame(&mut t, frame, &mut out, ctx, lookup_error.as_ref());
             }
             drain_refusals(&mut t, &mut out);
+            if !t.to_server.is_empty() {
+                wake_up.notify_one();
+            }
             t.last_activity = Instant::now();
             if t.desync {
                 bail!("protocol violation: the server sent a row cordon cannot attribute to a statement (request tracking out of step); ending the session");
@@ -237,6 +240,9 @@ pub(super) fn on_server_frame(
 ) {
     // Refusals queued before this response go out first.
     drain_refusals(t, out);
+    if upstream_prepared_reply(t, f, out) {
+        return;
+    }
     // cordon's notices for the statement whose response this starts.
     if let Some(run) = current_run(t) {
         if !run.noticed {
@@ -399,6 +405,10 @@ pub(super) fn on_server_frame_inner(
             } else {
                 String::new()
             };
+            // The server dropped every prepared statement, cordon's too.
+            if tag == "DISCARD ALL" || tag == "DEALLOCATE ALL" {
+                t.ups.cleared();
+            }
             let simple = matches!(t.queue.front(), Some(Req::Simple(_) | Req::Func(_)));
             if let Some(run) = current_run(t) {
                 if f.tag == b's' {
@@ -473,6 +483,56 @@ pub(super) fn on_server_frame_inner(
         _ => {}
     }
     out.extend_from_slice(&f.bytes);
+}
+
+/// A simple query cordon sent as a prepared statement: the answers the
+/// client did not ask for are dropped (ParseComplete, BindComplete,
+/// CloseComplete, NoData), a failed Parse is forgotten, and a statement
+/// that went stale (dropped by the workload's own DEALLOCATE in a function,
+/// or a result type changed by DDL) is sent again as the simple query it
+/// was, when nothing else is in flight and no transaction block is open.
+/// True: the message was handled here.
+fn upstream_prepared_reply(t: &mut Tracker, f: &Frame, out: &mut BytesMut) -> bool {
+    let Tracker { queue, ups, status, to_server, swallowing, .. } = t;
+    let alone = queue.len() == 1;
+    let Some(Req::Simple(run)) = queue.front_mut() else { return false };
+    let retry_ok = alone && *status == b'I' && run.described.is_none() && run.outcome.rows == 0 && !*swallowing;
+    let Some(sent) = run.sent.as_deref_mut() else { return false };
+    match f.tag {
+        b'1' => {
+            sent.parsed = true;
+            ups.confirmed(&sent.key);
+            true
+        }
+        b'2' | b'3' | b'n' => true,
+        b'E' => {
+            let e = wire::server_error(f.body());
+            let changed = e.code == "0A000" && e.message.starts_with("cached plan must not change result type");
+            // 26000 to a Bind of a statement prepared before: it is gone.
+            let stale = changed || (e.code == "26000" && !sent.parse);
+            if stale || (sent.parse && !sent.parsed) {
+                ups.forget(&sent.key, changed);
+            }
+            if stale && retry_ok {
+                sent.retrying = Some(f.bytes.clone());
+                return true;
+            }
+            false
+        }
+        b'Z' => {
+            let Some(error) = sent.retrying.take() else { return false };
+            let now = Body::new(f.body()).u8().unwrap_or(b'I');
+            if now == b'I' {
+                to_server.extend_from_slice(&client::query_frame(&sent.text));
+                run.sent = None;
+                return true;
+            }
+            // Not retried after all: the client reads what happened.
+            out.extend_from_slice(&error);
+            false
+        }
+        _ => false,
+    }
 }
 
 /// ReadyForQuery: ends a simple query (or function call), or everything up
