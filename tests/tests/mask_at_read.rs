@@ -163,6 +163,10 @@ const ATTACKS: &[(&str, &str)] = &[
     ("update customers set note = ssn where id = 1", "refused:labeled_flow"),
     ("update orders set note = (select card from customers where id = 1) where id = 1", "refused:labeled_flow"),
     ("insert into notes select id, ssn from customers", "refused:labeled_flow"),
+    // ON CONFLICT's DO UPDATE reads too (a walk that skipped the clause
+    // let this copy the SSN into an unlabeled column).
+    ("insert into customers(id, name) values (1, 'x') on conflict (id) do update set note = (select c2.ssn from customers c2 where c2.id = 1)", "refused:labeled_flow"),
+    ("insert into customers(id, name) values (1, 'x') on conflict (id) do update set note = customers.note where customers.ssn like '1%' returning id", "refused:?"),
     ("insert into notes select * from v_renamed", "refused:labeled_flow"),
     ("merge into notes n using customers c on n.id = c.id when not matched then insert values (c.id, c.email)", "refused:labeled_flow"),
     ("update customers set tier = tier where id = 1 returning ssn, card, email", r#"rows:[["REDACTED","**** **** **** 6467","z***@example.com"]]"#),
@@ -213,18 +217,26 @@ impl Setup {
     /// Every query on its own, through cordon, as `nobody` in the tagged
     /// cgroup; everything the client received, per query.
     fn run(&self, queries: &[&str]) -> Vec<Value> {
+        self.run_reps(queries, 1).into_iter().map(|mut r| r.swap_remove(0)).collect()
+    }
+
+    /// Each query `reps` times in a row: the second and later runs of a
+    /// statement go upstream as a prepared statement (see
+    /// `postgres::prepare`), which must protect as much as the first.
+    fn run_reps(&self, queries: &[&str], reps: usize) -> Vec<Vec<Value>> {
         let (_d, script) = workload_script(
             "attack.py",
             r#"
 import json, sys, psycopg
 queries = json.loads(sys.stdin.read())
+reps = int(sys.argv[2])
 out = []
 with psycopg.connect(sys.argv[1], autocommit=True) as c:
     notices, notifies = [], []
     c.add_notice_handler(lambda d: notices.append(d.message_primary))
     c.add_notify_handler(lambda n: notifies.append([n.channel, n.payload]))
     c.execute("listen c")
-    for q in queries:
+    for q in [q for q in queries for _ in range(reps)]:
         notices.clear(); notifies.clear()
         r = {"rows": None, "error": None}
         try:
@@ -260,6 +272,7 @@ print(json.dumps(out))
             .command(TEST_PYTHON)
             .arg(&script)
             .arg(self.conn())
+            .arg(reps.to_string())
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -272,7 +285,8 @@ print(json.dumps(out))
         }
         let out = child.wait_with_output().unwrap();
         assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
-        serde_json::from_str(&stdout(&out)).expect("json")
+        let flat: Vec<Value> = serde_json::from_str(&stdout(&out)).expect("json");
+        flat.chunks(reps.max(1)).map(<[Value]>::to_vec).collect()
     }
 }
 
@@ -315,16 +329,20 @@ fn no_attack_query_gets_a_protected_value_out() {
     assert!(ATTACKS.len() >= 60, "the suite has {} queries", ATTACKS.len());
     let s = setup("attacks");
     let queries: Vec<&str> = ATTACKS.iter().map(|(q, _)| *q).collect();
+    // Three runs of each: as it came, prepared upstream, bound to it.
+    const REPS: usize = 3;
     s.set_secrets(&A);
-    let got_a = s.run(&queries);
+    let got_a = s.run_reps(&queries, REPS);
     s.set_secrets(&B);
-    let got_b = s.run(&queries);
+    let got_b = s.run_reps(&queries, REPS);
     assert_eq!(got_a.len(), queries.len());
     let mut forbidden = forms(&A, &s.pg);
     forbidden.extend(forms(&B, &s.pg));
     let mut failures = Vec::new();
-    for (i, (q, expect)) in ATTACKS.iter().enumerate() {
-        let (a, b) = (&got_a[i], &got_b[i]);
+    let runs = ATTACKS.iter().enumerate().flat_map(|(i, a)| (0..REPS).map(move |r| (i, r, a)));
+    for (i, rep, (q, expect)) in runs {
+        let (a, b) = (&got_a[i][rep], &got_b[i][rep]);
+        let q = format!("{q} (run {})", rep + 1);
         if a != b {
             failures.push(format!("{q}\n  differs with the protected values:\n  A: {a}\n  B: {b}"));
             continue;

@@ -320,9 +320,19 @@ impl Catalog {
         self.by_name.lock().is_ok_and(|m| m.get(t).is_some_and(|(at, _)| at.elapsed() < TTL))
     }
 
-    /// Make sure these table OIDs are known (one query for all misses).
-    pub async fn resolve_oids(&self, ctx: &Ctx, cred: &Credential, oids: &[u32]) -> Result<()> {
-        let missing: Vec<u32> = oids.iter().copied().filter(|o| *o != 0 && !self.fresh_oid(*o)).collect();
+    /// Make sure the tables of these result columns (table OID, column
+    /// number) are known (one query for all misses). A column a cached
+    /// table does not have means its table changed under cordon (DDL from
+    /// another session): everything cached from the catalog is dropped and
+    /// read again, rather than refusing the column until the entry expires.
+    pub async fn resolve_oids(&self, ctx: &Ctx, cred: &Credential, columns: &[(u32, i16)]) -> Result<()> {
+        let changed = columns.iter().any(|(o, a)| *a > 0 && self.table(*o).is_some_and(|t| t.column(*a).is_none()));
+        if changed {
+            self.invalidate();
+        }
+        let mut missing: Vec<u32> = columns.iter().map(|(o, _)| *o).filter(|o| *o != 0 && !self.fresh_oid(*o)).collect();
+        missing.sort_unstable();
+        missing.dedup();
         if missing.is_empty() {
             return Ok(());
         }

@@ -82,9 +82,13 @@ pub(super) async fn resolve_result_tables(
     ctx: &Ctx,
     cred: Option<&Credential>,
 ) -> Result<()> {
-    let oids: Vec<u32> =
-        frames.iter().filter(|f| f.tag == b'T').flat_map(|f| row_description(f.body())).map(|f| f.table_oid).collect();
-    if oids.iter().all(|o| *o == 0) {
+    let oids: Vec<(u32, i16)> = frames
+        .iter()
+        .filter(|f| f.tag == b'T')
+        .flat_map(|f| row_description(f.body()))
+        .map(|f| (f.table_oid, f.attnum))
+        .collect();
+    if oids.iter().all(|(o, _)| *o == 0) {
         return Ok(());
     }
     let (Some(cred), Some(catalog)) = (cred, tracker.lock().ok().and_then(|t| t.gov.catalog.clone())) else {
