@@ -166,7 +166,7 @@ const ATTACKS: &[(&str, &str)] = &[
     // ON CONFLICT's DO UPDATE reads too (a walk that skipped the clause
     // let this copy the SSN into an unlabeled column).
     ("insert into customers(id, name) values (1, 'x') on conflict (id) do update set note = (select c2.ssn from customers c2 where c2.id = 1)", "refused:labeled_flow"),
-    ("insert into customers(id, name) values (1, 'x') on conflict (id) do update set note = customers.note where customers.ssn like '1%' returning id", "refused:?"),
+    ("insert into customers(id, name) values (1, 'x') on conflict (id) do update set note = customers.note where customers.ssn like '1%' returning id", "rows:[]"),
     ("insert into notes select * from v_renamed", "refused:labeled_flow"),
     ("merge into notes n using customers c on n.id = c.id when not matched then insert values (c.id, c.email)", "refused:labeled_flow"),
     ("update customers set tier = tier where id = 1 returning ssn, card, email", r#"rows:[["REDACTED","**** **** **** 6467","z***@example.com"]]"#),
