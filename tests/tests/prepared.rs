@@ -57,17 +57,29 @@ const STATEMENTS: &[&str] = &[
     "insert into w values (3, 1, 1, 'z') on conflict ((n + 1001 * id)) do nothing",
 ];
 
-/// Each statement `reps` times in one autocommit session, simple protocol
-/// (psycopg sends a query without parameters as a Query message): per
-/// statement, per run, [columns with type OIDs, rows, SQLSTATE].
+/// Each statement `reps` times in one autocommit session: per statement,
+/// per run, [columns with type OIDs, rows, command tag, SQLSTATE]. Mode
+/// "simple": psycopg sends a query without parameters as a Query message.
+/// Mode "extended": libpq's PQexecParams (Parse of the unnamed statement,
+/// Bind, Describe, Execute, Sync), each statement with its parameters.
 const CLIENT: &str = r#"
 import json, sys, psycopg
-queries, reps = json.loads(sys.stdin.readline()), int(sys.argv[2])
+queries, reps, mode = json.loads(sys.stdin.readline()), int(sys.argv[2]), sys.argv[3]
 out = []
 with psycopg.connect(sys.argv[1], autocommit=True) as c:
     for q in queries:
+        q, params = (q[0], q[1]) if isinstance(q, list) else (q, [])
         runs = []
-        for _ in range(reps):
+        for i in range(reps):
+            if mode == "extended":
+                r = c.pgconn.exec_params(q.encode(), [p.encode() for p in params[i % len(params)]] if params else [])
+                if r.status == 7:
+                    runs.append([None, None, None, r.error_field(ord("C")).decode()])
+                    continue
+                cols = [[r.fname(k).decode(), r.ftype(k)] for k in range(r.nfields)] if r.nfields else None
+                rows = [[None if r.get_value(j, k) is None else r.get_value(j, k).decode() for k in range(r.nfields)] for j in range(r.ntuples)] if r.nfields else None
+                runs.append([cols, rows, r.command_status.decode(), None])
+                continue
             try:
                 cur = c.execute(q, prepare=False)
                 cols = [[d.name, d.type_code] for d in cur.description] if cur.description else None
@@ -93,18 +105,23 @@ fn setup(test: &str, profile: &str) -> Setup {
 }
 
 fn run(cmd: &mut std::process::Command, conn: &str, reps: usize, statements: &[&str]) -> Value {
+    run_mode(cmd, conn, reps, "simple", &serde_json::to_value(statements).unwrap())
+}
+
+fn run_mode(cmd: &mut std::process::Command, conn: &str, reps: usize, mode: &str, statements: &Value) -> Value {
     let (_d, script) = workload_script("client.py", CLIENT).unwrap();
     let mut child = cmd
         .arg(&script)
         .arg(conn)
         .arg(reps.to_string())
+        .arg(mode)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("python");
     let mut stdin = child.stdin.take().expect("stdin");
-    writeln!(stdin, "{}", serde_json::to_string(statements).unwrap()).unwrap();
+    writeln!(stdin, "{statements}").unwrap();
     drop(stdin);
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
@@ -139,6 +156,44 @@ fn simple_queries_answer_the_same_when_cordon_prepares_them_upstream() {
     assert_eq!(sqlstate("select id from items order by 9"), "42P10");
     // And cordon did prepare them: a statement stays prepared upstream for
     // each shape it ran more than once.
+    let prepared = through["prepared"].as_i64().unwrap_or_default();
+    assert!(prepared >= 20, "only {prepared} statements were prepared upstream");
+}
+
+/// The extended protocol's unnamed statement, parsed again before every
+/// execution by most drivers: the second Parse of a text goes upstream under
+/// a name of cordon's, later ones are answered by cordon and their Binds
+/// point at that name. The client must not be able to tell either.
+#[test]
+fn unnamed_statements_answer_the_same_when_cordon_keeps_them_prepared() {
+    require_e2e!();
+    let s = setup("unnamed", "");
+    let mut statements: Vec<Value> = STATEMENTS.iter().map(|q| Value::from(*q)).collect();
+    statements.extend([
+        serde_json::json!(["select id, price, name from items where id = $1", [["3"], ["4"], ["5"]]]),
+        serde_json::json!(["select count(*) from items where n = $1 and price > $2", [["1", "2.5"], ["2", "10"], ["3", "0"]]]),
+        serde_json::json!(["select $1::int + 1, pg_typeof($2)", [["1", "x"], ["2", "y"], ["3", "z"]]]),
+        serde_json::json!(["update w set name = $1 where id = 1 returning name", [["a"], ["b"], ["c"]]]),
+        serde_json::json!(["select id from items where id = $1", [["x"], ["1"], ["2"]]]),
+    ]);
+    let statements = Value::from(statements);
+    let conn = format!("host=127.0.0.2 port={} dbname=postgres", s.pg.port);
+    let through = run_mode(&mut s.cg.command(TEST_PYTHON), &conn, 3, "extended", &statements);
+    let direct = run_mode(
+        &mut std::process::Command::new(TEST_PYTHON),
+        &format!("{conn} user=app password={APP_PASSWORD} sslmode=require"),
+        3,
+        "extended",
+        &statements,
+    );
+    let mut failures = Vec::new();
+    for (i, q) in statements.as_array().unwrap().iter().enumerate() {
+        let (a, b) = (&through["results"][i], &direct["results"][i]);
+        if a != b {
+            failures.push(format!("{q}\n  through cordon: {a}\n  direct:         {b}"));
+        }
+    }
+    assert!(failures.is_empty(), "{} differ:\n{}", failures.len(), failures.join("\n"));
     let prepared = through["prepared"].as_i64().unwrap_or_default();
     assert!(prepared >= 20, "only {prepared} statements were prepared upstream");
 }

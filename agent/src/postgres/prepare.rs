@@ -426,6 +426,18 @@ enum Slot {
     Ready { name: String, used: u64 },
 }
 
+/// How a client's Parse of the unnamed statement goes upstream.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ParseAs {
+    /// As it came.
+    Unnamed,
+    /// Under this name of cordon's (the second time the text comes).
+    Named { name: String, key: String },
+    /// Not at all: this statement of cordon's has the text already; cordon
+    /// answers the ParseComplete.
+    Prepared { name: String, key: String },
+}
+
 /// A simple query sent as a prepared statement, for the server side.
 #[derive(Debug)]
 pub struct Sent {
@@ -470,17 +482,7 @@ impl Upstream {
                 *used = self.tick;
                 (name.clone(), false)
             }
-            Some(Slot::Seen) => {
-                if self.prepared >= MAX_PREPARED {
-                    self.evict();
-                }
-                self.next += 1;
-                let name = format!("{PREFIX}{}", self.next);
-                self.seen = self.seen.saturating_sub(1);
-                self.prepared += 1;
-                self.slots.insert(p.key.clone(), Slot::Pending(name.clone()));
-                (name, true)
-            }
+            Some(Slot::Seen) => (self.name_for(&p.key), true),
         };
         for c in self.to_close.drain(..) {
             close(out, &c);
@@ -502,6 +504,65 @@ impl Upstream {
         out.put_u8(b'S');
         out.put_i32(4);
         Some(Sent { key: p.key, parse, parsed: false, text: String::new(), retrying: None })
+    }
+
+    /// What becomes of a client's Parse of the unnamed statement (`types`:
+    /// the rest of its Parse, the parameter types). Drivers that parse an
+    /// unnamed statement before every execution (pgbench -M extended,
+    /// node-postgres, pgjdbc's first runs, psycopg without `prepare`) make
+    /// PostgreSQL plan each time; a text parsed before is parsed once, under
+    /// a name of cordon's, and later Parses are answered by cordon.
+    pub fn parse_unnamed(&mut self, text: &str, types: &[u8]) -> ParseAs {
+        if !self.enabled || text.len() > MAX_TEXT {
+            return ParseAs::Unnamed;
+        }
+        let mut key = String::with_capacity(text.len() + 2 + types.len() * 2);
+        key.push_str("E\0");
+        for b in types {
+            let _ = write!(key, "{b:02x}");
+        }
+        key.push('\0');
+        key.push_str(text);
+        self.tick += 1;
+        match self.slots.get_mut(&key) {
+            None => {
+                if self.seen >= MAX_SEEN {
+                    self.slots.retain(|_, s| !matches!(s, Slot::Seen));
+                    self.seen = 0;
+                }
+                self.slots.insert(key, Slot::Seen);
+                self.seen += 1;
+                ParseAs::Unnamed
+            }
+            Some(Slot::Pending(_)) => ParseAs::Unnamed,
+            Some(Slot::Ready { name, used }) => {
+                *used = self.tick;
+                ParseAs::Prepared { name: name.clone(), key }
+            }
+            Some(Slot::Seen) => {
+                let name = self.name_for(&key);
+                ParseAs::Named { name, key }
+            }
+        }
+    }
+
+    /// A new name for a statement seen before (its slot becomes pending).
+    fn name_for(&mut self, key: &str) -> String {
+        if self.prepared >= MAX_PREPARED {
+            self.evict();
+        }
+        self.next += 1;
+        let name = format!("{PREFIX}{}", self.next);
+        self.seen = self.seen.saturating_sub(1);
+        self.prepared += 1;
+        self.slots.insert(key.to_string(), Slot::Pending(name.clone()));
+        name
+    }
+
+    /// Statements to close before the next Parse of cordon's (evicted or
+    /// stale ones).
+    pub fn take_closes(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.to_close)
     }
 
     fn evict(&mut self) {
@@ -554,7 +615,7 @@ impl Upstream {
     }
 }
 
-fn close(out: &mut BytesMut, name: &str) {
+pub fn close(out: &mut BytesMut, name: &str) {
     out.put_u8(b'C');
     out.put_i32((4 + 1 + name.len() + 1) as i32);
     out.put_u8(b'S');

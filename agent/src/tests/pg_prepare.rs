@@ -202,3 +202,24 @@ fn the_least_recently_used_statement_is_closed_beyond_the_limit() {
     assert!(s.is_none(), "c0 was closed: seen anew");
     assert_eq!(u.prepared, MAX_PREPARED);
 }
+
+#[test]
+fn an_unnamed_parse_seen_before_is_named_then_answered() {
+    let mut u = Upstream::new(true);
+    let text = "select * from t where a = $1";
+    let types = [0u8, 1, 0, 0, 0, 23];
+    assert_eq!(u.parse_unnamed(text, &types), ParseAs::Unnamed);
+    let ParseAs::Named { name, key } = u.parse_unnamed(text, &types) else { panic!("second: named") };
+    assert!(name.starts_with(PREFIX));
+    assert_eq!(u.parse_unnamed(text, &types), ParseAs::Unnamed, "Parse in flight");
+    u.confirmed(&key);
+    assert_eq!(u.parse_unnamed(text, &types), ParseAs::Prepared { name: name.clone(), key: key.clone() });
+    // Other parameter types: another statement.
+    assert_eq!(u.parse_unnamed(text, &[0, 1, 0, 0, 0, 20]), ParseAs::Unnamed);
+    // A stale one is forgotten and closed before the next Parse of cordon's.
+    u.forget(&key, true);
+    assert_eq!(u.parse_unnamed(text, &types), ParseAs::Unnamed);
+    assert!(matches!(u.parse_unnamed(text, &types), ParseAs::Named { .. }));
+    assert_eq!(u.take_closes(), vec![name]);
+    assert!(Upstream::new(false).parse_unnamed(text, &types) == ParseAs::Unnamed);
+}

@@ -494,6 +494,24 @@ pub(super) fn parse_frame(name: &[u8], text: &str, rest: &[u8]) -> Bytes {
     out.freeze()
 }
 
+/// A message whose statement name is replaced: `tag`, then `head` (a
+/// portal, or a Describe's kind) and its NUL unless it is one byte, the
+/// new name, and the rest of the message as it came.
+pub(super) fn renamed(tag: u8, head: &[u8], name: &str, rest: &[u8]) -> Bytes {
+    let head_len = if tag == b'D' { head.len() } else { head.len() + 1 };
+    let mut out = BytesMut::with_capacity(5 + head_len + name.len() + 1 + rest.len());
+    out.put_u8(tag);
+    out.put_i32((4 + head_len + name.len() + 1 + rest.len()) as i32);
+    out.put_slice(head);
+    if tag != b'D' {
+        out.put_u8(0);
+    }
+    out.put_slice(name.as_bytes());
+    out.put_u8(0);
+    out.put_slice(rest);
+    out.freeze()
+}
+
 /// Handle one client message.
 pub(super) fn on_client_frame(
     t: &mut Tracker,
@@ -552,6 +570,9 @@ pub(super) fn on_client_frame(
             let mut run = running(admitted);
             run.notes = notes;
             run.approved = matches!(decision, Some(crate::approvals::Decision::Approved { .. }));
+            // A simple query drops the unnamed statement (PostgreSQL's
+            // exec_simple_query): a later Bind of it must fail as it would.
+            t.unnamed = None;
             // What goes upstream: the text (rewritten to mask at read), as
             // a prepared statement when it came before (see `prepare`).
             let upstream_text = rewritten.unwrap_or(text);
@@ -573,8 +594,9 @@ pub(super) fn on_client_frame(
             let Assessed { verdict, facts, literals, notes, rewritten } =
                 assess(t, ctx, raw, &text, prepared, lookup_error);
             let literals: Arc<[Literal]> = literals.into();
-            if let Some(new_text) = rewritten {
-                forward = Forward::Rewritten(parse_frame(&name, &new_text, b.rest()));
+            let types = b.rest();
+            if let Some(new_text) = &rewritten {
+                forward = Forward::Rewritten(parse_frame(&name, new_text, types));
             }
             // Approval is asked for at each Execute, with its parameters.
             let approval = match verdict {
@@ -604,13 +626,56 @@ pub(super) fn on_client_frame(
             let label = (!name.is_empty()).then(|| String::from_utf8_lossy(&name).into_owned());
             t.next_gen += 1;
             let gen = t.next_gen;
+            let mut req = Req::Parse { key: None, answered: false };
+            if name.is_empty() {
+                let upstream_text = rewritten.as_deref().unwrap_or(&text);
+                let single_dml = facts.as_deref().is_some_and(|f| {
+                    matches!(f.as_slice(), [one] if matches!(one.kind, StmtKind::Read | StmtKind::Write))
+                });
+                let how = if single_dml {
+                    t.ups.parse_unnamed(upstream_text, types)
+                } else {
+                    crate::postgres::prepare::ParseAs::Unnamed
+                };
+                forward = match how {
+                    crate::postgres::prepare::ParseAs::Unnamed => {
+                        t.unnamed = None;
+                        forward
+                    }
+                    crate::postgres::prepare::ParseAs::Named { name: ours, key } => {
+                        let mut out = BytesMut::new();
+                        for c in t.ups.take_closes() {
+                            crate::postgres::prepare::close(&mut out, &c);
+                            t.queue.push_back(Req::Internal);
+                        }
+                        out.extend_from_slice(&parse_frame(ours.as_bytes(), upstream_text, types));
+                        req = Req::Parse { key: Some(key.clone()), answered: false };
+                        t.unnamed = Some((ours, key));
+                        Forward::Rewritten(out.freeze())
+                    }
+                    crate::postgres::prepare::ParseAs::Prepared { name: ours, key } => {
+                        req = Req::Parse { key: None, answered: true };
+                        t.unnamed = Some((ours, key));
+                        Forward::Drop
+                    }
+                };
+            }
             t.prepared.insert(name, Prepared { gen, text, label, described: None, notes, literals, approval });
-            t.queue.push_back(Req::Parse);
+            t.queue.push_back(req);
         }
         b'B' => {
             let portal = Bytes::copy_from_slice(b.cstr().context("protocol violation: Bind without a portal")?);
             let statement = Bytes::copy_from_slice(b.cstr().context("protocol violation: Bind without a statement")?);
             reserved_name(t, &statement, "Bind")?;
+            // The unnamed statement may stand for one of cordon's upstream.
+            let mut bind_key = None;
+            if statement.is_empty() {
+                if let Some((ours, key)) = &t.unnamed {
+                    let rest = f.body().get(portal.len() + 2..).unwrap_or_default();
+                    forward = Forward::Rewritten(renamed(b'B', &portal, ours, rest));
+                    bind_key = Some(key.clone());
+                }
+            }
             let nfmt = b.i16().context("protocol violation: Bind without format count")?.max(0) as usize;
             let mut formats = Vec::with_capacity(nfmt.min(1024));
             for _ in 0..nfmt {
@@ -693,13 +758,16 @@ pub(super) fn on_client_frame(
                     approval,
                 },
             );
-            t.queue.push_back(Req::Bind);
+            t.queue.push_back(Req::Bind { key: bind_key });
         }
         b'D' => {
             let kind = b.u8().context("protocol violation: Describe without a kind")?;
             let name = Bytes::copy_from_slice(b.cstr().context("protocol violation: Describe without a name")?);
             if kind == b'S' {
                 reserved_name(t, &name, "Describe")?;
+                if let (true, Some((ours, _))) = (name.is_empty(), &t.unnamed) {
+                    forward = Forward::Rewritten(renamed(b'D', b"S", ours, &[]));
+                }
             }
             let req = if kind == b'S' {
                 let gen = t.prepared.get(&name).map_or(0, |p| p.gen);
@@ -775,12 +843,18 @@ pub(super) fn on_client_frame(
             if statement {
                 reserved_name(t, &name, "Close")?;
             }
+            // Closing the unnamed statement that stands for one of cordon's:
+            // cordon's stays prepared, and cordon answers.
+            let answered = statement && name.is_empty() && t.unnamed.take().is_some();
+            if answered {
+                forward = Forward::Drop;
+            }
             let gen = if statement {
                 t.prepared.get(&name).map_or(0, |p| p.gen)
             } else {
                 t.portals.get(&name).map_or(0, |p| p.gen)
             };
-            t.queue.push_back(Req::Close { statement, name, gen });
+            t.queue.push_back(Req::Close { statement, name, gen, answered });
         }
         b'S' => t.queue.push_back(Req::Sync),
         b'H' | b'X' | b'd' | b'c' | b'f' | b'p' => {}

@@ -135,16 +135,31 @@ struct Running {
 }
 
 enum Req {
-    Parse,
-    Bind,
+    /// `key`: the statement of cordon's this Parse creates (confirmed by
+    /// its ParseComplete); `answered`: cordon answers it itself (the
+    /// statement was prepared before, see `prepare`).
+    Parse {
+        key: Option<String>,
+        answered: bool,
+    },
+    /// `key`: the statement of cordon's it binds (forgotten if stale).
+    Bind {
+        key: Option<String>,
+    },
     /// Closing a statement (true) or portal, forgotten when the server
     /// confirms: results of an Execute sent before the Close still need
     /// its description (sqlx sends Bind, Execute, Close, Sync).
+    /// `answered`: the unnamed statement stood for one of cordon's, which
+    /// stays; cordon answers the CloseComplete.
     Close {
         statement: bool,
         name: Bytes,
         gen: u64,
+        answered: bool,
     },
+    /// A Close of cordon's own (an evicted prepared statement): its
+    /// CloseComplete is not the client's.
+    Internal,
     DescribeStmt(Bytes, u64),
     DescribePortal(Bytes, u64),
     Exec(Box<Running>),
@@ -211,6 +226,9 @@ struct Tracker {
     to_client: BytesMut,
     /// Statements prepared upstream for simple queries.
     ups: super::prepare::Upstream,
+    /// The statement of cordon's (name, key) the client's unnamed
+    /// statement stands for upstream, if any.
+    unnamed: Option<(String, String)>,
     /// Messages from cordon for the server, written by the client side
     /// before anything else (a stale prepared statement sent again).
     to_server: BytesMut,
@@ -321,6 +339,7 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
         row_values: Vec::new(),
         to_client: BytesMut::new(),
         ups: super::prepare::Upstream::new(ctx.rule.prepare_statements),
+        unnamed: None,
         to_server: BytesMut::new(),
     }));
 

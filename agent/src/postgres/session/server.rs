@@ -209,9 +209,32 @@ pub(super) fn resolve_portal_description(t: &mut Tracker) {
     }
 }
 
-/// Emit refusals that have reached the head of the queue.
+/// Emit what cordon answers itself that has reached the head of the
+/// queue: refusals, and the ParseComplete or CloseComplete of an unnamed
+/// statement that stands for one of cordon's (none while a refused result
+/// is swallowed: the client reads nothing more up to Sync).
 pub(super) fn drain_refusals(t: &mut Tracker, out: &mut BytesMut) {
-    while matches!(t.queue.front(), Some(Req::Denied { .. })) {
+    loop {
+        match t.queue.front() {
+            Some(Req::Parse { answered: true, .. }) => {
+                t.queue.pop_front();
+                if !t.swallowing {
+                    out.extend_from_slice(&[b'1', 0, 0, 0, 4]);
+                }
+                continue;
+            }
+            Some(Req::Close { answered: true, .. }) => {
+                if let Some(Req::Close { statement, name, gen, .. }) = t.queue.pop_front() {
+                    closed(t, statement, &name, gen);
+                }
+                if !t.swallowing {
+                    out.extend_from_slice(&[b'3', 0, 0, 0, 4]);
+                }
+                continue;
+            }
+            Some(Req::Denied { .. }) => {}
+            _ => break,
+        }
         if let Some(Req::Denied { admitted, denied, simple }) = t.queue.pop_front() {
             refuse(out, &denied);
             if simple {
@@ -295,6 +318,11 @@ pub(super) fn on_server_frame_inner(
                 t.cancel = Some((my_pid, my_key));
                 return;
             }
+        }
+        b'3' if matches!(t.queue.front(), Some(Req::Internal)) => {
+            // cordon's own Close: not the client's to read.
+            t.queue.pop_front();
+            return;
         }
         b'1' | b'2' | b'3' => {
             // ParseComplete, BindComplete, CloseComplete.
@@ -412,6 +440,7 @@ pub(super) fn on_server_frame_inner(
             // The server dropped every prepared statement, cordon's too.
             if tag == "DISCARD ALL" || tag == "DEALLOCATE ALL" {
                 t.ups.cleared();
+                t.unnamed = None;
             }
             let simple = matches!(t.queue.front(), Some(Req::Simple(_) | Req::Func(_)));
             if let Some(run) = current_run(t) {
@@ -443,15 +472,17 @@ pub(super) fn on_server_frame_inner(
             );
             let simple = matches!(t.queue.front(), Some(Req::Simple(_) | Req::Func(_)));
             if let Some(run) = current_run(t) {
-                run.outcome.error = Some(e);
+                run.outcome.error = Some(e.clone());
             }
             if !simple {
                 // The failing request, then everything up to Sync is skipped.
                 // An error answering Sync itself (a deferred constraint at
                 // commit) leaves the Sync for its ReadyForQuery.
                 if !matches!(t.queue.front(), Some(Req::Sync) | None) {
-                    if let Some(Req::Exec(run)) = t.queue.pop_front() {
-                        finish_run(t, run);
+                    match t.queue.pop_front() {
+                        Some(Req::Exec(run)) => finish_run(t, run),
+                        Some(req) => upstream_failed(t, &req, Some(&e)),
+                        None => {}
                     }
                     skip_to_sync(t);
                 }
@@ -511,7 +542,7 @@ fn upstream_prepared_reply(t: &mut Tracker, f: &Frame, out: &mut BytesMut) -> bo
         b'2' | b'3' | b'n' => true,
         b'E' => {
             let e = wire::server_error(f.body());
-            let changed = e.code == "0A000" && e.message.starts_with("cached plan must not change result type");
+            let changed = stale_result(&e);
             // 26000 to a Bind of a statement prepared before: it is gone.
             let stale = changed || (e.code == "26000" && !sent.parse);
             if stale || (sent.parse && !sent.parsed) {
@@ -608,23 +639,60 @@ pub(super) fn swallow(t: &mut Tracker, f: &Frame, out: &mut BytesMut) {
 /// head; a confirmed Close forgets its statement or portal (unless a later
 /// Parse or Bind already replaced it).
 pub(super) fn complete(t: &mut Tracker) {
-    if !matches!(t.queue.front(), Some(Req::Parse | Req::Bind | Req::Close { .. })) {
+    if !matches!(t.queue.front(), Some(Req::Parse { .. } | Req::Bind { .. } | Req::Close { .. } | Req::Internal)) {
         return;
     }
-    if let Some(Req::Close { statement, name, gen }) = t.queue.pop_front() {
-        if statement {
-            if t.prepared.get(&name).is_some_and(|p| p.gen == gen) {
-                t.prepared.remove(&name);
-            }
-        } else if t.portals.get(&name).is_some_and(|p| p.gen == gen) {
-            t.portals.remove(&name);
-        }
+    match t.queue.pop_front() {
+        Some(Req::Parse { key: Some(key), .. }) => t.ups.confirmed(&key),
+        Some(Req::Close { statement, name, gen, .. }) => closed(t, statement, &name, gen),
+        _ => {}
     }
+}
+
+/// A Close took effect: its statement or portal is forgotten, unless a
+/// later Parse or Bind already replaced it.
+fn closed(t: &mut Tracker, statement: bool, name: &Bytes, gen: u64) {
+    if statement {
+        if t.prepared.get(name).is_some_and(|p| p.gen == gen) {
+            t.prepared.remove(name);
+        }
+    } else if t.portals.get(name).is_some_and(|p| p.gen == gen) {
+        t.portals.remove(name);
+    }
+}
+
+/// A request of the FIFO that never reached the server or failed there:
+/// a statement of cordon's it was to create, or found stale, is forgotten.
+fn upstream_failed(t: &mut Tracker, req: &Req, e: Option<&crate::pipeline::ServerError>) {
+    match req {
+        Req::Parse { key: Some(key), .. } => {
+            t.ups.forget(key, false);
+            if t.unnamed.as_ref().is_some_and(|(_, k)| k == key) {
+                t.unnamed = None;
+            }
+        }
+        Req::Bind { key: Some(key) } => {
+            let changed = e.is_some_and(stale_result);
+            if changed || e.is_some_and(|e| e.code == "26000") {
+                t.ups.forget(key, changed);
+                if t.unnamed.as_ref().is_some_and(|(_, k)| k == key) {
+                    t.unnamed = None;
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// PostgreSQL refusing a prepared statement whose result columns changed.
+fn stale_result(e: &crate::pipeline::ServerError) -> bool {
+    e.code == "0A000" && e.message.starts_with("cached plan must not change result type")
 }
 
 pub(super) fn skip_to_sync(t: &mut Tracker) {
     while !matches!(t.queue.front(), Some(Req::Sync) | None) {
         match t.queue.pop_front() {
+            Some(req @ Req::Parse { .. }) => upstream_failed(t, &req, None),
             Some(Req::Exec(mut run)) => {
                 run.outcome.skipped = true;
                 finish_run(t, run);
