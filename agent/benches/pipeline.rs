@@ -150,6 +150,34 @@ fn statement(c: &mut Criterion) {
             black_box(cordon::postgres::shape::scan(black_box(&texts[i])))
         })
     });
+    // A simple query cordon sends prepared (see `postgres::prepare`): its
+    // mask-at-read rewrite with the number lifted out, bound to the
+    // statement prepared before.
+    let rewritten: Vec<String> = (0..1000)
+        .map(|i| {
+            format!(
+                "SELECT abalance FROM (SELECT pgbench_accounts.aid, pgbench_accounts.bid, \
+                 CASE WHEN pgbench_accounts.abalance IS NULL THEN NULL ELSE 0 END::integer AS abalance, \
+                 pgbench_accounts.filler FROM public.pgbench_accounts pgbench_accounts) pgbench_accounts \
+                 WHERE aid = {};",
+                1 + i * 997 % 1_000_000
+            )
+        })
+        .collect();
+    let plans = cordon::postgres::prepare::Plans::default();
+    let mut ups = cordon::postgres::prepare::Upstream::new(true);
+    let mut out = bytes::BytesMut::new();
+    let _ = ups.send(&plans, &rewritten[0], &mut out);
+    if let Some(sent) = ups.send(&plans, &rewritten[1], &mut out) {
+        ups.confirmed(&sent.key);
+    }
+    g.bench_function("prepare_bound", |b| {
+        b.iter(|| {
+            i = (i + 1) % rewritten.len();
+            out.clear();
+            black_box(ups.send(&plans, black_box(&rewritten[i]), &mut out).map(|s| s.parse))
+        })
+    });
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let log =
         cordon::audit::AuditLog::open(dir.path(), cordon::audit::Settings::default()).unwrap_or_else(|e| panic!("{e}"));
