@@ -348,3 +348,53 @@ print(json.dumps(out))
         assert_eq!(got[format!("{n} closed")], true, "{got}");
     }
 }
+
+/// The unnamed statement that stands for one of cordon's must never fall
+/// back to an older text the session stopped tracking: after DEALLOCATE ALL
+/// (which drops cordon's statement but not PostgreSQL's own unnamed one), a
+/// Bind of the unnamed statement must not run the text parsed before it
+/// (which could be one that needs approval at every execution).
+#[test]
+fn the_unnamed_statement_never_falls_back_to_an_older_text() {
+    require_e2e!();
+    let s = setup("fallback", "");
+    let (_d, script) = workload_script(
+        "fallback.py",
+        r#"
+import json, sys, psycopg
+c = psycopg.connect(sys.argv[1], autocommit=True)
+pg = c.pgconn
+def bind():
+    r = pg.exec_prepared(b"", [])
+    return r.get_value(0, 0).decode() if r.status == 2 else "error " + (r.error_field(ord("C")) or b"").decode()
+out = []
+pg.prepare(b"", b"select 'A' as v")
+out.append(bind())
+for _ in range(2):
+    pg.prepare(b"", b"select 'B' as v")
+out.append(bind())
+c.execute("deallocate all")
+out.append(bind())
+pg.prepare(b"", b"select 'B' as v")
+out.append(bind())
+print(json.dumps(out))
+"#,
+    )
+    .unwrap();
+    let out = s
+        .cg
+        .command(TEST_PYTHON)
+        .arg(&script)
+        .arg(format!("host=127.0.0.2 port={} dbname=postgres", s.pg.port))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    let got: Vec<String> = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(got[0], "A");
+    assert_eq!(got[1], "B");
+    // PostgreSQL would still run B; cordon's copy of B is gone, and the
+    // server's own unnamed statement was closed when B replaced it: an
+    // error, never A.
+    assert!(got[2] == "B" || got[2].starts_with("error 26000"), "{got:?}");
+    assert_eq!(got[3], "B", "{got:?}");
+}

@@ -637,26 +637,44 @@ pub(super) fn on_client_frame(
                 } else {
                     crate::postgres::prepare::ParseAs::Unnamed
                 };
+                // While the unnamed statement stands for one of cordon's, the
+                // server's own unnamed statement is closed: were the mapping
+                // dropped (DEALLOCATE ALL, a stale statement), a Bind of it
+                // must fail, never run an older text the session no longer
+                // tracks (one that needs approval, say).
+                let mut upstream = BytesMut::new();
+                let close_unnamed = |t: &mut Tracker, upstream: &mut BytesMut| {
+                    if std::mem::take(&mut t.server_unnamed) {
+                        crate::postgres::prepare::close(upstream, "");
+                        t.queue.push_back(Req::Internal);
+                    }
+                };
                 forward = match how {
                     crate::postgres::prepare::ParseAs::Unnamed => {
                         t.unnamed = None;
+                        t.server_unnamed = true;
                         forward
                     }
                     crate::postgres::prepare::ParseAs::Named { name: ours, key } => {
-                        let mut out = BytesMut::new();
+                        close_unnamed(t, &mut upstream);
                         for c in t.ups.take_closes() {
-                            crate::postgres::prepare::close(&mut out, &c);
+                            crate::postgres::prepare::close(&mut upstream, &c);
                             t.queue.push_back(Req::Internal);
                         }
-                        out.extend_from_slice(&parse_frame(ours.as_bytes(), upstream_text, types));
+                        upstream.extend_from_slice(&parse_frame(ours.as_bytes(), upstream_text, types));
                         req = Req::Parse { key: Some(key.clone()), answered: false };
                         t.unnamed = Some((ours, key));
-                        Forward::Rewritten(out.freeze())
+                        Forward::Rewritten(upstream.freeze())
                     }
                     crate::postgres::prepare::ParseAs::Prepared { name: ours, key } => {
+                        close_unnamed(t, &mut upstream);
                         req = Req::Parse { key: None, answered: true };
                         t.unnamed = Some((ours, key));
-                        Forward::Drop
+                        if upstream.is_empty() {
+                            Forward::Drop
+                        } else {
+                            Forward::Rewritten(upstream.freeze())
+                        }
                     }
                 };
             }
@@ -844,17 +862,18 @@ pub(super) fn on_client_frame(
                 reserved_name(t, &name, "Close")?;
             }
             // Closing the unnamed statement that stands for one of cordon's:
-            // cordon's stays prepared, and cordon answers.
-            let answered = statement && name.is_empty() && t.unnamed.take().is_some();
-            if answered {
-                forward = Forward::Drop;
+            // cordon's stays prepared; the Close goes on to the server's own
+            // unnamed statement (already closed), which answers it.
+            if statement && name.is_empty() {
+                t.unnamed = None;
+                t.server_unnamed = false;
             }
             let gen = if statement {
                 t.prepared.get(&name).map_or(0, |p| p.gen)
             } else {
                 t.portals.get(&name).map_or(0, |p| p.gen)
             };
-            t.queue.push_back(Req::Close { statement, name, gen, answered });
+            t.queue.push_back(Req::Close { statement, name, gen });
         }
         b'S' => t.queue.push_back(Req::Sync),
         b'H' | b'X' | b'd' | b'c' | b'f' | b'p' => {}

@@ -149,13 +149,10 @@ enum Req {
     /// Closing a statement (true) or portal, forgotten when the server
     /// confirms: results of an Execute sent before the Close still need
     /// its description (sqlx sends Bind, Execute, Close, Sync).
-    /// `answered`: the unnamed statement stood for one of cordon's, which
-    /// stays; cordon answers the CloseComplete.
     Close {
         statement: bool,
         name: Bytes,
         gen: u64,
-        answered: bool,
     },
     /// A Close of cordon's own (an evicted prepared statement): its
     /// CloseComplete is not the client's.
@@ -229,6 +226,9 @@ struct Tracker {
     /// The statement of cordon's (name, key) the client's unnamed
     /// statement stands for upstream, if any.
     unnamed: Option<(String, String)>,
+    /// The server may hold an unnamed statement of its own (one was parsed
+    /// unnamed and not closed since).
+    server_unnamed: bool,
     /// Messages from cordon for the server, written by the client side
     /// before anything else (a stale prepared statement sent again).
     to_server: BytesMut,
@@ -340,6 +340,7 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
         to_client: BytesMut::new(),
         ups: super::prepare::Upstream::new(ctx.rule.prepare_statements),
         unnamed: None,
+        server_unnamed: false,
         to_server: BytesMut::new(),
     }));
 

@@ -210,9 +210,9 @@ pub(super) fn resolve_portal_description(t: &mut Tracker) {
 }
 
 /// Emit what cordon answers itself that has reached the head of the
-/// queue: refusals, and the ParseComplete or CloseComplete of an unnamed
-/// statement that stands for one of cordon's (none while a refused result
-/// is swallowed: the client reads nothing more up to Sync).
+/// queue: refusals, and the ParseComplete of an unnamed statement that
+/// stands for one of cordon's (none while a refused result is swallowed:
+/// the client reads nothing more up to Sync).
 pub(super) fn drain_refusals(t: &mut Tracker, out: &mut BytesMut) {
     loop {
         match t.queue.front() {
@@ -220,15 +220,6 @@ pub(super) fn drain_refusals(t: &mut Tracker, out: &mut BytesMut) {
                 t.queue.pop_front();
                 if !t.swallowing {
                     out.extend_from_slice(&[b'1', 0, 0, 0, 4]);
-                }
-                continue;
-            }
-            Some(Req::Close { answered: true, .. }) => {
-                if let Some(Req::Close { statement, name, gen, .. }) = t.queue.pop_front() {
-                    closed(t, statement, &name, gen);
-                }
-                if !t.swallowing {
-                    out.extend_from_slice(&[b'3', 0, 0, 0, 4]);
                 }
                 continue;
             }
@@ -644,7 +635,7 @@ pub(super) fn complete(t: &mut Tracker) {
     }
     match t.queue.pop_front() {
         Some(Req::Parse { key: Some(key), .. }) => t.ups.confirmed(&key),
-        Some(Req::Close { statement, name, gen, .. }) => closed(t, statement, &name, gen),
+        Some(Req::Close { statement, name, gen }) => closed(t, statement, &name, gen),
         _ => {}
     }
 }
