@@ -351,9 +351,10 @@ print(json.dumps(out))
 
 /// The unnamed statement that stands for one of cordon's must never fall
 /// back to an older text the session stopped tracking: after DEALLOCATE ALL
-/// (which drops cordon's statement but not PostgreSQL's own unnamed one), a
-/// Bind of the unnamed statement must not run the text parsed before it
-/// (which could be one that needs approval at every execution).
+/// run from a named statement (which drops cordon's statement but not
+/// PostgreSQL's own unnamed one), a Bind of the unnamed statement must not
+/// run the text parsed before it (which could be one that needs approval at
+/// every execution).
 #[test]
 fn the_unnamed_statement_never_falls_back_to_an_older_text() {
     require_e2e!();
@@ -368,12 +369,16 @@ def bind():
     r = pg.exec_prepared(b"", [])
     return r.get_value(0, 0).decode() if r.status == 2 else "error " + (r.error_field(ord("C")) or b"").decode()
 out = []
+# B once (sent as it came), then A (the server's unnamed statement is A),
+# then B again: the second sighting, parsed under a name of cordon's.
+pg.prepare(b"", b"select 'B' as v")
 pg.prepare(b"", b"select 'A' as v")
 out.append(bind())
-for _ in range(2):
-    pg.prepare(b"", b"select 'B' as v")
+pg.prepare(b"", b"select 'B' as v")
 out.append(bind())
-c.execute("deallocate all")
+# Through a named statement: a simple query would drop the unnamed one too.
+pg.prepare(b"dealloc", b"deallocate all")
+pg.exec_prepared(b"dealloc", [])
 out.append(bind())
 pg.prepare(b"", b"select 'B' as v")
 out.append(bind())
