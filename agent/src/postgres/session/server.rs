@@ -258,6 +258,14 @@ pub(super) fn on_server_frame(
 ) {
     // Refusals queued before this response go out first.
     drain_refusals(t, out);
+    // PostgreSQL's own words (a cast error echoing its input, a duplicate
+    // key, a notification payload) pass the detectors like any value, held
+    // ones too.
+    let masked = matches!(f.tag, b'E' | b'N' | b'A')
+        .then(|| crate::postgres::read_mask::mask_server_text(f.tag, f.body(), &t.gov.classifier, &t.gov.profile))
+        .flatten()
+        .map(|bytes| Frame { tag: f.tag, bytes });
+    let f = masked.as_ref().unwrap_or(f);
     if upstream_prepared_reply(t, f, out) {
         return;
     }
@@ -268,16 +276,6 @@ pub(super) fn on_server_frame(
             for n in &run.notes.notices {
                 crate::postgres::read_mask::notice(out, n);
             }
-        }
-    }
-    // PostgreSQL's own words (a cast error echoing its input, a duplicate
-    // key, a notification payload) pass the detectors like any value.
-    if matches!(f.tag, b'E' | b'N' | b'A') {
-        if let Some(masked) =
-            crate::postgres::read_mask::mask_server_text(f.tag, f.body(), &t.gov.classifier, &t.gov.profile)
-        {
-            let masked = Frame { tag: f.tag, bytes: masked };
-            return on_server_frame_inner(t, &masked, out, ctx, lookup_error);
         }
     }
     on_server_frame_inner(t, f, out, ctx, lookup_error)
