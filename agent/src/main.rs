@@ -192,6 +192,10 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     // every hop through it is a wake-up; a worker per core spends more on
     // waking the other workers than it gains (on 2 cores, 10 % more CPU
     // per PostgreSQL statement and 15 % more per SSH GiB; BENCHMARKS.md).
+    // Checked again once statements were prepared upstream and the CPUs sat
+    // idle 15 µs per transaction at 8 clients: two workers still used 14-36 %
+    // more CPU per transaction and lost throughput (pgbench -S simple, c1
+    // 0.81 → 0.77 of direct, c8 0.40 → 0.34; `bench ab`).
     // CORDON_WORKER_THREADS overrides it.
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     let workers = std::env::var("CORDON_WORKER_THREADS")
