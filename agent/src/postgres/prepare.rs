@@ -95,6 +95,12 @@ impl Plans {
     /// `text` with its values as parameters, or None when it is not to be
     /// prepared (see the module comment).
     pub fn parameterize(&self, text: &str) -> Option<Parameterized> {
+        self.parameterize_memo(text).map(|(p, _)| p)
+    }
+
+    /// As `parameterize`, with what a session keeps to lift the numbers
+    /// out of the next text of the same shape without the scanner.
+    fn parameterize_memo(&self, text: &str) -> Option<(Parameterized, Memo)> {
         if text.len() > MAX_TEXT || text.contains('\0') {
             return None;
         }
@@ -122,7 +128,16 @@ impl Plans {
         }
         key.push_str(text.get(at..)?);
         let plan = self.plan(&key, text, &numbers)?;
-        build(text, &numbers, &plan)
+        let p = build(text, &numbers, &plan)?;
+        let memo = Memo {
+            text: text.to_string(),
+            numbers: numbers
+                .iter()
+                .map(|n| Some((n.start, n.end, is_int(text.get(n.start..n.end)?))))
+                .collect::<Option<_>>()?,
+            plan,
+        };
+        Some((p, memo))
     }
 
     fn plan(&self, key: &str, text: &str, numbers: &[Number]) -> Option<Arc<[bool]>> {
@@ -138,6 +153,74 @@ impl Plans {
         }
         plan
     }
+}
+
+/// A text parameterised before, kept by its session: its number tokens
+/// (start, end, digits only) and which are parameters. A later text that
+/// equals it byte for byte outside those numbers, with numbers of the same
+/// form in their place, tokenises the same way (the scanner's choices
+/// around a number depend on the text beside it, which is equal, and on
+/// the number's form, which is the same), so it parses to the same tree
+/// with other constant values: the plan holds for it without the scanner.
+struct Memo {
+    text: String,
+    numbers: Vec<(usize, usize, bool)>,
+    plan: Arc<[bool]>,
+}
+
+impl Memo {
+    /// `text` parameterised by this memo's plan, if it has the same shape.
+    fn apply(&self, text: &str) -> Option<Parameterized> {
+        let (old, new) = (self.text.as_bytes(), text.as_bytes());
+        let mut numbers = Vec::with_capacity(self.numbers.len());
+        let (mut at_old, mut at_new) = (0, 0);
+        for &(start, end, int) in &self.numbers {
+            let lit = old.get(at_old..start)?;
+            if new.get(at_new..at_new + lit.len())? != lit {
+                return None;
+            }
+            let n_start = at_new + lit.len();
+            let n_end = n_start + munch(new.get(n_start..)?);
+            let raw = text.get(n_start..n_end)?;
+            if !decimal(raw) || is_int(raw) != int {
+                return None;
+            }
+            numbers.push(Number { start: n_start, end: n_end, minus: None });
+            at_old = end;
+            at_new = n_end;
+        }
+        if old.get(at_old..)? != new.get(at_new..)? {
+            return None;
+        }
+        build(text, &numbers, &self.plan)
+    }
+}
+
+/// How long the number at the start of `b` is, as the scanner munches it:
+/// digits, a point and digits, an exponent only when digits follow it.
+fn munch(b: &[u8]) -> usize {
+    let digits = |mut i: usize| {
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        i
+    };
+    let mut i = digits(0);
+    if b.get(i) == Some(&b'.') && b.get(i + 1) != Some(&b'.') {
+        i = digits(i + 1);
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        let sign = usize::from(matches!(b.get(i + 1), Some(b'+' | b'-')));
+        let end = digits(i + 1 + sign);
+        if end > i + 1 + sign {
+            i = end;
+        }
+    }
+    i
+}
+
+fn is_int(raw: &str) -> bool {
+    raw.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// A plain decimal number as PostgreSQL 15's scanner reads it (no
@@ -416,7 +499,12 @@ pub struct Upstream {
     next: u64,
     /// Names to close with the next statement sent this way.
     to_close: Vec<String>,
+    /// Texts parameterised lately, most recent first (see `Memo`).
+    memos: Vec<Memo>,
 }
+
+/// Most texts a session keeps to parameterise without the scanner.
+const MEMOS: usize = 16;
 
 enum Slot {
     /// Seen once, sent as it came.
@@ -455,7 +543,16 @@ pub struct Sent {
 
 impl Upstream {
     pub fn new(enabled: bool) -> Self {
-        Self { enabled, slots: HashMap::new(), seen: 0, prepared: 0, tick: 0, next: 0, to_close: Vec::new() }
+        Self {
+            enabled,
+            slots: HashMap::new(),
+            seen: 0,
+            prepared: 0,
+            tick: 0,
+            next: 0,
+            to_close: Vec::new(),
+            memos: Vec::new(),
+        }
     }
 
     /// The messages that run `text` as a prepared statement, appended to
@@ -465,7 +562,7 @@ impl Upstream {
         if !self.enabled {
             return None;
         }
-        let p = plans.parameterize(text)?;
+        let p = self.parameterize(plans, text)?;
         self.tick += 1;
         let (name, parse) = match self.slots.get_mut(&p.key) {
             None => {
@@ -504,6 +601,27 @@ impl Upstream {
         out.put_u8(b'S');
         out.put_i32(4);
         Some(Sent { key: p.key, parse, parsed: false, text: String::new(), retrying: None })
+    }
+
+    /// `text` parameterised: by a memo of the same shape if one matches
+    /// (no scanner, no shared lock), else by the shared plans.
+    fn parameterize(&mut self, plans: &Plans, text: &str) -> Option<Parameterized> {
+        if text.len() > MAX_TEXT {
+            return None;
+        }
+        for i in 0..self.memos.len() {
+            if let Some(p) = self.memos.get(i).and_then(|m| m.apply(text)) {
+                if i > 0 {
+                    let m = self.memos.remove(i);
+                    self.memos.insert(0, m);
+                }
+                return Some(p);
+            }
+        }
+        let (p, memo) = plans.parameterize_memo(text)?;
+        self.memos.truncate(MEMOS - 1);
+        self.memos.insert(0, memo);
+        Some(p)
     }
 
     /// What becomes of a client's Parse of the unnamed statement (`types`:

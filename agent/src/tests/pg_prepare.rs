@@ -223,3 +223,48 @@ fn an_unnamed_parse_seen_before_is_named_then_answered() {
     assert_eq!(u.take_closes(), vec![name]);
     assert!(Upstream::new(false).parse_unnamed(text, &types) == ParseAs::Unnamed);
 }
+
+#[test]
+fn a_memo_lifts_the_same_numbers_as_the_scanner_or_declines() {
+    let plans = Plans::default();
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "select a, b + 1 from t where c = 2 and d in (3, 4.5) order by 2 limit 10",
+            &[
+                "select a, b + 7 from t where c = 20 and d in (300, 4.75) order by 2 limit 1",
+                "select a, b + 7 from t where c = 20 and d in (300, 4e5) order by 2 limit 1",
+                "select a, b + 7 from t where c = 2147483648 and d in (3, 0.5) order by 2 limit 10",
+            ],
+        ),
+        ("select a[1:2], b from t where x = -5 /* 6 */", &["select a[10:20], b from t where x = -7 /* 6 */"]),
+        ("select * from t where name = 'a1' and n = 1", &["select * from t where name = 'a1' and n = 99"]),
+    ];
+    for (first, later) in cases {
+        let (_, memo) = plans.parameterize_memo(first).unwrap_or_else(|| panic!("{first}"));
+        for text in *later {
+            assert_eq!(memo.apply(text), plans.parameterize(text), "{text}");
+            assert!(memo.apply(text).is_some(), "{text}");
+        }
+    }
+    // Anything else declines: the scanner reads it.
+    let (_, memo) = plans.parameterize_memo("select * from t where name = 'a1' and n = 1 and f = 2.5").unwrap();
+    for text in [
+        "select * from t where name = 'a2' and n = 1 and f = 2.5",
+        "select * from t where name = 'a1' and n = 1.0 and f = 2.5",
+        "select * from t where name = 'a1' and n = 1 and f = 25",
+        "select * from t where name = 'a1' and n = 1 and f = 2.5 ",
+        "select * from t where name = 'a1' and n = 1e and f = 2.5",
+        "select * from t where name = 'a1' and n = 0x1 and f = 2.5",
+        "select * from t where name = 'a1' and n = 1 and f = 2.5.5",
+        "select * from t where name = 'a1' and n =  and f = 2.5",
+    ] {
+        assert_eq!(memo.apply(text), None, "{text}");
+    }
+    // Through a session: the memo serves the second text of a shape.
+    let mut u = Upstream::new(true);
+    let mut out = BytesMut::new();
+    assert!(u.send(&plans, "select * from t where a = 1", &mut out).is_none());
+    assert_eq!(u.memos.len(), 1);
+    assert!(u.send(&plans, "select * from t where a = 2", &mut out).is_some_and(|s| s.parse));
+    assert_eq!(u.memos.len(), 1, "served by the memo");
+}
