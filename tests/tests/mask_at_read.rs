@@ -473,7 +473,8 @@ fn the_rewrite_keeps_plans_and_is_invisible_to_unmasked_columns() {
 fn what_a_partial_mask_keeps_still_passes_the_detectors() {
     require_e2e!();
     let s = setup("partial-tail");
-    s.pg.admin_sql("update customers set email = 'x@ 4111 1111 1111 1111 or 123-45-6789' where id = 2").expect("update");
+    s.pg.admin_sql("update customers set email = 'x@ 4111 1111 1111 1111 or 123-45-6789' where id = 2")
+        .expect("update");
     let got = s.run(&[
         "select email from customers where id = 2",
         "select lower(email) as e from customers where id = 2",

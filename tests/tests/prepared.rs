@@ -6,7 +6,9 @@
 //! types, rows, SQLSTATEs) must be the same. Then the ways a prepared
 //! statement goes stale, and the names a workload may not touch.
 
-use cordon_tests::{lines_of, require_e2e, stderr, stdout, workload_script, Agent, Cgroup, Postgres, APP_PASSWORD, TEST_PYTHON};
+use cordon_tests::{
+    lines_of, require_e2e, stderr, stdout, workload_script, Agent, Cgroup, Postgres, APP_PASSWORD, TEST_PYTHON,
+};
 use serde_json::Value;
 use std::io::Write;
 
@@ -132,7 +134,12 @@ fn run_mode(cmd: &mut std::process::Command, conn: &str, reps: usize, mode: &str
 fn simple_queries_answer_the_same_when_cordon_prepares_them_upstream() {
     require_e2e!();
     let s = setup("same", "");
-    let through = run(&mut s.cg.command(TEST_PYTHON), &format!("host=127.0.0.2 port={} dbname=postgres", s.pg.port), 3, STATEMENTS);
+    let through = run(
+        &mut s.cg.command(TEST_PYTHON),
+        &format!("host=127.0.0.2 port={} dbname=postgres", s.pg.port),
+        3,
+        STATEMENTS,
+    );
     let direct = run(
         &mut std::process::Command::new(TEST_PYTHON),
         &format!("host=127.0.0.2 port={} dbname=postgres user=app password={APP_PASSWORD} sslmode=require", s.pg.port),
@@ -171,7 +178,10 @@ fn unnamed_statements_answer_the_same_when_cordon_keeps_them_prepared() {
     let mut statements: Vec<Value> = STATEMENTS.iter().map(|q| Value::from(*q)).collect();
     statements.extend([
         serde_json::json!(["select id, price, name from items where id = $1", [["3"], ["4"], ["5"]]]),
-        serde_json::json!(["select count(*) from items where n = $1 and price > $2", [["1", "2.5"], ["2", "10"], ["3", "0"]]]),
+        serde_json::json!([
+            "select count(*) from items where n = $1 and price > $2",
+            [["1", "2.5"], ["2", "10"], ["3", "0"]]
+        ]),
         serde_json::json!(["select $1::int + 1, pg_typeof($2)", [["1", "x"], ["2", "y"], ["3", "z"]]]),
         serde_json::json!(["update w set name = $1 where id = 1 returning name", [["a"], ["b"], ["c"]]]),
         serde_json::json!(["select id from items where id = $1", [["x"], ["1"], ["2"]]]),
@@ -213,7 +223,12 @@ fn an_intercept_can_turn_preparing_off() {
     );
     let mut agent = Agent::new(&body).unwrap();
     agent.start().unwrap();
-    let got = run(&mut cg.command(TEST_PYTHON), &format!("host=127.0.0.2 port={} dbname=postgres", pg.port), 3, &STATEMENTS[..4]);
+    let got = run(
+        &mut cg.command(TEST_PYTHON),
+        &format!("host=127.0.0.2 port={} dbname=postgres", pg.port),
+        3,
+        &STATEMENTS[..4],
+    );
     assert_eq!(got["prepared"], 0, "{got}");
     assert!(got["results"][0][2][1].is_array(), "{got}");
 }
@@ -255,15 +270,14 @@ print(json.dumps([prepared(), ncols(), ncols(), ncols(), prepared()]), flush=Tru
 "#,
     )
     .unwrap();
-    let mut child = s
-        .cg
-        .command(TEST_PYTHON)
-        .arg(&script)
-        .arg(format!("host=127.0.0.2 port={} dbname=postgres", s.pg.port))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child =
+        s.cg.command(TEST_PYTHON)
+            .arg(&script)
+            .arg(format!("host=127.0.0.2 port={} dbname=postgres", s.pg.port))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
     let mut lines = lines_of(&mut child);
     let line = |l: Option<String>| serde_json::from_str::<Value>(&l.unwrap_or_default()).unwrap_or_default();
     let before = line(lines.next());
@@ -319,13 +333,12 @@ print(json.dumps(out))
 "#,
     )
     .unwrap();
-    let out = s
-        .cg
-        .command(TEST_PYTHON)
-        .arg(&script)
-        .arg(format!("host=127.0.0.2 port={} dbname=postgres", s.pg.port))
-        .output()
-        .unwrap();
+    let out =
+        s.cg.command(TEST_PYTHON)
+            .arg(&script)
+            .arg(format!("host=127.0.0.2 port={} dbname=postgres", s.pg.port))
+            .output()
+            .unwrap();
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     let got: Value = serde_json::from_str(&stdout(&out)).unwrap();
     let names = got["names"].as_array().unwrap();
@@ -386,13 +399,12 @@ print(json.dumps(out))
 "#,
     )
     .unwrap();
-    let out = s
-        .cg
-        .command(TEST_PYTHON)
-        .arg(&script)
-        .arg(format!("host=127.0.0.2 port={} dbname=postgres", s.pg.port))
-        .output()
-        .unwrap();
+    let out =
+        s.cg.command(TEST_PYTHON)
+            .arg(&script)
+            .arg(format!("host=127.0.0.2 port={} dbname=postgres", s.pg.port))
+            .output()
+            .unwrap();
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     let got: Vec<String> = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(got[0], "A");

@@ -127,7 +127,11 @@ impl Validator<'_> {
         let users = raw.users.iter().map(|(k, v)| (k.clone(), v.get_ref().clone())).collect();
         let is_postgres = protocol.is_some_and(|p| p.name() == "postgres");
         if let (Some(p), false) = (&raw.prepare_statements, is_postgres) {
-            self.error(p.span(), &field("prepare_statements"), "prepare_statements applies to protocol = \"postgres\" only");
+            self.error(
+                p.span(),
+                &field("prepare_statements"),
+                "prepare_statements applies to protocol = \"postgres\" only",
+            );
             return None;
         }
         let prepare_statements = raw.prepare_statements.as_ref().is_none_or(|p| *p.get_ref());

@@ -330,7 +330,8 @@ impl Catalog {
         if changed {
             self.invalidate();
         }
-        let mut missing: Vec<u32> = columns.iter().map(|(o, _)| *o).filter(|o| *o != 0 && !self.fresh_oid(*o)).collect();
+        let mut missing: Vec<u32> =
+            columns.iter().map(|(o, _)| *o).filter(|o| *o != 0 && !self.fresh_oid(*o)).collect();
         missing.sort_unstable();
         missing.dedup();
         if missing.is_empty() {

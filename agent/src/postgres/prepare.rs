@@ -309,8 +309,8 @@ fn decide(text: &str, numbers: &[Number]) -> Option<Vec<bool>> {
     let check = build_with(text, numbers, &plan, &probe, |_, _| Some(INT4))?;
     let reparsed = pg_query::parse(&check.text, 0).ok()?;
     let [again] = reparsed.protobuf.stmts.as_slice() else { return None };
-    let same_kind = std::mem::discriminant(again.stmt.as_deref()?.node.as_ref()?)
-        == std::mem::discriminant(stmt.node.as_ref()?);
+    let same_kind =
+        std::mem::discriminant(again.stmt.as_deref()?.node.as_ref()?) == std::mem::discriminant(stmt.node.as_ref()?);
     same_kind.then_some(plan)
 }
 
@@ -511,7 +511,10 @@ enum Slot {
     Seen,
     /// Parse sent, not yet confirmed: sent as it came meanwhile.
     Pending(String),
-    Ready { name: String, used: u64 },
+    Ready {
+        name: String,
+        used: u64,
+    },
 }
 
 /// How a client's Parse of the unnamed statement goes upstream.

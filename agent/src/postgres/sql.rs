@@ -69,9 +69,11 @@ impl Cache {
             }
         }
         let parsed = pg_query::parse(sql, 0).map_err(|e| format!("{e}"));
-        let facts = parsed.as_ref().map_err(Clone::clone).and_then(|p| match super::prepare::names_reserved(&p.protobuf.stmts) {
-            Some(reserved) => Err(reserved),
-            None => Ok(Arc::new(analyse_parsed(&p.protobuf))),
+        let facts = parsed.as_ref().map_err(Clone::clone).and_then(|p| {
+            match super::prepare::names_reserved(&p.protobuf.stmts) {
+                Some(reserved) => Err(reserved),
+                None => Ok(Arc::new(analyse_parsed(&p.protobuf))),
+            }
         });
         let mut shape = None;
         if let (Ok(p), Ok(f), Some(key)) = (&parsed, &facts, &scan.key) {

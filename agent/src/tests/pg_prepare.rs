@@ -54,7 +54,10 @@ fn numbers_that_are_not_values_stay_constants() {
     assert_eq!(values, ["8"]);
     let (text, _, _) =
         lifted("insert into t values (1, 2) on conflict ((a + 3)) where b = 4 do update set b = 5 where t.a = 6");
-    assert_eq!(text, "insert into t values ($1, $2) on conflict ((a + 3)) where b = 4 do update set b = $3 where t.a = $4");
+    assert_eq!(
+        text,
+        "insert into t values ($1, $2) on conflict ((a + 3)) where b = 4 do update set b = $3 where t.a = $4"
+    );
     // Not numbers in PostgreSQL 15's scanner: left as written.
     let (text, _, _) = lifted("select * from t where a = 0x1F or b = 1_000");
     assert!(text.contains("0x1F") && text.contains("1_000"), "{text}");
@@ -129,7 +132,9 @@ fn the_reserved_names_are_refused_in_sql_whatever_their_case() {
     for sql in ["prepare mine as select 1", "deallocate all", "execute mine", "select '__cordon_1'"] {
         assert_eq!(reserved(sql), None, "{sql}");
     }
-    assert!(reserved_name_bytes(b"__cordon_9") && reserved_name_bytes(b"__CORDON_x") && !reserved_name_bytes(b"cordon_1"));
+    assert!(
+        reserved_name_bytes(b"__cordon_9") && reserved_name_bytes(b"__CORDON_x") && !reserved_name_bytes(b"cordon_1")
+    );
 }
 
 fn reserved_name_bytes(n: &[u8]) -> bool {

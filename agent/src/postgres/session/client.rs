@@ -629,9 +629,9 @@ pub(super) fn on_client_frame(
             let mut req = Req::Parse { key: None, answered: false };
             if name.is_empty() {
                 let upstream_text = rewritten.as_deref().unwrap_or(&text);
-                let single_dml = facts.as_deref().is_some_and(|f| {
-                    matches!(f.as_slice(), [one] if matches!(one.kind, StmtKind::Read | StmtKind::Write))
-                });
+                let single_dml = facts.as_deref().is_some_and(
+                    |f| matches!(f.as_slice(), [one] if matches!(one.kind, StmtKind::Read | StmtKind::Write)),
+                );
                 let how = if single_dml {
                     t.ups.parse_unnamed(upstream_text, types)
                 } else {
