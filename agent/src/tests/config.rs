@@ -106,6 +106,20 @@ fn shipped_policies_are_valid() {
 }
 
 #[test]
+fn prepare_statements_is_a_postgres_setting_on_by_default() {
+    let pg = GOOD
+        .replace("protocol = \"tcp\"", "protocol = \"postgres\"\ncredentials = \"prod\"")
+        .replace("[\"127.0.0.2/32\", \"::1\"]", "[\"127.0.0.2/32\"]");
+    assert!(p(&pg).expect("valid").intercepts[0].prepare_statements);
+    let off = pg.replace("port = 5432\n", "port = 5432\nprepare_statements = false\n");
+    assert!(!p(&off).expect("valid").intercepts[0].prepare_statements);
+    let relay = GOOD.replace("port = 5432\n", "port = 5432\nprepare_statements = false\n");
+    let errs = p(&relay).expect_err("a byte relay prepares nothing").0;
+    assert_eq!(errs[0].field, "intercept[0].prepare_statements", "{errs:?}");
+    assert_eq!(errs[0].line, 9, "{errs:?}");
+}
+
+#[test]
 fn login_settings_belong_to_protocols_that_log_in() {
     let relay = GOOD.replace("port = 5432\n", "port = 5432\ncredentials = \"prod\"\n");
     let errs = p(&relay).expect_err("a byte relay never logs in").0;
