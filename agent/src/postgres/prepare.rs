@@ -506,6 +506,15 @@ pub struct Upstream {
 /// Most texts a session keeps to parameterise without the scanner.
 const MEMOS: usize = 16;
 
+/// What a sighting of a statement means (see `Upstream::sighting`).
+enum Sighting {
+    First,
+    /// Its Parse is in flight: sent as it came meanwhile.
+    Pending,
+    Ready(String),
+    Second(String),
+}
+
 enum Slot {
     /// Seen once, sent as it came.
     Seen,
@@ -566,23 +575,10 @@ impl Upstream {
             return None;
         }
         let p = self.parameterize(plans, text)?;
-        self.tick += 1;
-        let (name, parse) = match self.slots.get_mut(&p.key) {
-            None => {
-                if self.seen >= MAX_SEEN {
-                    self.slots.retain(|_, s| !matches!(s, Slot::Seen));
-                    self.seen = 0;
-                }
-                self.slots.insert(p.key, Slot::Seen);
-                self.seen += 1;
-                return None;
-            }
-            Some(Slot::Pending(_)) => return None,
-            Some(Slot::Ready { name, used }) => {
-                *used = self.tick;
-                (name.clone(), false)
-            }
-            Some(Slot::Seen) => (self.name_for(&p.key), true),
+        let (name, parse) = match self.sighting(&p.key) {
+            Sighting::First | Sighting::Pending => return None,
+            Sighting::Ready(name) => (name, false),
+            Sighting::Second(name) => (name, true),
         };
         for c in self.to_close.drain(..) {
             close(out, &c);
@@ -644,26 +640,33 @@ impl Upstream {
         }
         key.push('\0');
         key.push_str(text);
+        match self.sighting(&key) {
+            Sighting::First | Sighting::Pending => ParseAs::Unnamed,
+            Sighting::Ready(name) => ParseAs::Prepared { name, key },
+            Sighting::Second(name) => ParseAs::Named { name, key },
+        }
+    }
+
+    /// Another sighting of the statement `key` (counted for the LRU): the
+    /// first is remembered, the second gets a name to prepare under.
+    fn sighting(&mut self, key: &str) -> Sighting {
         self.tick += 1;
-        match self.slots.get_mut(&key) {
+        match self.slots.get_mut(key) {
             None => {
                 if self.seen >= MAX_SEEN {
                     self.slots.retain(|_, s| !matches!(s, Slot::Seen));
                     self.seen = 0;
                 }
-                self.slots.insert(key, Slot::Seen);
+                self.slots.insert(key.to_string(), Slot::Seen);
                 self.seen += 1;
-                ParseAs::Unnamed
+                Sighting::First
             }
-            Some(Slot::Pending(_)) => ParseAs::Unnamed,
+            Some(Slot::Pending(_)) => Sighting::Pending,
             Some(Slot::Ready { name, used }) => {
                 *used = self.tick;
-                ParseAs::Prepared { name: name.clone(), key }
+                Sighting::Ready(name.clone())
             }
-            Some(Slot::Seen) => {
-                let name = self.name_for(&key);
-                ParseAs::Named { name, key }
-            }
+            Some(Slot::Seen) => Sighting::Second(self.name_for(key)),
         }
     }
 
