@@ -106,6 +106,23 @@ fn setup(test: &str, profile: &str) -> Setup {
     Setup { pg, cg, _agent: agent }
 }
 
+impl Setup {
+    /// A Python script run once as the workload, given the connection
+    /// string: the JSON it prints.
+    fn script(&self, name: &str, body: &str) -> Value {
+        let (_d, script) = workload_script(name, body).unwrap();
+        let out = self
+            .cg
+            .command(TEST_PYTHON)
+            .arg(&script)
+            .arg(format!("host=127.0.0.2 port={} dbname=postgres", self.pg.port))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+        serde_json::from_str(&stdout(&out)).unwrap()
+    }
+}
+
 fn run(cmd: &mut std::process::Command, conn: &str, reps: usize, statements: &[&str]) -> Value {
     run_mode(cmd, conn, reps, "simple", &serde_json::to_value(statements).unwrap())
 }
@@ -305,7 +322,7 @@ print(json.dumps([prepared(), ncols(), ncols(), ncols(), prepared()]), flush=Tru
 fn a_workload_cannot_touch_the_statements_cordon_prepared() {
     require_e2e!();
     let s = setup("reserved", "");
-    let (_d, script) = workload_script(
+    let got = s.script(
         "reserved.py",
         r#"
 import json, sys, psycopg
@@ -331,16 +348,7 @@ for name in [b"__cordon_1", b"__Cordon_99"]:
     out[name.decode() + " closed"] = d.pgconn.status != 0 or d.pgconn.exec_(b"select 1").status != 2
 print(json.dumps(out))
 "#,
-    )
-    .unwrap();
-    let out =
-        s.cg.command(TEST_PYTHON)
-            .arg(&script)
-            .arg(format!("host=127.0.0.2 port={} dbname=postgres", s.pg.port))
-            .output()
-            .unwrap();
-    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
-    let got: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    );
     let names = got["names"].as_array().unwrap();
     assert_eq!(names.len(), 1, "{got}");
     let name = names[0].as_str().unwrap();
@@ -372,7 +380,7 @@ print(json.dumps(out))
 fn the_unnamed_statement_never_falls_back_to_an_older_text() {
     require_e2e!();
     let s = setup("fallback", "");
-    let (_d, script) = workload_script(
+    let got = s.script(
         "fallback.py",
         r#"
 import json, sys, psycopg
@@ -397,16 +405,8 @@ pg.prepare(b"", b"select 'B' as v")
 out.append(bind())
 print(json.dumps(out))
 "#,
-    )
-    .unwrap();
-    let out =
-        s.cg.command(TEST_PYTHON)
-            .arg(&script)
-            .arg(format!("host=127.0.0.2 port={} dbname=postgres", s.pg.port))
-            .output()
-            .unwrap();
-    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
-    let got: Vec<String> = serde_json::from_str(&stdout(&out)).unwrap();
+    );
+    let got: Vec<String> = serde_json::from_value(got).unwrap();
     assert_eq!(got[0], "A");
     assert_eq!(got[1], "B");
     // PostgreSQL would still run B; cordon's copy of B is gone, and the
