@@ -49,9 +49,11 @@ use crate::{
 
 mod client;
 mod hold;
+mod judge;
 mod server;
 
 use client::*;
+use judge::*;
 use server::*;
 
 /// Most prepared statements / portals one session may hold.
@@ -524,7 +526,7 @@ fn fatal(tracker: &Mutex<Tracker>, code: &'static str, message: String, wake: &t
 /// The SQL text of a Query or Parse message (fuzzing entry point).
 #[doc(hidden)]
 pub fn sql_text(f: &Frame) -> Option<String> {
-    client::sql_of(f)
+    judge::sql_of(f)
 }
 
 /// The fields of a RowDescription as the server side reads them (fuzzing
