@@ -195,5 +195,21 @@ fn statement(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, classify_and_mask, framing, mask_at_read, statement);
+/// The detectors on the large result's values (`bench large`): a masked
+/// email, and notes with and without a phone number.
+fn detectors(c: &mut Criterion) {
+    let vals = ["u***@example.com", "nothing to see 123456", "call +44 20 7946 0010", "user123456@example.com"];
+    let mut g = c.benchmark_group("detect");
+    g.throughput(Throughput::Elements(vals.len() as u64));
+    g.bench_function("large_result_values", |b| {
+        b.iter(|| {
+            for v in &vals {
+                black_box(cordon::pipeline::detect::scan(black_box(v), Context::default()));
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, classify_and_mask, framing, mask_at_read, statement, detectors);
 criterion_main!(benches);

@@ -60,7 +60,7 @@ pub struct Record {
     body: Vec<u8>,
     /// Where each field lies in `body` (key, start, end): a key added again
     /// replaces the earlier value, as a map would.
-    spans: Vec<(Box<str>, usize, usize)>,
+    spans: Vec<(&'static str, usize, usize)>,
 }
 
 impl Record {
@@ -69,13 +69,16 @@ impl Record {
             ts: now_rfc3339(),
             event: event.to_string(),
             session: session.map(str::to_string),
-            body: Vec::new(),
-            spans: Vec::new(),
+            // A statement record's fields fit here: growing the buffer
+            // field by field was a realloc per record.
+            body: Vec::with_capacity(256),
+            spans: Vec::with_capacity(8),
         }
     }
 
-    pub fn with(mut self, key: &str, value: impl Serialize) -> Self {
-        if let Some(i) = self.spans.iter().position(|(k, _, _)| &**k == key) {
+    /// Add a field. Keys are names in cordon's code, never input.
+    pub fn with(mut self, key: &'static str, value: impl Serialize) -> Self {
+        if let Some(i) = self.spans.iter().position(|(k, _, _)| *k == key) {
             let (_, start, end) = self.spans.remove(i);
             self.body.drain(start..end);
             for span in &mut self.spans {
@@ -87,16 +90,23 @@ impl Record {
         }
         let start = self.body.len();
         self.body.push(b',');
-        // Writing JSON into a Vec fails only for values serde cannot
-        // express (a map with non-string keys): those become null.
-        let _ = serde_json::to_writer(&mut self.body, key);
+        // A key that needs no escaping (all of cordon's) is copied as it is.
+        if key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            self.body.push(b'"');
+            self.body.extend_from_slice(key.as_bytes());
+            self.body.push(b'"');
+        } else {
+            // Writing JSON into a Vec fails only for values serde cannot
+            // express (a map with non-string keys): those become null.
+            let _ = serde_json::to_writer(&mut self.body, key);
+        }
         self.body.push(b':');
         let value_at = self.body.len();
         if serde_json::to_writer(&mut self.body, &value).is_err() {
             self.body.truncate(value_at);
             self.body.extend_from_slice(b"null");
         }
-        self.spans.push((key.into(), start, self.body.len()));
+        self.spans.push((key, start, self.body.len()));
         self
     }
 
@@ -129,7 +139,7 @@ impl Record {
     /// One field's value, parsed back (for tests, and the rare reader of a
     /// record still being built).
     pub fn field(&self, key: &str) -> Option<Value> {
-        let (_, start, end) = self.spans.iter().find(|(k, _, _)| &**k == key)?;
+        let (_, start, end) = self.spans.iter().find(|(k, _, _)| *k == key)?;
         let key_len = serde_json::to_vec(key).ok()?.len();
         // `,` + the key's JSON + `:` come before the value.
         let value = self.body.get(start + 1 + key_len + 1..*end)?;
@@ -313,7 +323,8 @@ fn sha256_hex(line: &[u8]) -> String {
     let mut hex = [0u8; 64];
     // Cannot fail: 32 bytes always fit 64 hex digits.
     let _ = hex::encode_to_slice(Sha256::digest(line), &mut hex);
-    hex.iter().map(|&c| char::from(c)).collect()
+    // Hex digits are ASCII: one copy, not a char at a time.
+    std::str::from_utf8(&hex).map(str::to_owned).unwrap_or_default()
 }
 
 fn segment_name(first_seq: u64) -> String {

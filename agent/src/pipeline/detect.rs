@@ -471,6 +471,11 @@ fn find_emails(b: &[u8], out: &mut Vec<Finding>) {
         while s > 0 && local(b[s - 1]) {
             s -= 1;
         }
+        // No local part (a masked address, `u***@example.com`, comes here
+        // for every row): nothing to find, so the domain is not walked.
+        if s == at {
+            continue;
+        }
         let mut e = at + 1;
         while e < b.len() && domain(b[e]) {
             e += 1;

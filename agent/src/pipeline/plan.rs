@@ -148,6 +148,10 @@ pub fn apply(
         }
         ColAction::Detect { ctx, counter } => {
             let found = detect::scan(value, *ctx);
+            // Most values find nothing.
+            if found.is_empty() {
+                return Ok(None);
+            }
             let act: Vec<detect::Finding> = found
                 .into_iter()
                 .filter(|f| profile.action(classifier.detector_label(f.kind)) != Action::Allow)
@@ -155,8 +159,13 @@ pub fn apply(
             if act.is_empty() {
                 return Ok(None);
             }
+            let mut key = String::with_capacity(counter.len() + 24);
             for f in &act {
-                *counts.entry(format!("{counter}/detector:{}", f.kind.name())).or_default() += 1;
+                key.clear();
+                key.push_str(counter);
+                key.push_str("/detector:");
+                key.push_str(f.kind.name());
+                bump(counts, &key);
             }
             Ok(Some(Some(fit(ty, mask::replace_spans(value, &act)))))
         }

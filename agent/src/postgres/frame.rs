@@ -37,6 +37,43 @@ impl Frame {
     }
 }
 
+/// One message seen where it lies (see [`FrameReader::complete`]): `tag`,
+/// and the whole message (tag and length included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameRef<'a> {
+    pub tag: u8,
+    pub bytes: &'a [u8],
+}
+
+impl FrameRef<'_> {
+    /// The body after tag and length.
+    pub fn body(&self) -> &[u8] {
+        self.bytes.get(5..).unwrap_or_default()
+    }
+}
+
+/// The messages of `batch`: complete messages, as
+/// [`FrameReader::complete`] measured them.
+pub fn frames(batch: &[u8]) -> impl Iterator<Item = FrameRef<'_>> {
+    let mut rest = batch;
+    std::iter::from_fn(move || {
+        let (tag, total) = header(rest.get(..5)?.try_into().ok()?).ok()?;
+        let bytes = rest.get(..total)?;
+        rest = rest.get(total..)?;
+        Some(FrameRef { tag, bytes })
+    })
+}
+
+/// A message's tag and whole length (tag included) from its five header
+/// bytes, bounded by nothing but the protocol (`FrameReader` bounds it).
+fn header([tag, a, b, c, d]: [u8; 5]) -> Result<(u8, usize), FrameError> {
+    let len = i32::from_be_bytes([a, b, c, d]);
+    if len < 4 {
+        return Err(FrameError::BadLength { tag: tag as char, len: i64::from(len) });
+    }
+    Ok((tag, len as usize + 1))
+}
+
 pub struct FrameReader {
     buf: BytesMut,
     max: usize,
@@ -67,22 +104,52 @@ impl FrameReader {
 
     /// The next complete tagged message, if buffered.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
-        let Some(header) = self.buf.get(..5) else { return Ok(None) };
-        let tag = header[0];
-        let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
-        if len < 4 {
-            return Err(FrameError::BadLength { tag: tag as char, len: i64::from(len) });
+        match self.measure(0)? {
+            Some((tag, total)) => Ok(Some(Frame { tag, bytes: self.buf.split_to(total).freeze() })),
+            None => Ok(None),
         }
-        let len = len as usize;
-        if len > self.max {
-            return Err(FrameError::Oversized { tag: tag as char, len, max: self.max });
+    }
+
+    /// The message starting `at` bytes into the buffer, if it is buffered
+    /// whole: its tag and length; if it is not, room is made for the rest.
+    fn measure(&mut self, at: usize) -> Result<Option<(u8, usize)>, FrameError> {
+        let Some(h) = self.buf.get(at..at + 5).and_then(|h| <[u8; 5]>::try_from(h).ok()) else { return Ok(None) };
+        let (tag, total) = header(h)?;
+        if total - 1 > self.max {
+            return Err(FrameError::Oversized { tag: tag as char, len: total - 1, max: self.max });
         }
-        let total = len + 1;
-        if self.buf.len() < total {
-            self.buf.reserve(total - self.buf.len());
+        let have = self.buf.len() - at;
+        if have < total {
+            self.buf.reserve(total - have);
             return Ok(None);
         }
-        Ok(Some(Frame { tag, bytes: self.buf.split_to(total).freeze() }))
+        Ok(Some((tag, total)))
+    }
+
+    /// The complete messages buffered, read where they lie: how many bytes
+    /// they take, and the framing error after them, if any. The caller walks
+    /// them with [`frames`] over [`FrameReader::peek`], then drops them with
+    /// [`FrameReader::consume`]: a streamed result is framed with no `Bytes`
+    /// (no reference count to take and drop) per row.
+    pub fn complete(&mut self) -> (usize, Option<FrameError>) {
+        let mut at = 0;
+        loop {
+            match self.measure(at) {
+                Ok(Some((_, total))) => at += total,
+                Ok(None) => return (at, None),
+                Err(e) => return (at, Some(e)),
+            }
+        }
+    }
+
+    /// The first `n` bytes buffered (after [`FrameReader::complete`]).
+    pub fn peek(&self, n: usize) -> &[u8] {
+        self.buf.get(..n).unwrap_or_default()
+    }
+
+    /// Drop the first `n` bytes buffered: messages handled in place.
+    pub fn consume(&mut self, n: usize) {
+        self.buf.advance(n.min(self.buf.len()));
     }
 
     /// The next startup-phase packet (length-prefixed, no tag), if buffered.

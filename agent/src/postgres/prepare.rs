@@ -55,8 +55,17 @@ const MAX_TEXT: usize = 16 * 1024;
 /// Most statements one session keeps prepared upstream (least recently used
 /// is closed first). PostgreSQL keeps each one's plan in the backend.
 pub const MAX_PREPARED: usize = 128;
-/// Most statements one session remembers having seen once.
+/// Most bytes of statement text one session keeps prepared (least recently
+/// used closed first): 128 statements of 16 KiB would be 2 MiB a session.
+const MAX_PREPARED_BYTES: usize = 512 * 1024;
+/// Most statements one session remembers having seen once, and most bytes
+/// of their texts (counted as they come; all forgotten when either is
+/// reached): a session of long distinct texts stays small.
 const MAX_SEEN: usize = 2048;
+const MAX_SEEN_BYTES: usize = 256 * 1024;
+/// Longer texts are parameterised by the scanner each time, not kept in a
+/// session's memos (16 of them stay within 32 KiB).
+const MEMO_MAX_TEXT: usize = 2048;
 /// A Bind carries at most this many parameters.
 const MAX_PARAMS: usize = u16::MAX as usize;
 
@@ -133,7 +142,7 @@ impl Plans {
             text: text.to_string(),
             numbers: numbers
                 .iter()
-                .map(|n| Some((n.start, n.end, is_int(text.get(n.start..n.end)?))))
+                .map(|n| Some((n.start, n.end, form(text.get(n.start..n.end)?)?)))
                 .collect::<Option<_>>()?,
             plan,
         };
@@ -164,35 +173,116 @@ impl Plans {
 /// with other constant values: the plan holds for it without the scanner.
 struct Memo {
     text: String,
-    numbers: Vec<(usize, usize, bool)>,
+    numbers: Vec<(usize, usize, Form)>,
     plan: Arc<[bool]>,
 }
 
 impl Memo {
     /// `text` parameterised by this memo's plan, if it has the same shape.
     fn apply(&self, text: &str) -> Option<Parameterized> {
-        let (old, new) = (self.text.as_bytes(), text.as_bytes());
-        let mut numbers = Vec::with_capacity(self.numbers.len());
-        let (mut at_old, mut at_new) = (0, 0);
-        for &(start, end, int) in &self.numbers {
-            let lit = old.get(at_old..start)?;
-            if new.get(at_new..at_new + lit.len())? != lit {
-                return None;
-            }
-            let n_start = at_new + lit.len();
-            let n_end = n_start + munch(new.get(n_start..)?);
-            let raw = text.get(n_start..n_end)?;
-            if !decimal(raw) || is_int(raw) != int {
-                return None;
-            }
-            numbers.push(Number { start: n_start, end: n_end, minus: None });
-            at_old = end;
-            at_new = n_end;
-        }
-        if old.get(at_old..)? != new.get(at_new..)? {
+        let numbers: Vec<Number> = same_shape(&self.text, &self.numbers, text)?
+            .into_iter()
+            .map(|(start, end)| Number { start, end, minus: None })
+            .collect();
+        build(text, &numbers, &self.plan)
+    }
+}
+
+/// The scanner's kind of a plain decimal number. PostgreSQL 15's scanner
+/// makes an integer that does not fit int4 an FCONST, not an ICONST, so
+/// those are different tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Form {
+    Int4,
+    Wide,
+    Fraction,
+    /// A fraction written from its point (`.5`). Only such a number can
+    /// follow a word with nothing between (`select.5`); one that starts
+    /// with a digit there would join the word (`select5.5` is the name
+    /// `select5` and then `.5`). So the two never stand for each other.
+    Point,
+}
+
+/// The form of a number token's text; None for anything but a plain
+/// decimal number (see `decimal`).
+pub(crate) fn form(raw: &str) -> Option<Form> {
+    if !decimal(raw) {
+        return None;
+    }
+    Some(match (is_int(raw), raw.parse::<i32>().is_ok()) {
+        _ if raw.starts_with('.') => Form::Point,
+        (false, _) => Form::Fraction,
+        (true, true) => Form::Int4,
+        (true, false) => Form::Wide,
+    })
+}
+
+/// The number spans of `new` when it has the shape of `old`: equal byte
+/// for byte outside `old`'s numbers `spans` (start, end, form), with
+/// numbers of the same form in their place. Such a text tokenises as `old`
+/// did (see `Memo`): this is what lets a session skip the scanner for it.
+pub(crate) fn same_shape(old: &str, spans: &[(usize, usize, Form)], new: &str) -> Option<Vec<(usize, usize)>> {
+    let (o, n) = (old.as_bytes(), new.as_bytes());
+    let mut out = Vec::with_capacity(spans.len());
+    let (mut at_old, mut at_new) = (0, 0);
+    for &(start, end, f) in spans {
+        let lit = o.get(at_old..start)?;
+        if n.get(at_new..at_new + lit.len())? != lit {
             return None;
         }
-        build(text, &numbers, &self.plan)
+        let n_start = at_new + lit.len();
+        let n_end = n_start + munch(n.get(n_start..)?);
+        if form(new.get(n_start..n_end)?)? != f {
+            return None;
+        }
+        out.push((n_start, n_end));
+        at_old = end;
+        at_new = n_end;
+    }
+    (o.get(at_old..)? == n.get(at_new..)?).then_some(out)
+}
+
+/// A session's memos (see `Memo` and `sql::ReadMemo`), most recent first,
+/// at most `cap`: the one that serves a text moves to the front.
+pub(crate) struct Recent<T> {
+    items: Vec<T>,
+    cap: usize,
+}
+
+impl<T> Recent<T> {
+    pub(crate) fn new(cap: usize) -> Self {
+        Self { items: Vec::new(), cap }
+    }
+
+    /// The first answer a memo gives, that memo moved to the front.
+    pub(crate) fn find<R>(&mut self, mut answer: impl FnMut(&T) -> Option<R>) -> Option<R> {
+        let (i, r) = self.items.iter().enumerate().find_map(|(i, m)| answer(m).map(|r| (i, r)))?;
+        if i > 0 {
+            let m = self.items.remove(i);
+            self.items.insert(0, m);
+        }
+        Some(r)
+    }
+
+    /// Keep `item` first; the least recent goes beyond `cap`.
+    pub(crate) fn push(&mut self, item: T) {
+        self.items.truncate(self.cap.saturating_sub(1));
+        self.items.insert(0, item);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn first(&self) -> Option<&T> {
+        self.items.first()
     }
 }
 
@@ -494,13 +584,15 @@ pub struct Upstream {
     enabled: bool,
     slots: HashMap<String, Slot>,
     seen: usize,
+    seen_bytes: usize,
+    prepared_bytes: usize,
     prepared: usize,
     tick: u64,
     next: u64,
     /// Names to close with the next statement sent this way.
     to_close: Vec<String>,
     /// Texts parameterised lately, most recent first (see `Memo`).
-    memos: Vec<Memo>,
+    memos: Recent<Memo>,
 }
 
 /// Most texts a session keeps to parameterise without the scanner.
@@ -559,11 +651,13 @@ impl Upstream {
             enabled,
             slots: HashMap::new(),
             seen: 0,
+            seen_bytes: 0,
+            prepared_bytes: 0,
             prepared: 0,
             tick: 0,
             next: 0,
             to_close: Vec::new(),
-            memos: Vec::new(),
+            memos: Recent::new(MEMOS),
         }
     }
 
@@ -608,18 +702,13 @@ impl Upstream {
         if text.len() > MAX_TEXT {
             return None;
         }
-        for i in 0..self.memos.len() {
-            if let Some(p) = self.memos.get(i).and_then(|m| m.apply(text)) {
-                if i > 0 {
-                    let m = self.memos.remove(i);
-                    self.memos.insert(0, m);
-                }
-                return Some(p);
-            }
+        if let Some(p) = self.memos.find(|m| m.apply(text)) {
+            return Some(p);
         }
         let (p, memo) = plans.parameterize_memo(text)?;
-        self.memos.truncate(MEMOS - 1);
-        self.memos.insert(0, memo);
+        if text.len() <= MEMO_MAX_TEXT {
+            self.memos.push(memo);
+        }
         Some(p)
     }
 
@@ -653,12 +742,14 @@ impl Upstream {
         self.tick += 1;
         match self.slots.get_mut(key) {
             None => {
-                if self.seen >= MAX_SEEN {
+                if self.seen >= MAX_SEEN || self.seen_bytes + key.len() > MAX_SEEN_BYTES {
                     self.slots.retain(|_, s| !matches!(s, Slot::Seen));
                     self.seen = 0;
+                    self.seen_bytes = 0;
                 }
                 self.slots.insert(key.to_string(), Slot::Seen);
                 self.seen += 1;
+                self.seen_bytes += key.len();
                 Sighting::First
             }
             Some(Slot::Pending(_)) => Sighting::Pending,
@@ -672,13 +763,16 @@ impl Upstream {
 
     /// A new name for a statement seen before (its slot becomes pending).
     fn name_for(&mut self, key: &str) -> String {
-        if self.prepared >= MAX_PREPARED {
-            self.evict();
+        while self.prepared >= MAX_PREPARED || self.prepared_bytes + key.len() > MAX_PREPARED_BYTES {
+            if !self.evict() {
+                break;
+            }
         }
         self.next += 1;
         let name = format!("{PREFIX}{}", self.next);
         self.seen = self.seen.saturating_sub(1);
         self.prepared += 1;
+        self.prepared_bytes += key.len();
         self.slots.insert(key.to_string(), Slot::Pending(name.clone()));
         name
     }
@@ -689,7 +783,8 @@ impl Upstream {
         std::mem::take(&mut self.to_close)
     }
 
-    fn evict(&mut self) {
+    /// Close the least recently used statement; false when none is ready.
+    fn evict(&mut self) -> bool {
         let oldest = self
             .slots
             .iter()
@@ -698,12 +793,13 @@ impl Upstream {
                 _ => None,
             })
             .min();
-        if let Some((_, k)) = oldest {
-            if let Some(Slot::Ready { name, .. }) = self.slots.remove(&k) {
-                self.to_close.push(name);
-                self.prepared = self.prepared.saturating_sub(1);
-            }
+        let Some((_, k)) = oldest else { return false };
+        if let Some(Slot::Ready { name, .. }) = self.slots.remove(&k) {
+            self.to_close.push(name);
+            self.prepared = self.prepared.saturating_sub(1);
+            self.prepared_bytes = self.prepared_bytes.saturating_sub(k.len());
         }
+        true
     }
 
     /// The server confirmed the Parse.
@@ -722,6 +818,7 @@ impl Upstream {
         match self.slots.remove(key) {
             Some(Slot::Ready { name, .. }) | Some(Slot::Pending(name)) => {
                 self.prepared = self.prepared.saturating_sub(1);
+                self.prepared_bytes = self.prepared_bytes.saturating_sub(key.len());
                 if close_it {
                     self.to_close.push(name);
                 }
@@ -735,6 +832,7 @@ impl Upstream {
     pub fn cleared(&mut self) {
         self.slots.retain(|_, s| matches!(s, Slot::Seen));
         self.prepared = 0;
+        self.prepared_bytes = 0;
         self.to_close.clear();
     }
 }

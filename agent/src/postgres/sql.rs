@@ -103,6 +103,106 @@ impl Cache {
     }
 }
 
+/// Shared-shape texts a session read lately, most recent first.
+const READ_MEMOS: usize = 8;
+/// Longer texts are not kept: a session's memo stays within 16 KiB of
+/// texts (the per-connection memory goal is 64 KiB).
+const READ_MEMO_MAX_TEXT: usize = 2048;
+
+/// A session's last readings of shared shapes. A text equal to one of them
+/// outside its numbers, with numbers of the same form in their place (see
+/// `prepare::same_shape`), tokenises the same way: it has the same shape
+/// key, so the same shape and analysis, and only its literals' positions
+/// and number values differ. Those are rebuilt here, without the scanner
+/// or the shared caches' locks, once per statement.
+pub struct ReadMemo {
+    entries: super::prepare::Recent<Memo>,
+}
+
+impl Default for ReadMemo {
+    fn default() -> Self {
+        Self { entries: super::prepare::Recent::new(READ_MEMOS) }
+    }
+}
+
+struct Memo {
+    text: String,
+    numbers: Vec<(usize, usize, super::prepare::Form)>,
+    /// Per literal of `reading`: its index in `numbers`, or None when it is
+    /// compared as text (a string, a bit string).
+    number_of: Vec<Option<usize>>,
+    reading: Reading,
+}
+
+impl ReadMemo {
+    pub fn read(&mut self, sql: &str, cache: &Cache) -> Reading {
+        if let Some(reading) = self.entries.find(|m| m.apply(sql)) {
+            return reading;
+        }
+        let reading = cache.read(sql);
+        if let Some(m) = Memo::new(sql, &reading) {
+            self.entries.push(m);
+        }
+        reading
+    }
+}
+
+impl Memo {
+    /// Only a reading with a shared shape is kept: its analysis holds for
+    /// every text of the shape by construction (shape.rs).
+    fn new(sql: &str, reading: &Reading) -> Option<Self> {
+        if reading.shape.is_none() || reading.facts.is_err() || sql.len() > READ_MEMO_MAX_TEXT {
+            return None;
+        }
+        let mut numbers = Vec::new();
+        let mut number_of = Vec::with_capacity(reading.literals.len());
+        let mut end = 0;
+        for l in reading.literals.iter() {
+            if l.start < end {
+                return None;
+            }
+            end = l.end;
+            match super::prepare::form(sql.get(l.start..l.end)?) {
+                Some(f) => {
+                    number_of.push(Some(numbers.len()));
+                    numbers.push((l.start, l.end, f));
+                }
+                None => number_of.push(None),
+            }
+        }
+        Some(Self { text: sql.to_string(), numbers, number_of, reading: reading.clone() })
+    }
+
+    fn apply(&self, sql: &str) -> Option<Reading> {
+        let spans = super::prepare::same_shape(&self.text, &self.numbers, sql)?;
+        // Every literal moves by what the numbers before it grew or shrank.
+        let mut shift: isize = 0;
+        let mut literals = Vec::with_capacity(self.reading.literals.len());
+        for (l, n) in self.reading.literals.iter().zip(&self.number_of) {
+            let lit = match n {
+                Some(k) => {
+                    let &(start, end) = spans.get(*k)?;
+                    let &(_, old_end, _) = self.numbers.get(*k)?;
+                    shift = end as isize - old_end as isize;
+                    Literal { start, end, value: sql.get(start..end)?.to_string(), labeled: false }
+                }
+                None => Literal {
+                    start: l.start.checked_add_signed(shift)?,
+                    end: l.end.checked_add_signed(shift)?,
+                    value: l.value.clone(),
+                    labeled: false,
+                },
+            };
+            literals.push(lit);
+        }
+        Some(Reading {
+            facts: self.reading.facts.clone(),
+            literals: literals.into(),
+            shape: self.reading.shape.clone(),
+        })
+    }
+}
+
 /// Settings a governed session may not change: each would make the server
 /// read statements, names or values differently from cordon.
 pub const PINNED_SETTINGS: [&str; 4] = ["standard_conforming_strings", "client_encoding", "search_path", "names"];

@@ -238,7 +238,7 @@ fn a_memo_lifts_the_same_numbers_as_the_scanner_or_declines() {
             &[
                 "select a, b + 7 from t where c = 20 and d in (300, 4.75) order by 2 limit 1",
                 "select a, b + 7 from t where c = 20 and d in (300, 4e5) order by 2 limit 1",
-                "select a, b + 7 from t where c = 2147483648 and d in (3, 0.5) order by 2 limit 10",
+                "select a, b + 7 from t where c = 2147483647 and d in (3, 0.5) order by 2 limit 10",
             ],
         ),
         ("select a[1:2], b from t where x = -5 /* 6 */", &["select a[10:20], b from t where x = -7 /* 6 */"]),
@@ -262,9 +262,16 @@ fn a_memo_lifts_the_same_numbers_as_the_scanner_or_declines() {
         "select * from t where name = 'a1' and n = 0x1 and f = 2.5",
         "select * from t where name = 'a1' and n = 1 and f = 2.5.5",
         "select * from t where name = 'a1' and n =  and f = 2.5",
+        // Past int4 the scanner's token is FCONST, not ICONST.
+        "select * from t where name = 'a1' and n = 2147483648 and f = 2.5",
     ] {
         assert_eq!(memo.apply(text), None, "{text}");
     }
+    // A number right after a word starts with its point; one starting with
+    // a digit there would join the word.
+    let (_, memo) = plans.parameterize_memo("select.5 as x").unwrap_or_else(|| panic!("select.5 is prepared"));
+    assert!(memo.apply("select.25 as x").is_some());
+    assert_eq!(memo.apply("select5.5 as x"), None);
     // Through a session: the memo serves the second text of a shape.
     let mut u = Upstream::new(true);
     let mut out = BytesMut::new();
@@ -272,4 +279,36 @@ fn a_memo_lifts_the_same_numbers_as_the_scanner_or_declines() {
     assert_eq!(u.memos.len(), 1);
     assert!(u.send(&plans, "select * from t where a = 2", &mut out).is_some_and(|s| s.parse));
     assert_eq!(u.memos.len(), 1, "served by the memo");
+}
+
+#[test]
+fn a_session_of_long_distinct_texts_stays_small() {
+    let plans = Plans::default();
+    let mut u = Upstream::new(true);
+    let mut out = BytesMut::new();
+    let text = |i: usize| format!("select * from t where a = 1 and b = '{i}{}'", "x".repeat(10_000));
+    // Thirty first sightings of 10 kB texts: past 256 KiB, those seen once
+    // are forgotten, so the first one is a first sighting again.
+    for i in 0..30 {
+        assert!(u.send(&plans, &text(i), &mut out).is_none(), "{i}");
+    }
+    assert!(u.seen_bytes <= MAX_SEEN_BYTES);
+    // Prepared ones are bounded in bytes as well: sixty 10 kB statements
+    // keep about 512 KiB prepared, the least recently used closed.
+    let mut u2 = Upstream::new(true);
+    for i in 100..160 {
+        assert!(u2.send(&plans, &text(i), &mut out).is_none());
+        let s = u2.send(&plans, &text(i), &mut out).unwrap_or_else(|| panic!("{i} prepared"));
+        u2.confirmed(&s.key);
+        out.clear();
+    }
+    assert!(u2.prepared_bytes <= MAX_PREPARED_BYTES, "{}", u2.prepared_bytes);
+    assert!(u2.prepared < 60 && u2.prepared >= 40, "{}", u2.prepared);
+    assert!(u2.send(&plans, &text(159), &mut out).is_some_and(|s| !s.parse), "the latest stays prepared");
+    assert!(u.send(&plans, &text(0), &mut out).is_none(), "forgotten");
+    assert!(u.send(&plans, &text(29), &mut out).is_some_and(|s| s.parse), "the latest is remembered");
+    // Nor are long texts kept as memos.
+    assert!(u.memos.is_empty());
+    assert!(u.send(&plans, "select * from t where a = 5", &mut out).is_none());
+    assert_eq!(u.memos.len(), 1);
 }

@@ -134,3 +134,79 @@ fn every_call_and_operator_is_found_wherever_it_hides() {
     let c = &analyse("call wipe()").unwrap()[0];
     assert!(c.calls.contains(&(None, "wipe".into())), "{c:?}");
 }
+
+/// What the session memo gives must be what the cache reads: same analysis,
+/// same shape, literals at the same places with the same values.
+fn same_reading(a: &Reading, b: &Reading) -> bool {
+    let facts = match (&a.facts, &b.facts) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    };
+    let shape = a.shape.as_ref().map(|(k, _)| k.clone()) == b.shape.as_ref().map(|(k, _)| k.clone());
+    facts && shape && a.literals == b.literals
+}
+
+#[test]
+fn the_read_memo_reads_as_the_scanner_does_or_declines() {
+    let cache = Cache::default();
+    let shapes: &[(&str, &[&str])] = &[
+        (
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 48213;",
+            &[
+                "SELECT abalance FROM pgbench_accounts WHERE aid = 7;",
+                "SELECT abalance FROM pgbench_accounts WHERE aid = 2147483647;",
+            ],
+        ),
+        (
+            "select name from customers where city = 'Paris 75' and id in (1, 22, 333) and score > -1.5 limit 10",
+            &["select name from customers where city = 'Paris 75' and id in (4444, 5, 66) and score > -17.25 limit 1"],
+        ),
+        (
+            "update accounts set balance = balance + 10 where id = 3 and note = E'it''s 5'",
+            &["update accounts set balance = balance + 999 where id = 12345 and note = E'it''s 5'"],
+        ),
+    ];
+    for (first, later) in shapes {
+        let mut memo = ReadMemo::default();
+        let r = memo.read(first, &cache);
+        assert!(r.shape.is_some(), "{first} has a shared shape");
+        assert_eq!(memo.entries.len(), 1, "{first} is kept");
+        for text in *later {
+            let got =
+                memo.entries.first().and_then(|m| m.apply(text)).unwrap_or_else(|| panic!("memo declined {text}"));
+            let want = cache.read(text);
+            assert!(same_reading(&got, &want), "{text}: {:?} vs {:?}", got.literals, want.literals);
+            assert!(same_reading(&memo.read(text, &cache), &want), "{text}");
+        }
+    }
+    // Anything else declines, and the scanner reads it.
+    let mut memo = ReadMemo::default();
+    memo.read("select * from t where name = 'a1' and n = 1 and f = 2.5", &cache);
+    for text in [
+        "select * from t where name = 'a2' and n = 1 and f = 2.5",
+        "select * from t where name = 'a1' and n = 1.0 and f = 2.5",
+        "select * from t where name = 'a1' and n = 2147483648 and f = 2.5",
+        "select * from t where name = 'a1' and n = 1 and f = 25",
+        "select * from t where name = 'a1' and n = 1 and f = 2.5 ",
+        "select * from t where name = 'a1' and n = 1e and f = 2.5",
+        "select * from t where name = 'a1' and n = 0x1 and f = 2.5",
+        "select * from t where name = 'a1' and n = 1 and f = 2.5.5",
+        "select * from t where name = 'a1' and n = 1 and f = 2.5; select pg_sleep(9)",
+        "select * from t where name = 'a1' and n = 1 and f = 2.5 -- 3",
+    ] {
+        assert!(memo.entries.first().and_then(|m| m.apply(text)).is_none(), "{text}");
+    }
+    // A number right after a word starts with its point: `select5.5` would
+    // be the name `select5`, then `.5`.
+    let mut memo = ReadMemo::default();
+    memo.read("select.5 as x from t", &cache);
+    assert_eq!(memo.entries.len(), 1, "select.5 is kept");
+    assert!(memo.entries.first().and_then(|m| m.apply("select.75 as x from t")).is_some());
+    assert!(memo.entries.first().and_then(|m| m.apply("select5.5 as x from t")).is_none());
+    // A statement whose constants may change what it does is never kept.
+    for text in ["SELECT set_config('search_path', 'x', false)", "SET work_mem = 64", "COPY t TO PROGRAM 'id'"] {
+        let mut memo = ReadMemo::default();
+        memo.read(text, &cache);
+        assert!(memo.entries.is_empty(), "{text} is not kept");
+    }
+}

@@ -16,11 +16,12 @@ pub(super) async fn client_to_server(
     (wake, wake_up): (&tokio::sync::Notify, &tokio::sync::Notify),
 ) -> Result<()> {
     let mut out = BytesMut::with_capacity(64 * 1024);
+    let mut memo = crate::postgres::sql::ReadMemo::default();
     loop {
         let (frames, violation) = take_frames(&mut reader);
         // Read each statement once; look up, before taking the lock, the
         // tables these statements touch.
-        let mut prepared = prepare_all(&frames, ctx);
+        let mut prepared = prepare_all(&frames, ctx, &mut memo);
         let lookup_error = resolve_statement_tables(&prepared, tracker, ctx, cred).await.err();
         let mut terminate = false;
         // A message held for approval splits the batch: what precedes it

@@ -19,10 +19,14 @@ pub(super) fn sql_of(f: &Frame) -> Option<String> {
     }
 }
 
-/// Each statement text of these frames, read once (see `sql::Cache::read`),
-/// by frame index.
-pub(super) fn prepare_all(frames: &[Frame], ctx: &Ctx) -> Vec<Option<Reading>> {
-    frames.iter().map(|f| sql_of(f).map(|sql| ctx.pg.sql.read(&sql))).collect()
+/// Each statement text of these frames, read once (see `sql::Cache::read`
+/// and the session's `sql::ReadMemo`), by frame index.
+pub(super) fn prepare_all(
+    frames: &[Frame],
+    ctx: &Ctx,
+    memo: &mut crate::postgres::sql::ReadMemo,
+) -> Vec<Option<Reading>> {
+    frames.iter().map(|f| sql_of(f).map(|sql| memo.read(&sql, &ctx.pg.sql))).collect()
 }
 
 pub(super) async fn resolve_statement_tables(

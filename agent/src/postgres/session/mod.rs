@@ -28,7 +28,7 @@ use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 
 use super::{
     catalog::Catalog,
-    frame::{Body, Frame, FrameError, FrameReader},
+    frame::{Body, Frame, FrameError, FrameReader, FrameRef},
     read_mask::ReadNotes,
     startup::ClientHello,
     types, upstream, wire, CancelTarget, Ctx, End,
@@ -50,10 +50,12 @@ use crate::{
 mod client;
 mod hold;
 mod judge;
+mod results;
 mod server;
 
 use client::*;
 use judge::*;
+use results::*;
 use server::*;
 
 /// Most prepared statements / portals one session may hold.
@@ -405,7 +407,7 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
     for r in open {
         match r {
             Req::Exec(mut run) | Req::Simple(mut run) | Req::Func(mut run) => {
-                server::settle_read_masked(&mut run);
+                results::settle_read_masked(&mut run);
                 let mut o = run.outcome;
                 o.skipped = o.tags.is_empty() && o.error.is_none();
                 t.pipeline.finish(&run.admitted, &o);
@@ -510,7 +512,7 @@ fn head_id(t: &Tracker) -> u64 {
 }
 
 fn finish_run(t: &mut Tracker, mut run: Box<Running>) {
-    server::settle_read_masked(&mut run);
+    results::settle_read_masked(&mut run);
     t.pipeline.finish(&run.admitted, &run.outcome);
 }
 
@@ -533,5 +535,5 @@ pub fn sql_text(f: &Frame) -> Option<String> {
 /// entry point): (name, table OID, column number, type OID).
 #[doc(hidden)]
 pub fn result_fields(body: &[u8]) -> Vec<(String, u32, i16, u32)> {
-    server::row_description(body).into_iter().map(|f| (f.name, f.table_oid, f.attnum, f.type_oid)).collect()
+    results::row_description(body).into_iter().map(|f| (f.name, f.table_oid, f.attnum, f.type_oid)).collect()
 }

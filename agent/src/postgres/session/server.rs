@@ -1,6 +1,7 @@
 //! The server's side of a session: each answer matched to the request at
-//! the head of the FIFO, result descriptions classified, rows and server
-//! text masked, refusals emitted in their turn.
+//! the head of the FIFO, server text masked, refusals emitted in their
+//! turn, the replies to what cordon sent on its own kept from the client.
+//! Result descriptions and rows are `results.rs`.
 
 use super::*;
 
@@ -15,10 +16,10 @@ pub(super) async fn server_to_client(
 ) -> Result<()> {
     let mut out = BytesMut::with_capacity(64 * 1024);
     let mut eof = false;
-    let mut frames = Vec::new();
     loop {
-        frames.clear();
-        let err = take_frames_into(&mut reader, &mut frames);
+        // The complete messages are handled where they lie in the read
+        // buffer, then dropped from it.
+        let (framed, err) = reader.complete();
         if let Some(e) = err {
             // What was framed before it is not delivered (it may be part of
             // a result cordon could not see whole); the client is told why.
@@ -29,8 +30,9 @@ pub(super) async fn server_to_client(
             let _ = cw.shutdown().await;
             return Err(anyhow::Error::new(e).context("from the server"));
         }
+        let batch = reader.peek(framed);
         // Table OIDs in result descriptions, looked up before the lock.
-        let lookup_error = resolve_result_tables(&frames, tracker, ctx, cred).await.err();
+        let lookup_error = resolve_result_tables(batch, tracker, ctx, cred).await.err();
         let fatal = {
             let mut t = tracker.lock().map_err(|_| anyhow::anyhow!("session state poisoned"))?;
             // cordon's own messages (a hold's notice) go out first.
@@ -38,7 +40,7 @@ pub(super) async fn server_to_client(
                 let mine = t.to_client.split();
                 out.extend_from_slice(&mine);
             }
-            for frame in &frames {
+            for frame in crate::postgres::frame::frames(batch) {
                 t.bytes_down += frame.bytes.len() as u64;
                 on_server_frame(&mut t, frame, &mut out, ctx, lookup_error.as_ref());
             }
@@ -53,6 +55,7 @@ pub(super) async fn server_to_client(
             // The session ends with an error the client can read.
             t.fatal.take().inspect(|(code, message)| wire::error(&mut out, "FATAL", code, message))
         };
+        reader.consume(framed);
         if !out.is_empty() {
             cw.write_all(&out).await.context("writing to the client")?;
             out.clear();
@@ -73,139 +76,6 @@ pub(super) async fn server_to_client(
             }
             () = wake.notified() => {}
         }
-    }
-}
-
-pub(super) async fn resolve_result_tables(
-    frames: &[Frame],
-    tracker: &Mutex<Tracker>,
-    ctx: &Ctx,
-    cred: Option<&Credential>,
-) -> Result<()> {
-    let oids: Vec<(u32, i16)> = frames
-        .iter()
-        .filter(|f| f.tag == b'T')
-        .flat_map(|f| row_description(f.body()))
-        .map(|f| (f.table_oid, f.attnum))
-        .collect();
-    if oids.iter().all(|(o, _)| *o == 0) {
-        return Ok(());
-    }
-    let (Some(cred), Some(catalog)) = (cred, tracker.lock().ok().and_then(|t| t.gov.catalog.clone())) else {
-        return Ok(());
-    };
-    catalog.resolve_oids(ctx, cred, &oids).await
-}
-
-pub(super) fn row_description(body: &[u8]) -> Vec<Field> {
-    let mut b = Body::new(body);
-    let n = b.i16().unwrap_or(0).max(0) as usize;
-    let mut out = Vec::with_capacity(n.min(1600));
-    for _ in 0..n {
-        let Some(name) = b.cstr() else { break };
-        let (Some(table_oid), Some(attnum), Some(type_oid), Some(_len), Some(typmod), Some(format)) =
-            (b.i32(), b.i16(), b.i32(), b.i16(), b.i32(), b.i16())
-        else {
-            break;
-        };
-        out.push(Field {
-            name: String::from_utf8_lossy(name).into_owned(),
-            table_oid: table_oid as u32,
-            attnum,
-            type_oid: type_oid as u32,
-            typmod,
-            binary: format == 1,
-        });
-    }
-    out
-}
-
-/// Classify a result description into a plan.
-pub(super) fn describe(t: &Tracker, fields: Vec<Field>, lookup_error: Option<&anyhow::Error>) -> Arc<Described> {
-    let g = &t.gov;
-    // A statement released (or to be released) by approval reads the
-    // labels sent for approval in clear; any other, as the profile says.
-    let profile = match &g.approved {
-        Some(p) if head_approved(t) => p,
-        _ => &g.profile,
-    };
-    let cols: Vec<ColumnDesc> = fields
-        .iter()
-        .map(|f| {
-            let ty = types::value_type(f.type_oid, f.typmod);
-            let source = if f.table_oid == 0 {
-                Source::Computed
-            } else if let Some(e) = lookup_error {
-                Source::Unresolved(format!("the catalog lookup failed: {e:#}"))
-            } else {
-                match g.catalog.as_ref() {
-                    // Passthrough: no catalog session; policy rules cannot
-                    // name the column, detectors still run.
-                    None => Source::Computed,
-                    Some(c) => match c
-                        .table(f.table_oid)
-                        .and_then(|ti| ti.column(f.attnum).map(|col| (ti.clone(), col.clone())))
-                    {
-                        Some((ti, col)) => Source::Table {
-                            db: ti.db.clone(),
-                            schema: ti.schema.clone(),
-                            table: ti.name.clone(),
-                            column: col.name.clone(),
-                            db_label: g.classifier.labels.from_comment(&col.labels_text),
-                            table_db_label: g.classifier.labels.from_comment(&ti.labels_text),
-                        },
-                        None => Source::Unresolved(format!("table OID {} is not in the catalog", f.table_oid)),
-                    },
-                }
-            };
-            // A masked binary value must be writable in the binary format;
-            // the plan refuses a column where it is not.
-            let encodable = !f.binary
-                || types::text_to_binary(f.type_oid, &crate::pipeline::mask::redact(ty).unwrap_or_default()).is_some();
-            ColumnDesc { name: f.name.clone(), source, ty, encodable }
-        })
-        .collect();
-    let plan = plan::plan(&cols, &g.classifier, profile, g.key.is_some());
-    Arc::new(Described { fields, plan: Arc::new(plan) })
-}
-
-/// Whether the request at the head of the FIFO is approved or is held at
-/// each execution (its description then applies to approved runs only).
-fn head_approved(t: &Tracker) -> bool {
-    match t.queue.front() {
-        Some(Req::Exec(r) | Req::Simple(r) | Req::Func(r)) => r.approved,
-        Some(Req::DescribeStmt(name, gen)) => {
-            t.prepared.get(name).is_some_and(|p| p.gen == *gen && p.approval.is_some())
-        }
-        Some(Req::DescribePortal(name, gen)) => {
-            t.portals.get(name).is_some_and(|p| p.gen == *gen && p.approval.is_some())
-        }
-        _ => false,
-    }
-}
-
-/// An Execute's description: its portal's own (Describe P), else its
-/// statement's (Describe S) with the Bind's result formats.
-pub(super) fn resolve_portal_description(t: &mut Tracker) {
-    let Some(Req::Exec(run)) = t.queue.front() else { return };
-    if run.described.is_some() {
-        return;
-    }
-    let want = run.portal_gen;
-    let Some(p) = run.portal.as_ref().and_then(|name| t.portals.get(name)).filter(|p| p.gen == want) else { return };
-    let described = p.described.clone().or_else(|| {
-        t.prepared.get(&p.statement).filter(|s| s.gen == p.statement_gen).and_then(|s| s.described.clone())
-    });
-    let n = described.as_ref().map_or(0, |d| d.fields.len());
-    let binary: Vec<bool> = match (&p.described, p.result_formats.len()) {
-        (Some(d), _) => d.fields.iter().map(|f| f.binary).collect(),
-        (None, 0) => vec![false; n],
-        (None, 1) => vec![p.result_formats.first() == Some(&1); n],
-        (None, _) => (0..n).map(|i| p.result_formats.get(i) == Some(&1)).collect(),
-    };
-    if let Some(Req::Exec(run)) = t.queue.front_mut() {
-        run.described = described;
-        run.binary = binary;
     }
 }
 
@@ -251,7 +121,7 @@ pub(super) fn ready_for_query(out: &mut BytesMut, status: u8) {
 
 pub(super) fn on_server_frame(
     t: &mut Tracker,
-    f: &Frame,
+    f: FrameRef<'_>,
     out: &mut BytesMut,
     ctx: &Ctx,
     lookup_error: Option<&anyhow::Error>,
@@ -263,9 +133,8 @@ pub(super) fn on_server_frame(
     // ones too.
     let masked = matches!(f.tag, b'E' | b'N' | b'A')
         .then(|| crate::postgres::read_mask::mask_server_text(f.tag, f.body(), &t.gov.classifier, &t.gov.profile))
-        .flatten()
-        .map(|bytes| Frame { tag: f.tag, bytes });
-    let f = masked.as_ref().unwrap_or(f);
+        .flatten();
+    let f = masked.as_deref().map_or(f, |bytes| FrameRef { tag: f.tag, bytes });
     if upstream_prepared_reply(t, f, out) {
         return;
     }
@@ -283,7 +152,7 @@ pub(super) fn on_server_frame(
 
 pub(super) fn on_server_frame_inner(
     t: &mut Tracker,
-    f: &Frame,
+    f: FrameRef<'_>,
     out: &mut BytesMut,
     ctx: &Ctx,
     lookup_error: Option<&anyhow::Error>,
@@ -506,7 +375,7 @@ pub(super) fn on_server_frame_inner(
         }
         _ => {}
     }
-    out.extend_from_slice(&f.bytes);
+    out.extend_from_slice(f.bytes);
 }
 
 /// A simple query cordon sent as a prepared statement: the answers the
@@ -516,7 +385,7 @@ pub(super) fn on_server_frame_inner(
 /// or a result type changed by DDL) is sent again as the simple query it
 /// was, when nothing else is in flight and no transaction block is open.
 /// True: the message was handled here.
-fn upstream_prepared_reply(t: &mut Tracker, f: &Frame, out: &mut BytesMut) -> bool {
+fn upstream_prepared_reply(t: &mut Tracker, f: FrameRef<'_>, out: &mut BytesMut) -> bool {
     let Tracker { queue, ups, status, to_server, swallowing, .. } = t;
     let alone = queue.len() == 1;
     let Some(Req::Simple(run)) = queue.front_mut() else { return false };
@@ -538,7 +407,7 @@ fn upstream_prepared_reply(t: &mut Tracker, f: &Frame, out: &mut BytesMut) -> bo
                 ups.forget(&sent.key, changed);
             }
             if stale && retry_ok {
-                sent.retrying = Some(f.bytes.clone());
+                sent.retrying = Some(Bytes::copy_from_slice(f.bytes));
                 return true;
             }
             false
@@ -599,7 +468,7 @@ pub(super) fn swallow_start(t: &mut Tracker) {
 }
 
 /// While swallowing: keep the books, forward nothing until ReadyForQuery.
-pub(super) fn swallow(t: &mut Tracker, f: &Frame, out: &mut BytesMut) {
+pub(super) fn swallow(t: &mut Tracker, f: FrameRef<'_>, out: &mut BytesMut) {
     match f.tag {
         b'D' => {
             if let Some(run) = current_run(t) {
@@ -692,209 +561,4 @@ pub(super) fn skip_to_sync(t: &mut Tracker) {
             _ => {}
         }
     }
-}
-
-/// One DataRow of the statement at the head: checked against its
-/// description, masked, recorded if asked, and copied out. Err(None): a row
-/// cordon cannot attribute to a statement; Err(Some): the result is refused.
-/// This runs once per row: it borrows what it needs from the tracker and
-/// allocates nothing for a row that passes unchanged.
-fn data_row(t: &mut Tracker, f: &Frame, out: &mut BytesMut) -> std::result::Result<(), Option<Denied>> {
-    let Tracker { queue, gov, row_values, pipeline, .. } = t;
-    let Some(Req::Exec(run) | Req::Simple(run) | Req::Func(run)) = queue.front_mut() else {
-        // The books are out of step with the server. Never pass it on unread.
-        return Err(None);
-    };
-    let run: &mut Running = run;
-    run.outcome.rows = run.outcome.rows.saturating_add(1);
-    let Some(described) = run.described.as_deref() else {
-        // Rows with no description at all (the client never asked for one):
-        // cordon cannot classify them, so they do not pass.
-        return Err(Some(Denied::policy(
-            "classification",
-            "result rows arrived without a row description; describe the statement or portal",
-        )));
-    };
-    if let Some(d) = &described.plan.deny {
-        return Err(Some(d.clone()));
-    }
-    let columns = Body::new(f.body()).i16().unwrap_or(-1);
-    if usize::try_from(columns).ok() != Some(described.fields.len()) {
-        return Err(Some(Denied::policy("classification", "a result row does not match its row description")));
-    }
-    // Counted per description, not per row (see `settle_read_masked`).
-    run.read_masked_rows += 1;
-    let rewritten = if described.plan.active() {
-        mask_row(f.body(), described, &run.binary, gov, &mut run.outcome.masked, row_values)
-    } else {
-        Ok(None)
-    };
-    // An unchanged row is copied out from the frame as it came.
-    let bytes: &[u8] = match &rewritten {
-        Ok(Some(b)) => b,
-        Ok(None) => &f.bytes,
-        Err(e) => return Err(Some(Denied::policy("mask", e.clone()))),
-    };
-    if pipeline.wants_rows() {
-        pipeline.row(run.admitted.id, &wire::data_row(bytes.get(5..).unwrap_or_default()));
-    }
-    out.extend_from_slice(bytes);
-    Ok(())
-}
-
-/// Values PostgreSQL masked as it read them (mask at read) are counted for
-/// every result column computed from a masked one, by name: once per
-/// description for the rows that passed under it, not per row.
-pub(super) fn settle_read_masked(run: &mut Running) {
-    let rows = std::mem::take(&mut run.read_masked_rows);
-    let Some(described) = run.described.as_deref() else { return };
-    if rows == 0 {
-        return;
-    }
-    for m in &run.notes.masked {
-        let col = m.split('/').next().unwrap_or_default();
-        if described.fields.iter().any(|f| f.table_oid == 0 && f.name == col) {
-            match run.outcome.masked.get_mut(m) {
-                Some(n) => *n += rows,
-                None => {
-                    run.outcome.masked.insert(m.clone(), rows);
-                }
-            }
-        }
-    }
-}
-
-/// Rewrite a DataRow with masked values; Ok(None) when nothing changed.
-/// `spans` is the session's scratch for the row's value positions (reused
-/// row after row: a large result allocates nothing for the rows it passes).
-pub(super) fn mask_row(
-    body: &[u8],
-    d: &Described,
-    binary: &[bool],
-    g: &Governance,
-    counts: &mut BTreeMap<String, u64>,
-    spans: &mut Vec<Option<(usize, usize)>>,
-) -> std::result::Result<Option<Bytes>, String> {
-    let mut b = Body::new(body);
-    let n = b.i16().ok_or("a DataRow without a column count")?.max(0) as usize;
-    spans.clear();
-    for _ in 0..n {
-        let len = b.i32().ok_or("a DataRow cut short")?;
-        spans.push(if len < 0 {
-            None
-        } else {
-            let start = body.len() - b.remaining();
-            b.bytes(len as usize).ok_or("a DataRow value cut short")?;
-            Some((start, len as usize))
-        });
-    }
-    let value = |i: usize| -> Option<&[u8]> {
-        spans.get(i).copied().flatten().and_then(|(start, len)| body.get(start..start.checked_add(len)?))
-    };
-    // Only a row that changes allocates its replacements.
-    let mut changed: Vec<(usize, Option<Vec<u8>>)> = Vec::new();
-    for (i, action) in d.plan.cols.iter().enumerate() {
-        if *action == ColAction::Keep {
-            continue;
-        }
-        let (Some(v), Some(field)) = (value(i), d.fields.get(i)) else { continue };
-        let is_binary = binary.get(i).copied().unwrap_or(false);
-        let ty = types::value_type(field.type_oid, field.typmod);
-        let text: std::borrow::Cow<'_, str> = if is_binary {
-            match types::binary_to_text(field.type_oid, v) {
-                Some(t) => t.into(),
-                // Masking by constant needs no reading; detection does.
-                None if matches!(action, ColAction::Mask { .. }) => "".into(),
-                None => continue,
-            }
-        } else {
-            match std::str::from_utf8(v) {
-                Ok(s) => s.into(),
-                // Not readable: masked whole rather than passed unread.
-                Err(_) => match action {
-                    ColAction::Mask { .. } => "".into(),
-                    _ => {
-                        let redacted =
-                            crate::pipeline::mask::redact(ty).map_err(|e| format!("column {:?}: {e}", field.name))?;
-                        changed.push((i, Some(redacted.into_bytes())));
-                        continue;
-                    }
-                },
-            }
-        };
-        let masked = plan::apply(action, ty, &text, &g.classifier, &g.profile, g.key.as_deref(), counts)
-            .map_err(|e| format!("column {:?}: {e}", field.name))?;
-        if let Some(m) = masked {
-            let bytes = match m {
-                None => None,
-                Some(s) if is_binary => Some(
-                    types::text_to_binary(field.type_oid, &s)
-                        .ok_or_else(|| format!("column {:?}: cannot encode the masked value in binary", field.name))?,
-                ),
-                Some(s) => Some(s.into_bytes()),
-            };
-            changed.push((i, bytes));
-        }
-    }
-    if changed.is_empty() {
-        return Ok(None);
-    }
-    let mut out = BytesMut::with_capacity(body.len() + 32);
-    out.put_u8(b'D');
-    out.put_i32(0);
-    out.put_i16(n as i16);
-    for i in 0..n {
-        let v: Option<&[u8]> = match changed.iter().find(|(c, _)| *c == i) {
-            Some((_, c)) => c.as_deref(),
-            None => value(i),
-        };
-        match v {
-            None => out.put_i32(-1),
-            Some(v) => {
-                out.put_i32(v.len() as i32);
-                out.put_slice(v);
-            }
-        }
-    }
-    let len = (out.len() - 1) as i32;
-    if let Some(slot) = out.get_mut(1..5) {
-        slot.copy_from_slice(&len.to_be_bytes());
-    }
-    Ok(Some(out.freeze()))
-}
-
-/// COPY TO STDOUT text lines: detected spans are masked field by field.
-pub(super) fn mask_copy_line(body: &[u8], t: &mut Tracker) -> Option<Bytes> {
-    let line = std::str::from_utf8(body).ok()?;
-    let g = &t.gov;
-    let mut counts = BTreeMap::new();
-    let mut changed = false;
-    let fields: Vec<String> = line
-        .split('\t')
-        .map(|field| {
-            let action = ColAction::Detect { ctx: Default::default(), counter: "copy".into() };
-            let ty = ValueType::Text { max_chars: None, fixed: false };
-            match plan::apply(&action, ty, field, &g.classifier, &g.profile, None, &mut counts) {
-                Ok(Some(Some(m))) => {
-                    changed = true;
-                    m
-                }
-                _ => field.to_string(),
-            }
-        })
-        .collect();
-    if !changed {
-        return None;
-    }
-    if let Some(run) = current_run(t) {
-        for (k, v) in counts {
-            *run.outcome.masked.entry(k).or_default() += v;
-        }
-    }
-    let text = fields.join("\t");
-    let mut out = BytesMut::with_capacity(text.len() + 5);
-    out.put_u8(b'd');
-    out.put_i32((text.len() + 4) as i32);
-    out.put_slice(text.as_bytes());
-    Some(out.freeze())
 }
