@@ -916,10 +916,14 @@ fn profile_agent(agent: &Agent, cg: &Cgroup, pg: &Postgres, relay_cpu_us: f64) -
         .sum();
     let _ = writeln!(
         s,
-        "\nThe kernel's socket work and the runtime's waiting and waking ({:.1} µs per transaction here) are what any \
-         proxy pays for the extra hop: the byte relay's whole cost is of that kind. The rest ({:.1} µs) is cordon's \
-         pipeline. On this 2-core VM the agent, pgbench and PostgreSQL share both cores, so each µs the agent spends \
-         is taken from the server; that is why 8 clients lose more than 1.",
+        "\nThe kernel's socket work and the runtime's waiting and waking ({:.1} µs per transaction here) are the kind \
+         of cost the extra hop brings: the byte relay's whole cost ({relay_cpu_us:.1} µs) is of that kind. cordon pays \
+         more of it per transaction than the relay does because its one worker is the bottleneck: the other vCPU is \
+         often idle, and waking a peer there (`sock_def_readable`, `try_to_wake_up`) is an inter-processor interrupt, \
+         a VM exit. Compare the two with `CORDON_AB_A=tcp CORDON_AB_PERF=8 CORDON_AB_CALLGRAPH=dwarf cargo xtask \
+         bench ab` against the same without `CORDON_AB_A`. So every µs cut from the pipeline also makes the hop \
+         cheaper. The rest ({:.1} µs) is cordon's pipeline. On this 2-core VM the agent, pgbench and PostgreSQL share \
+         both cores, so each µs the agent spends is taken from the server; that is why 8 clients lose more than 1.",
         hop * cpu_us,
         (1.0 - hop) * cpu_us
     );
@@ -938,19 +942,13 @@ const BUCKETS: &[(&str, &[&str])] = &[
     ),
     (
         "guardrails, labels, mask-at-read rewrite",
-        &[
-            "client::assess",
-            "pipeline::guard::",
-            "classify::",
-            "read_mask::",
-            "sqltree::",
-            "client::resolve_statement_tables",
-        ],
+        &["session::judge::", "pipeline::guard::", "classify::", "read_mask::", "sqltree::", "catalog::"],
     ),
     (
         "building records (literals, fingerprint, fields)",
         &["SessionPipeline::statement", "SessionPipeline::finish", "audit::Record"],
     ),
+    ("prepared upstream: lifting values, Parse/Bind bookkeeping", &["postgres::prepare::"]),
     (
         "results: matching, masking, statement end",
         &["on_server_frame", "pipeline::mask::", "pipeline::plan::", "detect::"],
