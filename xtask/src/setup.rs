@@ -71,7 +71,17 @@ fn node_clients() -> Result<()> {
     std::fs::create_dir_all(TEST_NODE)?;
     let mut args = vec!["install", "--silent", "--no-audit", "--no-fund", "--prefix", TEST_NODE];
     args.extend(NPM_PACKAGES);
-    util::run("npm", &args)?;
+    let mut npm = Command::new("npm");
+    npm.args(&args);
+    // Node trusts only its own CA list, not the system's: behind a registry
+    // mirror or TLS proxy whose CA is in the system bundle, npm retries for
+    // minutes and fails unless told where the bundle is (seen on a fresh
+    // machine whose environment did not carry NODE_EXTRA_CA_CERTS).
+    let bundle = Path::new("/etc/ssl/certs/ca-certificates.crt");
+    if std::env::var_os("NODE_EXTRA_CA_CERTS").is_none() && bundle.exists() {
+        npm.env("NODE_EXTRA_CA_CERTS", bundle);
+    }
+    run_cmd(&mut npm)?;
     util::run("chmod", &["-R", "a+rX", TEST_NODE])
 }
 
