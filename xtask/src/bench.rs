@@ -457,9 +457,11 @@ fn ab() -> Result<()> {
             .stderr(Stdio::null())
             .spawn()?;
         let clients = std::env::var("CORDON_AB_PERF").unwrap_or_else(|_| "8".into());
+        // CORDON_AB_MODE=extended profiles the extended protocol.
+        let mode = std::env::var("CORDON_AB_MODE").unwrap_or_else(|_| "simple".into());
         let before = ctx_switches(pid);
         let (tps, _) =
-            pgbench(Some(cg), "127.0.0.2", pg.port, &["-S", "-M", "simple", "-T", "4", "-c", &clients, "-j", "1"])?;
+            pgbench(Some(cg), "127.0.0.2", pg.port, &["-S", "-M", &mode, "-T", "4", "-c", &clients, "-j", "1"])?;
         let after = ctx_switches(pid);
         println!(
             "tps {tps:.0}; agent context switches per transaction: voluntary {:.2}, involuntary {:.2}",
