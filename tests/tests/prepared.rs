@@ -415,3 +415,45 @@ print(json.dumps(out))
     assert!(got[2] == "B" || got[2].starts_with("error 26000"), "{got:?}");
     assert_eq!(got[3], "B", "{got:?}");
 }
+
+/// A Parse cordon answers itself goes out ahead of the next server
+/// response; a client that sends it alone with a Flush (libpq's pipeline
+/// mode, or a driver that describes before it binds) must still get its
+/// ParseComplete, though no server response follows to carry it.
+#[test]
+fn a_parse_cordon_answers_reaches_a_client_that_only_flushes() {
+    require_e2e!();
+    let s = setup("flush", "");
+    let got = s.script(
+        "flush.py",
+        r#"
+import json, select, sys, psycopg
+c = psycopg.connect(sys.argv[1], autocommit=True)
+pg = c.pgconn
+pg.enter_pipeline_mode()
+out = []
+for i in range(4):
+    # The first Parse goes as it came, the second under a name of cordon's,
+    # the third and fourth are answered by cordon.
+    pg.send_prepare(b"", b"select id from items where id = $1")
+    pg.send_flush_request()
+    pg.flush()
+    status = "no answer in 5 s"
+    while True:
+        pg.consume_input()
+        if not pg.is_busy():
+            r = pg.get_result()
+            status = r.status
+            pg.get_result()
+            break
+        if not select.select([pg.socket], [], [], 5)[0]:
+            break
+    out.append(status)
+    if not isinstance(status, int):
+        break
+print(json.dumps(out))
+"#,
+    );
+    // 1: PGRES_COMMAND_OK, four times.
+    assert_eq!(got, serde_json::json!([1, 1, 1, 1]), "{got}");
+}

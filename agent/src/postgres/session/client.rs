@@ -30,6 +30,14 @@ pub(super) async fn client_to_server(
         let mut start = 0;
         loop {
             let mut denied_any = false;
+            // A Parse cordon answers itself: its ParseComplete goes out
+            // ahead of the next server response (see `drain_refusals`), so
+            // the server side is woken for it only when nothing sent after
+            // it in this batch brings a response. pgbench -M extended and
+            // most drivers send Parse, Bind, Describe, Execute and Sync
+            // together: waking the server side for the Parse wrote the
+            // client twice per statement.
+            let mut answered_parse = false;
             let mut held = None;
             let waits = {
                 let mut t = tracker.lock().map_err(|_| anyhow::anyhow!("session state poisoned"))?;
@@ -51,9 +59,18 @@ pub(super) async fn client_to_server(
                     }
                     // A decision applies to the message it was asked for only.
                     t.decision = None;
-                    match forward? {
+                    let forward = forward?;
+                    if matches!(forward, Forward::AsIs | Forward::Rewritten(_)) && b"BDEPSCQF".contains(&frame.tag) {
+                        answered_parse = false;
+                    }
+                    match forward {
                         Forward::AsIs => out.extend_from_slice(&frame.bytes),
                         Forward::Rewritten(b) => out.extend_from_slice(&b),
+                        Forward::Drop
+                            if frame.tag == b'P' && matches!(t.queue.back(), Some(Req::Parse { answered: true, .. })) =>
+                        {
+                            answered_parse = true;
+                        }
                         Forward::Drop => denied_any = true,
                         Forward::Hold(h) => {
                             held = Some((i, h));
@@ -67,7 +84,7 @@ pub(super) async fn client_to_server(
                 t.last_activity = Instant::now();
                 std::mem::take(&mut t.unconfirmed)
             };
-            if denied_any {
+            if denied_any || answered_parse {
                 wake.notify_one();
             }
             // audit_durability = "statement": a statement's record is on disk
