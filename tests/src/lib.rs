@@ -356,6 +356,69 @@ fn as_user(cmd: &mut Command, uid: u32, gid: u32) -> &mut Command {
     cmd.uid(uid).gid(gid)
 }
 
+/// pgbouncer (installed by `cargo xtask setup`) as the postgres user on
+/// `listen`, in front of the server on 127.0.0.2:`pg_port`, trusting every
+/// client. `mode`: session or transaction pooling; `pool`: server
+/// connections per database and user.
+pub struct Pgbouncer {
+    child: Child,
+    _dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl Pgbouncer {
+    pub fn start(listen: &str, pg_port: u16, mode: &str, max_clients: usize, pool: usize) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("cordon-pgb-").tempdir()?;
+        let (uid, gid) = postgres_user()?;
+        nix::unistd::chown(dir.path(), Some(uid.into()), Some(gid.into()))?;
+        let port = free_port();
+        let ini = dir.path().join("pgbouncer.ini");
+        fs::write(
+            &ini,
+            format!(
+                "[databases]\npostgres = host=127.0.0.2 port={pg_port} user=postgres dbname=postgres\n\
+                 [pgbouncer]\nlisten_addr = {listen}\nlisten_port = {port}\nauth_type = any\npool_mode = {mode}\n\
+                 max_client_conn = {max_clients}\ndefault_pool_size = {pool}\nunix_socket_dir =\nlogfile = {}/log\n",
+                dir.path().display()
+            ),
+        )?;
+        let bin = Path::new("/usr/sbin/pgbouncer");
+        if !bin.exists() {
+            bail!("{} is missing: run `cargo xtask setup`, which installs pgbouncer", bin.display());
+        }
+        let child = as_user(Command::new(bin).arg(&ini), uid, gid)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting pgbouncer")?;
+        let mut b = Self { child, _dir: dir, port };
+        let until = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect((listen, port)).is_err() {
+            if Instant::now() > until || b.child.try_wait().ok().flatten().is_some() {
+                bail!("pgbouncer did not listen on {listen}:{port} within 10 s: {}", b.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        b.port = port;
+        Ok(b)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self._dir.path().join("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Pgbouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 // ---------------------------------------------------------------------------
 
 /// A cgroup v2 directory created for a test, removed on drop.

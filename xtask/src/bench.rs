@@ -6,13 +6,13 @@
 
 use std::{
     fmt::Write as _,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
-use cordon_tests::{Agent, Cgroup, Postgres};
+use cordon_tests::{Agent, Cgroup, Pgbouncer as Bouncer, Postgres};
 
 use crate::util::{is_root, say};
 
@@ -55,7 +55,6 @@ pub fn run(what: &str) -> Result<()> {
         bail!("the benchmarks load eBPF programs and create cgroups: run them as root");
     }
     crate::setup::run()?;
-    install_pgbouncer()?;
     say("building the release agent");
     crate::util::run("cargo", &["build", "--release", "--package", "cordon"])?;
     let started = Instant::now();
@@ -86,7 +85,7 @@ pub fn run(what: &str) -> Result<()> {
         pg.admin_sql("alter system set max_connections = 300")?;
         restart_pg(&pg)?;
         pgbench_init(&pg)?;
-        let bouncer = Bouncer::start(pg.port)?;
+        let bouncer = bouncer(pg.port)?;
         let cg = Cgroup::create(&format!("cordon-bench-machine-{}", std::process::id()))?;
         // CORDON_BENCH_NOMASK=1: every policy but no label (no rewrite).
         let policy = if std::env::var_os("CORDON_BENCH_NOMASK").is_some() { "[profiles.bench]\n" } else { BIG_POLICY };
@@ -112,18 +111,6 @@ pub fn run(what: &str) -> Result<()> {
         report.sections.push(d.section);
     }
     write_report(&report, what, started.elapsed())
-}
-
-fn install_pgbouncer() -> Result<()> {
-    if Path::new("/usr/sbin/pgbouncer").exists() {
-        return Ok(());
-    }
-    say("installing pgbouncer (the comparison point for connection proxies)");
-    crate::util::run_cmd(
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends", "pgbouncer"])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
 }
 
 /// The release agent governing `pg` (trust authentication, no TLS) for
@@ -183,54 +170,12 @@ pub fn release_bin() -> PathBuf {
     cordon_tests::workspace_root().join("target/release/cordon")
 }
 
-/// pgbouncer in session mode, as the postgres user, on 127.0.0.3.
-struct Bouncer {
-    child: std::process::Child,
-    _dir: tempfile::TempDir,
-    port: u16,
-}
-
-impl Bouncer {
-    fn start(pg_port: u16) -> Result<Self> {
-        Self::start_with(pg_port, "session", 2000, 200)
-    }
-
-    fn start_with(pg_port: u16, mode: &str, max_clients: usize, pool: usize) -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("cordon-pgb-").tempdir()?;
-        let pg_user = nix::unistd::User::from_name("postgres")?.context("no postgres user")?;
-        nix::unistd::chown(dir.path(), Some(pg_user.uid), Some(pg_user.gid))?;
-        let port = cordon_tests::free_port();
-        let ini = dir.path().join("pgbouncer.ini");
-        std::fs::write(
-            &ini,
-            format!(
-                "[databases]\npostgres = host=127.0.0.2 port={pg_port} user=postgres dbname=postgres\n\
-                 [pgbouncer]\nlisten_addr = 127.0.0.3\nlisten_port = {port}\nauth_type = any\npool_mode = {mode}\n\
-                 max_client_conn = {max_clients}\ndefault_pool_size = {pool}\nunix_socket_dir =\nlogfile = {}/log\n",
-                dir.path().display()
-            ),
-        )?;
-        let child = Command::new("/usr/sbin/pgbouncer")
-            .arg(&ini)
-            .uid(pg_user.uid.as_raw())
-            .gid(pg_user.gid.as_raw())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting pgbouncer")?;
-        std::thread::sleep(Duration::from_millis(500));
-        Ok(Self { child, _dir: dir, port })
-    }
+/// pgbouncer in session mode on 127.0.0.3, the comparison point.
+fn bouncer(pg_port: u16) -> Result<Bouncer> {
+    Bouncer::start("127.0.0.3", pg_port, "session", 2000, 200)
 }
 
 use std::os::unix::process::CommandExt;
-
-impl Drop for Bouncer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn pgbench_bin() -> Result<PathBuf> {
     cordon_tests::pg_bin("pgbench").context("pgbench not found")
@@ -266,7 +211,7 @@ fn pg(report: &mut Report) -> Result<()> {
     restart_pg(&pg)?;
     pgbench_init(&pg)?;
     pg.admin_sql(BIG_TABLE)?;
-    let bouncer = Bouncer::start(pg.port)?;
+    let bouncer = bouncer(pg.port)?;
     let cg = Cgroup::create(&format!("cordon-bench-{}", std::process::id()))?;
     let mut agent = bench_agent(&pg, &cg, "bench", BIG_POLICY)?;
 
@@ -321,7 +266,7 @@ fn scale(report: &mut Report, pg: &Postgres) -> Result<()> {
     say(&format!(
         "scale: {connections} concurrent governed connections through cordon to pgbouncer (transaction mode)"
     ));
-    let bouncer = Bouncer::start_with(pg.port, "transaction", connections + 1000, 20)?;
+    let bouncer = Bouncer::start("127.0.0.3", pg.port, "transaction", connections + 1000, 20)?;
     let cg = Cgroup::create(&format!("cordon-scale-{}", std::process::id()))?;
     let body = format!(
         "[[intercept]]\nname = \"bouncer\"\nprotocol = \"postgres\"\nport = {port}\ndestinations = [\"127.0.0.3/32\"]\n\
@@ -615,7 +560,7 @@ fn pgbench_section(report: &mut Report, pg: &Postgres, bouncer: &Bouncer, cg: &C
                 c.push(tps);
                 c_cpu.push(cpu);
                 let (tps, cpu) =
-                    pgbench_cpu(Some(bouncer.child.id()), || Ok(pgbench(None, "127.0.0.3", bouncer.port, &args)?.0))?;
+                    pgbench_cpu(Some(bouncer.pid()), || Ok(pgbench(None, "127.0.0.3", bouncer.port, &args)?.0))?;
                 b.push(tps);
                 b_cpu.push(cpu);
             }
@@ -1039,7 +984,7 @@ fn large_only() -> Result<()> {
         );
         return Ok(());
     }
-    let bouncer = Bouncer::start(pg.port)?;
+    let bouncer = bouncer(pg.port)?;
     let mut report = Report::default();
     large_result(&mut report, &pg, &cg, &agent, &bouncer)?;
     println!("{}", report.sections.join("\n"));
@@ -1207,7 +1152,9 @@ fn statement_sent(pg: &Postgres, cg: &Cgroup, sql: &str) -> Result<String> {
         .filter(|s| s.contains("note") && s.to_ascii_lowercase().contains("case when"))
         .last()
         .map(str::to_string)
-        .with_context(|| format!("no statement on `big` in the server log {} after a run through cordon", log.display()))
+        .with_context(|| {
+            format!("no statement on `big` in the server log {} after a run through cordon", log.display())
+        })
 }
 
 fn connection_setup(report: &mut Report, pg: &Postgres, cg: &Cgroup) -> Result<()> {

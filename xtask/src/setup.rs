@@ -15,6 +15,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("clang", "clang's headers and driver, which bindgen may look for"),
     ("postgresql-15", "PostgreSQL server binaries for throwaway test servers"),
     ("postgresql-client-15", "psql"),
+    (
+        "pgbouncer",
+        "a transaction pooler between cordon and PostgreSQL in the tests, and the benchmarks' comparison point",
+    ),
     ("python3", "workload scripts in the tests"),
     ("python3-venv", "a venv for psycopg that unprivileged workloads can run"),
     ("iproute2", "network tools"),

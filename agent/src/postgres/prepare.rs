@@ -31,11 +31,29 @@
 //!
 //! The names cordon uses start with `__cordon_`; a session may not Parse,
 //! Bind, Describe, Close, PREPARE, EXECUTE or DEALLOCATE such a name.
+//!
+//! Each name is used once per agent run (`__cordon_<run>_<n>`, `run`
+//! random at start, `n` counted across sessions). A connection pooler
+//! between cordon and PostgreSQL may hand one backend to many sessions in
+//! turn: a name two sessions shared could then bind another session's
+//! text, under another profile's masks. With names never reused, a
+//! statement a backend lacks is an error (26000), never another statement.
+//!
+//! Preparing also needs the same backend from one transaction to the next,
+//! which a transaction pooler does not give. A session therefore prepares
+//! only after the server proved it is the backend it named at startup: the
+//! session asks `pg_backend_pid()` once, pipelined ahead of the client's
+//! first statement, and compares it with the BackendKeyData's process id
+//! (a pooler sends a key of its own). Statements of cordon's that still
+//! vanish (26000, twice) end preparing for the session.
 
 use std::{
     collections::HashMap,
     fmt::Write as _,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, LazyLock, Mutex,
+    },
 };
 
 use bytes::{BufMut, BytesMut};
@@ -45,6 +63,13 @@ use super::sqltree::{each_node, walk_gen};
 
 /// The prefix of the statement names cordon prepares upstream.
 pub const PREFIX: &str = "__cordon_";
+/// This agent run's part of the names (random: a pooled backend may hold
+/// statements a previous run prepared).
+static RUN: LazyLock<String> = LazyLock::new(|| format!("{:08x}", rand::random::<u32>()));
+/// The next name's number, counted across sessions.
+static NEXT_NAME: AtomicU64 = AtomicU64::new(1);
+/// What asks the server which backend answers (see the module comment).
+pub const BACKEND_PROBE: &str = "select pg_catalog.pg_backend_pid()";
 /// What a statement that names one of cordon's statements is told.
 pub const RESERVED: &str = "the statement names a prepared statement in cordon's reserved namespace";
 
@@ -588,7 +613,8 @@ pub struct Upstream {
     prepared_bytes: usize,
     prepared: usize,
     tick: u64,
-    next: u64,
+    /// How many of cordon's statements vanished from the server.
+    vanished: u32,
     /// Names to close with the next statement sent this way.
     to_close: Vec<String>,
     /// Texts parameterised lately, most recent first (see `Memo`).
@@ -655,7 +681,7 @@ impl Upstream {
             prepared_bytes: 0,
             prepared: 0,
             tick: 0,
-            next: 0,
+            vanished: 0,
             to_close: Vec::new(),
             memos: Recent::new(MEMOS),
         }
@@ -768,8 +794,7 @@ impl Upstream {
                 break;
             }
         }
-        self.next += 1;
-        let name = format!("{PREFIX}{}", self.next);
+        let name = format!("{PREFIX}{}_{}", *RUN, NEXT_NAME.fetch_add(1, Ordering::Relaxed));
         self.seen = self.seen.saturating_sub(1);
         self.prepared += 1;
         self.prepared_bytes += key.len();
@@ -800,6 +825,36 @@ impl Upstream {
             self.prepared_bytes = self.prepared_bytes.saturating_sub(k.len());
         }
         true
+    }
+
+    /// Whether statements are prepared upstream.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// The server proved it keeps this session's statements (see the module
+    /// comment).
+    pub fn enable(&mut self) {
+        self.enabled = true;
+    }
+
+    /// A statement of cordon's vanished from the server (already
+    /// forgotten). Once may be the workload's own DEALLOCATE run where
+    /// cordon cannot see it (in a function); twice, and the server is taken
+    /// not to keep statements between transactions: nothing more is
+    /// prepared, and what was is forgotten (the server may lack any of it).
+    pub fn vanished(&mut self) {
+        self.vanished = self.vanished.saturating_add(1);
+        if self.vanished < 2 {
+            return;
+        }
+        self.enabled = false;
+        self.slots.clear();
+        self.seen = 0;
+        self.seen_bytes = 0;
+        self.prepared = 0;
+        self.prepared_bytes = 0;
+        self.to_close.clear();
     }
 
     /// The server confirmed the Parse.

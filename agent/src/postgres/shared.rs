@@ -18,6 +18,8 @@ pub struct PgShared {
     pub prepare: super::prepare::Plans,
     catalogs: Mutex<HashMap<(SocketAddr, String), Arc<Catalog>>>,
     cancel: Mutex<HashMap<(i32, Vec<u8>), CancelTarget>>,
+    /// Servers found not to keep a session on one backend (said once each).
+    pooled: Mutex<std::collections::HashSet<SocketAddr>>,
 }
 
 impl PgShared {
@@ -45,6 +47,11 @@ impl PgShared {
                 return (pid, key);
             }
         }
+    }
+
+    /// True the first time `upstream` is found pooled (see `prepare`).
+    pub fn first_pooled(&self, upstream: SocketAddr) -> bool {
+        self.pooled.lock().is_ok_and(|mut s| s.len() < 4096 && s.insert(upstream))
     }
 
     pub fn cancel_target(&self, pid: i32, key: &[u8]) -> Option<CancelTarget> {

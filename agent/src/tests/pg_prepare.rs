@@ -163,7 +163,10 @@ fn a_session_prepares_on_the_second_sighting_and_binds_after_the_confirmation() 
     let sent = u.send(&plans, &q(2), &mut out).expect("second: prepared");
     assert!(sent.parse);
     assert_eq!(tags(&out), "PBDES");
-    assert!(std::str::from_utf8(&out).is_ok_and(|s| s.contains("__cordon_1\0select * from t where a = $1\0")));
+    let name = format!("{PREFIX}{}_", *RUN);
+    assert!(
+        std::str::from_utf8(&out).is_ok_and(|s| s.contains(&name) && s.contains("\0select * from t where a = $1\0"))
+    );
     out.clear();
     assert!(u.send(&plans, &q(3), &mut out).is_none(), "Parse in flight: sent as it came");
     u.confirmed(&sent.key);
@@ -279,6 +282,54 @@ fn a_memo_lifts_the_same_numbers_as_the_scanner_or_declines() {
     assert_eq!(u.memos.len(), 1);
     assert!(u.send(&plans, "select * from t where a = 2", &mut out).is_some_and(|s| s.parse));
     assert_eq!(u.memos.len(), 1, "served by the memo");
+}
+
+/// Sessions behind a connection pooler share backends: a name two sessions
+/// both used could bind the other's text. No name is ever given twice.
+#[test]
+fn no_two_sessions_get_the_same_name_and_vanishing_statements_end_preparing() {
+    let plans = Plans::default();
+    let mut names = std::collections::HashSet::new();
+    let mut out = BytesMut::new();
+    for _ in 0..3 {
+        let mut u = Upstream::new(true);
+        for n in 0..2 {
+            let sql = format!("select * from t where a = 1 and b = {n}");
+            let _ = u.send(&plans, &sql, &mut out);
+            let s = u.send(&plans, &sql, &mut out).expect("prepared");
+            u.confirmed(&s.key);
+            assert_eq!(u.parse_unnamed(&sql, &[0, 0]), ParseAs::Unnamed);
+            let ParseAs::Named { name, .. } = u.parse_unnamed(&sql, &[0, 0]) else {
+                panic!("unnamed: named the second time")
+            };
+            assert!(names.insert(name.clone()), "{name} given twice");
+        }
+        for (key, slot) in &u.slots {
+            if let Slot::Ready { name, .. } = slot {
+                assert!(names.insert(name.clone()), "{name} given twice ({key})");
+            }
+        }
+    }
+    // Once: the workload's own DEALLOCATE in a function, perhaps; twice:
+    // the server does not keep them.
+    let mut u = Upstream::new(true);
+    let q = |n: u32| format!("select * from t where a = {n}");
+    let _ = u.send(&plans, &q(1), &mut out);
+    let s = u.send(&plans, &q(2), &mut out).expect("prepared");
+    u.confirmed(&s.key);
+    u.forget(&s.key, false);
+    u.vanished();
+    assert!(u.enabled());
+    let _ = u.send(&plans, &q(3), &mut out);
+    let s = u.send(&plans, &q(4), &mut out).expect("prepared again");
+    u.confirmed(&s.key);
+    u.forget(&s.key, false);
+    u.vanished();
+    assert!(!u.enabled());
+    assert!(u.slots.is_empty());
+    for n in 5..9 {
+        assert!(u.send(&plans, &q(n), &mut out).is_none(), "{n}: not prepared any more");
+    }
 }
 
 #[test]

@@ -67,7 +67,8 @@ pub(super) async fn client_to_server(
                         Forward::AsIs => out.extend_from_slice(&frame.bytes),
                         Forward::Rewritten(b) => out.extend_from_slice(&b),
                         Forward::Drop
-                            if frame.tag == b'P' && matches!(t.queue.back(), Some(Req::Parse { answered: true, .. })) =>
+                            if frame.tag == b'P'
+                                && matches!(t.queue.back(), Some(Req::Parse { answered: true, .. })) =>
                         {
                             answered_parse = true;
                         }

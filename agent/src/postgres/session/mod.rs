@@ -161,6 +161,13 @@ enum Req {
     /// A Close of cordon's own (an evicted prepared statement): its
     /// CloseComplete is not the client's.
     Internal,
+    /// cordon's question which backend answers (`prepare::BACKEND_PROBE`):
+    /// its answer is not the client's. `startup`: the process id of the
+    /// BackendKeyData; `pid`: the one the probe returned.
+    Probe {
+        startup: i32,
+        pid: Option<i32>,
+    },
     DescribeStmt(Bytes, u64),
     DescribePortal(Bytes, u64),
     Exec(Box<Running>),
@@ -236,6 +243,9 @@ struct Tracker {
     /// Messages from cordon for the server, written by the client side
     /// before anything else (a stale prepared statement sent again).
     to_server: BytesMut,
+    /// Preparing upstream waits on the backend probe: the process id the
+    /// server named at startup (BackendKeyData), until the probe is sent.
+    probe_due: Option<Option<i32>>,
 }
 
 pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
@@ -342,10 +352,12 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
         holding: false,
         row_values: Vec::new(),
         to_client: BytesMut::new(),
-        ups: super::prepare::Upstream::new(ctx.rule.prepare_statements),
+        // Off until the server proves it keeps the session's statements.
+        ups: super::prepare::Upstream::new(false),
         unnamed: None,
         server_unnamed: false,
         to_server: BytesMut::new(),
+        probe_due: ctx.rule.prepare_statements.then_some(None),
     }));
 
     // `wake` wakes the server side (cordon has something for the client),

@@ -135,7 +135,7 @@ pub(super) fn on_server_frame(
         .then(|| crate::postgres::read_mask::mask_server_text(f.tag, f.body(), &t.gov.classifier, &t.gov.profile))
         .flatten();
     let f = masked.as_deref().map_or(f, |bytes| FrameRef { tag: f.tag, bytes });
-    if upstream_prepared_reply(t, f, out) {
+    if probe_reply(t, f, ctx) || upstream_prepared_reply(t, f, out) {
         return;
     }
     // cordon's notices for the statement whose response this starts.
@@ -147,7 +147,47 @@ pub(super) fn on_server_frame(
             }
         }
     }
-    on_server_frame_inner(t, f, out, ctx, lookup_error)
+    let startup_done = f.tag == b'Z';
+    on_server_frame_inner(t, f, out, ctx, lookup_error);
+    if startup_done {
+        if let Some(Some(pid)) = t.probe_due.take() {
+            // Ahead of the client's first statement, which it sends only
+            // when it reads this ReadyForQuery.
+            t.to_server.extend_from_slice(&client::query_frame(crate::postgres::prepare::BACKEND_PROBE));
+            t.queue.push_back(Req::Probe { startup: pid, pid: None });
+        }
+    }
+}
+
+/// The answer to cordon's backend probe, kept from the client: preparing
+/// upstream starts when the backend that answers is the one the server
+/// named at startup (see `prepare`). True: the message was handled here.
+fn probe_reply(t: &mut Tracker, f: FrameRef<'_>, ctx: &Ctx) -> bool {
+    let Some(Req::Probe { startup, pid }) = t.queue.front_mut() else { return false };
+    match f.tag {
+        b'D' => {
+            *pid = wire::data_row(f.body()).into_iter().next().flatten().and_then(|v| v.parse().ok());
+        }
+        b'T' | b'C' | b'E' | b'I' => {}
+        b'Z' => {
+            let same = *pid == Some(*startup);
+            t.status = Body::new(f.body()).u8().unwrap_or(b'I');
+            t.queue.pop_front();
+            if same {
+                t.ups.enable();
+            } else if ctx.pg.first_pooled(ctx.upstream) {
+                tracing::info!(
+                    upstream = %ctx.upstream,
+                    "the upstream answers from another backend than the one it named at startup (a connection pooler?): \
+                     cordon prepares no statements there, so every statement is planned by the server"
+                );
+            }
+        }
+        // Asynchronous messages (a parameter change, a notice) are the
+        // client's.
+        _ => return false,
+    }
+    true
 }
 
 pub(super) fn on_server_frame_inner(
@@ -167,6 +207,9 @@ pub(super) fn on_server_frame_inner(
         b'K' => {
             let mut b = Body::new(f.body());
             if let Some(pid) = b.i32() {
+                if let Some(due) = &mut t.probe_due {
+                    *due = Some(pid);
+                }
                 let real_key = b.rest().to_vec();
                 let (my_pid, my_key) = ctx.pg.register_cancel(
                     CancelTarget { session: ctx.session.clone(), upstream: ctx.upstream, pid, key: real_key.clone() },
@@ -406,6 +449,11 @@ fn upstream_prepared_reply(t: &mut Tracker, f: FrameRef<'_>, out: &mut BytesMut)
             if stale || (sent.parse && !sent.parsed) {
                 ups.forget(&sent.key, changed);
             }
+            if stale && !changed {
+                // It vanished: this server may not keep statements between
+                // transactions (a pooler the probe did not catch).
+                ups.vanished();
+            }
             if stale && retry_ok {
                 sent.retrying = Some(Bytes::copy_from_slice(f.bytes));
                 return true;
@@ -533,6 +581,9 @@ fn upstream_failed(t: &mut Tracker, req: &Req, e: Option<&crate::pipeline::Serve
             let changed = e.is_some_and(stale_result);
             if changed || e.is_some_and(|e| e.code == "26000") {
                 t.ups.forget(key, changed);
+                if !changed {
+                    t.ups.vanished();
+                }
                 if t.unnamed.as_ref().is_some_and(|(_, k)| k == key) {
                     t.unnamed = None;
                 }
