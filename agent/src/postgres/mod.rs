@@ -110,8 +110,23 @@ pub async fn serve(client: tokio::net::TcpStream, s: Session) -> crate::protocol
 
 async fn session_end(client: tokio::net::TcpStream, ctx: &Ctx) -> End {
     let client = Stream::Plain(client);
-    match startup::negotiate(client, ctx).await {
-        Ok(startup::Hello::Startup(hello)) => session::run(hello, ctx).await,
+    // The server's connection opens while the client sends its startup (see
+    // `upstream::Early`), for a session that is to be admitted.
+    let admitted = ctx.admission.lock().is_ok_and(|a| matches!(a.as_ref(), Some(Ok(_))));
+    let mut early = upstream::Early::new(ctx, admitted && session::passthrough_cannot_mask(ctx).is_none());
+    let hello = {
+        let negotiate = startup::negotiate(client, ctx);
+        tokio::pin!(negotiate);
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut negotiate => break r,
+                () = early.progress() => {}
+            }
+        }
+    };
+    match hello {
+        Ok(startup::Hello::Startup(hello)) => session::run(hello, ctx, early).await,
         Ok(startup::Hello::Cancel { pid, key }) => startup::forward_cancel(pid, &key, ctx).await,
         Err(e) => End { outcome: "protocol_error", error: Some(format!("{e:#}")), ..End::default() },
     }

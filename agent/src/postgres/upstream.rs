@@ -60,12 +60,55 @@ pub async fn connect(ctx: &Ctx) -> Result<Stream> {
     }
 }
 
+/// The server's connection, opened while the client negotiates its
+/// startup (TLS, SSLRequest, the startup message): PostgreSQL forks the
+/// backend meanwhile, and a distant server's round trips (TCP, TLS) overlap
+/// the client's. `progress` drives it inside a `select!` and is cancel-safe;
+/// `finish` hands it over (or connects now, if it was never started).
+pub struct Early<'a> {
+    connecting: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Result<Stream>> + Send + 'a>>>,
+    done: Option<(Result<Stream>, std::time::Instant)>,
+}
+
+/// An early connection older than this is not used: the server may have
+/// given up waiting for its startup (PostgreSQL's authentication_timeout
+/// is 60 s by default, and may be set lower).
+const EARLY_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl<'a> Early<'a> {
+    /// Start connecting when `go` (a session that will be admitted).
+    pub fn new(ctx: &'a Ctx, go: bool) -> Self {
+        Self { connecting: go.then(|| Box::pin(connect(ctx)) as _), done: None }
+    }
+
+    /// Drive the connection until it is made or failed; then never ready.
+    pub async fn progress(&mut self) {
+        match self.connecting.as_mut() {
+            Some(f) => {
+                let r = f.as_mut().await;
+                self.connecting = None;
+                self.done = Some((r, std::time::Instant::now()));
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    async fn finish(self, ctx: &Ctx) -> Result<Stream> {
+        match (self.done, self.connecting) {
+            (Some((r, at)), _) if at.elapsed() < EARLY_MAX_AGE => r,
+            (Some(_), _) => connect(ctx).await,
+            (None, Some(f)) => f.await,
+            (None, None) => connect(ctx).await,
+        }
+    }
+}
+
 /// Start the session upstream and authenticate. Returns once the client has
 /// been sent AuthenticationOk; anything the server sent after it stays in
 /// the returned reader for the relay.
-pub async fn start(hello: &mut ClientHello, ctx: &Ctx) -> Result<Upstream> {
+pub async fn start(hello: &mut ClientHello, ctx: &Ctx, early: Early<'_>) -> Result<Upstream> {
     let pg = ctx.rule.login.as_ref().ok_or_else(|| anyhow!("intercept {} has no login settings", ctx.rule.name))?;
-    let mut stream = connect(ctx).await?;
+    let mut stream = early.finish(ctx).await?;
     let mut reader = FrameReader::new(ctx.shared.max_message_bytes());
     let (user, credential) = match &pg.auth {
         AuthMode::Inject { credentials } => {

@@ -248,7 +248,7 @@ struct Tracker {
     probe_due: Option<Option<i32>>,
 }
 
-pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
+pub async fn run(mut hello: ClientHello, ctx: &Ctx, early: upstream::Early<'_>) -> End {
     let client_tls = hello.stream.is_tls();
     let database = hello
         .params
@@ -278,7 +278,7 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
         end.error = Some(msg);
         return end;
     }
-    let up = match upstream::start(&mut hello, ctx).await {
+    let up = match upstream::start(&mut hello, ctx, early).await {
         Ok(u) => u,
         Err(e) => {
             let mut buf = BytesMut::new();
@@ -458,7 +458,7 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx) -> End {
 /// has. A passthrough session of a profile that masks or denies labeled
 /// data would be masked at result only, which a computed expression
 /// (`reverse(ssn)`) defeats: it is refused instead.
-fn passthrough_cannot_mask(ctx: &Ctx) -> Option<String> {
+pub(super) fn passthrough_cannot_mask(ctx: &Ctx) -> Option<String> {
     let labeled = !ctx.shared.policy().classifier.rules.is_empty();
     (credential(ctx).is_none() && labeled && ctx.profile.protects_anything()).then(|| {
         format!(
