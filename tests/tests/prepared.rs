@@ -457,3 +457,72 @@ print(json.dumps(out))
     // 1: PGRES_COMMAND_OK, four times.
     assert_eq!(got, serde_json::json!([1, 1, 1, 1]), "{got}");
 }
+
+/// A client may pipeline statements behind its startup message (cordon
+/// answers authentication itself, so nothing stops it). The server's
+/// startup ReadyForQuery answers none of them, and cordon's backend probe,
+/// sent after them, must not take their answers: each statement gets its
+/// own rows, in turn, and is recorded with them.
+#[test]
+fn statements_pipelined_behind_the_startup_are_answered_in_turn() {
+    require_e2e!();
+    let s = setup("early", "");
+    let got = s.script(
+        "early.py",
+        r#"
+import json, socket, struct, sys
+port = int(sys.argv[1].split("port=")[1].split()[0])
+def msg(tag, body):
+    return tag + struct.pack("!i", len(body) + 4) + body
+def query(sql):
+    return msg(b"Q", sql.encode() + b"\0")
+startup = struct.pack("!i", 196608) + b"user\0app\0database\0postgres\0\0"
+# A session first, so that cordon has the catalog at hand: the pipelined
+# statements are then read before the server's startup ends.
+w = socket.create_connection(("127.0.0.2", port))
+w.sendall(struct.pack("!i", len(startup) + 4) + startup + query("select name from items where id = 1"))
+seen = b""
+while seen.count(b"Z\0\0\0\5I") < 2:
+    seen += w.recv(65536)
+w.close()
+s = socket.create_connection(("127.0.0.2", port))
+s.sendall(struct.pack("!i", len(startup) + 4) + startup
+          + query("select 'seven'")
+          + query("select name from items where id = 8")
+          + query("select 'nine'"))
+buf, answers, ready = b"", [], 0
+def frames():
+    global buf
+    while True:
+        while len(buf) >= 5:
+            tag, n = buf[0:1], struct.unpack("!i", buf[1:5])[0]
+            if len(buf) < 1 + n:
+                break
+            body, buf = buf[5:1 + n], buf[1 + n:]
+            yield tag, body
+        chunk = s.recv(65536)
+        if not chunk:
+            return
+        buf += chunk
+current = []
+for tag, body in frames():
+    if tag == b"D":
+        n = struct.unpack("!i", body[2:6])[0]
+        current.append(body[6:6 + n].decode())
+    elif tag == b"E":
+        current.append("error " + body.decode(errors="replace"))
+    elif tag == b"Z":
+        answers.append(current)
+        current = []
+        if len(answers) == 4:
+            s.sendall(query("select name from items where id = 10"))
+        if len(answers) == 5:
+            break
+print(json.dumps(answers))
+"#,
+    );
+    assert_eq!(got, serde_json::json!([[], ["seven"], ["item 8"], ["nine"], ["item 10"]]));
+    let ends = s._agent.audit_events("statement_end");
+    let rows: Vec<&Value> = ends.iter().map(|e| &e["outcome"]["rows"]).collect();
+    assert_eq!(rows.iter().filter(|r| **r == 1).count(), 5, "each recorded with its row: {ends:?}");
+}

@@ -246,6 +246,8 @@ struct Tracker {
     /// Preparing upstream waits on the backend probe: the process id the
     /// server named at startup (BackendKeyData), until the probe is sent.
     probe_due: Option<Option<i32>>,
+    /// The server's startup ended (its first ReadyForQuery came).
+    started: bool,
 }
 
 pub async fn run(mut hello: ClientHello, ctx: &Ctx, early: upstream::Early<'_>) -> End {
@@ -358,6 +360,7 @@ pub async fn run(mut hello: ClientHello, ctx: &Ctx, early: upstream::Early<'_>) 
         server_unnamed: false,
         to_server: BytesMut::new(),
         probe_due: ctx.rule.prepare_statements.then_some(None),
+        started: false,
     }));
 
     // `wake` wakes the server side (cordon has something for the client),

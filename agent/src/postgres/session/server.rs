@@ -126,6 +126,10 @@ pub(super) fn on_server_frame(
     ctx: &Ctx,
     lookup_error: Option<&anyhow::Error>,
 ) {
+    if f.tag == b'Z' && !t.started {
+        startup_ready(t, f, out);
+        return;
+    }
     // Refusals queued before this response go out first.
     drain_refusals(t, out);
     // PostgreSQL's own words (a cast error echoing its input, a duplicate
@@ -147,15 +151,20 @@ pub(super) fn on_server_frame(
             }
         }
     }
-    let startup_done = f.tag == b'Z';
-    on_server_frame_inner(t, f, out, ctx, lookup_error);
-    if startup_done {
-        if let Some(Some(pid)) = t.probe_due.take() {
-            // Ahead of the client's first statement, which it sends only
-            // when it reads this ReadyForQuery.
-            t.to_server.extend_from_slice(&client::query_frame(crate::postgres::prepare::BACKEND_PROBE));
-            t.queue.push_back(Req::Probe { startup: pid, pid: None });
-        }
+    on_server_frame_inner(t, f, out, ctx, lookup_error)
+}
+
+/// The ReadyForQuery that ends the startup answers no request of the
+/// client's: one the client sent before it (pipelined behind its startup
+/// message) is answered after it. The backend probe goes out here, behind
+/// whatever the client sent so far, so its answer comes in turn.
+fn startup_ready(t: &mut Tracker, f: FrameRef<'_>, out: &mut BytesMut) {
+    t.started = true;
+    t.status = Body::new(f.body()).u8().unwrap_or(b'I');
+    out.extend_from_slice(f.bytes);
+    if let Some(Some(pid)) = t.probe_due.take() {
+        t.to_server.extend_from_slice(&client::query_frame(crate::postgres::prepare::BACKEND_PROBE));
+        t.queue.push_back(Req::Probe { startup: pid, pid: None });
     }
 }
 
