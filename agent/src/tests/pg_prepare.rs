@@ -1,4 +1,6 @@
+use super::named::{Slot, MAX_PREPARED_BYTES, MAX_SEEN_BYTES, RUN};
 use super::*;
+use bytes::BytesMut;
 
 fn p(sql: &str) -> Option<Parameterized> {
     Plans::default().parameterize(sql)
