@@ -399,7 +399,6 @@ impl Pgbouncer {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        b.port = port;
         Ok(b)
     }
 

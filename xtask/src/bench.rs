@@ -109,18 +109,16 @@ pub fn run(what: &str) -> Result<()> {
                 std::env::set_var("PGSSLMODE", mode);
             }
             let b = b.to_string_lossy().into_owned();
+            // CORDON_CONNECT_TLS=1: cordon to PostgreSQL over TLS (verify-full).
+            let tls = match std::env::var_os("CORDON_CONNECT_TLS") {
+                Some(_) => verified_upstream(&pg)?,
+                None => NO_UPSTREAM_TLS.to_string(),
+            };
             let args = ["-C", "-S", "-T", "3", "-c", "1"];
             let (mut ra, mut rb) = (Vec::new(), Vec::new());
             for _ in 0..SETUP_REPS {
                 for (bin, out) in [(release_bin().display().to_string(), &mut ra), (b.clone(), &mut rb)] {
                     let env = [("CORDON_BIN".to_string(), bin)];
-                    // CORDON_CONNECT_TLS=1: cordon to PostgreSQL over TLS (verify-full).
-                    let tls = match (&pg.ca_file, std::env::var_os("CORDON_CONNECT_TLS")) {
-                        (Some(ca), Some(_)) => {
-                            format!("upstream_tls = \"verify-full\"\nupstream_ca = \"{}\"", ca.display())
-                        }
-                        _ => NO_UPSTREAM_TLS.to_string(),
-                    };
                     let agent = bench_agent_env(&pg, &cg, "bench", BIG_POLICY, &env, "", &tls)?;
                     out.push(1000.0 / pgbench(Some(&cg), "127.0.0.2", pg.port, &args)?.0);
                     drop(agent);
@@ -195,6 +193,15 @@ fn bench_agent_env(
     )?;
     agent.start()?;
     Ok(agent)
+}
+
+/// The intercept's lines for TLS to the bench server, verified against its
+/// own CA.
+fn verified_upstream(pg: &Postgres) -> Result<String> {
+    match &pg.ca_file {
+        Some(ca) => Ok(format!("upstream_tls = \"verify-full\"\nupstream_ca = \"{}\"", ca.display())),
+        None => bail!("the bench server has no CA: start it with Postgres::start_tls_optional"),
+    }
 }
 
 /// The byte relay (`protocol = "tcp"`) for `cg`: the extra hop without the
@@ -657,11 +664,7 @@ fn variants(pg: &Postgres) -> Result<(String, f64)> {
     // (label, policy, agent settings, client environment)
     type Case<'a> = (&'a str, String, &'a str, &'a [(&'a str, &'a str)], String);
     let plain = || NO_UPSTREAM_TLS.to_string();
-    // TLS to the server: verified against the bench server's own CA.
-    let verified = match &pg.ca_file {
-        Some(ca) => format!("upstream_tls = \"verify-full\"\nupstream_ca = \"{}\"", ca.display()),
-        None => bail!("the bench server has no CA: start it with Postgres::start_tls_optional"),
-    };
+    let verified = verified_upstream(pg)?;
     let cases: [Case; 6] = [
         ("as above (the bench policy)", base.to_string(), "", &[], plain()),
         ("no labels (nothing to mask or rewrite)", "[profiles.bench]\n".to_string(), "", &[], plain()),
@@ -1194,8 +1197,7 @@ fn statement_sent(pg: &Postgres, cg: &Cgroup, sql: &str) -> Result<String> {
         .filter_map(|l| l.split_once("statement: ").map(|(_, s)| s))
         // cordon's catalog lookups name the table too, never its columns
         // with a masking expression.
-        .filter(|s| s.contains("note") && s.to_ascii_lowercase().contains("case when"))
-        .last()
+        .rfind(|s| s.contains("note") && s.to_ascii_lowercase().contains("case when"))
         .map(str::to_string)
         .with_context(|| {
             format!("no statement on `big` in the server log {} after a run through cordon", log.display())
