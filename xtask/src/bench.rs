@@ -401,6 +401,19 @@ fn scale(report: &mut Report, pg: &Postgres) -> Result<()> {
 /// `CORDON_AB_A` and `CORDON_AB_B` hold `KEY=VALUE` environment settings
 /// (space-separated) or `agent:` followed by `[agent]` lines, each for its own
 /// agent and cgroup; pgbench -S runs interleaved against both.
+///
+/// `CORDON_AB_PERF=<clients>` profiles agent A under one pgbench run instead:
+/// - `CORDON_AB_CALLGRAPH=fp|dwarf` (CPU samples), `=syscalls` (counts),
+///   `=trace` (every call in order; `CORDON_AB_TRACE=<calls>` traces those
+///   in every process, the agent, pgbench and PostgreSQL on one time line);
+/// - `CORDON_AB_EVENT=malloc` counts allocations per transaction;
+/// - `CORDON_AB_MODE=extended|connect` (pgbench -M extended, or -C).
+///
+/// A build with frame pointers attributes time through async frames at fp
+/// cost: `CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C
+/// force-frame-pointers=yes" cargo build --release --target
+/// x86_64-unknown-linux-gnu --target-dir /tmp/fp`, then
+/// `CORDON_AB_A=CORDON_BIN=/tmp/fp/x86_64-unknown-linux-gnu/release/cordon`.
 fn ab() -> Result<()> {
     let parse = |var: &str| -> (Vec<(String, String)>, String) {
         let v = std::env::var(var).unwrap_or_default();
@@ -440,25 +453,55 @@ fn ab() -> Result<()> {
         // CORDON_AB_CALLGRAPH=dwarf attributes time through async frames
         // (slower); =syscalls counts the agent's system calls instead.
         let graph = std::env::var("CORDON_AB_CALLGRAPH").unwrap_or_else(|_| "fp".into());
-        let syscalls = graph == "syscalls";
+        let syscalls = graph == "syscalls" || graph == "trace";
         let trace = std::env::temp_dir().join("cordon-ab-syscalls.txt");
         let mut perf = Command::new("perf");
         if syscalls {
-            perf.args(["trace", "-s", "-o"]).arg(&trace);
+            // =trace keeps every call, in order, with its time.
+            perf.arg("trace");
+            if graph != "trace" {
+                perf.arg("-s");
+            }
+            // CORDON_AB_TRACE=<calls> traces only those, in every process
+            // (the agent, pgbench and PostgreSQL on one time line).
+            if let Ok(calls) = std::env::var("CORDON_AB_TRACE") {
+                perf.args(["-a", "-e", &calls]);
+            }
+            perf.arg("-o").arg(&trace);
         } else {
-            perf.args(["record", "-e", "cpu-clock", "-F", "1999", "--call-graph", &graph, "-o"]).arg(&data);
+            // CORDON_AB_EVENT=malloc counts the agent's allocations (a
+            // uprobe on libc's malloc) instead of sampling its CPU.
+            let mut event = std::env::var("CORDON_AB_EVENT").unwrap_or_else(|_| "cpu-clock".into());
+            if event == "malloc" {
+                event = malloc_probe(pid)?;
+            }
+            perf.args(["record", "-e", &event]);
+            if event == "cpu-clock" {
+                perf.args(["-F", "1999"]);
+            }
+            perf.args(["--call-graph", &graph, "-o"]).arg(&data);
         }
         let mut perf = perf
-            .args(["-p", &pid.to_string(), "--", "sleep", "4"])
+            .args(if std::env::var_os("CORDON_AB_TRACE").is_some() {
+                vec!["--".to_string(), "sleep".into(), "4".into()]
+            } else {
+                vec!["-p".to_string(), pid.to_string(), "--".into(), "sleep".into(), "4".into()]
+            })
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
         let clients = std::env::var("CORDON_AB_PERF").unwrap_or_else(|_| "8".into());
-        // CORDON_AB_MODE=extended profiles the extended protocol.
+        // CORDON_AB_MODE=extended profiles the extended protocol; =connect,
+        // a new connection per transaction (pgbench -C).
         let mode = std::env::var("CORDON_AB_MODE").unwrap_or_else(|_| "simple".into());
+        let mut args = vec!["-S", "-T", "4", "-c", &clients, "-j", "1"];
+        if mode == "connect" {
+            args.push("-C");
+        } else {
+            args.extend(["-M", &mode]);
+        }
         let before = ctx_switches(pid);
-        let (tps, _) =
-            pgbench(Some(cg), "127.0.0.2", pg.port, &["-S", "-M", &mode, "-T", "4", "-c", &clients, "-j", "1"])?;
+        let (tps, _) = pgbench(Some(cg), "127.0.0.2", pg.port, &args)?;
         let after = ctx_switches(pid);
         println!(
             "tps {tps:.0}; agent context switches per transaction: voluntary {:.2}, involuntary {:.2}",
@@ -466,6 +509,21 @@ fn ab() -> Result<()> {
             (after.1 - before.1) as f64 / (tps * 4.0)
         );
         perf.wait()?;
+        if graph == "trace" {
+            println!("transactions: {:.0}; every system call in {}", tps * 4.0, trace.display());
+            return Ok(());
+        }
+        if std::env::var("CORDON_AB_EVENT").as_deref() == Ok("malloc") {
+            let out = Command::new("perf").args(["script", "-F", "tid", "-i"]).arg(&data).output()?;
+            let calls = String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()).count();
+            println!(
+                "allocations: {calls} in {:.0} transactions, {:.1} per transaction; call stacks: perf report -i {}",
+                tps * 4.0,
+                calls as f64 / (tps * 4.0).max(1.0),
+                data.display()
+            );
+            return Ok(());
+        }
         if syscalls {
             println!("transactions: {:.0}\n{}", tps * 4.0, std::fs::read_to_string(&trace).unwrap_or_default());
             return Ok(());
@@ -535,6 +593,27 @@ pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     // SAFETY: sysconf reads a constant; no memory is passed.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     (ticks(11) + ticks(12)) / hz.max(1.0)
+}
+
+/// A uprobe on malloc in the libc the process `pid` maps (added once;
+/// perf keeps it until `perf probe -d`); its event name.
+fn malloc_probe(pid: u32) -> Result<String> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).context("reading the agent's memory map")?;
+    let libc = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.contains("/libc.so"))
+        .context("the agent maps no libc.so")?;
+    let listed = Command::new("perf").args(["probe", "-l"]).output()?;
+    if !String::from_utf8_lossy(&listed.stdout).contains("probe_libc:malloc") {
+        let added = Command::new("perf").args(["probe", "-x", libc, "malloc"]).output()?;
+        anyhow::ensure!(
+            added.status.success(),
+            "perf probe -x {libc} malloc failed: {}",
+            String::from_utf8_lossy(&added.stderr).trim()
+        );
+    }
+    Ok("probe_libc:malloc".into())
 }
 
 /// (voluntary, involuntary) context switches of every thread of `pid`.
