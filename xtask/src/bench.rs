@@ -749,7 +749,7 @@ fn pgbench_section(report: &mut Report, pg: &Postgres, bouncer: &Bouncer, cg: &C
             "\n### What each missed cordon/direct goal misses, in the hop and in cordon\n\n\
              From the table above (one run). The byte relay only copies bytes: what it misses of a goal is the extra hop's \
              (kernel socket work and wake-ups on this 2-core VM, outside cordon); what cordon misses beyond that is cordon's own. \
-             cordon can be above the relay: it prepares simple statements upstream, which saves PostgreSQL more than its pipeline costs.\n\n\
+             Where cordon is above the relay (it prepares statements upstream, which can save PostgreSQL more than its pipeline costs), none of the miss is cordon's.\n\n\
              | protocol | clients | goal | cordon | byte relay | missed | in the hop (outside cordon) | in cordon |\n\
              |---|---|---|---|---|---|---|---|\n",
         );
