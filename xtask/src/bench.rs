@@ -481,15 +481,10 @@ fn ab() -> Result<()> {
             }
             perf.args(["--call-graph", &graph, "-o"]).arg(&data);
         }
-        let mut perf = perf
-            .args(if std::env::var_os("CORDON_AB_TRACE").is_some() {
-                vec!["--".to_string(), "sleep".into(), "4".into()]
-            } else {
-                vec!["-p".to_string(), pid.to_string(), "--".into(), "sleep".into(), "4".into()]
-            })
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
+        if std::env::var_os("CORDON_AB_TRACE").is_none() {
+            perf.args(["-p", &pid.to_string()]);
+        }
+        let mut perf = perf.args(["--", "sleep", "4"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
         let clients = std::env::var("CORDON_AB_PERF").unwrap_or_else(|_| "8".into());
         // CORDON_AB_MODE=extended profiles the extended protocol; =connect,
         // a new connection per transaction (pgbench -C).
