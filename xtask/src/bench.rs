@@ -720,7 +720,8 @@ fn pgbench_section(report: &mut Report, pg: &Postgres, bouncer: &Bouncer, cg: &C
                 report.misses.push(format!("pgbench -S -M {protocol} -c {clients}"));
             }
             if let Some(g) = g_direct.filter(|g| r_direct < *g) {
-                let _ = writeln!(split, "| {protocol} | {clients} | {}", miss_split(g, r_direct, r_relay));
+                let r_pgbouncer = sb.median / sd.median;
+                let _ = writeln!(split, "| {protocol} | {clients} | {}", miss_split(g, r_direct, r_relay, r_pgbouncer));
             }
             let _ = writeln!(
                 s,
@@ -744,9 +745,11 @@ fn pgbench_section(report: &mut Report, pg: &Postgres, bouncer: &Bouncer, cg: &C
             "\n### What each missed cordon/direct goal misses, in the hop and in cordon\n\n\
              From the table above (one run). The byte relay only copies bytes: what it misses of a goal is the extra hop's \
              (kernel socket work and wake-ups on this 2-core VM, outside cordon); what cordon misses beyond that is cordon's own. \
-             Where cordon is above the relay (it prepares statements upstream, which can save PostgreSQL more than its pipeline costs), none of the miss is cordon's.\n\n\
-             | protocol | clients | goal | cordon | byte relay | missed | in the hop (outside cordon) | in cordon |\n\
-             |---|---|---|---|---|---|---|---|\n",
+             Where cordon is above the relay (it prepares statements upstream, which can save PostgreSQL more than its pipeline costs), none of the miss is cordon's. \
+             The last column says whether any proxy reached the goal in the same rounds: the byte relay (no work at all) or pgbouncer \
+             (session mode, no parsing). Where neither did, no proxy reaches that goal on this machine, whatever cordon does.\n\n\
+             | protocol | clients | goal | cordon | byte relay | missed | in the hop (outside cordon) | in cordon | pgbouncer | a proxy reached the goal |\n\
+             |---|---|---|---|---|---|---|---|---|---|\n",
         );
         s.push_str(&split);
     }
@@ -761,17 +764,49 @@ fn pgbench_section(report: &mut Report, pg: &Postgres, bouncer: &Bouncer, cg: &C
 }
 
 /// A missed cordon/direct goal split between the hop and cordon: the rest
-/// of a table row (goal, cordon, relay, missed, hop's part, cordon's part).
-fn miss_split(goal: f64, cordon: f64, relay: f64) -> String {
+/// of a table row (goal, cordon, relay, missed, hop's part, cordon's part,
+/// pgbouncer, and which proxy, if any, reached the goal). Every ratio is
+/// against direct, from the same rounds.
+fn miss_split(goal: f64, cordon: f64, relay: f64, pgbouncer: f64) -> String {
     let missed = (goal - cordon).max(0.0);
     let hop = (goal - relay).clamp(0.0, missed);
     let own = missed - hop;
     let share = |part: f64| if missed > 0.0 { part / missed * 100.0 } else { 0.0 };
+    let reached = match (relay >= goal, pgbouncer >= goal) {
+        (false, false) => "no",
+        (true, false) => "the byte relay",
+        (false, true) => "pgbouncer",
+        (true, true) => "both",
+    };
     format!(
-        "{goal} | {cordon:.2} | {relay:.2} | {missed:.2} | {hop:.2} ({:.0}%) | {own:.2} ({:.0}%) |",
+        "{goal} | {cordon:.2} | {relay:.2} | {missed:.2} | {hop:.2} ({:.0}%) | {own:.2} ({:.0}%) | {pgbouncer:.2} | {reached} |",
         share(hop),
         share(own)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::miss_split;
+
+    #[test]
+    fn a_miss_splits_between_the_hop_and_cordon_and_says_whether_a_proxy_reached_the_goal() {
+        // The relay misses 0.30 of 0.36: that much is the hop's.
+        assert_eq!(
+            miss_split(0.75, 0.39, 0.45, 0.59),
+            "0.75 | 0.39 | 0.45 | 0.36 | 0.30 (83%) | 0.06 (17%) | 0.59 | no |"
+        );
+        // cordon above the relay: none of the miss is cordon's.
+        assert_eq!(
+            miss_split(0.85, 0.77, 0.76, 0.86),
+            "0.85 | 0.77 | 0.76 | 0.08 | 0.08 (100%) | 0.00 (0%) | 0.86 | pgbouncer |"
+        );
+        // The relay reached the goal: all of the miss is cordon's.
+        assert_eq!(
+            miss_split(0.85, 0.78, 0.90, 0.80),
+            "0.85 | 0.78 | 0.90 | 0.07 | 0.00 (0%) | 0.07 (100%) | 0.80 | the byte relay |"
+        );
+    }
 }
 
 /// The cost of each choice: the bench policy with one setting changed, each
